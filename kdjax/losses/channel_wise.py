@@ -1,0 +1,67 @@
+"""Channel-wise distillation, CWD (Shu et al., ICCV 2021, arXiv 2011.13256), methods.md §1."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.losses._common import (as_float32, check_mask, check_positive, check_rank,
+                                  check_same_shape, frozen, masked_log_softmax)
+
+Array = jax.Array
+
+
+def spatial_log_softmax(x: Array, tau: float, mask: Array | None = None) -> Array:
+    """log softmax over the H·W positions of each (image, channel), at temperature ``tau``.
+
+    Args:
+      x: (N, H, W, C).
+      mask: optional bool (N, H, W); masked positions leave the softmax (their entries are 0).
+    Returns:
+      float32 (N, H·W, C).
+    """
+    n, h, w, c = x.shape
+    z = as_float32(x).reshape(n, h * w, c) / tau
+    valid = None if mask is None else jnp.asarray(mask, bool).reshape(n, h * w, 1)
+    return masked_log_softmax(z, valid, axis=1)
+
+
+def channel_wise_divergence(student: Array, teacher: Array, *, tau: float = 4.0,
+                            c_norm: int | None = None, mask: Array | None = None) -> Array:
+    """CWD: KL between the spatial softmax distributions of every channel.
+
+    ``τ²/(N·C_norm) Σ_{n,c} Σ_i p^T_{n,c,i} (log p^T_{n,c,i} − log p^S_{n,c,i})`` with
+    ``p_{n,c,:} = softmax(y_{n,:,:,c} / τ)`` over the H·W positions (paper Eq. for φ; all four code
+    versions in methods.md §1.2 agree). ``log_softmax`` replaces the original ``softmax().log()``,
+    equal wherever the original is finite.
+
+    Args:
+      student: (N, H, W, C) student map, already adapted to the teacher's C channels.
+      teacher: (N, H, W, C) teacher map.
+      tau: temperature τ.
+      c_norm: channel count of the denominator. None uses C (TorchDistiller, mmrazor); CIRKD divides
+        by the student's channel count before its adapter, so pass that to reproduce CIRKD features.
+      mask: optional bool (N, H, W). Masked positions leave both distributions; images with no valid
+        position leave the mean (the denominator counts N_valid·C_norm).
+    Returns:
+      float32 scalar.
+    """
+    check_rank("student", student, 4, "N,H,W,C")
+    check_same_shape("student", student, "teacher", teacher)
+    check_mask(mask, student)
+    check_positive("tau", tau)
+    n, h, w, c = student.shape
+    if c_norm is None:
+        c_norm = c
+    check_positive("c_norm", c_norm)
+    log_p_s = spatial_log_softmax(student, tau, mask)
+    log_p_t = spatial_log_softmax(frozen(teacher), tau, mask)
+    p_t = jnp.exp(log_p_t)
+    if mask is not None:
+        p_t = jnp.where(jnp.asarray(mask, bool).reshape(n, h * w, 1), p_t, 0.0)
+    terms = p_t * (log_p_t - log_p_s)
+    if mask is None:
+        images = n
+    else:
+        images = jnp.sum(jnp.any(jnp.asarray(mask, bool).reshape(n, -1), axis=1), dtype=jnp.float32)
+    return tau**2 * jnp.sum(terms) / (jnp.maximum(images, 1.0) * c_norm)
