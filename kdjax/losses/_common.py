@@ -181,3 +181,9 @@ def masked_log_softmax(z: Array, valid: Array | None, axis: int) -> Array:
     total = jnp.sum(jnp.where(valid, jnp.exp(z - shift), 0.0), axis=axis, keepdims=True)
     log_total = jnp.log(jnp.where(total > 0, total, 1.0)) + shift
     return jnp.where(valid, z - log_total, 0.0)
+
+
+def safe_sqrt(x: Array) -> Array:
+    """Element-wise ``sqrt`` of a non-negative array whose gradient at 0 is 0 instead of inf/NaN."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)

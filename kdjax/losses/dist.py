@@ -1,0 +1,106 @@
+"""DIST: distillation from a stronger teacher (Huang et al., NeurIPS 2022), methods.md §5.5."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.losses._common import (as_float32, check_group_size, check_mask, check_positive,
+                                  check_rank, check_same_shape, frozen, masked_mean, safe_sqrt)
+
+Array = jax.Array
+
+# DIST's own eps, added to the product of the two norms (not a clamp of each norm).
+PEARSON_EPS = 1e-8
+
+
+def _check_weight(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{name} must be non-negative, got {value!r}.")
+
+
+def _centre(y: Array, valid: Array | None, axis: int) -> Array:
+    """``y`` minus its mean along ``axis`` over the valid entries; 0 at invalid entries."""
+    if valid is None:
+        return y - jnp.mean(y, axis=axis, keepdims=True)
+    valid = jnp.broadcast_to(valid, y.shape)
+    count = jnp.sum(valid, axis=axis, keepdims=True, dtype=jnp.float32)
+    mean = jnp.sum(jnp.where(valid, y, 0.0), axis=axis, keepdims=True) / jnp.maximum(count, 1.0)
+    return jnp.where(valid, y - mean, 0.0)
+
+
+def pearson(a: Array, b: Array, axis: int, valid: Array | None = None) -> Array:
+    """DIST's Pearson correlation ``⟨a−ā, b−b̄⟩ / (||a−ā||·||b−b̄|| + 1e-8)`` along ``axis``.
+
+    Args:
+      a, b: float32 arrays of the same shape.
+      axis: the axis the correlation runs over (it is reduced).
+      valid: optional bool broadcastable to ``a``; invalid entries leave means and sums.
+    """
+    a = _centre(a, valid, axis)
+    b = _centre(b, valid, axis)
+    # safe_sqrt: a constant slice (e.g. a uniform softmax) has a zero norm and must keep a finite
+    # gradient.
+    norm_a = safe_sqrt(jnp.sum(jnp.square(a), axis=axis))
+    norm_b = safe_sqrt(jnp.sum(jnp.square(b), axis=axis))
+    return jnp.sum(a * b, axis=axis) / (norm_a * norm_b + PEARSON_EPS)
+
+
+def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gamma: float = 1.0,
+         tau: float = 1.0, group_size: int | None = None, mask: Array | None = None) -> Array:
+    """DIST: inter-class and intra-class Pearson correlation of the softmax predictions.
+
+    ``Y = softmax(z/τ)`` over the K classes at every pixel;
+    ``inter = 1 − mean_{pixels} pearson(Y^S_p, Y^T_p)`` (across classes, per pixel);
+    ``intra = 1 − mean_k pearson(Y^S_{:,k}, Y^T_{:,k})`` (across all pixels of a group, per class),
+    averaged over groups of ``group_size`` consecutive images;
+    ``L = τ² (β·inter + γ·intra)``. With τ = 1 this is the DIST segmentation code (``dist_kd.py``),
+    whose per-GPU batch of 2 images is ``group_size=2``; the τ² factor is mmrazor ``DISTLoss``'s.
+    ``L ∈ [0, 2τ²(β+γ)]``.
+
+    Args:
+      student_logits: (N, H, W, K) student logits.
+      teacher_logits: (N, H, W, K) teacher logits (no gradient flows into them).
+      beta: weight β of the inter-class term.
+      gamma: weight γ of the intra-class term.
+      tau: softmax temperature τ.
+      group_size: images per intra-class group; must divide N. None uses the whole batch. The
+        inter-class term does not depend on it.
+      mask: optional bool (N, H, W). Masked pixels leave the inter-class mean and the intra-class
+        means and sums; a group without valid pixels leaves the mean over groups.
+    Returns:
+      float32 scalar.
+    """
+    check_rank("student_logits", student_logits, 4, "N,H,W,K")
+    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    check_mask(mask, student_logits)
+    check_positive("tau", tau)
+    _check_weight("beta", beta)
+    _check_weight("gamma", gamma)
+    n, h, w, k = student_logits.shape
+    group = check_group_size(group_size, n)
+    z_s = as_float32(student_logits) / tau
+    z_t = frozen(teacher_logits) / tau
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        # Masked pixels become uniform distributions: nothing (not even a NaN) reaches the gradient.
+        z_s = jnp.where(mask[..., None], z_s, 0.0)
+        z_t = jnp.where(mask[..., None], z_t, 0.0)
+    y_s = jax.nn.softmax(z_s, axis=-1)
+    y_t = jax.nn.softmax(z_t, axis=-1)
+
+    # masked_mean of (1 − r) rather than 1 − mean(r): an all-masked batch must give 0, not 1.
+    inter = masked_mean(1.0 - pearson(y_s, y_t, axis=-1), mask)
+
+    groups = n // group
+    cols_s = y_s.reshape(groups, group * h * w, k)
+    cols_t = y_t.reshape(groups, group * h * w, k)
+    if mask is None:
+        intra = jnp.mean(1.0 - pearson(cols_s, cols_t, axis=1))
+    else:
+        valid = mask.reshape(groups, group * h * w, 1)
+        per_group = jnp.mean(1.0 - pearson(cols_s, cols_t, axis=1, valid=valid), axis=-1)
+        has_pixels = jnp.any(valid, axis=(1, 2))
+        intra = (jnp.sum(jnp.where(has_pixels, per_group, 0.0))
+                 / jnp.maximum(jnp.sum(has_pixels, dtype=jnp.float32), 1.0))
+    return tau**2 * (beta * inter + gamma * intra)
