@@ -5,6 +5,44 @@ returns float32 scalars. None of them holds parameters or state: trainable piece
 ``kdjax.models`` and stateful methods pass their state in and out explicitly.
 """
 
+from kdjax.losses.adversarial import skd_adversarial_losses
+from kdjax.losses.attention import attention_transfer
+from kdjax.losses.channel_wise import channel_wise_divergence
+from kdjax.losses.cirkd_memory import (CirkdMemory, cirkd_memory, init_cirkd_memory,
+                                       update_cirkd_memory)
+from kdjax.losses.dist import dist
+from kdjax.losses.fakd import (ClassCovariance, fakd_cwd, fakd_kd, fakd_strength,
+                               init_class_covariance, update_class_covariance)
+from kdjax.losses.fitnet import fitnet
+from kdjax.losses.ifvd import ifvd
+from kdjax.losses.normalized_feature import normalized_feature_distillation
 from kdjax.losses.pixel_kd import pixel_kd
+from kdjax.losses.relational import cirkd_minibatch, pixel_feature_similarity, skd_pairwise
+from kdjax.losses.task import cross_entropy
+from kdjax.losses.weighted_imitation import weighted_pixel_imitation
 
-__all__ = ["pixel_kd"]
+__all__ = [
+    "CirkdMemory",
+    "ClassCovariance",
+    "attention_transfer",
+    "channel_wise_divergence",
+    "cirkd_memory",
+    "cirkd_minibatch",
+    "cross_entropy",
+    "dist",
+    "fakd_cwd",
+    "fakd_kd",
+    "fakd_strength",
+    "fitnet",
+    "ifvd",
+    "init_class_covariance",
+    "init_cirkd_memory",
+    "normalized_feature_distillation",
+    "pixel_feature_similarity",
+    "pixel_kd",
+    "skd_adversarial_losses",
+    "skd_pairwise",
+    "update_class_covariance",
+    "update_cirkd_memory",
+    "weighted_pixel_imitation",
+]

@@ -1,0 +1,323 @@
+"""Relational (pairwise-affinity) distillation: PFS, SKD pair-wise and CIRKD mini-batch.
+
+All three compare P×P affinity maps ``A = F̂ F̂ᵀ`` of per-pixel L2-normalised features, so student
+and teacher may have different channel counts (only N, H, W must match):
+
+- :func:`pixel_feature_similarity`, PFS (Shan, arXiv 1910.14226), methods.md §3 and §9.3;
+- :func:`skd_pairwise`, SKD pair-wise (Liu et al., CVPR 2019), methods.md §5.2;
+- :func:`cirkd_minibatch`, CIRKD mini-batch pixel-to-pixel (Yang et al., CVPR 2022), methods.md
+  §5.4.
+
+Memory (methods.md §9.1). ``block_size=None`` materialises the affinity maps: O(P²) memory, which is
+~270 MB per map for a 64×128 feature. An int ``block_size`` scans over blocks of that many rows
+of A and wraps each block in ``jax.checkpoint``, so the backward pass recomputes a block's rows
+instead of storing them: peak memory O(P·block_size), same value and gradient as the dense form.
+
+Masks (N, H, W bool). A masked pixel leaves every pair it belongs to. With pooling, the mask is
+pooled too: a cell is valid if any of its pixels is, and pools over its valid pixels only (average
+of the valid pixels, or their maximum); see :mod:`kdjax.losses.pooling`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.losses._common import (as_float32, check_choice, check_group_size, check_mask,
+                                  check_positive, check_rank, check_same_spatial, frozen,
+                                  l2_normalize, masked_log_softmax)
+from kdjax.losses.pooling import pool_ceil
+
+Array = jax.Array
+
+# Affinities are the whole signal of these losses; keep the float32 matmuls exact on TPU, whose
+# default float32 matmul precision rounds the operands to bfloat16.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+# Official SKD (utils.py, ``L2``): f / (||f||₂ + 1e-8) with the norm detached.
+DETACHED_NORM_EPS = 1e-8
+
+# pair_term(A^S rows, A^T rows, column validity or None) -> one value per row and column image.
+PairTerm = Callable[[Array, Array, Array | None], Array]
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks.
+
+def _check_features(student_feat: Array, teacher_feat: Array, mask: Array | None) -> None:
+    check_rank("student_feat", student_feat, 4, "N,H,W,C")
+    check_rank("teacher_feat", teacher_feat, 4, "N,H,W,C")
+    check_same_spatial("student_feat", student_feat, "teacher_feat", teacher_feat)
+    check_mask(mask, student_feat)
+
+
+def _check_block_size(block_size: int | None) -> None:
+    if block_size is None:
+        return
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be None or a positive int, got {block_size!r}.")
+
+
+def _pool_window(pool: object, spatial: tuple[int, int], allow_half: bool) -> tuple[int, int]:
+    """The (kh, kw) pooling window (= stride) that ``pool`` names for an H×W map."""
+    if allow_half and isinstance(pool, str) and pool == "half":
+        h, w = spatial
+        if h < 2 or w < 2:
+            raise ValueError(
+                f"pool='half' needs H and W of at least 2 (kernel int(0.5·H) × int(0.5·W)), got "
+                f"H×W = {h}×{w}.")
+        return h // 2, w // 2
+    if isinstance(pool, int) and not isinstance(pool, bool) and pool >= 1:
+        return pool, pool
+    if (isinstance(pool, tuple) and len(pool) == 2
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pool)):
+        return pool
+    choices = "a positive int, a pair of positive ints" + (" or 'half'" if allow_half else "")
+    raise ValueError(f"pool must be {choices}, got {pool!r}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-pixel normalisation.
+
+def unit_pixels(x: Array) -> Array:
+    """``F.normalize`` over the channels of (..., C): ``x / max(||x||₂, 1e-12)``.
+
+    An all-zero vector (a masked pixel, an empty pooled cell, a pixel a ReLU switched off) stays 0
+    with a zero gradient; plain ``l2_normalize`` would give it a NaN gradient through the norm.
+    """
+    nonzero = jnp.sum(jnp.square(x), axis=-1, keepdims=True) > 0
+    return jnp.where(nonzero, l2_normalize(jnp.where(nonzero, x, 1.0)), 0.0)
+
+
+def unit_pixels_detached(x: Array) -> Array:
+    """Official SKD normalisation ``x / (stop_gradient(||x||₂) + 1e-8)`` over the channels.
+
+    The norm is a constant to the gradient, which then is ``g / (||x|| + 1e-8)``: it keeps the
+    component along ``x`` that ``F.normalize``'s gradient projects out.
+    """
+    norm = jnp.sqrt(jnp.sum(jnp.square(jax.lax.stop_gradient(x)), axis=-1, keepdims=True))
+    return x / (norm + DETACHED_NORM_EPS)
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared engine: sums of per-row terms of affinity maps, dense or in checkpointed row blocks.
+
+def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid: Array | None,
+                     block_size: int | None) -> Array:
+    """Σ of ``pair_term`` over every valid row of every within-group affinity map.
+
+    For every group g, every image i and every image j of the group (i = j included), the affinity
+    maps are ``A^S_{gij} = X^S_{gi} X^S_{gj}ᵀ`` and ``A^T_{gij}`` likewise (P×P, rows indexed by the
+    pixels of image i, columns by those of image j). ``pair_term`` maps the rows of A^S and A^T (the
+    column axis last) to one value per row; the result sums these values over the rows that are
+    valid in image i and the images j that have at least one valid column.
+
+    Args:
+      pair_term: ``(a_s, a_t, col_valid) -> terms``. ``a_s``, ``a_t``: (G, B, k, B, P) rows of the
+        maps (group, image i, k rows of image i, image j, column); ``col_valid``: bool broadcastable
+        to them, or None when every column is valid. Returns (G, B, k, B). It must not let invalid
+        columns change the value (use ``where``, not multiplication).
+      student: (G, B, P, C_s) per-pixel features, already normalised.
+      teacher: (G, B, P, C_t) likewise.
+      valid: bool (G, B, P) or None (every pixel valid). Invalid pixels must hold finite values.
+      block_size: None for the dense form; an int k scans over row blocks of k rows, recomputing
+        each block in the backward pass (``jax.checkpoint``), so peak memory is O(P·k) instead of
+        O(P²). P need not be a multiple of k: padded rows are masked.
+    Returns:
+      float32 scalar.
+    """
+    g, b, p, _ = student.shape
+    if valid is None:
+        col_valid = image_has_valid = None
+    else:
+        col_valid = valid[:, None, None, :, :]
+        image_has_valid = jnp.any(valid, axis=-1)[:, None, None, :]
+
+    def block_sum(rows_s: Array, rows_t: Array, rows_valid: Array | None) -> Array:
+        a_s = jnp.einsum("gikc,gjqc->gikjq", rows_s, student, precision=_PRECISION)
+        a_t = jnp.einsum("gikc,gjqc->gikjq", rows_t, teacher, precision=_PRECISION)
+        terms = pair_term(a_s, a_t, col_valid)
+        if rows_valid is None:
+            return jnp.sum(terms)
+        keep = rows_valid[..., None]
+        if image_has_valid is not None:
+            keep = keep & image_has_valid
+        return jnp.sum(jnp.where(keep, terms, 0.0))
+
+    if block_size is None:
+        return block_sum(student, teacher, valid)
+
+    blocks = -(-p // block_size)
+    pad = blocks * block_size - p
+
+    def split_rows(x: Array) -> Array:
+        """(G, B, P, ...) -> (blocks, G, B, block_size, ...), padding the row axis."""
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        x = x.reshape(g, b, blocks, block_size, *x.shape[3:])
+        return jnp.moveaxis(x, 2, 0)
+
+    rows_valid = jnp.ones((g, b, p), bool) if valid is None else valid
+    step = jax.checkpoint(block_sum, prevent_cse=False)
+
+    def body(total, rows):
+        return total + step(*rows), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (split_rows(student), split_rows(teacher), split_rows(rows_valid)))
+    return total
+
+
+def _squared_difference_rows(a_s: Array, a_t: Array, col_valid: Array | None) -> Array:
+    """Σ_j (A^S_ij − A^T_ij)² over the valid columns j."""
+    squared = jnp.square(a_s - a_t)
+    if col_valid is not None:
+        squared = jnp.where(col_valid, squared, 0.0)
+    return jnp.sum(squared, axis=-1)
+
+
+def _kl_rows(tau: float) -> PairTerm:
+    """Per row: KL(softmax(A^T_i/τ) ‖ softmax(A^S_i/τ)), softmax over the valid columns."""
+
+    def term(a_s: Array, a_t: Array, col_valid: Array | None) -> Array:
+        log_p_s = masked_log_softmax(a_s / tau, col_valid, axis=-1)
+        log_p_t = masked_log_softmax(a_t / tau, col_valid, axis=-1)
+        kl = jnp.exp(log_p_t) * (log_p_t - log_p_s)
+        if col_valid is not None:
+            kl = jnp.where(col_valid, kl, 0.0)
+        return jnp.sum(kl, axis=-1)
+
+    return term
+
+
+def _flatten(x: Array) -> Array:
+    """(N, H, W, ...) -> (N, H·W, ...)."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _self_affinity_mse(student: Array, teacher: Array, valid: Array | None,
+                       block_size: int | None) -> Array:
+    """mean over n and valid pairs (i, j) of (A^S_nij − A^T_nij)² for normalised NHWC features."""
+    n, h, w, _ = student.shape
+    flat_valid = None if valid is None else _flatten(valid)[:, None]
+    total = pairwise_row_sum(_squared_difference_rows, _flatten(student)[:, None],
+                             _flatten(teacher)[:, None], flat_valid, block_size)
+    if valid is None:
+        return total / (n * (h * w) ** 2)
+    pixels = jnp.sum(flat_valid, axis=-1, dtype=jnp.float32)
+    return total / jnp.maximum(jnp.sum(jnp.square(pixels)), 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public losses.
+
+def pixel_feature_similarity(student_feat: Array, teacher_feat: Array, *, pool: int = 1,
+                             block_size: int | None = None, mask: Array | None = None) -> Array:
+    """PFS: mean squared difference of the pixel-wise cosine-similarity maps.
+
+    ``f̂_{n,i} = F.normalize(f_{n,i})`` over the channels (eps 1e-12), ``A_n = F̂_n F̂_nᵀ`` (P×P)
+    and ``L = 1/(N·P²) Σ_{n,i,j} (A^S_{n,i,j} − A^T_{n,i,j})²`` (methods.md §3, §9.3; a
+    reconstruction, the paper's exact form is unpublished). Lies in [0, 4]. The average pool's
+    divisor does not matter: normalisation cancels any per-cell scale.
+
+    Args:
+      student_feat: (N, H, W, C_s) student feature.
+      teacher_feat: (N, H, W, C_t) teacher feature (no gradient flows into it); C_t may differ.
+      pool: average-pool window (kernel = stride, ceil mode: a partial last window averages its
+        in-bounds pixels) applied to both features before forming A; 1 = none. An int or (kh, kw).
+      block_size: None for the dense form, or the number of rows of A per checkpointed block.
+      mask: optional bool (N, H, W). The mean runs over the pairs (i, j) whose pixels (pooled cells)
+        are both valid; a pooled cell is valid if any of its pixels is and averages its valid
+        pixels only.
+    Returns:
+      float32 scalar.
+    """
+    _check_features(student_feat, teacher_feat, mask)
+    _check_block_size(block_size)
+    window = _pool_window(pool, student_feat.shape[1:3], allow_half=False)
+    student, valid = pool_ceil(as_float32(student_feat), window, kind="avg", mask=mask)
+    teacher, _ = pool_ceil(frozen(teacher_feat), window, kind="avg", mask=mask)
+    return _self_affinity_mse(unit_pixels(student), unit_pixels(teacher), valid, block_size)
+
+
+def skd_pairwise(student_feat: Array, teacher_feat: Array, *, pool: int | str = 2,
+                 norm: str = "normalize", block_size: int | None = None,
+                 mask: Array | None = None) -> Array:
+    """SKD pair-wise distillation: mean squared difference of pooled cosine-similarity maps.
+
+    Both features are max-pooled (kernel = stride, ``ceil_mode=True``), normalised per pixel over
+    the channels, and ``L = 1/(N·P'²) Σ_{n,i,j} (A^S_{n,i,j} − A^T_{n,i,j})²`` with
+    ``A_n = F̂_n F̂_nᵀ`` over the P' pooled cells (methods.md §5.2).
+
+    Defaults reproduce CIRKD ``losses/skd.py``: ``MaxPool2d(2, 2, ceil_mode=True)`` and
+    ``F.normalize``. The official SKD code is ``pool='half', norm='detached'``.
+
+    Args:
+      student_feat: (N, H, W, C_s) student feature.
+      teacher_feat: (N, H, W, C_t) teacher feature (no gradient flows into it); C_t may differ.
+      pool: max-pool window: an int k (k×k, 1 = none), a pair (kh, kw), or 'half' for the official
+        kernel (int(0.5·H), int(0.5·W)), which turns a 65×65 map into 3×3 cells.
+      norm: 'normalize' (``F.normalize``, eps 1e-12) or 'detached' (official SKD:
+        ``f / (stop_gradient(||f||₂) + 1e-8)``; nearly the same value, a different gradient).
+      block_size: None for the dense form, or the number of rows of A per checkpointed block.
+      mask: optional bool (N, H, W). The mean runs over the pairs (i, j) of valid cells; a pooled
+        cell is valid if any of its pixels is and takes the maximum over its valid pixels only.
+    Returns:
+      float32 scalar.
+    """
+    _check_features(student_feat, teacher_feat, mask)
+    _check_block_size(block_size)
+    check_choice("norm", norm, ("normalize", "detached"))
+    window = _pool_window(pool, student_feat.shape[1:3], allow_half=True)
+    student, valid = pool_ceil(as_float32(student_feat), window, kind="max", mask=mask)
+    teacher, _ = pool_ceil(frozen(teacher_feat), window, kind="max", mask=mask)
+    unit = unit_pixels if norm == "normalize" else unit_pixels_detached
+    return _self_affinity_mse(unit(student), unit(teacher), valid, block_size)
+
+
+def cirkd_minibatch(student_feat: Array, teacher_feat: Array, *, tau: float = 0.1,
+                    group_size: int | None = 2, block_size: int | None = None,
+                    mask: Array | None = None) -> Array:
+    """CIRKD mini-batch pixel-to-pixel distillation across the images of a group.
+
+    Images form consecutive groups of ``group_size``. For every ordered pair (i, j) of a group
+    (i = j included), ``A_ij = F̂_i F̂_jᵀ`` (P×P, F.normalize over the channels, S and T separately)
+    and ``ℓ_ij = 1/P Σ_rows KL(softmax(A^T_ij/τ) ‖ softmax(A^S_ij/τ))`` with the softmax over the
+    column index; a group's loss is ``1/B² Σ_ij ℓ_ij`` and the result is the mean over groups
+    (methods.md §5.4). CIRKD computes this per GPU on B = 2 images and DDP averages the GPUs'
+    gradients, so ``group_size=2`` on one device reproduces an 8 GPU × 2 image run; ``None`` pairs
+    all images of the batch, a different (stronger) loss.
+
+    Args:
+      student_feat: (N, H, W, C_s) student feature.
+      teacher_feat: (N, H, W, C_t) teacher feature (no gradient flows into it); C_t may differ.
+      tau: temperature τ of the row softmax.
+      group_size: images per group, a divisor of N; None = the whole batch.
+      block_size: None for the dense form, or the number of rows of A per checkpointed block.
+      mask: optional bool (N, H, W). Masked pixels leave the softmax (as columns) and the mean (as
+        rows). The loss is the mean of the row KLs over every valid row of image i in every pair
+        (i, j) whose image j has a valid pixel; without a mask this is the formula above.
+    Returns:
+      float32 scalar.
+    """
+    _check_features(student_feat, teacher_feat, mask)
+    _check_block_size(block_size)
+    check_positive("tau", tau)
+    n, h, w, _ = student_feat.shape
+    b = check_group_size(group_size, n)
+    groups, p = n // b, h * w
+    student, valid = pool_ceil(as_float32(student_feat), (1, 1), kind="avg", mask=mask)
+    teacher, _ = pool_ceil(frozen(teacher_feat), (1, 1), kind="avg", mask=mask)
+
+    def grouped(x: Array) -> Array:
+        return unit_pixels(x).reshape(groups, b, p, x.shape[-1])
+
+    valid = None if valid is None else valid.reshape(groups, b, p)
+    total = pairwise_row_sum(_kl_rows(tau), grouped(student), grouped(teacher), valid, block_size)
+    if valid is None:
+        return total / (n * b * p)
+    pixels = jnp.sum(valid, axis=-1, dtype=jnp.float32)
+    # Per group: every valid row of image i, paired with each image j that has a valid column.
+    rows = jnp.sum(jnp.sum(pixels, axis=1) * jnp.sum(pixels > 0, axis=1, dtype=jnp.float32))
+    return total / jnp.maximum(rows, 1.0)

@@ -1,0 +1,205 @@
+"""Segmentor = backbone + head (+ FCN auxiliary head), built by name; `predict` and `summary`.
+
+Names are ``{deeplabv3, deeplabv3plus, pspnet}_{resnet18, resnet50, resnet101, mobilenetv2}``. The
+defaults reproduce CIRKD's current ("HEAD") layouts (cirkd-models.md §3): DeepLabV3 width 512 on
+ResNets and 128 on MobileNetV2, PSP width 128 on ResNet-18 and MobileNetV2 and 256 on ResNet-50/101,
+an aux head on ResNets only. The paper-era layouts differ only in the head width, e.g.
+``build_segmentor('deeplabv3_resnet18', head_width=128, ...)`` or ``('pspnet_resnet101',
+head_width=512)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax.models.heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, PSPHead, aspp_rates
+from kdjax.models.layers import Dtype, resize_bilinear_align_corners
+from kdjax.models.mobilenet import MobileNetV2
+from kdjax.models.resnet import VARIANTS, ResNet
+
+Array = jax.Array
+
+RESNET_DEPTHS = {"resnet18": 18, "resnet50": 50, "resnet101": 101}
+BACKBONES = (*RESNET_DEPTHS, "mobilenetv2")
+HEADS = ("deeplabv3", "deeplabv3plus", "pspnet")
+MODEL_NAMES = tuple(f"{head}_{backbone}" for head in HEADS for backbone in BACKBONES)
+
+# CIRKD HEAD-layout head widths (cirkd-models.md §3.3, §3.4). DeepLabV3+ is not in CIRKD; it takes
+# the DeepLabV3 widths since it shares the ASPP.
+_DEEPLAB_WIDTHS = {"resnet18": 512, "resnet50": 512, "resnet101": 512, "mobilenetv2": 128}
+DEFAULT_HEAD_WIDTHS = {
+    "deeplabv3": _DEEPLAB_WIDTHS,
+    "deeplabv3plus": _DEEPLAB_WIDTHS,
+    "pspnet": {"resnet18": 128, "resnet50": 256, "resnet101": 256, "mobilenetv2": 128},
+}
+
+
+@flax.struct.dataclass
+class SegmentorOutput:
+    """What a segmentor returns (a pytree).
+
+    Attributes:
+      logits: (N, h, w, K) at the head's resolution (1/8 or 1/16 of the input; 1/4 for DeepLabV3+).
+      aux_logits: (N, h3, w3, K) from the FCN head on c3, or None without an aux head.
+      features: ``c1..c4`` (backbone stages), ``head`` (CIRKD's ``outputs[-1]``) and
+        ``pre_classifier`` (the final classifier's input; the same tensor as ``head`` here).
+    """
+
+    logits: Array
+    aux_logits: Array | None
+    features: dict[str, Array]
+
+
+class Segmentor(nnx.Module):
+    """Backbone → head, with an optional auxiliary head; nothing is upsampled (cirkd-models §3.1).
+
+    Each head reads the backbone taps listed in its ``taps`` attribute. Call
+    ``model(images, train)`` with NHWC images (N, H, W, 3) → :class:`SegmentorOutput`.
+    ``train=True`` normalises with batch statistics, updates the BN running statistics and applies
+    dropout (rng stream 'dropout'); ``train=False`` changes nothing.
+    """
+
+    def __init__(self, backbone: nnx.Module, head: nnx.Module, aux_head: nnx.Module | None = None):
+        self.backbone = backbone
+        self.head = head
+        self.aux_head = aux_head
+
+    def __call__(self, images: Array, train: bool) -> SegmentorOutput:
+        if images.ndim != 4:
+            raise ValueError(
+                f"images must be an NHWC array of rank 4, got shape {tuple(images.shape)}.")
+        taps = self.backbone(images, train)
+        out = self.head(*(taps[name] for name in self.head.taps), train)
+        aux_logits = None
+        if self.aux_head is not None:
+            aux_out = self.aux_head(*(taps[name] for name in self.aux_head.taps), train)
+            aux_logits = aux_out["logits"]
+        features = {**taps, "head": out["feature"], "pre_classifier": out["feature"]}
+        return SegmentorOutput(logits=out["logits"], aux_logits=aux_logits, features=features)
+
+
+def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", output_stride: int = 8,
+                    head_width: int | None = None, aux: bool | None = None,
+                    dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                    rngs: nnx.Rngs) -> Segmentor:
+    """Builds a segmentor by name, e.g. ``'deeplabv3_resnet101'`` or ``'pspnet_resnet18'``.
+
+    Args:
+      name: ``{deeplabv3, deeplabv3plus, pspnet}_{resnet18, resnet50, resnet101, mobilenetv2}``.
+      num_classes: K, the number of output channels.
+      variant: ResNet layout, ``'cirkd'`` (deep stem 64-64-128) or ``'torchvision'``; ignored for
+        MobileNetV2.
+      output_stride: 8 or 16; ASPP rates follow it ((12, 24, 36) or (6, 12, 18)).
+      head_width: the head's width C; None takes CIRKD's HEAD layout (``DEFAULT_HEAD_WIDTHS``).
+      aux: add the FCN aux head on c3; None means yes for ResNets, no for MobileNetV2 (as CIRKD).
+      dtype, param_dtype: compute and parameter dtypes.
+      rngs: parameter initialisation (and dropout) streams.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"name must be one of {', '.join(MODEL_NAMES)}; got {name!r}.")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1; got {num_classes!r}.")
+    if head_width is not None and head_width < 1:
+        raise ValueError(f"head_width must be at least 1 or None; got {head_width!r}.")
+    head_name, _, backbone_name = name.partition("_")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if backbone_name in RESNET_DEPTHS:
+        backbone = ResNet(RESNET_DEPTHS[backbone_name], variant=variant,
+                          output_stride=output_stride, **kw)
+    else:
+        backbone = MobileNetV2(output_stride=output_stride, **kw)
+    c1, _, c3, c4 = backbone.channels
+    width = DEFAULT_HEAD_WIDTHS[head_name][backbone_name] if head_width is None else head_width
+    if head_name == "deeplabv3":
+        head = DeepLabV3Head(c4, num_classes, width=width, rates=aspp_rates(output_stride), **kw)
+    elif head_name == "deeplabv3plus":
+        head = DeepLabV3PlusHead(c4, c1, num_classes, width=width,
+                                 rates=aspp_rates(output_stride), **kw)
+    else:
+        head = PSPHead(c4, num_classes, width=width, **kw)
+    if aux is None:
+        aux = backbone_name in RESNET_DEPTHS
+    aux_head = FCNHead(c3, num_classes, **kw) if aux else None
+    return Segmentor(backbone, head, aux_head)
+
+
+def predict(model: Segmentor, images: Array) -> Array:
+    """Eval-mode logits resized to the input size, bilinear with align_corners=True as CIRKD's
+    evaluation does (cirkd-models.md §3.1): (N, H, W, 3) → (N, H, W, K)."""
+    logits = model(images, train=False).logits
+    return resize_bilinear_align_corners(logits, images.shape[1:3])
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (``nnx.Param`` entries; BN running statistics excluded)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSummary:
+    """Size and cost of one forward pass.
+
+    ``flops`` counts a multiply-add as 2 (XLA's convention; halve it for "MACs" / "multi-adds");
+    None when the backend offers no cost analysis.
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    params: int
+    flops: float | None
+
+    def __str__(self) -> str:
+        cost = ("FLOPs unavailable" if self.flops is None
+                else f"{self.flops / 1e9:,.1f} GFLOPs per forward pass (eval mode)")
+        return f"{self.name} on input {self.input_shape} (NHWC): {self.params:,} parameters, {cost}"
+
+
+def _xla_flops(compiled: jax.stages.Compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    # The structure is not fixed across jax versions: a dict, or a list with one dict per program.
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def summary(name: str, input_shape: Sequence[int], num_classes: int = 19,
+            **kwargs) -> ModelSummary:
+    """Prints and returns the parameter count and the forward FLOPs of a named segmentor.
+
+    The model is built under ``nnx.eval_shape`` (no weights are allocated) and the FLOPs come from
+    XLA's cost analysis of the compiled eval-mode forward pass, e.g. 354.6 GFLOPs for
+    ``summary('deeplabv3_resnet18', (1, 512, 1024, 3))`` (22,762,918 parameters).
+
+    Args:
+      name: a model name accepted by :func:`build_segmentor`.
+      input_shape: (N, H, W, C), e.g. (1, 512, 1024, 3).
+      num_classes: K.
+      **kwargs: further :func:`build_segmentor` options (variant, output_stride, head_width, aux,
+        dtype, param_dtype).
+    """
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 4:
+        raise ValueError(f"input_shape must be (N, H, W, C), got {input_shape!r}.")
+    model = nnx.eval_shape(
+        lambda: build_segmentor(name, num_classes=num_classes, rngs=nnx.Rngs(0), **kwargs))
+    graphdef, state = nnx.split(model)
+
+    def forward(state, images):
+        return nnx.merge(graphdef, state)(images, train=False).logits
+
+    images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    compiled = jax.jit(forward).lower(state, images).compile()
+    result = ModelSummary(name=name, input_shape=input_shape, params=count_params(model),
+                          flops=_xla_flops(compiled))
+    print(result)
+    return result
