@@ -115,16 +115,17 @@ def masked_mean(values: Array, mask: Array | None, per_element: int = 1) -> Arra
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = NORMALIZE_EPS) -> Array:
-    """``x / max(||x||_2, eps)`` along ``axis``: PyTorch's ``F.normalize``."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """``x / max(||x||_2, eps)`` along ``axis``: PyTorch's ``F.normalize``.
+
+    The clamp sits inside the square root, so an all-zero vector gets a finite gradient (as in
+    PyTorch) instead of the NaN of ``sqrt`` at 0.
+    """
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), eps * eps))
 
 
 def safe_norm(x: Array) -> Array:
     """Frobenius norm of ``x`` whose gradient at 0 is 0 instead of NaN."""
-    squared = jnp.sum(jnp.square(x))
-    positive = squared > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+    return safe_sqrt(jnp.sum(jnp.square(x)))
 
 
 def nearest_resize_labels(labels: Array, height: int, width: int) -> Array:

@@ -85,7 +85,7 @@ def unit_pixels(x: Array) -> Array:
     """``F.normalize`` over the channels of (..., C): ``x / max(||x||₂, 1e-12)``.
 
     An all-zero vector (a masked pixel, an empty pooled cell, a pixel a ReLU switched off) stays 0
-    with a zero gradient; plain ``l2_normalize`` would give it a NaN gradient through the norm.
+    with a zero gradient; plain ``l2_normalize`` would give it PyTorch's gradient of order 1/eps.
     """
     nonzero = jnp.sum(jnp.square(x), axis=-1, keepdims=True) > 0
     return jnp.where(nonzero, l2_normalize(jnp.where(nonzero, x, 1.0)), 0.0)

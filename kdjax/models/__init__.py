@@ -1,20 +1,46 @@
-"""Segmentation models in Flax NNX (NHWC): layers with PyTorch semantics, backbones, heads."""
+"""Segmentation models in Flax NNX (NHWC): layers with PyTorch semantics, backbones, heads,
+segmentors and the trainable distillation modules that live beside a student."""
 
+from kdjax.models.distill_modules import (CirkdProjectionHead, Connector, SaganDiscriminator,
+                                          SelfAttention, SpectralNormConv2d)
+from kdjax.models.heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, PSPHead, aspp_rates
 from kdjax.models.layers import (BatchNorm2d, Conv2d, ConvBNReLU, adaptive_avg_pool,
                                  max_pool_torch, resize_bilinear_align_corners)
 from kdjax.models.mobilenet import InvertedResidual, MobileNetV2
 from kdjax.models.resnet import BasicBlock, Bottleneck, ResNet
+from kdjax.models.segmentor import (DEFAULT_HEAD_WIDTHS, MODEL_NAMES, ModelSummary, Segmentor,
+                                    SegmentorOutput, build_segmentor, count_params, predict,
+                                    summary)
 
 __all__ = [
+    "DEFAULT_HEAD_WIDTHS",
+    "MODEL_NAMES",
     "BasicBlock",
     "BatchNorm2d",
     "Bottleneck",
+    "CirkdProjectionHead",
+    "Connector",
     "Conv2d",
     "ConvBNReLU",
+    "DeepLabV3Head",
+    "DeepLabV3PlusHead",
+    "FCNHead",
     "InvertedResidual",
     "MobileNetV2",
+    "ModelSummary",
+    "PSPHead",
     "ResNet",
+    "SaganDiscriminator",
+    "Segmentor",
+    "SegmentorOutput",
+    "SelfAttention",
+    "SpectralNormConv2d",
     "adaptive_avg_pool",
+    "aspp_rates",
+    "build_segmentor",
+    "count_params",
     "max_pool_torch",
+    "predict",
     "resize_bilinear_align_corners",
+    "summary",
 ]
