@@ -1,28 +1,133 @@
-"""The ``kdjax`` command: parses arguments and dispatches to the library."""
+"""The ``kdjax`` command: parses arguments and dispatches to the library.
+
+    kdjax train   --config=FILE[:local] --workdir=DIR [--config.key=value ...]
+    kdjax eval    --config=FILE --workdir=DIR [--config.key=value ...]
+    kdjax compare --config=FILE --workdir=DIR [--config.key=value ...]
+    kdjax convert --model=NAME --torch=PATH --out=DIR [--num-classes=K]
+    kdjax data show --config=FILE --out=grid.png
+    kdjax loss-demo
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+CONFIG_PREFIX = "--config."
+
+
+def _add_config_args(parser: argparse.ArgumentParser, *, workdir: bool = True) -> None:
+    parser.add_argument("--config", required=True,
+                        help="experiment file with get_config(), optionally FILE:local for a "
+                             "small CPU run; override fields with --config.key=value")
+    if workdir:
+        parser.add_argument("--workdir", required=True,
+                            help="run directory: checkpoints, logs, results (resumed if present)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdjax.convert.command import add_convert_parser
+
     parser = argparse.ArgumentParser(
         prog="kdjax", description="Knowledge distillation for semantic segmentation in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_config_args(commands.add_parser(
+        "train", help="train a model; with a teacher and distillation terms, distil"))
+    _add_config_args(commands.add_parser(
+        "eval", help="evaluate a run's reported checkpoint and write PNG overlays"))
+    _add_config_args(commands.add_parser(
+        "compare", help="teacher, student alone and every listed method under one recipe"))
+    add_convert_parser(commands)
+    data = commands.add_parser("data", help="inspect the input pipeline")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    show = data_commands.add_parser("show", help="write a grid of augmented training samples")
+    _add_config_args(show, workdir=False)
+    show.add_argument("--out", required=True, help="PNG file to write")
     demo = commands.add_parser(
-        "demo", help="distil random teacher maps into random student maps with every loss")
+        "loss-demo", help="distil random teacher maps into random student maps with every loss")
     demo.add_argument("--steps", type=int, default=60, help="gradient steps per loss")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the maps")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates ``--config.key=value`` items (also ``--config.key value``) from the rest."""
+    rest, overrides = [], []
+    items = iter(argv)
+    for item in items:
+        if item.startswith(CONFIG_PREFIX):
+            body = item[len(CONFIG_PREFIX):]
+            if "=" not in body:
+                body = f"{body}={next(items, '')}"
+            overrides.append(body)
+        else:
+            rest.append(item)
+    return rest, overrides
+
+
+def _load(args, overrides):
+    from kdjax.config import check_known_keys, parse_config_spec
+    from kdjax.defaults import base_config
+    from kdjax.sharding import initialize_distributed
+
+    config = parse_config_spec(args.config, overrides)
+    check_known_keys(config, base_config())
+    d = config.distributed
+    initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    return config
+
+
+def _run(args, overrides) -> int:
+    if args.command == "convert":
+        from kdjax.convert.command import run_convert
+        return run_convert(args)
+    if args.command == "loss-demo":
         from kdjax import demo
         demo.run(steps=args.steps, seed=args.seed)
+        return 0
+    config = _load(args, overrides)
+    if args.command == "data":
+        from kdjax.data.show import show_command
+        show_command(config, args.out)
+        print(f"wrote {args.out}")
+    elif args.command == "train":
+        from kdjax import train
+        result = train.run_training(train.setup(config), args.workdir)
+        e = result.eval
+        print(f"step {result.step}: val mIoU {e['miou']:.2f} ({e['eval_mode']}, {e['checkpoint']} "
+              f"checkpoint at step {e['checkpoint_step']})")
+    elif args.command == "eval":
+        from kdjax import evaluate_run
+        evaluate_run.run_eval(config, args.workdir)
+    elif args.command == "compare":
+        from kdjax import compare
+        compare.run_compare(config, args.workdir)
     return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by the input (config, data, checkpoints): reported without a traceback."""
+    from kdjax.checkpoint import CheckpointError
+    from kdjax.config import ConfigError
+    from kdjax.data import DataError
+    from kdjax.distill import ObjectiveError
+    from kdjax.networks import TeacherError
+    from kdjax.train import NonFiniteLossError
+    return (ConfigError, CheckpointError, DataError, ObjectiveError, TeacherError,
+            NonFiniteLossError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args, overrides)
+    except _user_errors() as err:
+        print(f"kdjax {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -118,6 +118,11 @@ class BatchNorm2d(nnx.Module):
     The variables are those of ``nnx.BatchNorm`` (flax momentum 0.9 ⇔ PyTorch 0.1), but
     ``nnx.BatchNorm`` accumulates the biased variance, so imported running statistics would drift
     away from PyTorch's after further training; hence a module of its own.
+
+    ``batch_groups = G > 1`` reproduces per-device (unsynchronised) BN under the global view:
+    train mode splits the batch into G consecutive groups (one per device of a ``'data'`` mesh),
+    normalises each with its own statistics, and moves the running statistics towards the mean
+    of the groups' statistics.
     """
 
     def __init__(self, ch: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
@@ -129,22 +134,29 @@ class BatchNorm2d(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((ch,), param_dtype))
         self.mean = nnx.BatchStat(jnp.zeros((ch,), param_dtype))
         self.var = nnx.BatchStat(jnp.ones((ch,), param_dtype))
+        self.batch_groups = 1
 
     def __call__(self, x: Array, train: bool) -> Array:
         check_nhwc("x", x)
         if x.shape[-1] != self.ch:
             raise ValueError(f"x must have {self.ch} channels; got shape {x.shape}")
         stat_dtype = jnp.promote_types(self.dtype, jnp.float32)
-        xs = x.astype(stat_dtype)
+        groups = self.batch_groups if train else 1
+        if x.shape[0] % groups:
+            raise ValueError(f"a batch of {x.shape[0]} cannot be split into {groups} BN groups; "
+                             f"make the batch size a multiple of the device count.")
+        # (G, N/G, H, W, C): statistics over all but the group and channel axes.
+        xs = x.astype(stat_dtype).reshape(groups, -1, *x.shape[1:])
         if train:
-            count = x.shape[0] * x.shape[1] * x.shape[2]
+            count = xs.shape[1] * xs.shape[2] * xs.shape[3]
             if count < 2:
                 raise ValueError(f"train-mode BatchNorm2d needs more than one value per channel; "
-                                 f"got x of shape {x.shape}")
-            mean = jnp.mean(xs, axis=(0, 1, 2))
-            var = jnp.mean(jnp.square(xs - mean), axis=(0, 1, 2))
-            unbiased = jax.lax.stop_gradient(var * (count / (count - 1)))
-            batch_mean = jax.lax.stop_gradient(mean)
+                                 f"got x of shape {x.shape} in {groups} group(s)")
+            mean = jnp.mean(xs, axis=(1, 2, 3), keepdims=True)
+            var = jnp.mean(jnp.square(xs - mean), axis=(1, 2, 3), keepdims=True)
+            unbiased = jax.lax.stop_gradient(jnp.mean(var, axis=0).reshape(-1)
+                                             * (count / (count - 1)))
+            batch_mean = jax.lax.stop_gradient(jnp.mean(mean, axis=0).reshape(-1))
             new_mean = (1 - BN_MOMENTUM) * self.mean[...] + BN_MOMENTUM * batch_mean
             new_var = (1 - BN_MOMENTUM) * self.var[...] + BN_MOMENTUM * unbiased
             self.mean[...] = new_mean.astype(self.mean.dtype)
@@ -154,7 +166,7 @@ class BatchNorm2d(nnx.Module):
             var = self.var[...].astype(stat_dtype)
         mul = self.scale[...].astype(stat_dtype) * jax.lax.rsqrt(var + BN_EPS)
         y = (xs - mean) * mul + self.bias[...].astype(stat_dtype)
-        return y.astype(self.dtype)
+        return y.reshape(x.shape).astype(self.dtype)
 
 
 class ConvBNReLU(nnx.Module):

@@ -136,7 +136,9 @@ class ResNet(nnx.Module):
 
     At output stride 8, c1 is (N, ceil(H/4), ceil(W/4), C1) and c2..c4 are (N, ceil(H/8),
     ceil(W/8), Ci); at 16, c3 and c4 are at ceil(H/16). ``channels`` = (C1, C2, C3, C4):
-    (64, 128, 256, 512) for depth 18, (256, 512, 1024, 2048) for 50 and 101.
+    (64, 128, 256, 512) for depth 18, (256, 512, 1024, 2048) for 50 and 101, all scaled by
+    ``width_multiplier`` (rounded, at least 8; 1.0 is the published network) for small
+    experiments such as CPU-sized teachers and students.
 
     Attributes mirror the PyTorch state-dict names: ``conv1, bn1, conv2, bn2, conv3, bn3`` (cirkd
     stem) or ``conv1, bn1`` (torchvision stem), and ``layer1..layer4``, each an ``nnx.List`` of
@@ -144,7 +146,10 @@ class ResNet(nnx.Module):
     """
 
     def __init__(self, depth: int = 18, *, variant: str = "cirkd", output_stride: int = 8,
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+                 width_multiplier: float = 1.0, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        if not width_multiplier > 0:
+            raise ValueError(f"width_multiplier must be positive; got {width_multiplier!r}")
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}; got {depth!r}")
         if variant not in VARIANTS:
@@ -153,22 +158,28 @@ class ResNet(nnx.Module):
             raise ValueError(f"output_stride must be one of {sorted(STAGE_STRIDES)}; "
                              f"got {output_stride!r}")
         self.depth, self.variant, self.output_stride = depth, variant, output_stride
+        self.width_multiplier = width_multiplier
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        def scaled(width: int) -> int:
+            return max(8, int(round(width * width_multiplier)))
+
         if variant == "cirkd":
-            stem = ((3, 64, 2), (64, 64, 1), (64, 128, 1))
+            stem = ((3, scaled(64), 2), (scaled(64), scaled(64), 1), (scaled(64), scaled(128), 1))
             for i, (cin, cout, stride) in enumerate(stem, start=1):
                 setattr(self, f"conv{i}", Conv2d(cin, cout, 3, stride=stride, padding=1, **kw))
                 setattr(self, f"bn{i}", BatchNorm2d(cout, **kw))
         else:
-            stem = ((3, 64, 2),)
-            self.conv1 = Conv2d(3, 64, 7, stride=2, padding=3, **kw)
-            self.bn1 = BatchNorm2d(64, **kw)
+            stem = ((3, scaled(64), 2),)
+            self.conv1 = Conv2d(3, scaled(64), 7, stride=2, padding=3, **kw)
+            self.bn1 = BatchNorm2d(scaled(64), **kw)
         self.stem_depth = len(stem)
 
         block, counts = DEPTHS[depth]
         in_ch, previous_dilation = stem[-1][1], 1
+        widths = tuple(scaled(w) for w in STAGE_WIDTHS)
         for i, (planes, count, (stride, dilation)) in enumerate(
-                zip(STAGE_WIDTHS, counts, STAGE_STRIDES[output_stride]), start=1):
+                zip(widths, counts, STAGE_STRIDES[output_stride]), start=1):
             blocks = []
             for j in range(count):
                 dilations = block_dilations(variant, block.num_3x3, dilation, previous_dilation,
@@ -178,7 +189,7 @@ class ResNet(nnx.Module):
                 in_ch = planes * block.expansion
             setattr(self, f"layer{i}", nnx.List(blocks))
             previous_dilation = dilation
-        self.channels = tuple(w * block.expansion for w in STAGE_WIDTHS)
+        self.channels = tuple(w * block.expansion for w in widths)
 
     def __call__(self, x: Array, train: bool) -> dict[str, Array]:
         check_nhwc("x", x)

@@ -86,6 +86,7 @@ class Segmentor(nnx.Module):
 
 def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", output_stride: int = 8,
                     head_width: int | None = None, aux: bool | None = None,
+                    width_multiplier: float = 1.0,
                     dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                     rngs: nnx.Rngs) -> Segmentor:
     """Builds a segmentor by name, e.g. ``'deeplabv3_resnet101'`` or ``'pspnet_resnet18'``.
@@ -98,6 +99,7 @@ def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", outp
       output_stride: 8 or 16; ASPP rates follow it ((12, 24, 36) or (6, 12, 18)).
       head_width: the head's width C; None takes CIRKD's HEAD layout (``DEFAULT_HEAD_WIDTHS``).
       aux: add the FCN aux head on c3; None means yes for ResNets, no for MobileNetV2 (as CIRKD).
+      width_multiplier: scales the backbone's channel widths (1.0 = the published backbone).
       dtype, param_dtype: compute and parameter dtypes.
       rngs: parameter initialisation (and dropout) streams.
     """
@@ -113,9 +115,10 @@ def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", outp
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if backbone_name in RESNET_DEPTHS:
         backbone = ResNet(RESNET_DEPTHS[backbone_name], variant=variant,
-                          output_stride=output_stride, **kw)
+                          output_stride=output_stride, width_multiplier=width_multiplier, **kw)
     else:
-        backbone = MobileNetV2(output_stride=output_stride, **kw)
+        backbone = MobileNetV2(output_stride=output_stride, width_multiplier=width_multiplier,
+                               **kw)
     c1, _, c3, c4 = backbone.channels
     width = DEFAULT_HEAD_WIDTHS[head_name][backbone_name] if head_width is None else head_width
     if head_name == "deeplabv3":

@@ -1,0 +1,20 @@
+"""Cityscapes: DIST (logits + 0.4 aux), DeepLabV3-ResNet101 → DeepLabV3-ResNet18.
+
+CIRKD benchmark protocol (methods.md §6.1): 512×1024 crops, batch 16, 40k steps, SGD 0.02, best
+checkpoint by whole-image single-scale val mIoU. Expected: 77.10 val mIoU (DIST's own repository under the CIRKD protocol, which uses weight decay 5e-4); student alone 74.21,
+teacher 78.07.
+
+    kdjax compare --config=configs/cityscapes/deeplabv3_r101_r18_dist.py --workdir=runs/deeplabv3_r101_r18_dist \
+        --config.teacher.checkpoint=TEACHER_DIR
+
+TEACHER_DIR is a DeepLabV3-ResNet101 model dir (`kdjax convert --model=deeplabv3_resnet101
+--num-classes=19 --torch=teacher.pth --out=TEACHER_DIR`). Smoke test: `--config=configs/cityscapes/deeplabv3_r101_r18_dist.py:local`.
+"""
+
+from kdjax.recipes import cirkd_recipe, paper_row
+
+
+def get_config(arg=None):
+    config = cirkd_recipe("cityscapes", student="deeplabv3_resnet18")
+    config.train.weight_decay = 5e-4
+    return paper_row(config, "dist", arg)

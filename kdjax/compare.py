@@ -1,0 +1,104 @@
+"""``kdjax compare``: one teacher, then every listed student method under the identical recipe and
+seeds, all evaluated the same way, reported as ``results.json``, ``results.md`` and
+``results.png``.
+
+Layout of WORKDIR::
+
+    teacher/                 the teacher's training run (unless teacher.checkpoint is given)
+    teacher/model/           the trained teacher as a model dir (what the students load)
+    <method>/seed_<k>/       one student run: checkpoints/, best/, metrics.jsonl, tensorboard/,
+                             model/ (the reported student) and result.json
+    results.json, results.md, results.png
+
+Finished runs (those with ``result.json``) are not repeated, so an interrupted comparison resumes
+where it stopped; an unfinished run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from kdjax import report, train
+from kdjax.data import dataset_info
+from kdjax.model_store import save_model
+from kdjax.networks import model_spec
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+MODEL_DIR = "model"
+
+
+def _run_name(method: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
+
+
+def export_model(exp: train.Experiment, state: train.TrainState, directory: Path,
+                 student_config: ml_collections.ConfigDict) -> Path:
+    """Writes the student of ``state`` as a model dir (loadable as a teacher or by ``eval``)."""
+    trainables = exp.merge(state)
+    save_model(directory, trainables.student,
+               spec=model_spec(student_config, exp.num_classes), overwrite=True)
+    return directory
+
+
+def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method: str, seed: int,
+                     student_config: ml_collections.ConfigDict,
+                     terms: ml_collections.ConfigDict, mesh) -> report.ResultRow:
+    """Trains one model (or reads its finished result) and returns its result row."""
+    result_path = workdir / RESULT_FILE
+    if result_path.exists():
+        return report.ResultRow(**json.loads(result_path.read_text()))
+    run_config = ml_collections.ConfigDict(config.to_dict())
+    run_config.seed = seed
+    exp = train.setup(run_config, mesh=mesh, student_config=student_config, terms_config=terms)
+    result = train.run_training(exp, workdir, label=f"{method} seed {seed} ")
+    model_dir = export_model(exp, result.state, workdir / MODEL_DIR, student_config)
+    evaluation = result.eval
+    row = report.ResultRow(
+        method=method, seed=seed, miou=evaluation["miou"],
+        per_class_iou=evaluation["per_class_iou"], eval_mode=evaluation["eval_mode"],
+        checkpoint=evaluation["checkpoint"], checkpoint_path=str(model_dir))
+    if jax.process_index() == 0:
+        result_path.write_text(json.dumps(row.to_dict(), indent=1))
+    return row
+
+
+def run_compare(config: ml_collections.ConfigDict, workdir: str | Path) -> list[report.ResultRow]:
+    """Runs the whole comparison of ``config`` in ``workdir`` and writes the reports."""
+    workdir = Path(workdir)
+    mesh = train.sharding.make_mesh()
+    info = dataset_info(config.data.name)
+    rows = []
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.teacher.checkpoint is None:
+        teacher_config = ml_collections.ConfigDict(config.to_dict())
+        if config.teacher_steps:
+            teacher_config.train.steps = config.teacher_steps
+        row = train_and_report(teacher_config, workdir / "teacher", method=report.TEACHER,
+                               seed=config.seed, student_config=config.teacher,
+                               terms=ml_collections.ConfigDict(), mesh=mesh)
+        rows.append(row)
+        config.teacher.checkpoint = str(workdir / "teacher" / MODEL_DIR)
+    methods = dict(config.methods)
+    if not methods:
+        raise ValueError("config.methods is empty: list the student methods to compare, e.g. "
+                         "methods.student_alone = ConfigDict() and methods.cwd = <terms>.")
+    for method, terms in methods.items():
+        name = report.STUDENT_ALONE if method == "student_alone" else method
+        for seed in config.seeds:
+            rows.append(train_and_report(config, workdir / _run_name(method) / f"seed_{seed}",
+                                         method=name, seed=seed, student_config=config.student,
+                                         terms=terms, mesh=mesh))
+    if jax.process_index() == 0:
+        table = report.write_results(workdir, rows, info.class_names)
+        print(table)
+        print(f"\nresults: {workdir / 'results.md'}, {workdir / 'results.json'}; "
+              f"plot: {workdir / 'results.png'}")
+    return rows

@@ -1,0 +1,82 @@
+"""Colour-coded label maps and one-row PNG overlays: image | ground truth | predictions."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Layout of an overlay row, in pixels: a title strip above the panels and a white gap between them.
+TITLE_HEIGHT = 16
+PANEL_GAP = 4
+
+
+def colorize(label: np.ndarray, palette: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+    """Colours a class map with the dataset palette.
+
+    Args:
+      label: (H, W) integer class ids.
+      palette: (K, 3) uint8 RGB, one colour per class.
+      ignore_label: shown black, like any value outside [0, K).
+    Returns:
+      (H, W, 3) uint8 RGB.
+    """
+    label = np.asarray(label)
+    palette = np.asarray(palette, np.uint8)
+    if label.ndim != 2:
+        raise ValueError(f"label must be (H, W); got shape {label.shape}.")
+    if palette.ndim != 2 or palette.shape[1] != 3:
+        raise ValueError(f"palette must be (K, 3) RGB; got shape {palette.shape}.")
+    known = (label >= 0) & (label < len(palette)) & (label != ignore_label)
+    colours = palette[np.where(known, label, 0)]
+    colours[~known] = 0
+    return colours
+
+
+def overlay_row(image: np.ndarray, label: np.ndarray, predictions: Mapping[str, np.ndarray],
+                palette: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+    """Panels image | label | each prediction in order, side by side, each titled.
+
+    Args:
+      image: (H, W, 3) uint8 RGB (de-normalised, unpadded).
+      label: (H, W) ground-truth class ids.
+      predictions: name → (H, W) predicted class ids, e.g. ``{'teacher': t, 'student': s}``.
+      palette: (K, 3) uint8 RGB.
+      ignore_label: drawn black.
+    Returns:
+      (TITLE_HEIGHT + H, P·W + (P − 1)·PANEL_GAP, 3) uint8 with P = 2 + len(predictions).
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8; got shape {image.shape}, "
+                         f"dtype {image.dtype}.")
+    height, width = image.shape[:2]
+    panels = {"image": image, "label": colorize(label, palette, ignore_label)}
+    for name, prediction in predictions.items():
+        panels[name] = colorize(prediction, palette, ignore_label)
+    for name, panel in panels.items():
+        if panel.shape[:2] != (height, width):
+            raise ValueError(f"{name} must be {height}x{width} like the image; got shape "
+                             f"{panel.shape[:2]}. Crop padded predictions to the image first.")
+    row = np.full((TITLE_HEIGHT + height, len(panels) * (width + PANEL_GAP) - PANEL_GAP, 3), 255,
+                  np.uint8)
+    canvas = Image.fromarray(row)
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, panel) in enumerate(panels.items()):
+        left = i * (width + PANEL_GAP)
+        canvas.paste(Image.fromarray(panel), (left, TITLE_HEIGHT))
+        draw.text((left + 2, 2), name, fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def write_overlays(path: str | pathlib.Path, image_uint8: np.ndarray, label: np.ndarray,
+                   predictions: Mapping[str, np.ndarray], palette: np.ndarray,
+                   ignore_label: int = 255) -> pathlib.Path:
+    """Writes ``overlay_row(...)`` as a PNG (creating parent directories); returns the path."""
+    path = pathlib.Path(path)
+    row = overlay_row(image_uint8, label, predictions, palette, ignore_label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(row).save(path, format="PNG")
+    return path
