@@ -92,11 +92,15 @@ def _run(args, overrides) -> int:
         show_command(config, args.out)
         print(f"wrote {args.out}")
     elif args.command == "train":
+        from pathlib import Path
+
         from kdjax import train
-        result = train.run_training(train.setup(config), args.workdir)
+        exp = train.setup(config)
+        result = train.run_training(exp, args.workdir)
+        model_dir = train.export_model(exp, result.state, Path(args.workdir) / "model")
         e = result.eval
         print(f"step {result.step}: val mIoU {e['miou']:.2f} ({e['eval_mode']}, {e['checkpoint']} "
-              f"checkpoint at step {e['checkpoint_step']})")
+              f"checkpoint at step {e['checkpoint_step']}); model written to {model_dir}")
     elif args.command == "eval":
         from kdjax import evaluate_run
         evaluate_run.run_eval(config, args.workdir)

@@ -26,8 +26,6 @@ import ml_collections
 
 from kdjax import report, train
 from kdjax.data import dataset_info
-from kdjax.model_store import save_model
-from kdjax.networks import model_spec
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +35,6 @@ MODEL_DIR = "model"
 
 def _run_name(method: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
-
-
-def export_model(exp: train.Experiment, state: train.TrainState, directory: Path,
-                 student_config: ml_collections.ConfigDict) -> Path:
-    """Writes the student of ``state`` as a model dir (loadable as a teacher or by ``eval``)."""
-    trainables = exp.merge(state)
-    save_model(directory, trainables.student,
-               spec=model_spec(student_config, exp.num_classes), overwrite=True)
-    return directory
 
 
 def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method: str, seed: int,
@@ -59,7 +48,7 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
     run_config.seed = seed
     exp = train.setup(run_config, mesh=mesh, student_config=student_config, terms_config=terms)
     result = train.run_training(exp, workdir, label=f"{method} seed {seed} ")
-    model_dir = export_model(exp, result.state, workdir / MODEL_DIR, student_config)
+    model_dir = train.export_model(exp, result.state, workdir / MODEL_DIR)
     evaluation = result.eval
     row = report.ResultRow(
         method=method, seed=seed, miou=evaluation["miou"],

@@ -68,6 +68,7 @@ def set_batch_norm_groups(module: nnx.Module, groups: int) -> None:
 
 def _check_spec(saved: dict, wanted: dict, directory: str) -> None:
     keys = ("name", "num_classes", "variant", "output_stride", "width_multiplier")
+    saved = {"width_multiplier": 1.0, **saved}  # model dirs without it hold published widths
     diff = {k: (saved.get(k), wanted[k]) for k in keys if saved.get(k) != wanted[k]}
     # head_width / aux None mean "the default"; a saved explicit value must match an explicit one.
     for k in ("head_width", "aux"):

@@ -29,6 +29,7 @@ from kdjax.config import config_to_json
 from kdjax.data import dataset_info, make_eval_iterator, make_train_iterator
 from kdjax.evaluate import EvalMode, evaluate
 from kdjax.metrics_log import MetricsLog
+from kdjax.model_store import save_model
 from kdjax.networks import Network, build_model, load_teacher, model_spec, set_batch_norm_groups
 
 Array = jax.Array
@@ -347,7 +348,7 @@ class RunResult:
     workdir: Path
 
 
-def _eval_mode(config) -> EvalMode:
+def eval_mode(config) -> EvalMode:
     e = config.eval
     return EvalMode(mode=e.mode, crop_size=tuple(e.crop_size) if e.crop_size else None,
                     stride=tuple(e.stride) if e.stride else None, scales=tuple(e.scales),
@@ -363,15 +364,27 @@ def eval_batches(config, mesh) -> Iterator[dict]:
         yield sharding.global_batch(batch, mesh)
 
 
+def evaluate_student(exp: Experiment, state: TrainState):
+    """``SegmentationMetrics`` of ``state``'s student on the validation split (config.eval)."""
+    metrics, _ = evaluate(exp.logits_fn, eval_batches(exp.config, exp.mesh),
+                          num_classes=exp.num_classes, ignore_label=exp.ignore_label,
+                          eval_mode=eval_mode(exp.config), state=(state.params, state.rest))
+    return metrics
+
+
 def evaluate_state(exp: Experiment, state: TrainState) -> dict[str, Any]:
     """Validation metrics of ``state``'s student under the configured eval mode, in percent:
     ``miou``, ``pixel_accuracy``, ``mean_class_accuracy``, ``per_class_iou`` (name → IoU or None)
     and ``eval_mode`` (its description)."""
-    mode = _eval_mode(exp.config)
-    metrics, _ = evaluate(exp.logits_fn, eval_batches(exp.config, exp.mesh),
-                          num_classes=exp.num_classes, ignore_label=exp.ignore_label,
-                          eval_mode=mode, state=(state.params, state.rest))
-    return {**metrics.to_dict(exp.class_names), "eval_mode": mode.describe()}
+    metrics = evaluate_student(exp, state)
+    return {**metrics.to_dict(exp.class_names), "eval_mode": eval_mode(exp.config).describe()}
+
+
+def export_model(exp: Experiment, state: TrainState, directory: str | Path) -> Path:
+    """Writes the student of ``state`` as a model dir (a teacher for later runs, or ``eval``)."""
+    spec = {k: v for k, v in exp.student_spec.items() if k != "dtype"}
+    save_model(directory, exp.merge(state).student, spec=spec, overwrite=True)
+    return Path(directory)
 
 
 def run_training(exp: Experiment, workdir: str | Path, *, label: str = "") -> RunResult:

@@ -98,6 +98,15 @@ def test_resnet_shapes_and_channels(depth, variant, output_stride):
         "c3": (2, *deep, c[2]), "c4": (2, *deep, c[3])}
 
 
+@pytest.mark.parametrize("variant", ["cirkd", "torchvision"])
+def test_resnet_width_multiplier_scales_every_width(variant):
+    model = abstract(lambda: ResNet(18, variant=variant, width_multiplier=0.25, rngs=nnx.Rngs(0)))
+    assert model.channels == (16, 32, 64, 128)
+    assert output_shapes(model, (1, H, W, 3))["c4"][-1] == 128
+    with pytest.raises(ValueError, match="width_multiplier must be positive"):
+        ResNet(18, width_multiplier=0.0, rngs=nnx.Rngs(0))
+
+
 def test_cirkd_resolution_examples():
     # cirkd-models.md §3.1: ceil(ceil(ceil(H/2)/2)/2) = ceil(H/8).
     for factory in (lambda: ResNet(50, rngs=nnx.Rngs(0)), lambda: MobileNetV2(rngs=nnx.Rngs(0))):

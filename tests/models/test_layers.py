@@ -120,6 +120,28 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_stats_like_torch()
     np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * var * 70 / 69, rtol=1e-5)
 
 
+def test_batchnorm_groups_normalise_each_slice_like_per_device_bn():
+    x = _randn(4, 4, 3, 5, 3) * 2.0 + 1.5
+    grouped = BatchNorm2d(3, rngs=nnx.Rngs(0))
+    grouped.batch_groups = 2
+    y = np.asarray(grouped(jnp.asarray(x), train=True))
+    expected_var = []
+    for index in (slice(0, 2), slice(2, 4)):
+        separate = BatchNorm2d(3, rngs=nnx.Rngs(0))
+        np.testing.assert_allclose(y[index], np.asarray(separate(jnp.asarray(x[index]), train=True)),
+                                   rtol=1e-5, atol=1e-5)
+        expected_var.append(np.asarray(separate.var[...]))
+    # Running statistics move towards the mean of the groups' statistics.
+    np.testing.assert_allclose(grouped.var[...], np.mean(expected_var, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(grouped.mean[...], 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-5,
+                               atol=1e-6)
+    # Eval mode ignores the groups; a batch that does not split evenly is refused in train mode.
+    running = (x - np.asarray(grouped.mean[...])) / np.sqrt(np.asarray(grouped.var[...]) + 1e-5)
+    np.testing.assert_allclose(grouped(jnp.asarray(x), train=False), running, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot be split into 2 BN groups"):
+        grouped(jnp.asarray(x[:3]), train=True)
+
+
 def test_batchnorm_eval_uses_running_stats_and_changes_nothing():
     bn = BatchNorm2d(3, rngs=nnx.Rngs(0))
     bn.mean[...] = jnp.array([1.0, -2.0, 0.5])
