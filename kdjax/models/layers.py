@@ -279,6 +279,7 @@ def max_pool_torch(x: Array, kernel: IntPair, stride: IntPair | None = None,
                for n, ki, si, pi in zip(x.shape[1:3], k, s, p)]
     if any(out < 1 for out, _ in extents):
         raise ValueError(f"x of shape {x.shape} is smaller than the pooling kernel {k}")
-    neg_inf = jnp.array(-jnp.inf, x.dtype)
+    # A concrete NumPy identity lets JAX recognise the max monoid, which has a gradient rule.
+    neg_inf = np.array(-np.inf, x.dtype)
     pads = ((0, 0), *((pi, right) for pi, (_, right) in zip(p, extents)), (0, 0))
     return jax.lax.reduce_window(x, neg_inf, jax.lax.max, (1, *k, 1), (1, *s, 1), pads)

@@ -1,0 +1,1 @@
+"""ADE20K (SceneParsing, ADEChallengeData2016) TFDS builder."""

@@ -1,0 +1,1 @@
+"""CamVid (SegNet version) TFDS builder."""

@@ -1,0 +1,1 @@
+"""Cityscapes (fine annotations) TFDS builder."""

@@ -1,0 +1,1 @@
+"""Pascal Context (59 and 60 classes) TFDS builder."""
