@@ -315,3 +315,16 @@ def test_max_pool_matches_torch(k, s, p, ceil_mode):
     expected = torch.nn.functional.max_pool2d(_nchw(x), k, s, p, ceil_mode=ceil_mode)
     np.testing.assert_array_equal(max_pool_torch(jnp.asarray(x), k, s, p, ceil_mode=ceil_mode),
                                   _nhwc(expected))
+
+
+def test_max_pool_has_a_gradient_routed_to_each_window_maximum():
+    x = jnp.asarray(_randn(5, 1, 4, 4, 1))
+    grad = np.asarray(jax.grad(lambda v: max_pool_torch(v, 2).sum())(x))[0, :, :, 0]
+    xs = np.asarray(x)[0, :, :, 0]
+    expected = np.zeros_like(xs)
+    for i in (0, 2):
+        for j in (0, 2):
+            window = xs[i:i + 2, j:j + 2]
+            a, b = np.unravel_index(np.argmax(window), window.shape)
+            expected[i + a, j + b] = 1.0
+    np.testing.assert_array_equal(grad, expected)
