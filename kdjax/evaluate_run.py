@@ -14,7 +14,8 @@ import numpy as np
 
 from kdjax import report, train
 from kdjax.checkpoint import CheckpointError, TrainCheckpointer
-from kdjax.data import dataset_info, denormalize, make_eval_iterator
+from kdjax.data import dataset_info, make_eval_iterator
+from kdjax.data.augment import denormalize
 from kdjax.evaluate import predict_classes, write_overlays
 
 

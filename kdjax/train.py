@@ -107,6 +107,15 @@ def _classifier_kernel(student: nnx.Module) -> Array:
     return student.head.classifier.kernel[...]
 
 
+def _fresh(*trees):
+    """Copies of NNX variable trees owned by the current trace.
+
+    NNX only lets a module update (BN statistics, rng counters) variables created in the trace it
+    runs in; states that enter through an outer ``jit`` or a closure are rebuilt here first.
+    """
+    return tuple(jax.tree.map(lambda x: x, tree) for tree in trees)
+
+
 def _select(keep_new: Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
 
@@ -147,10 +156,10 @@ class Experiment:
         return jax.tree.map(jax.lax.stop_gradient, distill.named_tensors(out))
 
     def _loss(self, params, state: TrainState, teacher: dict, batch: dict, key: Array):
-        trainables = nnx.merge(self.graphdef, params, state.rest, self.rng_vars)
+        trainables = nnx.merge(self.graphdef, params, *_fresh(state.rest, self.rng_vars))
         nnx.reseed(trainables, dropout=key)
-        discs = nnx.merge(self.disc_graphdef, state.disc_params, state.disc_rest,
-                          self.disc_rng_vars)
+        discs = nnx.merge(self.disc_graphdef,
+                          *_fresh(state.disc_params, state.disc_rest, self.disc_rng_vars))
         images, labels = batch["image"], batch["label"]
         out = trainables.student(images.astype(self.student_spec["dtype"]), train=True)
         total, metrics = distill.task_loss(out, labels, ignore_label=self.ignore_label,
@@ -180,12 +189,13 @@ class Experiment:
             state.params, state, teacher, batch, key)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
 
         disc_params, disc_rest, disc_opt_state = state.disc_params, state.disc_rest, state.disc_opt_state
         if any(t.loss == distill.ADVERSARIAL for t in self.terms):
             def disc_loss(dp):
-                discs = nnx.merge(self.disc_graphdef, dp, state.disc_rest, self.disc_rng_vars)
+                discs = nnx.merge(self.disc_graphdef, dp,
+                                  *_fresh(state.disc_rest, self.disc_rng_vars))
                 value, d_metrics = distill.discriminator_loss(self.terms, student, teacher, discs)
                 return value, (d_metrics, nnx.state(discs, nnx.BatchStat))
             (_, (d_metrics, disc_rest)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
@@ -206,7 +216,7 @@ class Experiment:
         first_bad = healthy & ~finite
         new = new.replace(
             step=jnp.where(advance, state.step + 1, state.step),
-            bad_step=jnp.where(first_bad, state.step, state.bad_step),
+            bad_step=jnp.where(first_bad, state.step + 1, state.bad_step),
             # Empty only while setup() traces the step to learn the metric names.
             bad_metrics=(_select(first_bad, metrics, state.bad_metrics) if state.bad_metrics
                          else state.bad_metrics))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -62,9 +63,15 @@ class DatasetInfo:
         return self.label_map[labels]
 
 
-def _label_map(pairs: dict[int, int]) -> np.ndarray:
-    """(256,) uint8 table: ``pairs`` maps stored value → train id, every other value → ignore."""
-    table = np.full(256, IGNORE_LABEL, np.uint8)
+# A stored value that the dataset never uses: the pipeline reports it (or ignores it, as configured).
+UNKNOWN_VALUE = -1
+
+
+def _label_map(pairs: dict[int, int], *, ignored: Iterable[int]) -> np.ndarray:
+    """(256,) int16 table: ``pairs`` maps stored value → train id, ``ignored`` values → the ignore
+    label, and every other value → ``UNKNOWN_VALUE``, so corrupt labels do not pass silently."""
+    table = np.full(256, UNKNOWN_VALUE, np.int16)
+    table[list(ignored)] = IGNORE_LABEL
     for stored, train_id in pairs.items():
         table[stored] = train_id
     return table
@@ -98,8 +105,7 @@ def bit_palette(num_colours: int, *, first: int = 0) -> np.ndarray:
 
 _TRAIN_VAL = {"train": "train", "val": "validation"}
 
-# Cityscapes label id → train id (cityscapesScripts' labels.py); ids not listed are ignored,
-# including 255, which is how the license plate (id -1) ends up in 8-bit label PNGs.
+# Cityscapes label id → train id (cityscapesScripts' labels.py); the other ids are ignored.
 _CITYSCAPES_TRAIN_IDS = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
@@ -121,7 +127,8 @@ CITYSCAPES = DatasetInfo(
         ],
         np.uint8,
     ),
-    label_map=_label_map(_CITYSCAPES_TRAIN_IDS),
+    # Label ids 0..33 exist; 255 is the license plate (id −1) in 8-bit PNGs.
+    label_map=_label_map(_CITYSCAPES_TRAIN_IDS, ignored=(*range(34), 255)),
     splits=dict(_TRAIN_VAL),
     tfds_name="cityscapes",
 )
@@ -141,7 +148,7 @@ CAMVID = DatasetInfo(
         np.uint8,
     ),
     # Stored 0..10 are the classes, 11 is void.
-    label_map=_label_map({value: value for value in range(11)}),
+    label_map=_label_map({value: value for value in range(11)}, ignored=(11,)),
     splits={"train": "train", "val": "validation", "test": "test"},
     tfds_name="camvid",
 )

@@ -21,9 +21,12 @@ def test_cityscapes_maps_34_label_ids_to_19_train_ids():
     assert mapped[33] == 18  # bicycle
     assert list(mapped[:7]) == [255] * 7  # unlabeled, ego vehicle, ..., ground
     assert mapped[255] == 255  # license plate (-1) as stored in uint8
-    assert sorted(mapped[mapped != 255]) == list(range(19))
-    assert list(np.flatnonzero(mapped != 255)) == [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24,
-                                                   25, 26, 27, 28, 31, 32, 33]
+    used = mapped[:34]
+    assert sorted(used[used != 255]) == list(range(19))
+    assert list(np.flatnonzero(used != 255)) == [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24,
+                                                 25, 26, 27, 28, 31, 32, 33]
+    # Values no Cityscapes label uses are flagged, not silently ignored.
+    assert set(mapped[34:255]) == {metadata.UNKNOWN_VALUE}
 
 
 @pytest.mark.skipif(not KITTI_LABEL_IDS.is_dir(), reason="shared KITTI label-id samples absent")
@@ -50,8 +53,8 @@ def test_ade20k_class_names_follow_object_info():
 
 def test_camvid_void_is_ignored():
     info = metadata.dataset_info("camvid")
-    mapped = info.map_labels(np.array([[0, 5, 10, 11]], np.uint8))
-    np.testing.assert_array_equal(mapped, [[0, 5, 10, 255]])
+    mapped = info.map_labels(np.array([[0, 5, 10, 11, 12]], np.uint8))
+    np.testing.assert_array_equal(mapped, [[0, 5, 10, 255, metadata.UNKNOWN_VALUE]])
     assert info.class_names[0] == "Sky" and info.class_names[10] == "Bicyclist"
 
 

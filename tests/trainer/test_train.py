@@ -1,0 +1,159 @@
+"""The trainer end to end on tiny models: sharded step = single device, train/eval/checkpoint,
+kill-and-resume = uninterrupted, non-finite losses stop the run naming the term."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import sharding, train
+from kdjax.checkpoint import TrainCheckpointer
+from kdjax.config import load_config
+from kdjax.data import make_train_iterator
+
+CONFIG = str(Path(__file__).with_name("tiny_config.py"))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(**overrides):
+    config = load_config(CONFIG)
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def _batches(config, count):
+    it = make_train_iterator(config.data, global_batch_size=config.train.batch_size,
+                             seed=config.seed, process_index=0, process_count=1)
+    return [next(it) for _ in range(count)]
+
+
+def _run_steps(exp, batches):
+    state = exp.init_state()
+    step = exp.compiled_step()
+    teacher = exp.teacher.state if exp.teacher is not None else None
+    history = []
+    for batch in batches:
+        state, metrics = step(state, teacher, sharding.global_batch(batch, exp.mesh))
+        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    return jax.device_get(state), history
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """One experiment (8 devices) shared by the tests, so its step compiles once."""
+    return train.setup(_config())
+
+
+def _leaves(tree):
+    if isinstance(tree, train.TrainState):
+        tree = (tree.params, tree.rest)
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_eight_devices_match_one_device(tiny):
+    config = _config()
+    batches = _batches(config, 3)
+    one = train.setup(config, mesh=sharding.make_mesh(jax.devices()[:1]))
+    assert tiny.mesh.devices.size == 8
+    state1, hist1 = _run_steps(one, batches)
+    state8, hist8 = _run_steps(tiny, batches)
+    assert set(hist1[0]) >= {"loss", "ce", "aux_ce", "kd/cwd", "kd/nfd", "grad_norm"}
+    # Per-device partial sums change the float32 summation order (~1e-6 relative); at the small
+    # learning rate of the tiny config three steps keep that below 1e-4.
+    for h1, h8 in zip(hist1, hist8):
+        for key in h1:
+            np.testing.assert_allclose(h8[key], h1[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert int(state1.step) == int(state8.step) == 3
+    # Gradients that are sums with heavy cancellation (e.g. the stem BN bias, summed over every
+    # pixel) keep the summation-order noise, so every tensor is compared at its own scale.
+    for a, b in zip(_leaves(state1) + _leaves(state1.opt_state),
+                    _leaves(state8) + _leaves(state8.opt_state)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-3 * np.abs(a).max() + 1e-7)
+    # The loss moved: training happened.
+    assert hist1[0]["loss"] != hist1[-1]["loss"]
+
+
+def test_run_trains_evaluates_checkpoints_and_logs(tiny, tmp_path):
+    result = train.run_training(tiny, tmp_path)
+    assert result.step == 4
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [x["step"] for x in lines if x["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4]
+    assert all("images_per_second" in x for x in lines if x["split"] == "train" and x["step"] > 1)
+    assert {x["step"] for x in lines if x["split"] == "val"} == {2, 4}
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    assert len(os.listdir(tmp_path / "best")) == 1
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert 0.0 <= result.eval["miou"] <= 100.0
+    assert result.eval["checkpoint"] == "best" and result.eval["eval_mode"].startswith("whole")
+    # The reported state is the best checkpoint's.
+    assert int(result.state.step) == result.eval["checkpoint_step"]
+    # Running the finished command again resumes at the end and trains nothing more.
+    again = train.run_training(tiny, tmp_path)
+    assert again.step == 4
+
+
+def _wait_for(path: Path, timeout: float = 300.0) -> None:
+    start = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.2)
+
+
+def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tiny, tmp_path):
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "kdjax", "train", f"--config={CONFIG}", f"--workdir={killed}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for(killed / "checkpoints" / "2" / "_CHECKPOINT_METADATA")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = train.run_training(tiny, killed)
+    reference = train.run_training(tiny, tmp_path / "ref")
+    assert resumed.step == reference.step == 4
+    assert resumed.metrics == pytest.approx(reference.metrics, rel=1e-5, abs=1e-6)
+    assert resumed.eval["miou"] == pytest.approx(reference.eval["miou"], abs=1e-6)
+    for a, b in zip(_leaves(jax.device_get(resumed.state)),
+                    _leaves(jax.device_get(reference.state))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_loss_stops_naming_the_terms_and_keeps_the_good_checkpoint(
+        tiny, tmp_path, monkeypatch):
+    real_iterator = train.make_train_iterator
+
+    def poisoned(*args, **kwargs):
+        for index, batch in enumerate(real_iterator(*args, **kwargs)):
+            if index == 2:  # the third step sees a corrupt (NaN) image
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(train, "make_train_iterator", poisoned)
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r"non-finite at step 3: .*kd/cwd=nan.*last good checkpoint"):
+        train.run_training(tiny, tmp_path)
+    # Step 2 was checkpointed; nothing after the bad step was.
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    repl = sharding.replicated(tiny.mesh)
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                          tiny.abstract_state)
+    with TrainCheckpointer(tmp_path, async_save=False) as checkpointer:
+        good, _ = checkpointer.restore(target)
+    assert int(good.step) == 2 and int(good.bad_step) == -1
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
