@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
-# Set WITH_TORCH=1 to install the optional PyTorch parity dependency as well.
+# Set WITH_TORCH=1 to install the optional PyTorch parity dependency as well; it has its own
+# stamp, so asking for it later installs it into an existing environment.
 WITH_TORCH ?= 0
 TORCH_REQ := $(if $(filter 1,$(WITH_TORCH)),-r requirements-torch.txt,)
+STAMP := $(VENV)/.installed$(if $(filter 1,$(WITH_TORCH)),-torch,)
 
 .PHONY: demo test install clean
 
@@ -20,7 +21,7 @@ $(STAMP): $(BIN)/python requirements.txt requirements-torch.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kdjax demo
+	$(BIN)/kdjax compare --config=configs/demo.py --workdir=runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

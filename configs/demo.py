@@ -23,9 +23,9 @@ def get_config(arg=None):
     config.data.name = "synthetic"
     config.data.synthetic.num_train = 512
     config.data.synthetic.num_val = 48
-    config.data.synthetic.height = 96
-    config.data.synthetic.width = 192
-    config.data.crop_size = (96, 96)
+    config.data.synthetic.height = 64
+    config.data.synthetic.width = 128
+    config.data.crop_size = (64, 128)
     config.data.normalization = "imagenet"
 
     config.teacher.name = "deeplabv3_resnet18"
@@ -34,14 +34,14 @@ def get_config(arg=None):
     config.student.name = "deeplabv3_mobilenetv2"
     config.student.width_multiplier = 0.35
     config.student.head_width = 32
-    config.teacher_steps = 500
+    config.teacher_steps = 400
 
-    config.train.steps = 300
+    config.train.steps = 150
     config.train.batch_size = 8
     config.train.learning_rate = 0.05
     config.train.log_every = 50
-    config.train.eval_every = 150
-    config.train.checkpoint_every = 150
+    config.train.eval_every = 200
+    config.train.checkpoint_every = 200
     config.eval.batch_size = 8
     config.eval.checkpoint = "last"
 

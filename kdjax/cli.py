@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 CONFIG_PREFIX = "--config."
@@ -110,19 +111,20 @@ def _run(args, overrides) -> int:
     return 0
 
 
+DEBUG_ENV = "KDJAX_DEBUG"
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by the input (config, data, checkpoints): reported without a traceback."""
-    from kdjax.checkpoint import CheckpointError
-    from kdjax.config import ConfigError
-    from kdjax.data import DataError
-    from kdjax.distill import ObjectiveError
-    from kdjax.networks import TeacherError
+    """Errors caused by the input (config, data, checkpoints, a diverging run): kdjax raises
+    them with a message that says what to change, so they are reported without a traceback.
+    ``ValueError`` is kdjax's validation error throughout (unknown names, bad shapes)."""
     from kdjax.train import NonFiniteLossError
-    return (ConfigError, CheckpointError, DataError, ObjectiveError, TeacherError,
-            NonFiniteLossError, FileNotFoundError)
+    return (ValueError, NonFiniteLossError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TensorFlow (the input pipeline only) would otherwise print C++ start-up notices.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = split_overrides(argv)
     args = build_parser().parse_args(rest)
@@ -130,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, overrides)
     except _user_errors() as err:
-        print(f"kdjax {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"kdjax {args.command}: error: {err}\n(set {DEBUG_ENV}=1 for the traceback)",
+              file=sys.stderr)
         return 2
 
 

@@ -26,6 +26,7 @@ import ml_collections
 
 from kdjax import report, train
 from kdjax.data import dataset_info
+from kdjax.networks import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,15 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
                      terms: ml_collections.ConfigDict, mesh) -> report.ResultRow:
     """Trains one model (or reads its finished result) and returns its result row."""
     result_path = workdir / RESULT_FILE
-    if result_path.exists():
-        return report.ResultRow(**json.loads(result_path.read_text()))
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.seed = seed
-    exp = train.setup(run_config, mesh=mesh, student_config=student_config, terms_config=terms)
+    run_config.student = student_config
+    run_config.distill.terms = terms
+    if result_path.exists():
+        saved = json.loads(result_path.read_text())
+        train.check_same_recipe(saved["recipe"], run_config, workdir)
+        return report.ResultRow(**saved["row"])
+    exp = train.setup(run_config, mesh=mesh)
     result = train.run_training(exp, workdir, label=f"{method} seed {seed} ")
     model_dir = train.export_model(exp, result.state, workdir / MODEL_DIR)
     evaluation = result.eval
@@ -55,8 +60,20 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
         per_class_iou=evaluation["per_class_iou"], eval_mode=evaluation["eval_mode"],
         checkpoint=evaluation["checkpoint"], checkpoint_path=str(model_dir))
     if jax.process_index() == 0:
-        result_path.write_text(json.dumps(row.to_dict(), indent=1))
+        result_path.write_text(json.dumps(
+            {"row": row.to_dict(), "recipe": train.recipe_fingerprint(run_config)}, indent=1))
     return row
+
+
+def _teacher_row(config: ml_collections.ConfigDict, mesh) -> report.ResultRow:
+    """The given (e.g. converted) teacher, evaluated like the students."""
+    network = load_teacher(config.teacher, num_classes=dataset_info(config.data.name).num_classes,
+                           mesh=mesh, seed=config.seed)
+    evaluation = train.evaluate_network(network, config, mesh)
+    return report.ResultRow(
+        method=report.TEACHER, seed=config.seed, miou=evaluation["miou"],
+        per_class_iou=evaluation["per_class_iou"], eval_mode=evaluation["eval_mode"],
+        checkpoint="last", checkpoint_path=str(config.teacher.checkpoint))
 
 
 def run_compare(config: ml_collections.ConfigDict, workdir: str | Path) -> list[report.ResultRow]:
@@ -75,11 +92,16 @@ def run_compare(config: ml_collections.ConfigDict, workdir: str | Path) -> list[
                                terms=ml_collections.ConfigDict(), mesh=mesh)
         rows.append(row)
         config.teacher.checkpoint = str(workdir / "teacher" / MODEL_DIR)
+    else:
+        rows.append(_teacher_row(config, mesh))
     methods = dict(config.methods)
     if not methods:
         raise ValueError("config.methods is empty: list the student methods to compare, e.g. "
                          "methods.student_alone = ConfigDict() and methods.cwd = <terms>.")
-    for method, terms in methods.items():
+    # The baseline first, then the methods in name order (ConfigDict keeps keys sorted).
+    order = sorted(methods, key=lambda m: (m != "student_alone", m))
+    for method in order:
+        terms = methods[method]
         name = report.STUDENT_ALONE if method == "student_alone" else method
         for seed in config.seeds:
             rows.append(train_and_report(config, workdir / _run_name(method) / f"seed_{seed}",

@@ -95,11 +95,11 @@ def local_run(config: ConfigDict) -> ConfigDict:
     config.data.synthetic.height = 64
     config.data.synthetic.width = 96
     config.train.steps = 2
-    config.train.batch_size = 2
+    config.train.batch_size = 8  # a multiple of any device count up to 8
     config.train.log_every = 1
     config.train.eval_every = 2
     config.train.checkpoint_every = 2
-    config.eval.batch_size = 2
+    config.eval.batch_size = 8
     config.eval.mode = "whole"
     config.eval.scales = (1.0,)
     config.eval.flip = False

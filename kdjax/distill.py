@@ -10,8 +10,8 @@ A term is one named entry of ``config.distill.terms``::
         weight=3.0, schedule='constant',  # or 'linear' / 'cosine' from weight_start over schedule_steps
         connector=None,                   # None, 'conv', 'conv_bn_relu' or 'cirkd_projection'
         mask_ignore=False,                # pass "label != ignore" (nearest-resized) as the loss mask
-        options=ConfigDict(dict(tau=4.0)),
-    ))
+        options=ConfigDict(dict(tau=4.0)),   # c_norm='student': divide by the student's
+    ))                                    # channels before its connector, as CIRKD does
 
 The objective is ``CE(logits) + aux_weight·CE(aux_logits) + Σ_term w_term(step)·L_term``. Task
 logits are upsampled to the label size (bilinear, align_corners=True) as in CIRKD; distillation
@@ -259,10 +259,13 @@ def _label_mask(labels: Array, spatial_of: Array, num_classes: int, ignore_label
 
 
 def _term_value(term: Term, s: Array, t: Array, inputs: TermInputs, state: Any,
-                discriminator: nnx.Module | None, key: Array) -> tuple[Array, dict, Any]:
+                discriminator: nnx.Module | None, key: Array,
+                student_channels: int) -> tuple[Array, dict, Any]:
     """Loss value, extra metrics and new state of one term."""
     fn = _loss_function(term.loss)
     kw = dict(term.options)
+    if kw.get("c_norm") == "student":  # CIRKD divides feature CWD by the student's own channels
+        kw["c_norm"] = student_channels
     if term.mask_ignore:
         kw["mask"] = _label_mask(inputs.labels, s, inputs.num_classes, inputs.ignore_label)
     if term.loss in PAIR_LOSSES:
@@ -312,13 +315,14 @@ def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, connectors: n
     for index, term in enumerate(terms):
         s = _tensor(inputs.student, term.student, "student", term)
         t = jax.lax.stop_gradient(_tensor(inputs.teacher, term.teacher, "teacher", term))
+        student_channels = s.shape[-1]
         if term.name in connectors:
             s = connectors[term.name](s, train)
         discriminator = discriminators[term.name] if term.name in discriminators else None
         try:
             value, parts, new_state = _term_value(
                 term, s, t, inputs, states.get(term.name), discriminator,
-                jax.random.fold_in(inputs.key, index))
+                jax.random.fold_in(inputs.key, index), student_channels)
         except (ValueError, TypeError) as err:
             raise ObjectiveError(
                 f"{term.describe()} cannot be computed: {err} Choose tensors of matching shape "

@@ -21,8 +21,9 @@ WEIGHTS = (nnx.Param, nnx.BatchStat)
 RANDOM_TEACHER = "random"
 
 
-class TeacherError(ValueError):
-    """The configured teacher cannot be used; the message says how to provide one."""
+class NetworkError(ValueError):
+    """A configured network (teacher or student weights) cannot be used; the message says how
+    to provide one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +39,13 @@ class Network:
     extras: Any
     dtype: Any
 
-    def merge(self, state=None) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.state if state is None else state, self.extras)
+    @property
+    def variables(self) -> tuple[Any, Any]:
+        """``(state, extras)``: what a jitted function takes to rebuild the network."""
+        return self.state, self.extras
+
+    def merge(self, variables: tuple[Any, Any] | None = None) -> nnx.Module:
+        return nnx.merge(self.graphdef, *(self.variables if variables is None else variables))
 
 
 def model_spec(model: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
@@ -76,25 +82,41 @@ def _check_spec(saved: dict, wanted: dict, directory: str) -> None:
             diff[k] = (saved.get(k), wanted[k])
     if diff:
         lines = "; ".join(f"{k}: saved {a!r}, config {b!r}" for k, (a, b) in diff.items())
-        raise TeacherError(f"the model in {directory} does not match the config ({lines}). Point "
+        raise NetworkError(f"the model in {directory} does not match the config ({lines}). Point "
                            f"the config at the matching model dir or change the model fields.")
 
 
+def load_student_weights(directory: str, spec: dict[str, Any],
+                         mesh: jax.sharding.Mesh) -> nnx.State:
+    """The weights (``WEIGHTS`` variables) of a model dir whose spec matches the student's, e.g. a
+    model from ``kdjax convert`` or an earlier run, replicated over ``mesh``."""
+    wanted = {k: spec[k] for k in ("name", "num_classes", "variant", "output_stride",
+                                   "head_width", "aux", "width_multiplier")}
+    _check_spec(read_spec(directory), wanted, directory)
+    build = {k: v for k, v in wanted.items() if k != "name"}
+    abstract = nnx.eval_shape(lambda: build_segmentor(wanted["name"], **build, rngs=nnx.Rngs(0)))
+    repl = sharding.replicated(mesh)
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                          nnx.state(abstract, WEIGHTS))
+    return load_model_state(directory, target)
+
+
 def load_teacher(model: ml_collections.ConfigDict, *, num_classes: int,
-                 mesh: jax.sharding.Mesh, seed: int) -> Network:
+                 mesh: jax.sharding.Mesh, seed: int, materialize: bool = True) -> Network:
     """The frozen teacher, replicated over ``mesh``.
 
     ``model.checkpoint`` is a model dir (from ``kdjax convert`` or a finished run's ``model/``),
-    or ``'random'`` for random weights in smoke tests.
+    or ``'random'`` for random weights in smoke tests. ``materialize=False`` returns shapes only
+    (``jax.ShapeDtypeStruct`` leaves), for checking a config without computing anything.
     """
     if model.checkpoint is None:
-        raise TeacherError(
+        raise NetworkError(
             "distillation needs a trained teacher, but teacher.checkpoint is None. Convert a "
             "PyTorch teacher with `kdjax convert ... --out=DIR` and set "
             "--config.teacher.checkpoint=DIR, or let `kdjax compare` train the teacher first.")
     wanted = model_spec(model, num_classes)
     saved = None
-    if model.checkpoint != RANDOM_TEACHER:
+    if model.checkpoint != RANDOM_TEACHER and materialize:
         saved = read_spec(model.checkpoint)
         _check_spec(saved, wanted, model.checkpoint)
         # Explicit widths from the model dir resolve the config's "default" (None) fields.
@@ -109,7 +131,9 @@ def load_teacher(model: ml_collections.ConfigDict, *, num_classes: int,
     def init():
         return nnx.split(build_model(model, num_classes=num_classes, rngs=nnx.Rngs(seed)),
                          WEIGHTS, ...)[1:]
-    if saved is None:
+    if not materialize:
+        state, extras = jax.eval_shape(init)
+    elif saved is None:
         state, extras = jax.jit(init, out_shardings=repl)()
     else:
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),

@@ -48,7 +48,7 @@ def method_terms(method: str, *, aux_logits: bool = True) -> ConfigDict:
     elif method == "cwd":
         terms.update(_kd(), **_gan(),
                      cwd_feature=term("channel_wise_divergence", weight=50.0, tau=4.0,
-                                      connector="conv", **head),
+                                      c_norm="student", connector="conv", **head),
                      cwd_logits=term("channel_wise_divergence", weight=3.0, tau=4.0))
     elif method == "cwd_logits":
         terms["cwd_logits"] = term("channel_wise_divergence", weight=3.0, tau=4.0)
@@ -73,10 +73,11 @@ def method_terms(method: str, *, aux_logits: bool = True) -> ConfigDict:
         terms["cirkd_memory"] = term("cirkd_memory", weight=0.1, region_weight=1.0, tau=0.1,
                                      connector="cirkd_projection", **head)
     elif method == "dist":
-        terms["dist"] = term("dist", weight=1.0, beta=1.0, gamma=1.0, tau=1.0)
+        # The original computes the intra-class part per GPU, on 2 images.
+        terms["dist"] = term("dist", weight=1.0, beta=1.0, gamma=1.0, tau=1.0, group_size=2)
         if aux_logits:
             terms["dist_aux"] = term("dist", weight=0.4, beta=1.0, gamma=1.0, tau=1.0,
-                                     student="aux_logits", teacher="aux_logits")
+                                     group_size=2, student="aux_logits", teacher="aux_logits")
     elif method == "at":
         terms.update(_kd(), at=term("attention_transfer", weight=10000.0, **head))
     elif method == "fitnet":

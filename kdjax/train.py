@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +26,13 @@ from flax import nnx
 
 from kdjax import distill, sharding
 from kdjax.checkpoint import TrainCheckpointer
-from kdjax.config import config_to_json
+from kdjax.config import ConfigError, config_to_json
 from kdjax.data import dataset_info, make_eval_iterator, make_train_iterator
 from kdjax.evaluate import EvalMode, evaluate
 from kdjax.metrics_log import MetricsLog
 from kdjax.model_store import save_model
-from kdjax.networks import Network, build_model, load_teacher, model_spec, set_batch_norm_groups
+from kdjax.networks import (Network, build_model, load_student_weights, load_teacher, model_spec,
+                            set_batch_norm_groups)
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -107,6 +109,13 @@ def _classifier_kernel(student: nnx.Module) -> Array:
     return student.head.classifier.kernel[...]
 
 
+def _replace_student(tree, new) -> None:
+    """Puts ``new`` (same structure and shapes) in place of ``tree['student']``."""
+    old_leaves, new_leaves = jax.tree.leaves(tree["student"]), jax.tree.leaves(new)
+    assert [x.shape for x in old_leaves] == [x.shape for x in new_leaves]
+    tree["student"] = jax.tree.unflatten(jax.tree.structure(tree["student"]), new_leaves)
+
+
 def _fresh(*trees):
     """Copies of NNX variable trees owned by the current trace.
 
@@ -141,12 +150,17 @@ class Experiment:
     disc_tx: optax.GradientTransformation
     teacher: Network | None
     student_spec: dict
+    student_checkpoint: str | None = None
     abstract_state: TrainState = None
     _init: Any = None
     _step: Any = None
     logits_fn: Any = None
 
     # --- the pure functions -------------------------------------------------------------------
+
+    def teacher_inputs(self):
+        """The teacher argument of :meth:`train_step` (None without a teacher)."""
+        return self.teacher.variables if self.teacher is not None else None
 
     def teacher_tensors(self, teacher_state, images: Array) -> dict[str, Array]:
         if self.teacher is None:
@@ -237,7 +251,7 @@ class Experiment:
         if self._step is None:
             repl = sharding.replicated(self.mesh)
             state_sh = jax.tree.map(lambda _: repl, self.abstract_state)
-            teacher_sh = (jax.tree.map(lambda _: repl, self.teacher.state)
+            teacher_sh = (jax.tree.map(lambda _: repl, self.teacher.variables)
                           if self.teacher is not None else None)
             data_sh = sharding.batch_sharded(self.mesh)
             self._step = jax.jit(self.train_step, donate_argnums=(0,),
@@ -246,10 +260,17 @@ class Experiment:
         return self._step
 
     def init_state(self) -> TrainState:
-        """The initial state, created directly with its (replicated) sharding."""
+        """The initial state, created directly with its (replicated) sharding; the student's
+        weights come from ``student.checkpoint`` (a model dir) when the config names one."""
         repl = sharding.replicated(self.mesh)
-        return jax.jit(self._init, out_shardings=jax.tree.map(lambda _: repl,
-                                                              self.abstract_state))()
+        state = jax.jit(self._init, out_shardings=jax.tree.map(lambda _: repl,
+                                                               self.abstract_state))()
+        if self.student_checkpoint:
+            weights = load_student_weights(self.student_checkpoint, self.student_spec, self.mesh)
+            params, stats = nnx.split_state(weights, nnx.Param, nnx.BatchStat)
+            _replace_student(state.params, params)
+            _replace_student(state.rest, stats)
+        return state
 
 
 def _metric_names(exp: Experiment, abstract_state, teacher_state, batch_shapes) -> list[str]:
@@ -262,12 +283,14 @@ def _metric_names(exp: Experiment, abstract_state, teacher_state, batch_shapes) 
 def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None,
           student_config: ml_collections.ConfigDict | None = None,
           terms_config: ml_collections.ConfigDict | None = None,
-          seed: int | None = None) -> Experiment:
+          seed: int | None = None, materialize: bool = True) -> Experiment:
     """Builds the experiment of ``config`` and checks, without running anything, that every
     distillation term can pair its tensors (a bad pairing fails here, not at step 1,000).
 
     ``student_config``/``terms_config``/``seed`` override ``config.student``,
     ``config.distill.terms`` and ``config.seed`` (``kdjax compare`` trains several students).
+    ``materialize=False`` leaves the teacher abstract (shapes only): the experiment can then be
+    checked and inspected, but not run.
     """
     mesh = mesh or sharding.make_mesh()
     seed = config.seed if seed is None else seed
@@ -277,8 +300,8 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     terms_config = config.distill.terms if terms_config is None else terms_config
     sharding.check_batch_size(config.train.batch_size, mesh)
     terms = distill.parse_terms(terms_config, train_steps=config.train.steps)
-    teacher = (load_teacher(config.teacher, num_classes=num_classes, mesh=mesh, seed=seed)
-               if terms else None)
+    teacher = (load_teacher(config.teacher, num_classes=num_classes, mesh=mesh, seed=seed,
+                            materialize=materialize) if terms else None)
     tx = make_optimizer(config.train)
     disc_tx = make_discriminator_optimizer(terms)
     exp = Experiment(config=config, mesh=mesh, num_classes=num_classes, ignore_label=ignore_label,
@@ -286,7 +309,8 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
                      terms=terms, graphdef=None, disc_graphdef=None, rng_vars=None,
                      disc_rng_vars=None, tx=tx, disc_tx=disc_tx,
                      teacher=teacher, student_spec={**model_spec(student_config, num_classes),
-                                                    "dtype": jnp.dtype(student_config.dtype)})
+                                                    "dtype": jnp.dtype(student_config.dtype)},
+                     student_checkpoint=student_config.checkpoint)
     crop = tuple(config.data.crop_size)
     batch_shapes = {
         "image": jax.ShapeDtypeStruct((config.train.batch_size, *crop, 3), jnp.float32),
@@ -299,7 +323,7 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
             set_batch_norm_groups(student, mesh.devices.size)
         student_out = jax.eval_shape(lambda x: distill.named_tensors(student(x, train=False)),
                                      batch_shapes["image"])
-        teacher_out = (jax.eval_shape(lambda x: exp.teacher_tensors(teacher.state, x),
+        teacher_out = (jax.eval_shape(exp.teacher_tensors, exp.teacher_inputs(),
                                       batch_shapes["image"]) if teacher is not None else {})
         connectors, discs = distill.build_term_modules(terms, student_out, teacher_out, rngs=rngs)
         graphdef, params, rest, rng_vars = nnx.split(Trainables(student, connectors), nnx.Param,
@@ -319,9 +343,9 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
 
     first, _ = jax.eval_shape(init)
     # The rng variables only seed dropout and are reseeded every step: constants of the step.
+    # Only the rng variables survive XLA's dead-code elimination here: a cheap compilation.
     exp.rng_vars, exp.disc_rng_vars = jax.jit(lambda: init()[1])()
-    names = _metric_names(exp, first, teacher.state if teacher is not None else None,
-                          batch_shapes)
+    names = _metric_names(exp, first, exp.teacher_inputs(), batch_shapes)
     exp._init = lambda: init(tuple(names))[0]
     # One function object for the experiment's lifetime: evaluate() compiles once per function.
     exp.logits_fn = lambda weights, images: exp.eval_logits(weights, images)
@@ -390,6 +414,59 @@ def evaluate_state(exp: Experiment, state: TrainState) -> dict[str, Any]:
     return {**metrics.to_dict(exp.class_names), "eval_mode": eval_mode(exp.config).describe()}
 
 
+def evaluate_network(network: Network, config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Validation metrics (percent, as :func:`evaluate_state`) of a frozen network, e.g. a
+    converted teacher."""
+    info = dataset_info(config.data.name)
+
+    def logits(variables, images):
+        return network.merge(variables)(images.astype(network.dtype), train=False).logits
+
+    metrics, _ = evaluate(logits, eval_batches(config, mesh), num_classes=info.num_classes,
+                          ignore_label=info.ignore_label, eval_mode=eval_mode(config),
+                          state=network.variables)
+    return {**metrics.to_dict(info.class_names), "eval_mode": eval_mode(config).describe()}
+
+
+# Fields that do not change what a run computes; a resumed run may change them.
+_RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
+                      "train.keep_checkpoints", "train.async_checkpoints", "eval", "distributed",
+                      "seeds", "methods", "teacher_steps")
+
+
+def recipe_fingerprint(config: ml_collections.ConfigDict) -> str:
+    """The config as JSON without the fields in ``_RESUMABLE_CHANGES``."""
+    values = config.to_dict()
+    for dotted in _RESUMABLE_CHANGES:
+        *parents, leaf = dotted.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def check_same_recipe(saved: str | None, config: ml_collections.ConfigDict, workdir) -> None:
+    """Refuses to resume a run whose recipe (config, minus logging fields) has changed."""
+    if saved is None or saved == recipe_fingerprint(config):
+        return
+    old, new = json.loads(saved), json.loads(recipe_fingerprint(config))
+    changed = sorted(_differences(old, new))
+    raise ConfigError(
+        f"{workdir} holds a run with another recipe (changed: {', '.join(changed[:8])}). Resuming "
+        f"would mix two experiments; use a new --workdir, or revert the config.")
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [prefix.rstrip(".")] if old != new else []
+
+
 def export_model(exp: Experiment, state: TrainState, directory: str | Path) -> Path:
     """Writes the student of ``state`` as a model dir (a teacher for later runs, or ``eval``)."""
     spec = {k: v for k, v in exp.student_spec.items() if k != "dtype"}
@@ -412,19 +489,21 @@ def run_training(exp: Experiment, workdir: str | Path, *, label: str = "") -> Ru
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
                           exp.abstract_state)
     if checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(target)
+        state, saved_meta = checkpointer.restore(target)
+        check_same_recipe(saved_meta.get("recipe"), config, workdir)
         log.info("resumed %s at step %d", workdir, int(state.step))
     else:
         state = exp.init_state()
     start = int(jax.device_get(state.step))
     step_fn = exp.compiled_step()
-    teacher_state = exp.teacher.state if exp.teacher is not None else None
+    teacher_state = exp.teacher_inputs()
     batches = make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                   seed=config.seed, start_step=start)
     logger = MetricsLog(workdir, total_steps=steps, global_batch_size=config.train.batch_size,
                         label=label)
     logger.start(start)
-    meta = {"config": config_to_json(config), "student": _json_spec(exp.student_spec)}
+    meta = {"config": config_to_json(config), "recipe": recipe_fingerprint(config),
+            "student": _json_spec(exp.student_spec)}
     last_metrics: dict[str, float] = {}
     try:
         for step in range(start + 1, steps + 1):

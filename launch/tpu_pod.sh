@@ -18,7 +18,7 @@ everything from COMMAND on is passed unchanged. Each worker needs the repository
                      the home directory when it lies inside it)
   --dry-run          print the gcloud command instead of running it
 
-Use a workdir every worker can reach (a gs:// bucket) for checkpoints.
+Use a workdir on a file system every worker mounts (NFS, or a bucket through gcsfuse).
 TEXT
   exit 2
 }

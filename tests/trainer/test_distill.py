@@ -139,3 +139,16 @@ def test_stateful_terms_thread_their_state():
     assert float(metrics["kd/fakd/strength"]) == pytest.approx(5.0 * 50 / 100)
     assert not np.array_equal(new["mem"].pixel_queue, states["mem"].pixel_queue)
     assert {"kd/mem/pixel", "kd/mem/region"} <= set(metrics)
+
+
+def test_cwd_can_divide_by_the_students_own_channels_before_its_connector():
+    terms = _parse({"cwd": term("channel_wise_divergence", student="head", teacher="head",
+                                connector="conv", c_norm="student", tau=4.0)})
+    s, t = _tensors(0, channels=6), _tensors(1, channels=10)
+    connectors, discs = distill.build_term_modules(terms, s, t, rngs=nnx.Rngs(0))
+    _, metrics, _ = distill.distillation_loss(terms, _inputs(s, t, _labels()), connectors, discs,
+                                              {}, train=True)
+    adapted = connectors["cwd"](s["head"], False)
+    expected = losses.channel_wise_divergence(adapted, t["head"], tau=4.0, c_norm=6)
+    np.testing.assert_allclose(float(metrics["kd/cwd"]), expected, rtol=1e-6)
+    assert not np.isclose(expected, losses.channel_wise_divergence(adapted, t["head"], tau=4.0))

@@ -42,7 +42,7 @@ def _batches(config, count):
 def _run_steps(exp, batches):
     state = exp.init_state()
     step = exp.compiled_step()
-    teacher = exp.teacher.state if exp.teacher is not None else None
+    teacher = exp.teacher_inputs()
     history = []
     for batch in batches:
         state, metrics = step(state, teacher, sharding.global_batch(batch, exp.mesh))
@@ -157,3 +157,19 @@ def test_non_finite_loss_stops_naming_the_terms_and_keeps_the_good_checkpoint(
         good, _ = checkpointer.restore(target)
     assert int(good.step) == 2 and int(good.bad_step) == -1
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
+
+
+def test_student_starts_from_a_model_dir(tiny, tmp_path):
+    from kdjax.networks import NetworkError
+    source = tiny.init_state()
+    source = source.replace(params=jax.tree.map(lambda x: x + 1.0, source.params))
+    model_dir = train.export_model(tiny, source, tmp_path / "model")
+    config = _config(**{"student.checkpoint": str(model_dir)})
+    exp = train.setup(config)
+    state = exp.init_state()
+    for a, b in zip(jax.tree.leaves(state.params["student"]),
+                    jax.tree.leaves(source.params["student"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wrong = _config(**{"student.checkpoint": str(model_dir), "student.head_width": 16})
+    with pytest.raises(NetworkError, match=r"head_width: saved 8, config 16"):
+        train.setup(wrong).init_state()

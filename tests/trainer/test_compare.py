@@ -1,0 +1,47 @@
+"""`kdjax compare` end to end on the tiny config: teacher, student alone and a distilled student,
+reports written, finished runs reused, and a changed recipe refused."""
+
+import json
+
+import ml_collections
+import pytest
+
+from kdjax import compare, report
+from kdjax.config import ConfigError, load_config
+from kdjax.recipes import method_terms
+from tests.trainer.test_train import CONFIG
+
+
+def _config():
+    config = load_config(CONFIG)
+    config.teacher.checkpoint = None  # compare trains it
+    config.teacher_steps = 2
+    config.train.steps = 2
+    config.methods = ml_collections.ConfigDict({"student_alone": ml_collections.ConfigDict(),
+                                                "kd": method_terms("kd")})
+    return config
+
+
+def test_compare_trains_reports_and_resumes(tmp_path, capsys):
+    rows = compare.run_compare(_config(), tmp_path)
+    assert [r.method for r in rows] == [report.TEACHER, report.STUDENT_ALONE, "kd"]
+    assert all(0.0 <= r.miou <= 100.0 and r.eval_mode.startswith("whole") for r in rows)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {tuple(sorted(row)) for row in saved} == {tuple(sorted(
+        ["method", "seed", "miou", "per_class_iou", "eval_mode", "checkpoint",
+         "checkpoint_path"]))}
+    assert (tmp_path / "results.png").stat().st_size > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| teacher |" in table and "| student alone |" in table and "| kd |" in table
+    assert "results.md" in capsys.readouterr().out
+    # The students distilled from the teacher that compare trained and exported.
+    assert (tmp_path / "teacher" / "model" / "model_spec.json").exists()
+
+    # Finished runs are reused as they are ...
+    again = compare.run_compare(_config(), tmp_path)
+    assert [r.miou for r in again] == [r.miou for r in rows]
+    # ... unless the recipe changed, which would mix two experiments in one table.
+    changed = _config()
+    changed.train.learning_rate = 0.5
+    with pytest.raises(ConfigError, match=r"another recipe \(changed: .*train\.learning_rate"):
+        compare.run_compare(changed, tmp_path)

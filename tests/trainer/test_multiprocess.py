@@ -1,0 +1,164 @@
+"""Multi-process training: two ``jax.distributed`` processes on localhost (4 CPU devices each)
+take the same three train steps as one process with 8 devices; detection of multi-process launches.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import sharding, train
+from tests.trainer.distributed_worker import GLOBAL_DEVICES, STEPS, flat_state
+from tests.trainer.test_train import _batches, _config, _run_steps
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+NUM_PROCESSES = 2
+TIMEOUT = 600  # seconds for both workers; generous because the machine's cores are shared
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(port: int, out: Path, logs: Path) -> list[tuple[subprocess.Popen, Path]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count="
+                        f"{GLOBAL_DEVICES // NUM_PROCESSES}"}
+    procs = []
+    for i in range(NUM_PROCESSES):
+        log = logs / f"worker{i}.stderr"
+        # stderr goes to a file, not a pipe: nobody reads it while the reference runs, and a full
+        # pipe would block the worker.
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, str(WORKER), f"--process-id={i}",
+                 f"--num-processes={NUM_PROCESSES}", f"--port={port}", f"--out={out}"],
+                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        procs.append((proc, log))
+    return procs
+
+
+def _stderr(procs) -> str:
+    return "\n".join(f"--- worker {i} (exit {p.returncode}) ---\n"
+                     f"{log.read_text(errors='replace')[-4000:]}"
+                     for i, (p, log) in enumerate(procs))
+
+
+def _wait(procs, deadline: float) -> None:
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
+    except subprocess.TimeoutExpired:
+        for proc, _ in procs:
+            proc.kill()
+            proc.wait()
+        pytest.fail(f"the workers did not finish within {TIMEOUT} s\n{_stderr(procs)}")
+
+
+@pytest.mark.skipif(not hasattr(getattr(jax, "distributed", None), "initialize"),
+                    reason="jax.distributed is unavailable")
+def test_two_processes_match_one_process(tmp_path):
+    out = tmp_path / "process0.npz"
+    procs = _launch(_free_port(), out, tmp_path)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        # The single-process reference (8 devices in this process) runs while the workers do.
+        config = _config()
+        exp = train.setup(config)
+        assert exp.mesh.devices.size == GLOBAL_DEVICES
+        state, history = _run_steps(exp, _batches(config, STEPS))
+        reference = flat_state(state)
+        _wait(procs, deadline)
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(p.returncode == 0 for p, _ in procs), _stderr(procs)
+
+    with np.load(out) as result:
+        metrics = json.loads(str(result["metrics"]))
+        step = int(result["step"])
+        weights = {k.removeprefix("state/"): result[k] for k in result.files
+                   if k.startswith("state/")}
+    assert step == int(state.step) == STEPS
+    assert len(metrics) == len(history) == STEPS
+    # Only the place of the reductions differs (two hosts over gloo instead of one), so the
+    # tolerances are those of the 8-device vs 1-device check in test_train.py.
+    for got, want in zip(metrics, history):
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert history[0]["loss"] != history[-1]["loss"]  # training happened
+    assert weights.keys() == reference.keys()
+    # Sums with heavy cancellation (e.g. the stem BN bias gradient) keep summation-order noise,
+    # so every tensor is compared at its own scale.
+    for key, want in reference.items():
+        np.testing.assert_allclose(weights[key], want, rtol=1e-4,
+                                   atol=5e-3 * np.abs(want).max() + 1e-7, err_msg=key)
+
+
+@pytest.fixture
+def clean_launch_env(monkeypatch):
+    for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "2"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "a"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+])
+def test_launched_multi_process(clean_launch_env, env, expected):
+    for name, value in env.items():
+        clean_launch_env.setenv(name, value)
+    assert sharding.launched_multi_process() is expected
+
+
+@pytest.fixture
+def fake_initialize(clean_launch_env):
+    """Records jax.distributed.initialize calls instead of making them: this process must stay
+    single-process for the other tests."""
+    calls = []
+    clean_launch_env.setattr(jax.distributed, "is_initialized", lambda: False)
+    clean_launch_env.setattr(jax.distributed, "initialize",
+                             lambda *args, **kwargs: calls.append((args, kwargs)))
+    return calls
+
+
+def test_initialize_distributed_single_process_does_nothing(fake_initialize):
+    assert sharding.initialize_distributed() is False
+    assert fake_initialize == []
+
+
+def test_initialize_distributed_explicit_coordinator(fake_initialize):
+    assert sharding.initialize_distributed("127.0.0.1:1234", 2, 1) is True
+    assert fake_initialize == [((), {"coordinator_address": "127.0.0.1:1234",
+                                      "num_processes": 2, "process_id": 1})]
+
+
+def test_initialize_distributed_detected_launch(fake_initialize, clean_launch_env):
+    # Under SLURM JAX reads the cluster itself, so no arguments are passed.
+    clean_launch_env.setenv("SLURM_NTASKS", "2")
+    assert sharding.initialize_distributed() is True
+    assert fake_initialize == [((), {})]
+
+
+def test_initialize_distributed_already_initialized(fake_initialize, clean_launch_env):
+    clean_launch_env.setattr(jax.distributed, "is_initialized", lambda: True)
+    assert sharding.initialize_distributed("127.0.0.1:1234", 2, 0) is True
+    assert fake_initialize == []
