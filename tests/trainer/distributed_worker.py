@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = exp.init_state()
     step = exp.compiled_step()
-    teacher = exp.teacher.state if exp.teacher is not None else None
+    teacher = exp.teacher_inputs()
     history = []
     for _ in range(STEPS):
         full = next(batches)

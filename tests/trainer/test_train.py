@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import sharding, train
+from kdjax import evaluate_run, sharding, train
 from kdjax.checkpoint import TrainCheckpointer
 from kdjax.config import load_config
 from kdjax.data import make_train_iterator
@@ -103,6 +103,24 @@ def test_run_trains_evaluates_checkpoints_and_logs(tiny, tmp_path):
     # Running the finished command again resumes at the end and trains nothing more.
     again = train.run_training(tiny, tmp_path)
     assert again.step == 4
+    # `kdjax eval` re-evaluates the reported checkpoint and draws overlays with the teacher.
+    record = evaluate_run.run_eval(tiny.config, tmp_path)
+    assert record["checkpoint"] == "best"
+    assert record["miou"] == pytest.approx(result.eval["miou"], abs=1e-6)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["eval_mode"] == result.eval["eval_mode"]
+    overlays = sorted((tmp_path / "eval").glob("overlay_*.png"))
+    assert len(overlays) == tiny.config.eval.overlays
+    assert "| **mIoU** |" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_bf16_compute_trains_with_float32_parameters():
+    config = _config(**{"student.dtype": "bfloat16", "teacher.dtype": "bfloat16"})
+    exp = train.setup(config)
+    state, history = _run_steps(exp, _batches(config, 2))
+    assert all(np.isfinite(v) for h in history for v in h.values())
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+    assert history[0]["loss"] != history[1]["loss"]
 
 
 def _wait_for(path: Path, timeout: float = 300.0) -> None:
