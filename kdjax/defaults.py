@@ -20,6 +20,10 @@ def model_config(name: str, **overrides) -> ConfigDict:
     config.aux = None                 # FCN aux head on c3; None = ResNets yes, MobileNetV2 no
     config.width_multiplier = 1.0     # backbone channel widths ×; 1.0 = the published backbone
     config.checkpoint = None          # a model dir written by `kdjax convert` / training; None = init
+    # An ImageNet state dict (.pth, needs PyTorch) for the backbone only, as the published
+    # students start from; backbone_source is its layout: 'cirkd' (deep stem) or 'torchvision'.
+    config.backbone_checkpoint = None
+    config.backbone_source = "cirkd"
     config.dtype = "float32"          # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     config.update(overrides)
     return config

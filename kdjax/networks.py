@@ -101,6 +101,28 @@ def load_student_weights(directory: str, spec: dict[str, Any],
     return load_model_state(directory, target)
 
 
+def load_backbone_weights(path: str, source: str, spec: dict[str, Any],
+                          mesh: jax.sharding.Mesh) -> nnx.State:
+    """The backbone weights (``WEIGHTS`` variables) of a PyTorch ImageNet state dict, converted
+    for the student described by ``spec`` and replicated over ``mesh``.
+
+    ``source`` is the checkpoint's layout: 'cirkd' (CIRKD's deep-stem ``resnet*-imagenet.pth``)
+    or 'torchvision'; a ResNet student's ``variant`` must be the same.
+    """
+    from kdjax.convert import from_torch, load_torch_checkpoint
+
+    backbone = spec["name"].partition("_")[2]
+    if backbone != "mobilenetv2" and source != spec["variant"]:
+        raise NetworkError(
+            f"student.backbone_source is {source!r} but the student's ResNet variant is "
+            f"{spec['variant']!r}; their stems differ. Set student.variant={source!r} or use a "
+            f"{spec['variant']} checkpoint.")
+    module = from_torch(f"{source}_{backbone}", load_torch_checkpoint(path),
+                        output_stride=spec["output_stride"],
+                        width_multiplier=spec["width_multiplier"])
+    return jax.device_put(nnx.state(module, WEIGHTS), sharding.replicated(mesh))
+
+
 def load_teacher(model: ml_collections.ConfigDict, *, num_classes: int,
                  mesh: jax.sharding.Mesh, seed: int, materialize: bool = True) -> Network:
     """The frozen teacher, replicated over ``mesh``.

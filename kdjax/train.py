@@ -31,8 +31,8 @@ from kdjax.data import dataset_info, make_eval_iterator, make_train_iterator
 from kdjax.evaluate import EvalMode, evaluate
 from kdjax.metrics_log import MetricsLog
 from kdjax.model_store import save_model
-from kdjax.networks import (Network, build_model, load_student_weights, load_teacher, model_spec,
-                            set_batch_norm_groups)
+from kdjax.networks import (Network, build_model, load_backbone_weights, load_student_weights,
+                            load_teacher, model_spec, set_batch_norm_groups)
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -109,11 +109,12 @@ def _classifier_kernel(student: nnx.Module) -> Array:
     return student.head.classifier.kernel[...]
 
 
-def _replace_student(tree, new) -> None:
-    """Puts ``new`` (same structure and shapes) in place of ``tree['student']``."""
-    old_leaves, new_leaves = jax.tree.leaves(tree["student"]), jax.tree.leaves(new)
+def _replace_student(tree, new, part: str | None = None) -> None:
+    """Puts ``new`` (same structure and shapes) in place of the student, or of its ``part``."""
+    parent, key = (tree, "student") if part is None else (tree["student"], part)
+    old_leaves, new_leaves = jax.tree.leaves(parent[key]), jax.tree.leaves(new)
     assert [x.shape for x in old_leaves] == [x.shape for x in new_leaves]
-    tree["student"] = jax.tree.unflatten(jax.tree.structure(tree["student"]), new_leaves)
+    parent[key] = jax.tree.unflatten(jax.tree.structure(parent[key]), new_leaves)
 
 
 def _fresh(*trees):
@@ -151,6 +152,7 @@ class Experiment:
     teacher: Network | None
     student_spec: dict
     student_checkpoint: str | None = None
+    backbone_checkpoint: tuple[str, str] | None = None   # (path, source)
     abstract_state: TrainState = None
     _init: Any = None
     _step: Any = None
@@ -270,6 +272,12 @@ class Experiment:
             params, stats = nnx.split_state(weights, nnx.Param, nnx.BatchStat)
             _replace_student(state.params, params)
             _replace_student(state.rest, stats)
+        elif self.backbone_checkpoint:
+            weights = load_backbone_weights(*self.backbone_checkpoint, self.student_spec,
+                                            self.mesh)
+            params, stats = nnx.split_state(weights, nnx.Param, nnx.BatchStat)
+            _replace_student(state.params, params, part="backbone")
+            _replace_student(state.rest, stats, part="backbone")
         return state
 
 
@@ -310,7 +318,10 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
                      disc_rng_vars=None, tx=tx, disc_tx=disc_tx,
                      teacher=teacher, student_spec={**model_spec(student_config, num_classes),
                                                     "dtype": jnp.dtype(student_config.dtype)},
-                     student_checkpoint=student_config.checkpoint)
+                     student_checkpoint=student_config.checkpoint,
+                     backbone_checkpoint=(
+                         (student_config.backbone_checkpoint, student_config.backbone_source)
+                         if student_config.backbone_checkpoint else None))
     crop = tuple(config.data.crop_size)
     batch_shapes = {
         "image": jax.ShapeDtypeStruct((config.train.batch_size, *crop, 3), jnp.float32),

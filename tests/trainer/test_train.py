@@ -12,11 +12,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from kdjax import evaluate_run, sharding, train
 from kdjax.checkpoint import TrainCheckpointer
 from kdjax.config import load_config
 from kdjax.data import make_train_iterator
+from kdjax.models import ResNet
 
 CONFIG = str(Path(__file__).with_name("tiny_config.py"))
 REPO = Path(__file__).resolve().parents[2]
@@ -190,4 +192,40 @@ def test_student_starts_from_a_model_dir(tiny, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     wrong = _config(**{"student.checkpoint": str(model_dir), "student.head_width": 16})
     with pytest.raises(NetworkError, match=r"head_width: saved 8, config 16"):
+        train.setup(wrong).init_state()
+
+
+def test_student_backbone_starts_from_an_imagenet_state_dict(tiny, tmp_path):
+    torch = pytest.importorskip("torch")
+    from kdjax.convert.importer import _slots
+    from kdjax.convert.layouts import backbone_layers
+    from kdjax.networks import NetworkError
+    from tests.models.random_state import random_module
+
+    spec = tiny.student_spec
+    backbone = random_module(lambda: ResNet(18, variant="cirkd", width_multiplier=0.125,
+                                            rngs=nnx.Rngs(0)), seed=3)
+    # The backbone written out in the PyTorch layout, with an ImageNet classifier that is ignored.
+    state_dict = {key: torch.tensor(np.asarray(
+        np.transpose(var.get_value(), (3, 2, 0, 1)) if kernel else var.get_value()))
+        for key, (var, kernel) in _slots(backbone_layers(backbone, "cirkd")).items()}
+    state_dict["fc.weight"] = torch.zeros(1000, 64)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(state_dict, path)
+
+    exp = train.setup(_config(**{"student.backbone_checkpoint": str(path)}))
+    state = exp.init_state()
+    loaded = jax.tree.leaves(nnx.state(backbone, (nnx.Param, nnx.BatchStat)))
+    student = jax.tree.leaves((state.params["student"]["backbone"],
+                               state.rest["student"]["backbone"]))
+    assert sorted(np.asarray(x).tobytes() for x in loaded) == sorted(
+        np.asarray(x).tobytes() for x in student)
+    # The head keeps its fresh initialisation.
+    fresh = tiny.init_state()
+    np.testing.assert_array_equal(state.params["student"]["head"]["classifier"]["kernel"],
+                                  fresh.params["student"]["head"]["classifier"]["kernel"])
+    assert spec["variant"] == "cirkd"
+    wrong = _config(**{"student.backbone_checkpoint": str(path),
+                       "student.backbone_source": "torchvision"})
+    with pytest.raises(NetworkError, match="backbone_source is 'torchvision'"):
         train.setup(wrong).init_state()
