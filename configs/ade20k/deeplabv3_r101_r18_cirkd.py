@@ -5,10 +5,13 @@ CIRKD benchmark protocol on ADEChallengeData2016 (methods.md §6.1, §7.3): 20,2
 mIoU; student alone 33.91, teacher 42.70.
 
     kdjax compare --config=configs/ade20k/deeplabv3_r101_r18_cirkd.py --workdir=runs/ade_cirkd \
-        --config.teacher.checkpoint=TEACHER_DIR --config.data.manual_dir=ADE_DIR
+        --config.teacher.checkpoint=TEACHER_DIR \
+        --config.student.backbone_checkpoint=IMAGENET_PTH --config.data.manual_dir=ADE_DIR
 
 ADE20K images differ in size: evaluation pads each batch to `data.eval_pad_size`. Smoke test:
 append `:local` to the config path.
+IMAGENET_PTH: the student backbone's ImageNet weights (CIRKD's deep-stem `resnet18-imagenet.pth`
+or `mobilenetv2-imagenet.pth`), which the published numbers start from.
 """
 
 from kdjax.recipes import cirkd_recipe, paper_row

@@ -5,10 +5,13 @@ checkpoint by whole-image single-scale val mIoU. Expected: 76.38 val mIoU; stude
 teacher 78.07.
 
     kdjax compare --config=configs/cityscapes/deeplabv3_r101_r18_cirkd.py --workdir=runs/deeplabv3_r101_r18_cirkd \
-        --config.teacher.checkpoint=TEACHER_DIR
+        --config.teacher.checkpoint=TEACHER_DIR \
+        --config.student.backbone_checkpoint=IMAGENET_PTH
 
 TEACHER_DIR is a DeepLabV3-ResNet101 model dir (`kdjax convert --model=deeplabv3_resnet101
 --num-classes=19 --torch=teacher.pth --out=TEACHER_DIR`). Smoke test: `--config=configs/cityscapes/deeplabv3_r101_r18_cirkd.py:local`.
+IMAGENET_PTH: the student backbone's ImageNet weights (CIRKD's deep-stem `resnet18-imagenet.pth`
+or `mobilenetv2-imagenet.pth`), which the published numbers start from.
 """
 
 from kdjax.recipes import cirkd_recipe, paper_row

@@ -5,9 +5,12 @@ crops, batch 16, 40k steps, SGD 0.02, memory-loss weights 0.01 as in CIRKD's VOC
 74.50 val mIoU; student alone 73.21, teacher 77.67.
 
     kdjax compare --config=configs/voc_aug/deeplabv3_r101_r18_cirkd.py --workdir=runs/voc_cirkd \
-        --config.teacher.checkpoint=TEACHER_DIR --config.data.manual_dir=VOC_AND_SBD_DIR
+        --config.teacher.checkpoint=TEACHER_DIR \
+        --config.student.backbone_checkpoint=IMAGENET_PTH --config.data.manual_dir=VOC_AND_SBD_DIR
 
 Smoke test: append `:local` to the config path.
+IMAGENET_PTH: the student backbone's ImageNet weights (CIRKD's deep-stem `resnet18-imagenet.pth`
+or `mobilenetv2-imagenet.pth`), which the published numbers start from.
 """
 
 from kdjax.recipes import cirkd_recipe, paper_row
