@@ -150,7 +150,7 @@ def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> s
         _protocol_line("Checkpoint", groups, "checkpoint"),
         "",
         "mIoU and per-class IoU in %, mean over seeds; ± is the sample standard deviation over "
-        f"seeds (ddof = 1), {DASH} for a single seed. Δ is the difference of mean mIoU to the "
+        "seeds (ddof = 1), absent for a single seed. Δ is the difference of mean mIoU to the "
         f"{STUDENT_ALONE!r} row (the student trained without distillation).",
         "",
         "| method | seeds | mIoU | Δ vs student alone | " + " | ".join(class_names) + " |",
@@ -159,7 +159,8 @@ def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> s
     for s in summaries:
         delta = (DASH if baseline is None or s.method == STUDENT_ALONE
                  else f"{s.mean - baseline:+.2f}")
-        cells = [s.method, str(s.seeds), f"{s.mean:.2f} ± {_fmt(s.std)}", delta,
+        spread = "" if s.std is None else f" ± {s.std:.2f}"
+        cells = [s.method, str(s.seeds), f"{s.mean:.2f}{spread}", delta,
                  *(_fmt(s.per_class_mean[name]) for name in class_names)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
