@@ -155,6 +155,7 @@ class Experiment:
     backbone_checkpoint: tuple[str, str] | None = None   # (path, source)
     abstract_state: TrainState = None
     _init: Any = None
+    _compiled_init: Any = None
     _step: Any = None
     logits_fn: Any = None
 
@@ -264,9 +265,11 @@ class Experiment:
     def init_state(self) -> TrainState:
         """The initial state, created directly with its (replicated) sharding; the student's
         weights come from ``student.checkpoint`` (a model dir) when the config names one."""
-        repl = sharding.replicated(self.mesh)
-        state = jax.jit(self._init, out_shardings=jax.tree.map(lambda _: repl,
-                                                               self.abstract_state))()
+        if self._compiled_init is None:
+            repl = sharding.replicated(self.mesh)
+            self._compiled_init = jax.jit(
+                self._init, out_shardings=jax.tree.map(lambda _: repl, self.abstract_state))
+        state = self._compiled_init()
         if self.student_checkpoint:
             weights = load_student_weights(self.student_checkpoint, self.student_spec, self.mesh)
             params, stats = nnx.split_state(weights, nnx.Param, nnx.BatchStat)

@@ -17,6 +17,7 @@ def _config():
     config.teacher.checkpoint = None  # compare trains it
     config.teacher_steps = 2
     config.train.steps = 2
+    config.train.eval_every = config.train.checkpoint_every = 2
     config.methods = ml_collections.ConfigDict({"student_alone": ml_collections.ConfigDict(),
                                                 "kd": method_terms("kd")})
     return config

@@ -4,6 +4,7 @@ suite, and all build and run a step under ``-m slow``."""
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from kdjax import sharding, train
@@ -58,8 +59,9 @@ def test_config_builds_for_every_method(name):
         assert exp.abstract_state.step.shape == ()
 
 
-def _one_step(name):
+def _one_step(name, dtype="float32"):
     config = _local(name)
+    config.student.dtype = config.teacher.dtype = dtype
     exp = train.setup(config)
     batch = next(make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                      seed=config.seed))
@@ -67,11 +69,15 @@ def _one_step(name):
                                          sharding.global_batch(batch, exp.mesh))
     metrics = jax.device_get(metrics)
     assert int(state.step) == 1 and int(state.bad_step) == -1, metrics
+    return state
 
 
 @pytest.mark.parametrize("name", REPRESENTATIVE)
-def test_representative_config_runs_one_step(name):
-    _one_step(name)
+def test_representative_config_runs_one_step_in_bf16(name):
+    # bf16 compute for both networks; parameters, optimizer state and losses stay float32.
+    state = _one_step(name, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} <= {
+        np.dtype("float32"), np.dtype("int32")}
 
 
 @pytest.mark.slow

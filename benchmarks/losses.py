@@ -1,0 +1,626 @@
+"""Loss speed and memory: every kdjax loss, forward + backward, against PyTorch on the same inputs.
+
+    python benchmarks/losses.py [--quick] [--sizes small,cityscapes] [--losses NAME,...] [--threads N]
+                                [--json FILE] [--write]
+
+For every loss of ``kdjax.losses`` the benchmark times one jitted step that returns the loss and its
+gradient with respect to the student input, against the same formula in PyTorch
+(``benchmarks/torch_losses.py``), eager and (where it compiles) ``torch.compile``:
+
+1. Both sides get the same float32 inputs (NHWC for kdjax, the same values permuted to NCHW for
+   PyTorch). Before any timing the two values must agree within ``--rtol`` (1e-4) relative, or the
+   case is reported as a mismatch and not timed; the gradients' relative difference is reported.
+2. Repetitions are interleaved (kdjax, eager, compiled, then the reverse order, and so on), so load
+   from other jobs falls on all implementations alike. Reported: median and min–max over the
+   repetitions, after one untimed warm-up call each.
+3. The ratio is torch time / kdjax time: above 1 kdjax is faster.
+4. Peak memory. kdjax: XLA's buffer assignment of the compiled step, arguments + outputs +
+   temporaries − aliased (donated) buffers (``Compiled.memory_analysis()``; jax reports no device
+   memory statistics on CPU). PyTorch eager: the input tensors plus the peak of the bytes the CPU
+   allocator holds during one step above what it held at the start, from the allocation events of
+   ``torch.profiler`` (``profile_memory=True``). Both count tensor storage, not the interpreter.
+
+Threads: both libraries get the same number (``--threads``, default every core of the process's
+CPU affinity): the affinity mask is narrowed to that many cores (XLA sizes its CPU thread pool from
+it), ``torch.set_num_threads`` and OMP/MKL get the same count, and with one thread XLA's Eigen
+multithreading is switched off.
+
+Sizes: 'cityscapes' is a 512×1024 Cityscapes crop at output stride 8 (N = 8, 64×128, 19-class logits,
+128-channel student and 256-channel teacher features); 'small' is N = 2, 32×64. ``--write`` puts the
+table into the 'Losses' section of benchmarks/RESULTS.md (the part between its markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## Losses"
+BEGIN, END = "<!-- losses.py: begin -->", "<!-- losses.py: end -->"
+
+SIZES = {"small": (2, 32, 64), "cityscapes": (8, 64, 128)}
+CLASSES, STUDENT_C, TEACHER_C = 19, 128, 256
+LABEL_SCALE = 8          # ground truth at the crop size, 8× the feature size
+IGNORE = 255
+FAKD_STRENGTH = 3.75     # λ halfway through the λ₀ = 7.5 ramp
+BLOCK_SIZE = 512         # rows of the affinity map per block for the blockwise relational losses
+TARGET = 2.0             # the goal: kdjax forward + backward at least 2× faster than PyTorch eager
+
+
+# --------------------------------------------------------------------------------------------------
+# Threads (before jax and torch are imported).
+
+def configure_threads(threads: int | None) -> int:
+    cores = sorted(os.sched_getaffinity(0))
+    threads = threads or len(cores)
+    if not 1 <= threads <= len(cores):
+        raise SystemExit(f"--threads must be between 1 and {len(cores)}, got {threads}")
+    os.sched_setaffinity(0, cores[:threads])
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    # libgomp's default spin-waiting turns every PyTorch parallel region into a ~100 ms stall when
+    # another process holds one of the cores; sleeping waits keep shared-machine timings sane.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if threads == 1:
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    return threads
+
+
+def machine_info(threads: int) -> dict:
+    import jax
+    import torch
+
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    except (OSError, AttributeError):
+        mem_kb = 0
+    return {
+        "cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
+        "ram_gb": round(mem_kb / 2**20, 1), "python": platform.python_version(),
+        "jax": jax.__version__, "torch": torch.__version__, "threads": threads,
+        "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs.
+
+def make_inputs(kind: str, size: str, seed: int = 0) -> dict:
+    """float32 NHWC arrays (and int labels) for one input kind at one size."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n, h, w = SIZES[size]
+
+    def normal(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    def labels(scale):
+        coarse = rng.integers(0, CLASSES, (n, h, w)).astype(np.int32)
+        coarse[rng.random((n, h, w)) < 0.05] = IGNORE
+        return np.repeat(np.repeat(coarse, scale, axis=1), scale, axis=2)
+
+    if kind == "logits":
+        return {"student": normal(n, h, w, CLASSES, scale=2.0), "teacher": normal(n, h, w, CLASSES, scale=2.0)}
+    if kind == "ce":
+        return {"student": normal(n, h, w, CLASSES, scale=2.0), "labels": labels(1)}
+    if kind == "fakd":
+        return {"student": normal(n, h, w, CLASSES, scale=2.0), "teacher": normal(n, h, w, CLASSES, scale=2.0),
+                "kernel": normal(TEACHER_C, CLASSES, scale=0.05),
+                "variance": rng.uniform(0.0, 1.0, (CLASSES, TEACHER_C)).astype(np.float32),
+                "labels": labels(LABEL_SCALE)}
+    if kind == "features":      # head → head: channels differ
+        return {"student": normal(n, h, w, STUDENT_C), "teacher": normal(n, h, w, TEACHER_C)}
+    if kind == "adapted":       # student through its connector: the teacher's channels
+        return {"student": normal(n, h, w, TEACHER_C), "teacher": normal(n, h, w, TEACHER_C)}
+    if kind == "features_labels":
+        return {**make_inputs("features", size, seed), "labels": labels(LABEL_SCALE)}
+    if kind == "embeddings":    # CIRKD memory: projected student and teacher embeddings
+        return {**make_inputs("adapted", size, seed), "labels": labels(LABEL_SCALE)}
+    raise ValueError(kind)
+
+
+def to_torch(inputs: dict) -> dict:
+    import numpy as np
+    import torch
+
+    out = {}
+    for name, value in inputs.items():
+        if name in ("student", "teacher"):
+            out[name] = torch.from_numpy(np.ascontiguousarray(value.transpose(0, 3, 1, 2)))
+        elif name == "labels":
+            out[name] = torch.from_numpy(value.astype(np.int64))
+        else:
+            out[name] = torch.from_numpy(np.array(value))
+    out["student"].requires_grad_(True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases.
+
+@dataclass
+class Case:
+    loss: str                       # the kdjax.losses name (and the torch_losses key)
+    kind: str                       # input kind
+    variants: dict = field(default_factory=dict)   # label -> jax loss fn(student, rest)
+    stateful: bool = False          # CIRKD memory: the step threads the queues through
+
+
+def cases() -> list[Case]:
+    from kdjax import losses as L
+
+    def pair(fn, **options):
+        return lambda s, r: fn(s, r["teacher"], **options)
+
+    def fakd(fn, **options):
+        return lambda s, r: fn(s, r["teacher"], r["kernel"], r["variance"], r["labels"],
+                               strength=FAKD_STRENGTH, **options)
+
+    return [
+        Case("pixel_kd", "logits", {"": pair(L.pixel_kd)}),
+        Case("channel_wise_divergence", "logits", {"": pair(L.channel_wise_divergence, tau=4.0)}),
+        Case("normalized_feature_distillation", "adapted", {"": pair(L.normalized_feature_distillation)}),
+        Case("pixel_feature_similarity", "features", {
+            "dense": pair(L.pixel_feature_similarity),
+            f"block {BLOCK_SIZE}": pair(L.pixel_feature_similarity, block_size=BLOCK_SIZE)}),
+        Case("weighted_pixel_imitation", "logits", {"": pair(L.weighted_pixel_imitation)}),
+        Case("skd_pairwise", "features", {"": pair(L.skd_pairwise)}),
+        Case("ifvd", "features_labels", {
+            "": lambda s, r: L.ifvd(s, r["teacher"], r["labels"], num_classes=CLASSES)}),
+        Case("cirkd_minibatch", "adapted", {
+            "dense": pair(L.cirkd_minibatch, tau=0.1, group_size=2),
+            f"block {BLOCK_SIZE}": pair(L.cirkd_minibatch, tau=0.1, group_size=2, block_size=BLOCK_SIZE)}),
+        Case("cirkd_memory", "embeddings", {"with update": None}, stateful=True),
+        Case("dist", "logits", {"": pair(L.dist)}),
+        Case("attention_transfer", "features", {"": pair(L.attention_transfer)}),
+        Case("fitnet", "adapted", {"": pair(L.fitnet)}),
+        Case("fakd_kd", "fakd", {"": fakd(L.fakd_kd)}),
+        Case("fakd_cwd", "fakd", {"": fakd(L.fakd_cwd, tau=4.0)}),
+        Case("cross_entropy", "ce", {"": lambda s, r: L.cross_entropy(s, r["labels"])}),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# kdjax side.
+
+class JaxStep:
+    """One compiled forward + backward step; ``__call__`` runs it and returns (value, grad)."""
+
+    def __init__(self, fn, inputs: dict, stateful: bool, max_bytes: float):
+        import jax
+        import jax.numpy as jnp
+
+        self.stateful = stateful
+        self.student = jnp.asarray(inputs["student"])
+        self.rest = {k: jnp.asarray(v) for k, v in inputs.items() if k != "student"}
+        start = time.perf_counter()
+        if stateful:
+            from kdjax import losses as L
+
+            self.key = jax.random.PRNGKey(1)
+            self.state = L.init_cirkd_memory(jax.random.PRNGKey(0), CLASSES, TEACHER_C)
+
+            def step(memory, student, rest, key):
+                key_update, key_loss = jax.random.split(key)
+                memory = L.update_cirkd_memory(memory, rest["teacher"], rest["labels"], key_update)
+
+                def loss(s):
+                    pixel, region = L.cirkd_memory(s, rest["teacher"], rest["labels"], memory, key_loss)
+                    return pixel + region
+
+                value, grad = jax.value_and_grad(loss)(student)
+                return memory, value, grad
+
+            self.compiled = jax.jit(step, donate_argnums=0).lower(
+                self.state, self.student, self.rest, self.key).compile()
+        else:
+            self.compiled = jax.jit(jax.value_and_grad(fn)).lower(self.student, self.rest).compile()
+        self.compile_s = time.perf_counter() - start
+        stats = self.compiled.memory_analysis()
+        self.memory = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
+                       "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
+        self.peak_bytes = (self.memory["argument"] + self.memory["output"] + self.memory["temp"]
+                           - self.memory["alias"])
+        self.runnable = self.peak_bytes <= max_bytes
+
+    def draws(self) -> dict:
+        """The CIRKD memory random choices of the next step, for the PyTorch check."""
+        import jax
+        import numpy as np
+        import torch
+        M = importlib.import_module("kdjax.losses.cirkd_memory")
+
+        key_update, key_loss = jax.random.split(self.key)
+        teacher = self.rest["teacher"]
+        _, h, w, _ = teacher.shape
+        flat = M._flat_labels(self.rest["labels"], h, w, CLASSES, IGNORE)
+        _, positions = M._update(self.state, teacher, flat, key_update, count=16, pixel_pool="first_n")
+        pixel_index, region_index = M._contrast_indices(key_loss, self.state, 4096, 1024)
+        return {name: torch.from_numpy(np.asarray(x).astype(np.int64)) for name, x in
+                (("positions", positions), ("pixel_index", pixel_index), ("region_index", region_index))}
+
+    def memory_state(self) -> dict:
+        import numpy as np
+        import torch
+
+        return {name: torch.from_numpy(np.array(getattr(self.state, name)))
+                for name in ("pixel_queue", "pixel_ptr", "region_queue", "region_ptr")}
+
+    def __call__(self):
+        import jax
+
+        if self.stateful:
+            self.state, value, grad = self.compiled(self.state, self.student, self.rest, self.key)
+        else:
+            value, grad = self.compiled(self.student, self.rest)
+        return jax.block_until_ready((value, grad))
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch side.
+
+class CompileTimeout(Exception):
+    pass
+
+
+def compile_torch(loss, inputs, timeout: float):
+    """torch.compile of the loss term, first (compiling) call included; (fn, seconds) or (None, why)."""
+    import torch
+
+    import torch_losses
+
+    def alarm(*_):
+        raise CompileTimeout(f"compile took longer than {timeout:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(max(1, int(timeout)))
+    start = time.perf_counter()
+    try:
+        term = torch.compile(loss.term)
+        torch_losses.value_and_grad(loss, inputs, term)
+        return term, time.perf_counter() - start
+    except Exception as error:  # noqa: BLE001 - any compiler failure means 'n/a'
+        torch._dynamo.reset()
+        return None, f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0][:160]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def torch_peak_bytes(loss, inputs) -> int:
+    """Input tensors + the allocator's peak above its start level during one eager step."""
+    import itertools
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import torch_losses
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+
+    base = sum(t.untyped_storage().nbytes() for t in tensors(inputs))
+    inputs["student"].grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch_losses.value_and_grad(loss, inputs)
+        inputs["student"].grad = None
+    events = []
+
+    def walk(node):
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    events.sort()
+    peak = max(itertools.accumulate(size for _, size in events), default=0)
+    return base + max(peak, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# One case.
+
+def relative_difference(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def timed(fn):
+    """(fn(), seconds it took)."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def summary(seconds: list[float]) -> dict:
+    ms = [1e3 * s for s in seconds]
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "reps": len(ms)}
+
+
+def run_case(case: Case, size: str, args) -> list[dict]:
+    import torch_losses
+
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    gc.collect()
+    inputs = make_inputs(case.kind, size)
+    shapes = {k: list(v.shape) for k, v in inputs.items()}
+    loss = torch_losses.losses(FAKD_STRENGTH, CLASSES)[case.loss]
+    t_inputs = to_torch(inputs)
+    rows = [{"loss": case.loss, "variant": label, "size": size, "shapes": shapes, "status": "ok"}
+            for label in case.variants]
+
+    # kdjax: compile every variant; skip running those whose compiled peak exceeds the limit.
+    steps = {}
+    for row, (label, fn) in zip(rows, case.variants.items()):
+        step = JaxStep(fn, inputs, case.stateful, args.max_gb * 2**30)
+        row["kdjax"] = {"compile_s": step.compile_s, "peak_mb": step.peak_bytes / 2**20,
+                        "memory_analysis": step.memory}
+        if step.runnable:
+            steps[label] = step
+        else:
+            row["status"] = (f"skipped: compiled peak {step.peak_bytes / 2**30:.1f} GB "
+                             f"> --max_gb {args.max_gb:g}")
+    if case.stateful:
+        state = steps["with update"].memory_state()
+        t_inputs["memory"] = state
+
+    # Check: the same value (and report the gradient difference) before timing anything. These calls
+    # are also the warm-up calls, and their times size the repetitions.
+    warm = {}
+    if case.stateful:
+        t_inputs["draws"] = steps["with update"].draws()
+    (t_value, t_grad), warm["torch_eager"] = timed(lambda: torch_losses.value_and_grad(loss, t_inputs))
+    t_inputs.pop("draws", None)
+    t_value = float(t_value)
+    t_grad = t_grad.permute(0, 2, 3, 1).numpy()
+    for row, label in zip(rows, case.variants):
+        if label not in steps:
+            continue
+        (value, grad), warm[f"kdjax:{label}"] = timed(steps[label])
+        value_diff = abs(float(value) - t_value) / max(abs(t_value), 1e-30)
+        row["check"] = {"kdjax": float(value), "torch": t_value, "value_rel_diff": value_diff,
+                        "grad_rel_diff": relative_difference(grad, t_grad)}
+        if value_diff > args.rtol:
+            row["status"] = f"mismatch: value differs by {value_diff:.2e} relative (> {args.rtol:g})"
+            del steps[label], warm[f"kdjax:{label}"]
+
+    # torch.compile: the first call compiles, the second is checked and sizes the repetitions.
+    compiled, compile_info = None, "skipped (--compile off)"
+    if args.compile == "on" and warm["torch_eager"] > args.compile_max_step:
+        compile_info = (f"skipped (eager step {warm['torch_eager']:.0f} s > --compile_max_step "
+                        f"{args.compile_max_step:g} s)")
+    elif args.compile == "on":
+        compiled, compile_info = compile_torch(loss, t_inputs, args.compile_timeout)
+        if compiled is not None:
+            (value, _), warm["torch_compile"] = timed(
+                lambda: torch_losses.value_and_grad(loss, t_inputs, compiled))
+            # CIRKD memory draws new contrast sets every step: its values are not comparable.
+            if not case.stateful and abs(float(value) - t_value) > args.rtol * abs(t_value):
+                compiled, compile_info = None, f"n/a: compiled value {float(value):.6g} differs"
+                del warm["torch_compile"]
+        else:
+            compile_info = "n/a: " + compile_info
+    impls = {f"kdjax:{label}": step for label, step in steps.items()}
+    impls["torch_eager"] = lambda: torch_losses.value_and_grad(loss, t_inputs)
+    if compiled is not None:
+        impls["torch_compile"] = lambda: torch_losses.value_and_grad(loss, t_inputs, compiled)
+
+    # Interleaved repetitions; their number from the budget and the slowest implementation.
+    slowest = max(warm.values())
+    reps = int(min(args.max_reps, max(args.min_reps, args.budget // max(slowest, 1e-9))))
+    times = {name: [] for name in impls}
+    order = list(impls)
+    for rep in range(reps):
+        for name in (order if rep % 2 == 0 else order[::-1]):
+            times[name].append(timed(impls[name])[1])
+
+    eager = summary(times["torch_eager"])
+    eager["peak_mb"] = torch_peak_bytes(loss, t_inputs) / 2**20
+    if compiled is not None:
+        compiled_result = {**summary(times["torch_compile"]), "compile_s": compile_info}
+    else:
+        compiled_result = {"status": compile_info}
+    for row, label in zip(rows, case.variants):
+        row["torch_eager"] = eager
+        row["torch_compile"] = compiled_result
+        key = f"kdjax:{label}"
+        if key in times:
+            row["kdjax"].update(summary(times[key]))
+            row["ratio_eager"] = eager["median_ms"] / row["kdjax"]["median_ms"]
+            if "median_ms" in compiled_result:
+                row["ratio_compile"] = compiled_result["median_ms"] / row["kdjax"]["median_ms"]
+        log(f"{size:10s} {case.loss:32s} {label:12s} {row['status']:8.8s} "
+            + (f"kdjax {row['kdjax']['median_ms']:9.2f} ms  torch {eager['median_ms']:9.2f} ms  "
+               f"ratio {row['ratio_eager']:5.2f}  reps {reps}" if "ratio_eager" in row else row["status"]))
+    del steps, impls, t_inputs
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Report.
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3g}" if x < 10 else f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def timing(d: dict) -> str:
+    if "median_ms" not in d:
+        return d.get("status", "–")
+    return f"{fmt(d['median_ms'])} ({fmt(d['min_ms'])}–{fmt(d['max_ms'])})"
+
+
+def table(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        BEGIN,
+        f"Machine: {m['cpu']} ({m['machine']}), {m['cores']} cores, {m['ram_gb']:g} GB RAM; Python "
+        f"{m['python']}, jax {m['jax']}, torch {m['torch']}. Threads: {m['threads']} for both "
+        f"(CPU affinity {m['threads']} core{'s' if m['threads'] > 1 else ''}, XLA's thread pool sized from it, "
+        f"`torch.set_num_threads({m['torch_threads']})`, OMP/MKL_NUM_THREADS={m['threads']}"
+        + (f", XLA_FLAGS `{m['xla_flags']}`" if m["xla_flags"] else "")
+        + f"). Load average {m['load_average']:.1f} when the run started (the machine is shared).",
+        "",
+        f"    {result['command']}",
+        "",
+        "Forward + backward (gradient w.r.t. the student input), float32. kdjax: one jitted step. "
+        "PyTorch: eager, and `torch.compile` of the same code. Times in ms: median (min–max) over "
+        "interleaved repetitions after one warm-up call; ratio = PyTorch eager / kdjax (> 1: kdjax "
+        "faster); 'compiled' = PyTorch compiled / kdjax. Peak memory in MB: kdjax = XLA buffer assignment "
+        "(arguments + outputs + temporaries − donated); PyTorch = inputs + allocator peak during the step "
+        "(torch.profiler). Every case first checks that both values agree within "
+        f"{result['rtol']:g} relative; 'grad diff' is ‖g_kdjax − g_torch‖/‖g_torch‖.",
+    ]
+    for size in result["sizes"]:
+        n, h, w = SIZES[size]
+        rows = [r for r in result["cases"] if r["size"] == size]
+        lines += [
+            "", f"**{size}**: N = {n}, {h}×{w}; logits {CLASSES} classes, features {STUDENT_C} (student) / "
+            f"{TEACHER_C} (teacher) channels, {TEACHER_C} for both where the shapes must match.", "",
+            "| loss | kdjax ms | PyTorch eager ms | ratio | torch.compile ms | compiled | kdjax MB | PyTorch MB | grad diff | reps |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            name = r["loss"] + (f" ({r['variant']})" if r["variant"] else "")
+            if r["status"] != "ok":
+                lines.append(f"| {name} | {r['status']} | {timing(r['torch_eager']) if 'torch_eager' in r else '–'} "
+                             f"| – | – | – | {fmt(r['kdjax']['peak_mb'])} | "
+                             f"{fmt(r['torch_eager']['peak_mb']) if 'torch_eager' in r else '–'} | – | – |")
+                continue
+            ratio = r["ratio_eager"]
+            mark = " ✓" if ratio >= TARGET else ""
+            comp = r.get("ratio_compile")
+            lines.append(
+                f"| {name} | {timing(r['kdjax'])} | {timing(r['torch_eager'])} | {ratio:.2f}{mark} | "
+                f"{timing(r['torch_compile'])} | {f'{comp:.2f}' if comp else '–'} | {fmt(r['kdjax']['peak_mb'])} "
+                f"| {fmt(r['torch_eager']['peak_mb'])} | {r['check']['grad_rel_diff']:.0e} | {r['kdjax']['reps']} |")
+    meets, misses = verdict(result)
+    lines += ["", f"Target: kdjax forward + backward ≥ {TARGET:g}× faster than PyTorch eager (✓), at every size run.",
+              f"Met by: {', '.join(meets) or 'none'}.", f"Missed by: {', '.join(misses) or 'none'}.", END]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(result: dict) -> tuple[list[str], list[str]]:
+    """Losses (variant) meeting the target at every size run, and the others with their worst ratio."""
+    worst = {}
+    for r in result["cases"]:
+        name = r["loss"] + (f" ({r['variant']})" if r["variant"] else "")
+        ratio = r.get("ratio_eager")
+        if ratio is not None:
+            worst[name] = min(worst.get(name, ratio), ratio)
+    meets = [name for name, ratio in worst.items() if ratio >= TARGET]
+    misses = [f"{name} ({ratio:.2f}×)" for name, ratio in worst.items() if ratio < TARGET]
+    return meets, misses
+
+
+def write_section(text: str) -> None:
+    """Replaces the generated part of the 'Losses' section (or appends the section)."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if BEGIN in old and END in old:
+        start, end = old.index(BEGIN), old.index(END) + len(END) + 1
+        new = old[:start] + text + old[end:]
+    else:
+        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n" + text
+    RESULTS.write_text(new)
+
+
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few repetitions, no torch.compile: a smoke run")
+    parser.add_argument("--sizes", default=None,
+                        help=f"comma list of {', '.join(SIZES)} (default: all; quick: small)")
+    parser.add_argument("--losses", default="", help="comma list of loss names (default: all)")
+    parser.add_argument("--json", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--threads", type=int, default=None, help="threads for both (default: all cores)")
+    parser.add_argument("--compile", choices=("on", "off"), default=None,
+                        help="time torch.compile too (default: on, off with --quick)")
+    parser.add_argument("--compile_timeout", type=float, default=240.0, help="seconds per torch.compile")
+    parser.add_argument("--compile_max_step", type=float, default=20.0,
+                        help="do not try torch.compile when one eager step takes longer (seconds)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of repetitions per implementation and case (default 4, quick 0.5)")
+    parser.add_argument("--min_reps", type=int, default=None, help="default 3, quick 2")
+    parser.add_argument("--max_reps", type=int, default=None, help="default 30, quick 3")
+    parser.add_argument("--max_gb", type=float, default=4.0,
+                        help="skip running a kdjax variant whose compiled peak exceeds this many GB")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="relative value agreement required")
+    args = parser.parse_args(argv)
+    args.compile = args.compile or ("off" if args.quick else "on")
+    args.budget = args.budget if args.budget is not None else (0.5 if args.quick else 4.0)
+    args.min_reps = args.min_reps or (2 if args.quick else 3)
+    args.max_reps = args.max_reps or (3 if args.quick else 30)
+    sizes = [s for s in (args.sizes or ("small" if args.quick else ",".join(SIZES))).split(",") if s]
+    if unknown := set(sizes) - set(SIZES):
+        parser.error(f"unknown sizes {sorted(unknown)}; choose from {list(SIZES)}")
+
+    threads = configure_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch
+
+    torch.set_num_threads(threads)
+    all_cases = cases()
+    wanted = [s for s in args.losses.split(",") if s]
+    if unknown := set(wanted) - {c.loss for c in all_cases}:
+        parser.error(f"unknown losses {sorted(unknown)}")
+    selected = [c for c in all_cases if not wanted or c.loss in wanted]
+
+    command = "python benchmarks/losses.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"machine": machine_info(threads), "command": command.strip(), "sizes": sizes,
+              "rtol": args.rtol, "target_ratio": TARGET, "quick": args.quick,
+              "settings": {"compile": args.compile, "budget_s": args.budget, "min_reps": args.min_reps,
+                           "max_reps": args.max_reps, "max_gb": args.max_gb, "block_size": BLOCK_SIZE,
+                           "fakd_strength": FAKD_STRENGTH},
+              "cases": []}
+    for size in sizes:
+        for case in selected:
+            result["cases"] += run_case(case, size, args)
+    result["meets_target"], result["misses_target"] = verdict(result)
+    text = table(result)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.write:
+        write_section(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Smoke tests of the benchmark scripts: their smallest settings run and write well-formed JSON."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_script(script, tmp_path, *args):
+    """Runs benchmarks/<script> in a fresh process (its own thread settings) and returns its JSON."""
+    out = tmp_path / f"{Path(script).stem}.json"
+    # The test process simulates 8 devices through XLA_FLAGS; the benchmarks run on the plain CPU.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def load_module(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_loss_rows(result, expected):
+    assert set(result) >= {"machine", "command", "sizes", "rtol", "settings", "cases",
+                           "meets_target", "misses_target"}
+    assert {"cpu", "cores", "ram_gb", "jax", "torch", "threads", "torch_threads"} <= set(result["machine"])
+    assert result["machine"]["torch_threads"] == result["machine"]["threads"]
+    assert [(r["loss"], r["variant"]) for r in result["cases"]] == expected
+    for row in result["cases"]:
+        assert row["status"] == "ok", row
+        assert row["check"]["value_rel_diff"] <= result["rtol"]
+        assert row["check"]["grad_rel_diff"] < 1e-3
+        for side in ("kdjax", "torch_eager"):
+            timing = row[side]
+            assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+            assert timing["reps"] >= 2 and timing["peak_mb"] > 0
+        assert row["kdjax"]["memory_analysis"]["argument"] > 0
+        ratio = row["torch_eager"]["median_ms"] / row["kdjax"]["median_ms"]
+        assert row["ratio_eager"] == pytest.approx(ratio)
+    named = {name.split(" (")[0] for name in result["meets_target"] + result["misses_target"]}
+    assert named == {loss for loss, _ in expected}
+
+
+@pytest.mark.torch
+def test_losses_quick_small(tmp_path):
+    pytest.importorskip("torch")
+    result, stdout = run_script("losses.py", tmp_path, "--quick", "--sizes", "small",
+                                "--losses", "pixel_kd,pixel_feature_similarity")
+    check_loss_rows(result, [("pixel_kd", ""), ("pixel_feature_similarity", "dense"),
+                             ("pixel_feature_similarity", "block 512")])
+    assert result["sizes"] == ["small"] and result["quick"]
+    for row in result["cases"]:
+        assert row["torch_compile"]["status"].startswith("skipped")
+        assert row["shapes"]["student"][0] == 2
+    assert "<!-- losses.py: begin -->" in stdout and "| pixel_kd |" in stdout
+
+
+def test_memory_quick(tmp_path):
+    result, stdout = run_script("memory.py", tmp_path, "--quick")
+    assert set(result) >= {"machine", "command", "sides", "block_size", "losses", "rows"}
+    forms = [(r["loss"], r["form"]) for r in result["rows"]]
+    assert forms == [(loss, form) for loss in ("pixel_feature_similarity", "skd_pairwise", "cirkd_minibatch")
+                     for form in ("dense", "block 256")]
+    for row in result["rows"]:
+        assert len(row["temp_bytes"]) == len(result["sides"]) == len(row["pixels"])
+        assert all(t > 0 for t in row["temp_bytes"])
+    by_form = {(r["loss"], r["form"]): r for r in result["rows"]}
+    for loss in ("pixel_feature_similarity", "cirkd_minibatch"):
+        assert by_form[(loss, "dense")]["exponent_last"] > 1.8
+        assert by_form[(loss, "block 256")]["exponent_last"] < 1.2
+    assert "| cirkd_minibatch | dense |" in stdout
+
+
+def test_write_replaces_only_the_generated_part(tmp_path, monkeypatch):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Input pipeline\n\npipeline table\n")
+    for name, begin, end in (("losses", "<!-- losses.py: begin -->", "<!-- losses.py: end -->"),
+                             ("memory", "<!-- memory.py: begin -->", "<!-- memory.py: end -->")):
+        module = load_module(name)
+        monkeypatch.setattr(module, "RESULTS", results)
+        module.write_section(f"{begin}\nfirst\n{end}\n")
+        text = results.read_text()
+        results.write_text(text.replace(f"{end}\n", f"{end}\n\nNotes kept across runs.\n"))
+        module.write_section(f"{begin}\nsecond\n{end}\n")
+        text = results.read_text()
+        assert "second" in text and "first" not in text and "Notes kept across runs." in text
+        assert text.startswith("# Benchmark results\n\n## Input pipeline\n\npipeline table\n")
+        assert text.count(module.SECTION) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_losses_quick_every_loss(tmp_path):
+    pytest.importorskip("torch")
+    result, _ = run_script("losses.py", tmp_path, "--quick", "--sizes", "small")
+    expected = [(case.loss, label) for case in load_module("losses").cases() for label in case.variants]
+    check_loss_rows(result, expected)
