@@ -2,6 +2,7 @@
 
     python benchmarks/losses.py [--quick] [--sizes small,cityscapes] [--losses NAME,...] [--threads N]
                                 [--json FILE] [--write]
+    python benchmarks/losses.py --from_json FILE [--write]     # the table of a saved run
 
 For every loss of ``kdjax.losses`` the benchmark times one jitted step that returns the loss and its
 gradient with respect to the student input, against the same formula in PyTorch
@@ -19,6 +20,11 @@ gradient with respect to the student input, against the same formula in PyTorch
    memory statistics on CPU). PyTorch eager: the input tensors plus the peak of the bytes the CPU
    allocator holds during one step above what it held at the start, from the allocation events of
    ``torch.profiler`` (``profile_memory=True``). Both count tensor storage, not the interpreter.
+5. Repetitions: as many as fit in ``--budget`` seconds per implementation (4), within
+   ``--min_reps``–``--max_reps`` (3–30). A kdjax variant whose compiled peak exceeds ``--max_gb`` (4) is
+   compiled but not run; ``torch.compile`` is not tried when one eager step takes longer than
+   ``--compile_max_step`` (20 s), and a compile that fails or exceeds ``--compile_timeout`` is 'n/a'.
+   ``--quick``: the small size only, 2–3 repetitions, no ``torch.compile`` (about a minute).
 
 Threads: both libraries get the same number (``--threads``, default every core of the process's
 CPU affinity): the affinity mask is narrowed to that many cores (XLA sizes its CPU thread pool from
@@ -254,6 +260,7 @@ class JaxStep:
         import jax
         import numpy as np
         import torch
+
         M = importlib.import_module("kdjax.losses.cirkd_memory")
 
         key_update, key_loss = jax.random.split(self.key)
@@ -374,7 +381,9 @@ def summary(seconds: list[float]) -> dict:
 def run_case(case: Case, size: str, args) -> list[dict]:
     import torch_losses
 
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    def log(line):
+        print(line, file=sys.stderr, flush=True)
+
     gc.collect()
     inputs = make_inputs(case.kind, size)
     shapes = {k: list(v.shape) for k, v in inputs.items()}
@@ -463,7 +472,7 @@ def run_case(case: Case, size: str, args) -> list[dict]:
             row["ratio_eager"] = eager["median_ms"] / row["kdjax"]["median_ms"]
             if "median_ms" in compiled_result:
                 row["ratio_compile"] = compiled_result["median_ms"] / row["kdjax"]["median_ms"]
-        log(f"{size:10s} {case.loss:32s} {label:12s} {row['status']:8.8s} "
+        log(f"{size:10s} {case.loss:32s} {label:12s} "
             + (f"kdjax {row['kdjax']['median_ms']:9.2f} ms  torch {eager['median_ms']:9.2f} ms  "
                f"ratio {row['ratio_eager']:5.2f}  reps {reps}" if "ratio_eager" in row else row["status"]))
     del steps, impls, t_inputs
@@ -493,6 +502,7 @@ def table(result: dict) -> str:
         f"{m['python']}, jax {m['jax']}, torch {m['torch']}. Threads: {m['threads']} for both "
         f"(CPU affinity {m['threads']} core{'s' if m['threads'] > 1 else ''}, XLA's thread pool sized from it, "
         f"`torch.set_num_threads({m['torch_threads']})`, OMP/MKL_NUM_THREADS={m['threads']}"
+        + (f", OMP_WAIT_POLICY={m['omp_wait_policy']}" if m.get("omp_wait_policy") else "")
         + (f", XLA_FLAGS `{m['xla_flags']}`" if m["xla_flags"] else "")
         + f"). Load average {m['load_average']:.1f} when the run started (the machine is shared).",
         "",
@@ -504,34 +514,42 @@ def table(result: dict) -> str:
         "faster); 'compiled' = PyTorch compiled / kdjax. Peak memory in MB: kdjax = XLA buffer assignment "
         "(arguments + outputs + temporaries − donated); PyTorch = inputs + allocator peak during the step "
         "(torch.profiler). Every case first checks that both values agree within "
-        f"{result['rtol']:g} relative; 'grad diff' is ‖g_kdjax − g_torch‖/‖g_torch‖.",
+        f"{result['rtol']:g} relative; 'grad diff' is ‖g_kdjax − g_torch‖/‖g_torch‖. PyTorch computes "
+        "PFS and CIRKD memory image by image and CIRKD mini-batch pair by pair, back-propagating each "
+        "part before forming the next (`benchmarks/torch_losses.py`). A kdjax variant whose compiled peak "
+        f"exceeds {result['settings']['max_gb']:g} GB is not run (its MB column shows that estimate); "
+        "torch.compile is not tried when one eager step takes longer than "
+        f"{result['settings'].get('compile_max_step', 20):g} s. Repetitions: as many as fit in "
+        f"{result['settings']['budget_s']:g} s per implementation, {result['settings']['min_reps']}–"
+        f"{result['settings']['max_reps']}.",
     ]
+    header = ["loss", "kdjax ms", "PyTorch eager ms", "ratio", "torch.compile ms", "compiled", "kdjax MB",
+              "PyTorch MB", "grad diff", "reps"]
     for size in result["sizes"]:
         n, h, w = SIZES[size]
-        rows = [r for r in result["cases"] if r["size"] == size]
         lines += [
             "", f"**{size}**: N = {n}, {h}×{w}; logits {CLASSES} classes, features {STUDENT_C} (student) / "
             f"{TEACHER_C} (teacher) channels, {TEACHER_C} for both where the shapes must match.", "",
-            "| loss | kdjax ms | PyTorch eager ms | ratio | torch.compile ms | compiled | kdjax MB | PyTorch MB | grad diff | reps |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
         ]
-        for r in rows:
+        for r in (r for r in result["cases"] if r["size"] == size):
             name = r["loss"] + (f" ({r['variant']})" if r["variant"] else "")
+            eager = r.get("torch_eager", {})
+            torch_mb = fmt(eager["peak_mb"]) if "peak_mb" in eager else "–"
             if r["status"] != "ok":
-                lines.append(f"| {name} | {r['status']} | {timing(r['torch_eager']) if 'torch_eager' in r else '–'} "
-                             f"| – | – | – | {fmt(r['kdjax']['peak_mb'])} | "
-                             f"{fmt(r['torch_eager']['peak_mb']) if 'torch_eager' in r else '–'} | – | – |")
-                continue
-            ratio = r["ratio_eager"]
-            mark = " ✓" if ratio >= TARGET else ""
-            comp = r.get("ratio_compile")
-            lines.append(
-                f"| {name} | {timing(r['kdjax'])} | {timing(r['torch_eager'])} | {ratio:.2f}{mark} | "
-                f"{timing(r['torch_compile'])} | {f'{comp:.2f}' if comp else '–'} | {fmt(r['kdjax']['peak_mb'])} "
-                f"| {fmt(r['torch_eager']['peak_mb'])} | {r['check']['grad_rel_diff']:.0e} | {r['kdjax']['reps']} |")
+                cells = [name, r["status"], timing(eager) if eager else "–", "–", "–", "–",
+                         fmt(r["kdjax"]["peak_mb"]), torch_mb, "–", "–"]
+            else:
+                ratio, comp = r["ratio_eager"], r.get("ratio_compile")
+                mark = " ✓" if ratio >= TARGET else ""
+                cells = [name, timing(r["kdjax"]), timing(eager), f"{ratio:.2f}{mark}",
+                         timing(r["torch_compile"]), f"{comp:.2f}" if comp else "–", fmt(r["kdjax"]["peak_mb"]),
+                         torch_mb, f"{r['check']['grad_rel_diff']:.0e}", str(r["kdjax"]["reps"])]
+            lines.append("| " + " | ".join(cells) + " |")
     meets, misses = verdict(result)
-    lines += ["", f"Target: kdjax forward + backward ≥ {TARGET:g}× faster than PyTorch eager (✓), at every size run.",
-              f"Met by: {', '.join(meets) or 'none'}.", f"Missed by: {', '.join(misses) or 'none'}.", END]
+    lines += ["", f"Target: kdjax forward + backward ≥ {TARGET:g}× faster than PyTorch eager (✓), at every "
+              "size run.", f"Met by: {', '.join(meets) or 'none'}.", f"Missed by: {', '.join(misses) or 'none'}.",
+              END]
     return "\n".join(lines) + "\n"
 
 
@@ -582,7 +600,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_gb", type=float, default=4.0,
                         help="skip running a kdjax variant whose compiled peak exceeds this many GB")
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative value agreement required")
+    parser.add_argument("--from_json", default=None,
+                        help="measure nothing: print (and with --write record) the table of a saved --json run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        text = table(result)
+        print(text)
+        if args.write:
+            write_section(text)
+        return result
     args.compile = args.compile or ("off" if args.quick else "on")
     args.budget = args.budget if args.budget is not None else (0.5 if args.quick else 4.0)
     args.min_reps = args.min_reps or (2 if args.quick else 3)
@@ -605,7 +632,8 @@ def main(argv=None) -> dict:
     command = "python benchmarks/losses.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"machine": machine_info(threads), "command": command.strip(), "sizes": sizes,
               "rtol": args.rtol, "target_ratio": TARGET, "quick": args.quick,
-              "settings": {"compile": args.compile, "budget_s": args.budget, "min_reps": args.min_reps,
+              "settings": {"compile": args.compile, "compile_max_step": args.compile_max_step,
+                           "budget_s": args.budget, "min_reps": args.min_reps,
                            "max_reps": args.max_reps, "max_gb": args.max_gb, "block_size": BLOCK_SIZE,
                            "fakd_strength": FAKD_STRENGTH},
               "cases": []}

@@ -8,11 +8,12 @@ as the original code does.
 
 A loss is a :class:`TorchLoss`: a scalar ``term`` function and a ``plan`` that turns the inputs into
 the list of calls of ``term`` whose weighted sum is the loss. Most losses are one call over the whole
-batch. The P×P relational losses and CIRKD memory are split into per-image (per image pair for CIRKD
-mini-batch) terms, each back-propagated before the next is formed, which is how these losses fit in
-memory in PyTorch at Cityscapes size (one image's P×P maps, 268 MB each at 64×128, instead of the
-whole batch's). ``plan`` also does the work that needs no gradient (the CIRKD queue update and the
-sampling of its contrast sets). ``torch.compile`` is applied to ``term``.
+batch. PFS and CIRKD memory are split into per-image terms and CIRKD mini-batch into per-image-pair
+terms, each back-propagated before the next is formed, which is how these losses fit in memory in
+PyTorch at Cityscapes size (one image's P×P maps, 268 MB each at 64×128, instead of the whole
+batch's). SKD pair-wise pools 2×2 first and runs on the whole batch. ``plan`` also does the work
+that needs no gradient (the CIRKD queue update and the sampling of its contrast sets).
+``torch.compile`` is applied to ``term``.
 
 Teacher tensors never require a gradient; the gradient is taken with respect to the student input.
 """
@@ -140,7 +141,8 @@ def fakd_kd(s: Tensor, t: Tensor, kernel: Tensor, variance: Tensor, labels: Tens
 def fakd_cwd(s: Tensor, t: Tensor, kernel: Tensor, variance: Tensor, labels: Tensor, strength: float,
              tau: float = 4.0, ignore_label: int = 255) -> Tensor:
     """Closed-form FAKD-CWD bound: τ²/(N·C) Σ_{n,c} Σ_i q_i (term_i + log q_i) with
-    term_i = log(1 + Σ_{j≠i} exp((z_j − z_i)/τ + β(s_{c,y_j} + s_{c,y_i}))), s_{c,y} = Σ_a W[a,c]² σ²_{y,a}.
+    term_i = log(1 + Σ_{j≠i} exp((z_j − z_i)/τ + β(s_{c,y_j} + s_{c,y_i}))),
+    s_{c,y} = Σ_a W[a,c]² σ²_{y,a}.
 
     The leave-one-out sum is the full sum minus the own term, in O(P) per channel."""
     n, k, h, w = s.shape

@@ -65,6 +65,12 @@ def test_losses_quick_small(tmp_path):
         assert row["torch_compile"]["status"].startswith("skipped")
         assert row["shapes"]["student"][0] == 2
     assert "<!-- losses.py: begin -->" in stdout and "| pixel_kd |" in stdout
+    # --from_json renders the same table from the saved results without measuring.
+    saved = tmp_path / "losses.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "losses.py"), "--from_json", str(saved)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == stdout
 
 
 def test_memory_quick(tmp_path):
