@@ -17,7 +17,6 @@ where it stopped; an unfinished run resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -27,8 +26,6 @@ import ml_collections
 from kdjax import report, train
 from kdjax.data import dataset_info
 from kdjax.networks import load_teacher
-
-log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"

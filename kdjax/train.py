@@ -9,7 +9,6 @@ in inference mode outside the gradient and is never checkpointed with the studen
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 from collections.abc import Iterator
