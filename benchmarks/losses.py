@@ -52,7 +52,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+# Sibling modules of this script (results_file, torch_losses), also when it is loaded by path.
+sys.path.insert(0, str(Path(__file__).parent))
+import results_file  # noqa: E402
+
 SECTION = "## Losses"
 BEGIN, END = "<!-- losses.py: begin -->", "<!-- losses.py: end -->"
 
@@ -568,13 +571,7 @@ def verdict(result: dict) -> tuple[list[str], list[str]]:
 
 def write_section(text: str) -> None:
     """Replaces the generated part of the 'Losses' section (or appends the section)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        start, end = old.index(BEGIN), old.index(END) + len(END) + 1
-        new = old[:start] + text + old[end:]
-    else:
-        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n" + text
-    RESULTS.write_text(new)
+    results_file.write_generated(SECTION, BEGIN, END, text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -619,7 +616,6 @@ def main(argv=None) -> dict:
         parser.error(f"unknown sizes {sorted(unknown)}; choose from {list(SIZES)}")
 
     threads = configure_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).parent))
     import torch
 
     torch.set_num_threads(threads)

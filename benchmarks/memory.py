@@ -28,7 +28,10 @@ import platform
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+# Sibling modules of this script (results_file, torch_losses), also when it is loaded by path.
+sys.path.insert(0, str(Path(__file__).parent))
+import results_file  # noqa: E402
+
 SECTION = "## Memory"
 BEGIN, END = "<!-- memory.py: begin -->", "<!-- memory.py: end -->"
 
@@ -119,13 +122,7 @@ def table(result: dict) -> str:
 
 def write_section(text: str) -> None:
     """Replaces the generated part of the 'Memory' section (or appends the section)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        start, end = old.index(BEGIN), old.index(END) + len(END) + 1
-        new = old[:start] + text + old[end:]
-    else:
-        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n" + text
-    RESULTS.write_text(new)
+    results_file.write_generated(SECTION, BEGIN, END, text)
 
 
 def main(argv=None) -> dict:
