@@ -95,7 +95,7 @@ def test_write_replaces_only_the_generated_part(tmp_path, monkeypatch):
     for name, begin, end in (("losses", "<!-- losses.py: begin -->", "<!-- losses.py: end -->"),
                              ("memory", "<!-- memory.py: begin -->", "<!-- memory.py: end -->")):
         module = load_module(name)
-        monkeypatch.setattr(module, "RESULTS", results)
+        monkeypatch.setattr(module.results_file, "RESULTS", results)
         module.write_section(f"{begin}\nfirst\n{end}\n")
         text = results.read_text()
         results.write_text(text.replace(f"{end}\n", f"{end}\n\nNotes kept across runs.\n"))
