@@ -62,7 +62,7 @@ def make_camvid(root: Path, rng: np.random.Generator) -> None:
     for split, count in counts.items():
         lines = []
         for i in range(count):
-            name = f"0001TP_{6690 + 30 * index:06d}.png"
+            name = f"fake_{6690 + 30 * index:06d}.png"
             size = _size(index)
             _write_rgb(root / split / name, rng, size)
             _write_gray(root / f"{split}annot" / name, _labels(rng, size, range(12)))

@@ -89,8 +89,8 @@ def test_a_missing_required_file_is_named_with_its_path(tmp_path):
 
 def test_a_listed_file_that_is_absent_is_named(tmp_path):
     manual = builder_testing.copy_dummy_data("camvid", tmp_path / "manual")
-    (manual / "trainannot" / "0001TP_006720.png").unlink()
-    with pytest.raises(builders.DatasetFilesError, match=r"lacks 1 files:\n.*trainannot/0001TP_006720\.png"):
+    (manual / "trainannot" / "fake_006720.png").unlink()
+    with pytest.raises(builders.DatasetFilesError, match=r"lacks 1 files:\n.*trainannot/fake_006720\.png"):
         builders.prepare("camvid", data_dir=tmp_path / "data", manual_dir=manual)
 
 
@@ -101,7 +101,7 @@ def test_an_empty_split_is_an_error(tmp_path):
         builders.prepare("camvid", data_dir=tmp_path / "data", manual_dir=manual)
 
 
-@pytest.mark.parametrize("damaged", ["train/0001TP_006720.png", "trainannot/0001TP_006720.png"])
+@pytest.mark.parametrize("damaged", ["train/fake_006720.png", "trainannot/fake_006720.png"])
 def test_a_corrupt_file_is_named(tmp_path, damaged):
     manual = builder_testing.copy_dummy_data("camvid", tmp_path / "manual")
     (manual / damaged).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
@@ -111,7 +111,7 @@ def test_a_corrupt_file_is_named(tmp_path, damaged):
 
 def test_a_colour_label_is_refused(tmp_path):
     manual = builder_testing.copy_dummy_data("camvid", tmp_path / "manual")
-    label = manual / "testannot" / "0001TP_006840.png"
+    label = manual / "testannot" / "fake_006840.png"
     PIL.Image.open(label).convert("RGB").save(label)
     with pytest.raises(errors.SizeMismatchError, match=f"label {label} has mode RGB"):
         builders.prepare("camvid", data_dir=tmp_path / "data", manual_dir=manual)
@@ -119,9 +119,9 @@ def test_a_colour_label_is_refused(tmp_path):
 
 def test_an_image_label_size_mismatch_names_both_files(tmp_path):
     manual = builder_testing.copy_dummy_data("camvid", tmp_path / "manual")
-    label = manual / "valannot" / "0001TP_006780.png"
+    label = manual / "valannot" / "fake_006780.png"
     PIL.Image.fromarray(np.zeros((8, 10), np.uint8)).save(label)  # its image is 6x12
-    pattern = rf"size mismatch: image .*val/0001TP_006780\.png is 6x12 .* label {label} is 8x10"
+    pattern = rf"size mismatch: image .*val/fake_006780\.png is 6x12 .* label {label} is 8x10"
     with pytest.raises(errors.SizeMismatchError, match=pattern):
         builders.prepare("camvid", data_dir=tmp_path / "data", manual_dir=manual)
 
