@@ -637,12 +637,8 @@ def main(argv=None) -> dict:
         for case in selected:
             result["cases"] += run_case(case, size, args)
     result["meets_target"], result["misses_target"] = verdict(result)
-    text = table(result)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    if args.write:
-        write_section(text)
+    results_file.emit(result, table(result), json_path=args.json, write=args.write,
+                      section=SECTION, begin=BEGIN, end=END)
     return result
 
 

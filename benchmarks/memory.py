@@ -21,7 +21,6 @@ into the 'Memory' section of benchmarks/RESULTS.md (the part between its markers
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -149,12 +148,8 @@ def main(argv=None) -> dict:
               "command": command.strip(), "batch": BATCH, "channels": CHANNELS, "sides": sides,
               "block_size": args.block_size, "losses": losses,
               "rows": measure(losses, sides, args.block_size)}
-    text = table(result)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    if args.write:
-        write_section(text)
+    results_file.emit(result, table(result), json_path=args.json, write=args.write,
+                      section=SECTION, begin=BEGIN, end=END)
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -17,3 +18,14 @@ def write_generated(section: str, begin: str, end: str, text: str) -> None:
     else:
         new = old.rstrip("\n") + f"\n\n{section}\n\n" + text
     RESULTS.write_text(new)
+
+
+def emit(result: dict, text: str, *, json_path: str | None, write: bool,
+         section: str, begin: str, end: str) -> None:
+    """Prints a benchmark's table, saves its result as JSON if asked, and writes the table into
+    RESULTS.md with ``--write``."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    if write:
+        write_generated(section, begin, end, text)
