@@ -9,6 +9,7 @@ Layout of WORKDIR::
     <method>/seed_<k>/       one student run: checkpoints/, best/, metrics.jsonl, tensorboard/,
                              model/ (the reported student) and result.json
     results.json, results.md, results.png
+    compile_cache/           XLA executables, shared by the runs (seeds repeat the same programs)
 
 Finished runs (those with ``result.json``) are not repeated, so an interrupted comparison resumes
 where it stopped; an unfinished run resumes from its last checkpoint.
@@ -29,6 +30,7 @@ from kdjax.networks import load_teacher
 
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"
+COMPILE_CACHE_DIR = "compile_cache"
 
 
 def _run_name(method: str) -> str:
@@ -73,9 +75,18 @@ def _teacher_row(config: ml_collections.ConfigDict, mesh) -> report.ResultRow:
         checkpoint="last", checkpoint_path=str(config.teacher.checkpoint))
 
 
+def use_compile_cache(workdir: Path) -> None:
+    """Every seed of a method compiles the same train and eval programs; JAX's persistent cache
+    (in ``workdir`` unless one is configured, e.g. by JAX_COMPILATION_CACHE_DIR) compiles them
+    once. It has to be set before the first compilation of the process."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(workdir / COMPILE_CACHE_DIR))
+
+
 def run_compare(config: ml_collections.ConfigDict, workdir: str | Path) -> list[report.ResultRow]:
     """Runs the whole comparison of ``config`` in ``workdir`` and writes the reports."""
     workdir = Path(workdir)
+    use_compile_cache(workdir)
     mesh = train.sharding.make_mesh()
     info = dataset_info(config.data.name)
     rows = []

@@ -1,0 +1,74 @@
+"""CamVid on 2 CPU cores: one teacher, the student alone and nine distillation methods, 3 seeds each.
+
+A CPU-sized protocol on the real CamVid data (367 train / 101 val images, 480×360, 11 classes,
+label 11 = void), about an hour and a half on a 2-core x86 machine; results and their discussion are
+in benchmarks/camvid/RESULTS.md. Run from the project root, with the data in ../shared/data/camvid
+(the TFDS dataset is built from it on first use):
+
+    kdjax compare --config=configs/camvid/compare.py --workdir=runs/camvid
+
+Protocol:
+- Half resolution: training images are scaled so that the short side is 180 × U(0.5, 2.0), then
+  cropped to 128×128 and flipped; validation images are predicted whole at half scale (240×180) and
+  scored against the full-resolution 480×360 labels.
+- Networks, trained from scratch (no ImageNet weights exist offline): teacher DeepLabV3-ResNet18 at
+  half width (head 64), 800 steps; student DeepLabV3-ResNet18 at quarter width (head 32), about a
+  quarter of the teacher's parameters and FLOPs, 120 steps. Both at output stride 8 with the FCN aux
+  head, SGD lr 0.05, momentum 0.9, wd 1e-4, poly 0.9, gradient norm clipped at 10, batch 8.
+- Methods and loss weights: methods.md §5 and §9 through ``kdjax.recipes.method_terms``; CWD is the
+  CWD paper's logits-only recipe (weight 3, τ 4), and FAKD-CWD augments that one.
+- Every student run uses the same trained teacher; the last checkpoint is reported (no selection on
+  the validation set).
+
+``:local`` shrinks it to a CPU smoke test on the built-in synthetic data.
+"""
+
+import ml_collections
+
+from kdjax.defaults import base_config, local_run
+from kdjax.recipes import method_terms
+
+CAMVID_METHODS = ("student_alone", "kd", "cwd_logits", "nfd", "pfs_wpi", "fakd_kd", "fakd_cwd",
+                  "dist", "cirkd")
+
+
+def get_config(arg=None):
+    config = base_config()
+    config.data.name = "camvid"
+    config.data.manual_dir = "../shared/data/camvid"
+    config.data.base_size = 180
+    config.data.scale_range = (0.5, 2.0)
+    config.data.crop_size = (128, 128)
+    config.data.normalization = "imagenet"
+    config.data.cache = True
+
+    config.teacher.name = "deeplabv3_resnet18"
+    config.teacher.width_multiplier = 0.5
+    config.teacher.head_width = 64
+    config.student.name = "deeplabv3_resnet18"
+    config.student.width_multiplier = 0.25
+    config.student.head_width = 32
+    config.teacher_steps = 800
+
+    config.train.steps = 120
+    config.train.batch_size = 8
+    config.train.learning_rate = 0.05
+    # From scratch at lr 0.05, CWD's first gradients are ~10× CE's; one clip for every run.
+    config.train.grad_clip = 10.0
+    config.train.log_every = 25
+    config.train.eval_every = 60
+    config.train.checkpoint_every = 40
+    config.eval.batch_size = 8
+    config.eval.scales = (0.5,)
+    config.eval.checkpoint = "last"
+
+    config.methods = ml_collections.ConfigDict(
+        {name: method_terms(name, aux_logits=True) for name in CAMVID_METHODS})
+    config.seeds = (0, 1, 2)
+    if arg == "local":
+        local_run(config)
+        config.data.manual_dir = None
+        config.data.base_size = None
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; the only one is 'local'.")
+    return config
