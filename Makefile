@@ -8,7 +8,7 @@ WITH_TORCH ?= 0
 TORCH_REQ := $(if $(filter 1,$(WITH_TORCH)),-r requirements-torch.txt,)
 STAMP := $(VENV)/.installed$(if $(filter 1,$(WITH_TORCH)),-torch,)
 
-.PHONY: demo test install clean
+.PHONY: demo test install camvid clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/kdjax compare --config=configs/demo.py --workdir=runs/demo
+
+# The CamVid comparison (about 1.5 h on 2 cores; needs ../shared/data/camvid), then its published
+# files in benchmarks/camvid/ (the overlays without dataset pixels: the data's licence).
+CAMVID_RUN ?= runs/camvid
+camvid: $(STAMP)
+	$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN)
+	cp $(CAMVID_RUN)/results.json $(CAMVID_RUN)/results.md $(CAMVID_RUN)/results.png benchmarks/camvid/
+	cp $(CAMVID_RUN)/overlays/predictions_*.png benchmarks/camvid/
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

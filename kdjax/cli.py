@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args, overrides)
+    except KeyboardInterrupt:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"kdjax {args.command}: interrupted. Checkpoints already written are kept: the same "
+              "command resumes from the last one.", file=sys.stderr)
+        return 130
     except _user_errors() as err:
         if os.environ.get(DEBUG_ENV):
             raise

@@ -9,6 +9,9 @@ Layout of WORKDIR::
     <method>/seed_<k>/       one student run: checkpoints/, best/, metrics.jsonl, tensorboard/,
                              model/ (the reported student) and result.json
     results.json, results.md, results.png
+    overlays/                image | label | teacher | student alone | best method on the first
+                             validation images (overlay_*.png), and the prediction panels alone
+                             (predictions_*.png, free of dataset pixels)
     compile_cache/           XLA executables, shared by the runs (seeds repeat the same programs)
 
 Finished runs (those with ``result.json``) are not repeated, so an interrupted comparison resumes
@@ -24,11 +27,15 @@ from pathlib import Path
 import jax
 import ml_collections
 
+import numpy as np
+
 from kdjax import report, train
 from kdjax.data import dataset_info
+from kdjax.evaluate_run import network_predictor, write_prediction_overlays
 from kdjax.networks import load_teacher
 
 RESULT_FILE = "result.json"
+OVERLAY_DIR = "overlays"
 MODEL_DIR = "model"
 COMPILE_CACHE_DIR = "compile_cache"
 
@@ -75,6 +82,37 @@ def _teacher_row(config: ml_collections.ConfigDict, mesh) -> report.ResultRow:
         checkpoint="last", checkpoint_path=str(config.teacher.checkpoint))
 
 
+def best_method(rows: list[report.ResultRow]) -> str | None:
+    """The distillation method with the highest mean mIoU over its seeds (None if there is none)."""
+    means: dict[str, list[float]] = {}
+    for row in rows:
+        if row.method not in (report.TEACHER, report.STUDENT_ALONE):
+            means.setdefault(row.method, []).append(row.miou)
+    return max(means, key=lambda m: np.mean(means[m])) if means else None
+
+
+def write_comparison_overlays(config: ml_collections.ConfigDict, rows: list[report.ResultRow],
+                              out_dir: Path, mesh) -> list[Path]:
+    """Predictions of the teacher, the student alone and the best method side by side, the
+    students of the first seed (``config.eval.overlays`` validation images)."""
+    seed = config.seeds[0]
+    shown = [report.TEACHER, report.STUDENT_ALONE, best_method(rows)]
+    num_classes = dataset_info(config.data.name).num_classes
+    predictors = {}
+    for method in shown:
+        row = next((r for r in rows if r.method == method and
+                    (method == report.TEACHER or r.seed == seed)), None)
+        if row is None or row.checkpoint_path is None:
+            continue
+        model = config.teacher if method == report.TEACHER else config.student
+        model = ml_collections.ConfigDict({**model.to_dict(), "checkpoint": row.checkpoint_path})
+        network = load_teacher(model, num_classes=num_classes, mesh=mesh, seed=config.seed)
+        label = method if method in (report.TEACHER, report.STUDENT_ALONE) else f"best: {method}"
+        predictors[label] = network_predictor(network, config, num_classes)
+    return write_prediction_overlays(config, predictors, out_dir, config.eval.overlays,
+                                     prediction_only_copies=True)
+
+
 def use_compile_cache(workdir: Path) -> None:
     """Every seed of a method compiles the same train and eval programs; JAX's persistent cache
     (in ``workdir`` unless one is configured, e.g. by JAX_COMPILATION_CACHE_DIR) compiles them
@@ -118,6 +156,10 @@ def run_compare(config: ml_collections.ConfigDict, workdir: str | Path) -> list[
     if jax.process_index() == 0:
         table = report.write_results(workdir, rows, info.class_names)
         print(table)
+        overlays = []
+        if config.eval.overlays:
+            overlays = write_comparison_overlays(config, rows, workdir / OVERLAY_DIR, mesh)
         print(f"\nresults: {workdir / 'results.md'}, {workdir / 'results.json'}; "
-              f"plot: {workdir / 'results.png'}")
+              f"plot: {workdir / 'results.png'}; {len(overlays)} overlays in "
+              f"{workdir / OVERLAY_DIR}")
     return rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from kdjax.checkpoint import CheckpointError, TrainCheckpointer
 from kdjax.data import dataset_info, make_eval_iterator
 from kdjax.data.augment import denormalize
 from kdjax.evaluate import predict_classes, write_overlays
+from kdjax.networks import Network
 
 
 def restore_reported(exp: train.Experiment, workdir: Path) -> tuple[train.TrainState, str]:
@@ -36,37 +38,42 @@ def restore_reported(exp: train.Experiment, workdir: Path) -> tuple[train.TrainS
         return state, "last"
 
 
-def write_prediction_overlays(exp: train.Experiment, state: train.TrainState, out_dir: Path,
-                              count: int) -> list[Path]:
-    """Overlays of the first ``count`` validation images (this process's share)."""
-    config = exp.config
+Predictor = Callable[[jax.Array], jax.Array]
+
+
+def network_predictor(network: Network, config: ml_collections.ConfigDict,
+                      num_classes: int) -> Predictor:
+    """Jitted (N, H, W, 3) images → (N, H, W) classes of a frozen network, in the eval mode."""
+    def logits(images):
+        return network.merge()(images.astype(network.dtype), train=False).logits
+    return jax.jit(functools.partial(predict_classes, logits, eval_mode=train.eval_mode(config),
+                                     num_classes=num_classes))
+
+
+def write_prediction_overlays(config: ml_collections.ConfigDict,
+                              predictors: Mapping[str, Predictor], out_dir: Path, count: int, *,
+                              prediction_only_copies: bool = False) -> list[Path]:
+    """``overlay_<k>.png`` (image | label | each predictor's classes) for the first ``count``
+    validation images; with ``prediction_only_copies`` also ``predictions_<k>.png``, the
+    prediction panels alone. Runs on one process."""
     info = dataset_info(config.data.name)
-    mode = train.eval_mode(config)
-    student = jax.jit(functools.partial(predict_classes, functools.partial(
-        exp.eval_logits, (state.params, state.rest)), eval_mode=mode,
-        num_classes=exp.num_classes))
-    teacher = None
-    if exp.teacher is not None:
-        def teacher_logits(images):
-            return exp.teacher.merge()(images.astype(exp.teacher.dtype), train=False).logits
-        teacher = jax.jit(functools.partial(predict_classes, teacher_logits, eval_mode=mode,
-                                            num_classes=exp.num_classes))
     paths = []
     for batch in make_eval_iterator(config.data, global_batch_size=config.eval.batch_size,
                                     process_index=0, process_count=1):
-        predictions = {"student": np.asarray(student(batch["image"]))}
-        if teacher is not None:
-            predictions = {"teacher": np.asarray(teacher(batch["image"])), **predictions}
+        predictions = {name: np.asarray(predict(batch["image"]))
+                       for name, predict in predictors.items()}
         images = denormalize(batch["image"], config.data.normalization)
         for i in np.flatnonzero(batch["valid"]):
             if len(paths) == count:
                 return paths
             h, w = int(batch["height"][i]), int(batch["width"][i])
-            path = out_dir / f"overlay_{len(paths):03d}.png"
-            write_overlays(path, images[i, :h, :w], batch["label"][i, :h, :w],
-                           {name: p[i, :h, :w] for name, p in predictions.items()},
-                           info.palette, info.ignore_label)
-            paths.append(path)
+            row = dict(image_uint8=images[i, :h, :w], label=batch["label"][i, :h, :w],
+                       predictions={name: p[i, :h, :w] for name, p in predictions.items()},
+                       palette=info.palette, ignore_label=info.ignore_label)
+            if prediction_only_copies:
+                write_overlays(out_dir / f"predictions_{len(paths):03d}.png", **row,
+                               show_inputs=False)
+            paths.append(write_overlays(out_dir / f"overlay_{len(paths):03d}.png", **row))
     return paths
 
 
@@ -86,6 +93,12 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         table = report.metrics_table(metrics, exp.class_names, eval_mode=mode, checkpoint=rule)
         (out_dir / "metrics.md").write_text(table)
         print(table)
-        overlays = write_prediction_overlays(exp, state, out_dir, config.eval.overlays)
+        predictors = {"student": jax.jit(functools.partial(predict_classes, functools.partial(
+            exp.eval_logits, (state.params, state.rest)), eval_mode=mode,
+            num_classes=exp.num_classes))}
+        if exp.teacher is not None:
+            predictors = {"teacher": network_predictor(exp.teacher, config, exp.num_classes),
+                          **predictors}
+        overlays = write_prediction_overlays(config, predictors, out_dir, config.eval.overlays)
         print(f"wrote {out_dir / 'metrics.md'} and {len(overlays)} overlays in {out_dir}")
     return record

@@ -36,7 +36,8 @@ def colorize(label: np.ndarray, palette: np.ndarray, ignore_label: int = 255) ->
 
 
 def overlay_row(image: np.ndarray, label: np.ndarray, predictions: Mapping[str, np.ndarray],
-                palette: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+                palette: np.ndarray, ignore_label: int = 255, *,
+                show_inputs: bool = True) -> np.ndarray:
     """Panels image | label | each prediction in order, side by side, each titled.
 
     Args:
@@ -45,15 +46,18 @@ def overlay_row(image: np.ndarray, label: np.ndarray, predictions: Mapping[str, 
       predictions: name → (H, W) predicted class ids, e.g. ``{'teacher': t, 'student': s}``.
       palette: (K, 3) uint8 RGB.
       ignore_label: drawn black.
+      show_inputs: draw the image and label panels; False keeps only the predictions, a row that
+        holds none of the dataset's pixels (for publishing results on licensed data).
     Returns:
-      (TITLE_HEIGHT + H, P·W + (P − 1)·PANEL_GAP, 3) uint8 with P = 2 + len(predictions).
+      (TITLE_HEIGHT + H, P·W + (P − 1)·PANEL_GAP, 3) uint8 with P = len(predictions), plus 2
+      with ``show_inputs``.
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8; got shape {image.shape}, "
                          f"dtype {image.dtype}.")
     height, width = image.shape[:2]
-    panels = {"image": image, "label": colorize(label, palette, ignore_label)}
+    panels = {"image": image, "label": colorize(label, palette, ignore_label)} if show_inputs else {}
     for name, prediction in predictions.items():
         panels[name] = colorize(prediction, palette, ignore_label)
     for name, panel in panels.items():
@@ -73,10 +77,11 @@ def overlay_row(image: np.ndarray, label: np.ndarray, predictions: Mapping[str, 
 
 def write_overlays(path: str | pathlib.Path, image_uint8: np.ndarray, label: np.ndarray,
                    predictions: Mapping[str, np.ndarray], palette: np.ndarray,
-                   ignore_label: int = 255) -> pathlib.Path:
+                   ignore_label: int = 255, *, show_inputs: bool = True) -> pathlib.Path:
     """Writes ``overlay_row(...)`` as a PNG (creating parent directories); returns the path."""
     path = pathlib.Path(path)
-    row = overlay_row(image_uint8, label, predictions, palette, ignore_label)
+    row = overlay_row(image_uint8, label, predictions, palette, ignore_label,
+                      show_inputs=show_inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(row).save(path, format="PNG")
     return path

@@ -44,6 +44,19 @@ def test_overlay_png_has_one_titled_panel_per_map(tmp_path):
     assert (decoded[:TITLE_HEIGHT] < 255).any()
 
 
+def test_prediction_only_overlay_holds_no_input_pixels(tmp_path):
+    h, w = 6, 7
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    teacher, student = rng.integers(0, 3, (2, h, w))
+    path = write_overlays(tmp_path / "p.png", image, rng.integers(0, 3, (h, w)),
+                          {"teacher": teacher, "student": student}, PALETTE, show_inputs=False)
+    decoded = np.asarray(Image.open(path))
+    assert decoded.shape == (TITLE_HEIGHT + h, 2 * w + PANEL_GAP, 3)
+    np.testing.assert_array_equal(decoded[TITLE_HEIGHT:, :w], PALETTE[teacher])
+    np.testing.assert_array_equal(decoded[TITLE_HEIGHT:, w + PANEL_GAP:], PALETTE[student])
+
+
 def test_overlay_rejects_a_prediction_of_another_size(tmp_path):
     image = np.zeros((4, 5, 3), np.uint8)
     with pytest.raises(ValueError, match="student must be 4x5"):

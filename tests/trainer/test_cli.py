@@ -37,6 +37,16 @@ def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
         cli.main(["train", f"--config={CONFIG}", f"--workdir={tmp_path}", "--config.nope=1"])
 
 
+def test_an_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_run", interrupted)
+    code = cli.main(["train", f"--config={CONFIG}", f"--workdir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "interrupted" in err and "same command resumes" in err and "Traceback" not in err
+
+
 def test_data_show_writes_a_grid(tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert cli.main(["data", "show", f"--config={CONFIG}", f"--out={out}"]) == 0

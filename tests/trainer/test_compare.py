@@ -4,10 +4,13 @@ reports written, finished runs reused, and a changed recipe refused."""
 import json
 
 import ml_collections
+import numpy as np
 import pytest
+from PIL import Image
 
 from kdjax import compare, report
 from kdjax.config import ConfigError, load_config
+from kdjax.evaluation.overlays import PANEL_GAP
 from kdjax.recipes import method_terms
 from tests.trainer.test_train import CONFIG
 
@@ -37,6 +40,15 @@ def test_compare_trains_reports_and_resumes(tmp_path, capsys):
     assert "results.md" in capsys.readouterr().out
     # The students distilled from the teacher that compare trained and exported.
     assert (tmp_path / "teacher" / "model" / "model_spec.json").exists()
+    # Overlays: image | label | teacher | student alone | the best method, and a copy without
+    # the dataset's pixels.
+    overlays = sorted((tmp_path / "overlays").glob("overlay_*.png"))
+    copies = sorted((tmp_path / "overlays").glob("predictions_*.png"))
+    assert len(overlays) == len(copies) == _config().eval.overlays
+    full, bare = (np.asarray(Image.open(p)) for p in (overlays[0], copies[0]))
+    width = (full.shape[1] + PANEL_GAP) // 5 - PANEL_GAP
+    assert bare.shape[1] == 3 * width + 2 * PANEL_GAP
+    assert compare.best_method(rows) == "kd"
 
     # Finished runs are reused as they are ...
     again = compare.run_compare(_config(), tmp_path)
