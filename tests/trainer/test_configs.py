@@ -38,6 +38,18 @@ def test_there_is_a_config_per_paper_row():
             "ade20k/deeplabv3_r101_r18_cirkd.py", "demo.py"} <= set(ALL)
 
 
+def test_camvid_protocol_compares_every_method_over_seeds():
+    config = load_config(str(CONFIGS / "camvid" / "compare.py"))
+    check_known_keys(config, base_config())
+    assert config.data.name == "camvid" and config.data.manual_dir == "../shared/data/camvid"
+    assert len(config.seeds) >= 3 and config.teacher.checkpoint is None
+    assert {"student_alone", "kd", "cwd_logits", "nfd", "pfs_wpi", "fakd_kd",
+            "fakd_cwd"} <= set(config.methods)
+    assert len({"skd", "ifvd", "cirkd", "dist"} & set(config.methods)) >= 2
+    for terms in config.methods.values():
+        parse_terms(terms, train_steps=config.train.steps)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_config_is_valid_and_documents_its_command(name):
     text = (CONFIGS / name).read_text()
