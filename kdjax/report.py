@@ -129,12 +129,29 @@ def _protocol_line(label: str, groups: dict[str, list[ResultRow]], field: str) -
                                     for value, methods in users.items()) + "."
 
 
+def _verdict(method: _MethodSummary, baseline: _MethodSummary) -> str:
+    """'yes' / 'no' when the mean mIoU differs from the baseline's by more than twice the standard
+    error of the difference (pooled variance over both methods' seeds, as a two-sample t-test
+    assumes), 'unclear' otherwise; a dash when neither has two seeds to estimate the variance."""
+    dof = method.seeds + baseline.seeds - 2
+    if dof == 0:
+        return DASH
+    pooled = ((method.seeds - 1) * (method.std or 0.0) ** 2
+              + (baseline.seeds - 1) * (baseline.std or 0.0) ** 2) / dof
+    standard_error = np.sqrt(pooled * (1 / method.seeds + 1 / baseline.seeds))
+    delta = method.mean - baseline.mean
+    if delta > 2 * standard_error:
+        return "yes"
+    return "no" if delta < -2 * standard_error else "unclear"
+
+
 def _fmt(value: float | None) -> str:
     return DASH if value is None else f"{value:.2f}"
 
 
 def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> str:
-    """The comparison table: method | seeds | mIoU mean ± std | Δ vs student alone | per-class IoU.
+    """The comparison table: method | seeds | mIoU mean ± std | Δ vs student alone | better than
+    the student alone (see ``_verdict``) | per-class IoU.
 
     Above it: the eval mode and checkpoint rule of the rows, and the meaning of the numbers.
     """
@@ -142,7 +159,7 @@ def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> s
         raise ValueError("rows is empty: there is nothing to report.")
     groups = _group_by_method(rows)
     summaries = [_summarise(method, group, class_names) for method, group in groups.items()]
-    baseline = next((s.mean for s in summaries if s.method == STUDENT_ALONE), None)
+    baseline = next((s for s in summaries if s.method == STUDENT_ALONE), None)
     lines = [
         "# Results",
         "",
@@ -151,16 +168,20 @@ def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> s
         "",
         "mIoU and per-class IoU in %, mean over seeds; ± is the sample standard deviation over "
         "seeds (ddof = 1), absent for a single seed. Δ is the difference of mean mIoU to the "
-        f"{STUDENT_ALONE!r} row (the student trained without distillation).",
+        f"{STUDENT_ALONE!r} row (the student trained without distillation). 'Better' is 'yes' "
+        "or 'no' when |Δ| exceeds twice its standard error (the seeds' variance pooled over "
+        "the method and the student alone), else 'unclear'.",
         "",
-        "| method | seeds | mIoU | Δ vs student alone | " + " | ".join(class_names) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(class_names),
+        "| method | seeds | mIoU | Δ vs student alone | better | "
+        + " | ".join(class_names) + " |",
+        "|---|---:|---:|---:|:---:|" + "---:|" * len(class_names),
     ]
     for s in summaries:
-        delta = (DASH if baseline is None or s.method == STUDENT_ALONE
-                 else f"{s.mean - baseline:+.2f}")
+        compared = baseline is not None and s.method != STUDENT_ALONE
+        delta = f"{s.mean - baseline.mean:+.2f}" if compared else DASH
+        better = _verdict(s, baseline) if compared else DASH
         spread = "" if s.std is None else f" ± {s.std:.2f}"
-        cells = [s.method, str(s.seeds), f"{s.mean:.2f}{spread}", delta,
+        cells = [s.method, str(s.seeds), f"{s.mean:.2f}{spread}", delta, better,
                  *(_fmt(s.per_class_mean[name]) for name in class_names)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

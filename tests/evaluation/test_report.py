@@ -43,12 +43,14 @@ def test_results_files(tmp_path):
 
     # student alone: mean 71.1667, sample std 1.2583; cwd: mean 73.8333, std 0.7638;
     # Δ = 78 − 71.1667 = +6.83 and 73.8333 − 71.1667 = +2.67; per-class means skip missing values.
+    # 'better': pooled variance (2·1.5833 + 2·0.5833)/4 = 1.0833, SE = √(1.0833·2/3) = 0.850, and
+    # 2.67 > 2·0.850; the single-seed teacher: (0 + 2·1.5833)/2, SE = √(1.5833·4/3) = 1.453.
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert table[0] == "| method | seeds | mIoU | Δ vs student alone | road | car |"
+    assert table[0] == "| method | seeds | mIoU | Δ vs student alone | better | road | car |"
     assert table[1:] == [
-        "| teacher | 1 | 78.00 | +6.83 | 90.00 | 50.00 |",
-        "| student alone | 3 | 71.17 ± 1.26 | — | 79.50 | 11.00 |",
-        "| cwd | 3 | 73.83 ± 0.76 | +2.67 | 81.00 | — |",
+        "| teacher | 1 | 78.00 | +6.83 | yes | 90.00 | 50.00 |",
+        "| student alone | 3 | 71.17 ± 1.26 | — | — | 79.50 | 11.00 |",
+        "| cwd | 3 | 73.83 ± 0.76 | +2.67 | yes | 81.00 | — |",
     ]
     assert np.isclose(np.std([70.0, 71.0, 72.5], ddof=1), 1.2583, atol=1e-4)
     assert "Evaluation: whole, scale 1.0." in markdown
@@ -71,7 +73,20 @@ def test_mixed_protocols_are_spelled_out_per_method(tmp_path):
 
 def test_without_a_student_alone_row_delta_is_a_dash(tmp_path):
     markdown = write_results(tmp_path, [_row("cwd", 0, 73.0, 80.0)], CLASSES)
-    assert "| cwd | 1 | 73.00 | — | 80.00 | — |" in markdown
+    assert "| cwd | 1 | 73.00 | — | — | 80.00 | — |" in markdown
+
+
+def test_better_says_no_or_unclear_within_twice_the_standard_error(tmp_path):
+    # Student alone 70, 71, 72 (std 1): SE of a 3-seed difference with pooled std s is s·√(2/3).
+    alone = [_row(STUDENT_ALONE, k, 70.0 + k, 80.0) for k in range(3)]
+    slightly = [_row("kd", k, 70.5 + k, 80.0) for k in range(3)]     # Δ +0.5, SE 0.816
+    worse = [_row("at", k, 66.0 + k, 80.0) for k in range(3)]        # Δ −4, SE 0.816
+    single = [_row("dist", 0, 71.5, 80.0), _row("nfd", 0, 74.0, 80.0)]  # SE √(1·4/3) = 1.155
+    markdown = write_results(tmp_path, alone + slightly + worse + single, CLASSES)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[4]
+            for line in markdown.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows == {"method": "better", "student alone": "—", "kd": "unclear", "at": "no",
+                    "dist": "unclear", "nfd": "yes"}
 
 
 def test_bad_rows_are_rejected(tmp_path):
