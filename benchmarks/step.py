@@ -1,95 +1,664 @@
-"""Throughput of kdjax's distillation train step: images/s with the teacher forward, the student
-forward and backward, CE + aux CE (+ CWD on logits) and the SGD update, with compile time reported
-separately; and the same step without the distillation terms (no teacher), which bounds from above
-what any distillation step can consume.
+"""Train step: kdjax's whole distillation step against the same step in PyTorch, same networks, batch
+and resolution.
 
-    python benchmarks/step.py --size 360 360 --batch 2 --steps 3
-    python benchmarks/step.py --size 512 1024 --batch 2 --steps 2 --teacher deeplabv3_resnet50
+    python benchmarks/step.py [--quick] [--size H W] [--batch N] [--reps R] [--student NAME]
+                              [--teacher NAME] [--dtypes float32,bfloat16] [--threads N]
+                              [--json FILE] [--write] [--no-torch]
 
-Random weights and random batches of the given size: the step's cost does not depend on them.
+Three cases, each timed as one full call:
+
+1. ``teacher_forward``: the frozen teacher (default DeepLabV3-ResNet101) on the batch in inference
+   mode. kdjax: a jitted forward of the experiment's teacher (``Experiment.teacher_tensors``, as the
+   train step calls it), returning logits, aux logits and the head feature. PyTorch: ``eval()`` and
+   ``torch.inference_mode()``, the same three outputs.
+2. ``student_alone``: the student's (default DeepLabV3-ResNet18) train step: forward in train mode,
+   CE + 0.4·aux CE on the logits upsampled bilinearly (align_corners=True) to the label size,
+   backward, SGD (momentum 0.9, coupled L2 weight decay 1e-4, lr 0.01 on the poly schedule).
+   kdjax: the compiled step of an experiment without distillation terms.
+3. ``distill``: the teacher forward, the student step and channel-wise divergence on the logits
+   (weight 3, τ = 4; the ``cwd_logits`` recipe). kdjax: the compiled step with those terms.
+
+Method:
+
+- kdjax runs jitted, PyTorch eager (``tests/torch_reference``'s CIRKD networks, whose parameters are
+  those of kdjax's, and ``benchmarks/torch_losses.py``'s CWD). Random weights on both sides (the cost
+  of a step does not depend on them); the two students must have the same parameter count. Inputs:
+  random N×H×W×3 images (the same values as N×3×H×W for PyTorch) and random labels in [0, 19).
+- Both libraries get the same number of threads (``losses.configure_threads``).
+- Each implementation gets one untimed warm-up call, then the repetitions are interleaved (kdjax
+  case 1, PyTorch case 1, kdjax case 2, …, then the reverse order), so load from other jobs falls on
+  both alike. Reported: median and min–max ms per step, images/s from the median, and the ratio
+  PyTorch / kdjax (> 1: kdjax faster). kdjax's setup and compile time is reported apart.
+- FLOPs per step: kdjax from the compiled executable's ``cost_analysis()``, PyTorch from
+  ``torch.utils.flop_counter.FlopCounterMode`` over one step. XLA counts a convolution's kernel taps
+  only where they fall inside the input, FlopCounterMode also where they fall on the zero padding;
+  with the ASPP's dilation rates 12/24/36 on small feature maps most taps are padding, so the
+  PyTorch count uses XLA's rule for convolutions (its own count, padding included, is kept as
+  ``gflop_with_padding``). Each side's share of the CPU's peak is its FLOPs / median time / its own
+  library's float32 matmul rate (a 2048×2048 product, median of several).
+- Memory: kdjax = XLA's buffer assignment of the compiled call, arguments + outputs + temporaries −
+  donated; PyTorch = the tensors held when the call starts (weights, momentum buffers, batch) plus
+  the allocator's peak above that during the call (``torch.profiler`` allocation events).
+- Distillation overhead per side: (distill − teacher_forward − student_alone) / student_alone, the
+  cost of the distillation losses with the teacher's forward taken out; the target is ≤ 5 %.
+- ``--dtypes float32,bfloat16`` adds a bfloat16 block: the kdjax networks compute in bfloat16
+  (parameters stay float32), PyTorch runs under ``torch.autocast('cpu', dtype=torch.bfloat16)``.
+
+``--quick``: 64×64, batch 2, 2 repetitions, DeepLabV3-ResNet18 as student and teacher (a smoke run).
+``--no-torch``: kdjax only. ``--write`` puts the table into the 'Train step' section of
+benchmarks/RESULTS.md (the part between its markers).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import statistics
+import sys
 import time
+import types
+import unittest.mock
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import jax
-import numpy as np
+# Sibling modules (losses, results_file, torch_losses) and the repository root (tests.torch_reference).
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import losses  # noqa: E402
+import results_file  # noqa: E402
 
-from kdjax import sharding, train
-from kdjax.defaults import base_config
-from kdjax.recipes import method_terms
+SECTION = "## Train step"
+BEGIN, END = "<!-- step.py: begin -->", "<!-- step.py: end -->"
+
+CASES = ("teacher_forward", "student_alone", "distill")
+SIDES = ("kdjax", "torch")
+CLASSES, IGNORE = 19, 255
+AUX_WEIGHT = 0.4
+CWD_WEIGHT, CWD_TAU = 3.0, 4.0
+LR, MOMENTUM, WEIGHT_DECAY, POLY_POWER, TOTAL_STEPS = 0.01, 0.9, 1e-4, 0.9, 40000
+TEACHER_OUTPUTS = ("logits", "aux_logits", "head")   # what the PyTorch model's forward returns
+MATMUL_N = 2048
+OVERHEAD_TARGET = 5.0      # percent of the student-alone step
+STEP_TARGET = 1.0          # distill: PyTorch time / kdjax time
+QUICK = {"size": (64, 64), "batch": 2, "reps": 2, "student": "deeplabv3_resnet18",
+         "teacher": "deeplabv3_resnet18"}
 
 
-def step_config(args, distill: bool):
+@dataclass
+class Impl:
+    """One case on one side: a call that runs a whole step and waits for it, and what is known
+    about it before timing (FLOPs, memory, compile time)."""
+
+    call: Callable[[], object]
+    flops: float = 0.0
+    peak_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def make_batch(args, seed: int = 0) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    h, w = args.size
+    return {"image": rng.standard_normal((args.batch, h, w, 3)).astype(np.float32),
+            "label": rng.integers(0, CLASSES, (args.batch, h, w)).astype(np.int32)}
+
+
+# --------------------------------------------------------------------------------------------------
+# kdjax side.
+
+def kdjax_config(args, dtype: str, distill: bool):
+    from kdjax.defaults import base_config
+    from kdjax.recipes import method_terms
+
     config = base_config()
-    config.data.name = "synthetic"
+    config.data.name = "cityscapes"          # 19 classes; only its metadata is read
     config.data.crop_size = tuple(args.size)
-    config.student.name = args.student
-    config.teacher.name = args.teacher
+    config.student.name, config.teacher.name = args.student, args.teacher
     config.teacher.checkpoint = "random"
-    config.student.dtype = config.teacher.dtype = args.dtype
+    config.student.dtype = config.teacher.dtype = dtype
     config.train.batch_size = args.batch
+    config.train.learning_rate = LR
+    config.train.momentum, config.train.weight_decay = MOMENTUM, WEIGHT_DECAY
+    config.train.poly_power, config.train.steps = POLY_POWER, TOTAL_STEPS
+    config.train.aux_weight = AUX_WEIGHT
     if distill:
         config.distill.terms = method_terms("cwd_logits")
     return config
 
 
-def measure(args, distill: bool) -> dict:
-    config = step_config(args, distill)
+def compiled_costs(compiled) -> tuple[float, int, dict]:
+    """(FLOPs, peak bytes, memory analysis) of a compiled executable."""
+    costs = compiled.cost_analysis()
+    if isinstance(costs, (list, tuple)):     # older jax: one dict per program
+        costs = costs[0]
+    stats = compiled.memory_analysis()
+    memory = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
+              "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
+    peak = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
+    return float(costs.get("flops", 0.0)), peak, memory
+
+
+def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):
+    """The compiled train step of a kdjax experiment; (Impl, experiment, student parameter count)."""
+    import jax
+
+    from kdjax import sharding, train
+
     mesh = sharding.make_mesh(jax.devices()[:1])
     start = time.perf_counter()
-    exp = train.setup(config, mesh=mesh)
+    exp = train.setup(kdjax_config(args, dtype, distill), mesh=mesh)
     state = exp.init_state()
-    rng = np.random.default_rng(0)
-    h, w = config.data.crop_size
-    batch = sharding.global_batch(
-        {"image": rng.normal(size=(args.batch, h, w, 3)).astype(np.float32),
-         "label": rng.integers(0, 8, size=(args.batch, h, w)).astype(np.int32)}, mesh)
-    step = exp.compiled_step()
-    state, metrics = step(state, exp.teacher_inputs(), batch)
-    jax.block_until_ready(metrics)
-    compile_seconds = time.perf_counter() - start
-    times = []
-    for _ in range(args.steps):
-        tick = time.perf_counter()
-        state, metrics = step(state, exp.teacher_inputs(), batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - tick)
-    median = statistics.median(times)
-    return {"distill": distill, "setup_and_compile_s": compile_seconds, "step_s_median": median,
-            "step_s_min": min(times), "step_s_max": max(times),
-            "images_per_s": args.batch / median}
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    batch = sharding.global_batch(batch, mesh)
+    teacher = exp.teacher_inputs()
+    # The experiment's own jitted step, compiled once here so its costs can be read; the state is
+    # donated, as in training.
+    compiled = exp.compiled_step().lower(state, teacher, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def call():
+        holder["state"], metrics = compiled(holder["state"], teacher, batch)
+        jax.block_until_ready((holder["state"], metrics))
+
+    flops, peak, memory = compiled_costs(compiled)
+    impl = Impl(call, flops, peak, {"compile_s": compile_s, "memory_analysis": memory})
+    return impl, exp, params
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, nargs=2, default=(360, 360), metavar=("H", "W"))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
-    parser.add_argument("--student", default="deeplabv3_resnet18")
-    parser.add_argument("--teacher", default="deeplabv3_resnet101")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--without-distillation-only", action="store_true",
-                        help="measure only the student's step (no teacher, no KD terms)")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
-    runs = [measure(args, distill=False)]
-    if not args.without_distillation_only:
-        runs.append(measure(args, distill=True))
-    for run in runs:
-        kind = f"distillation ({args.teacher} → {args.student})" if run["distill"] else \
-            f"student alone ({args.student})"
-        print(f"{kind}, {args.size[0]}×{args.size[1]}, batch {args.batch}, {args.dtype}: "
-              f"{run['images_per_s']:.3f} images/s (step {run['step_s_median']:.2f} s, "
-              f"{run['step_s_min']:.2f}–{run['step_s_max']:.2f}), setup+compile "
-              f"{run['setup_and_compile_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+def kdjax_teacher_forward(exp, batch: dict) -> Impl:
+    """A jitted inference forward of the experiment's frozen teacher."""
+    import jax
+
+    from kdjax import sharding
+
+    def forward(variables, images):
+        tensors = exp.teacher_tensors(variables, images)
+        return {name: tensors[name] for name in TEACHER_OUTPUTS if name in tensors}
+
+    images = sharding.global_batch({"image": batch["image"]}, exp.mesh)["image"]
+    variables = exp.teacher_inputs()
+    start = time.perf_counter()
+    compiled = jax.jit(forward).lower(variables, images).compile()
+    compile_s = time.perf_counter() - start
+    flops, peak, memory = compiled_costs(compiled)
+    return Impl(lambda: jax.block_until_ready(compiled(variables, images)), flops, peak,
+                {"compile_s": compile_s, "memory_analysis": memory})
+
+
+def param_count(module, kind) -> int:
+    import jax
+    from flax import nnx
+
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, kind)))
+
+
+def kdjax_impls(args, dtype: str, batch: dict) -> tuple[dict, dict]:
+    """The three kdjax cases and the parameter counts of its networks."""
+    from flax import nnx
+
+    distill, exp, _ = kdjax_train_step(args, dtype, True, batch)
+    alone, _, student_params = kdjax_train_step(args, dtype, False, batch)
+    teacher = kdjax_teacher_forward(exp, batch)
+    counts = {"student": student_params, "teacher": param_count(exp.teacher.merge(), nnx.Param)}
+    return {"teacher_forward": teacher, "student_alone": alone, "distill": distill}, counts
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch side.
+
+def torch_task_loss(logits, aux_logits, labels):
+    """CE + 0.4·aux CE on the logits upsampled to the label size, as kdjax.distill.task_loss."""
+    import torch.nn.functional as F
+
+    size = labels.shape[1:]
+
+    def ce(x):
+        up = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+        return F.cross_entropy(up, labels, ignore_index=IGNORE)
+
+    return ce(logits) + AUX_WEIGHT * ce(aux_logits)
+
+
+class TorchSide:
+    """The PyTorch networks, optimizer and batch; one method per case."""
+
+    def __init__(self, args, dtype: str, batch: dict):
+        import numpy as np
+        import torch
+        import torch_losses
+
+        from tests.torch_reference import build_cirkd
+
+        torch.manual_seed(0)
+        self.images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+        self.labels = torch.from_numpy(batch["label"].astype(np.int64))
+        self.student = build_cirkd(args.student, num_classes=CLASSES).train()
+        self.teacher = build_cirkd(args.teacher, num_classes=CLASSES).eval().requires_grad_(False)
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=LR, momentum=MOMENTUM,
+                                         weight_decay=WEIGHT_DECAY)
+        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(
+            self.optimizer, total_iters=TOTAL_STEPS, power=POLY_POWER)
+        self.bf16 = dtype == "bfloat16"
+        self.cwd = torch_losses.channel_wise_divergence
+
+    def autocast(self):
+        import torch
+
+        if self.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def teacher_forward(self):
+        import torch
+
+        with torch.inference_mode(), self.autocast():
+            return self.teacher(self.images)
+
+    def train_step(self, distill: bool):
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            if distill:
+                with torch.inference_mode():
+                    teacher_logits = self.teacher(self.images)[0]
+            logits, aux_logits, _ = self.student(self.images)
+            loss = torch_task_loss(logits, aux_logits, self.labels)
+            if distill:
+                loss = loss + CWD_WEIGHT * self.cwd(logits, teacher_logits, CWD_TAU)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    def calls(self) -> dict:
+        return {"teacher_forward": self.teacher_forward,
+                "student_alone": lambda: self.train_step(False),
+                "distill": lambda: self.train_step(True)}
+
+    def held_tensors(self, case: str):
+        """The tensors a case's call finds in memory when it starts (gradients excluded: a step
+        starts without them, as kdjax's step holds none between steps)."""
+        import torch
+
+        modules = [self.teacher] if case == "teacher_forward" else [self.student]
+        if case == "distill":
+            modules.append(self.teacher)
+        yield self.images
+        for module in modules:
+            yield from module.parameters()
+            yield from module.buffers()
+        if case != "teacher_forward":
+            yield self.labels
+            for state in self.optimizer.state.values():
+                yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def torch_peak_bytes(call, held) -> int:
+    """Held tensors + the allocator's peak above its start level during one call (as
+    ``losses.torch_peak_bytes`` measures a loss)."""
+    import itertools
+
+    from torch.profiler import ProfilerActivity, profile
+
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = []
+
+    def walk(node):
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    events.sort()
+    peak = max(itertools.accumulate(size for _, size in events), default=0)
+    return sum(storages.values()) + max(peak, 0)
+
+
+def valid_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    """(output position, kernel tap) pairs of one spatial axis whose input index is inside the input,
+    not in the zero padding."""
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+    return sum(1 for o in range(out) for k in range(kernel) if 0 <= o * stride - pad + k * dilation < size)
+
+
+def conv_flops(x_shape, w_shape, _bias, stride, padding, dilation, transposed, *args, out_shape=None,
+               **kwargs) -> int:
+    """Convolution FLOPs over the kernel taps that fall inside the input, as XLA's cost analysis
+    counts them. FlopCounterMode's own formula also counts the taps on the zero padding, which
+    matters for the dilated ASPP convolutions (rates 12/24/36) on small feature maps."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    if transposed or isinstance(padding, str):
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=transposed)
+    c_out, c_in_per_group, *kernel = w_shape
+    taps = 1
+    for size, k, st, p, d in zip(x_shape[2:], kernel, stride, padding, dilation):
+        taps *= valid_taps(size, k, st, p, d)
+    return 2 * x_shape[0] * c_out * c_in_per_group * taps
+
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """The input gradient and the weight gradient each cost what the forward costs."""
+    forward = conv_flops(x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                         out_shape=grad_out_shape)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def torch_flops(call) -> tuple[float, float]:
+    """FLOPs of one call: (convolutions counted over valid taps, FlopCounterMode's own count)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    valid = {aten.convolution: conv_flops, aten._convolution: conv_flops,
+             aten.convolution_backward: conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=valid) as counter:
+        call()
+    with FlopCounterMode(display=False) as nominal:
+        call()
+    return float(counter.get_total_flops()), float(nominal.get_total_flops())
+
+
+def torch_impls(args, dtype: str, batch: dict) -> tuple[dict, dict]:
+    """The three PyTorch cases (after their warm-up) and the parameter counts of its networks."""
+    side = TorchSide(args, dtype, batch)
+    impls = {}
+    for case, call in side.calls().items():
+        call()                      # first call: allocator and kernel caches warmed up
+        flops, nominal = torch_flops(call)
+        # The memory call starts without gradients, as kdjax's step, which keeps none between steps.
+        side.optimizer.zero_grad(set_to_none=True)
+        impls[case] = Impl(call, flops=flops,
+                           peak_bytes=torch_peak_bytes(call, list(side.held_tensors(case))),
+                           extra={"gflop_with_padding": nominal / 1e9})
+    counts = {name: sum(p.numel() for p in net.parameters())
+              for name, net in (("student", side.student), ("teacher", side.teacher))}
+    return impls, counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Matmul peak.
+
+def matmul_peaks(reps: int, with_torch: bool) -> dict:
+    """float32 GFLOP/s of an N×N @ N×N product in each library: the CPU's practical peak."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((MATMUL_N, MATMUL_N)).astype(np.float32) for _ in range(2))
+    ja, jb = jax.device_put(a), jax.device_put(b)
+    product = jax.jit(lambda x, y: x @ y).lower(ja, jb).compile()
+    calls = {"kdjax": lambda: jax.block_until_ready(product(ja, jb))}
+    if with_torch:
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        calls["torch"] = lambda: torch.mm(ta, tb)
+    times = interleaved(calls, reps)
+    flops = 2.0 * MATMUL_N**3
+    return {side: flops / statistics.median(t) / 1e9 for side, t in times.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing.
+
+def interleaved(calls: dict, reps: int) -> dict:
+    """One untimed warm-up call each, then ``reps`` timed rounds, every other round reversed."""
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
+    order = list(calls)
+    for rep in range(reps):
+        for name in (order if rep % 2 == 0 else order[::-1]):
+            times[name].append(timed(calls[name]))
+    return times
+
+
+def side_summary(seconds: list[float], impl: Impl, batch: int, peak_gflops: float) -> dict:
+    median = statistics.median(seconds)
+    return {"median_ms": 1e3 * median, "min_ms": 1e3 * min(seconds), "max_ms": 1e3 * max(seconds),
+            "reps": len(seconds), "images_per_s": batch / median, "gflop": impl.flops / 1e9,
+            "peak_percent": 100.0 * impl.flops / median / (peak_gflops * 1e9),
+            "peak_mb": impl.peak_bytes / 2**20, **impl.extra}
+
+
+def overhead(cases: dict, side: str) -> float:
+    """(distill − teacher_forward − student_alone) / student_alone, in percent."""
+    ms = {case: cases[case][side]["median_ms"] for case in CASES}
+    return 100.0 * (ms["distill"] - ms["teacher_forward"] - ms["student_alone"]) / ms["student_alone"]
+
+
+def run_dtype(args, dtype: str, peaks: dict, log) -> tuple[dict, dict]:
+    """One dtype block: every case on every side, interleaved; (block, parameter counts)."""
+    import gc
+
+    batch = make_batch(args)
+    impls = {}
+    kd, counts = kdjax_impls(args, dtype, batch)
+    impls.update({(case, "kdjax"): impl for case, impl in kd.items()})
+    compiled = ", ".join(f"{case} {impl.extra['compile_s']:.0f} s" for case, impl in kd.items())
+    log(f"{dtype}: kdjax setup + compile: {compiled}")
+    if args.torch:
+        th, torch_counts = torch_impls(args, dtype, batch)
+        impls.update({(case, "torch"): impl for case, impl in th.items()})
+        counts = {name: {"kdjax": counts[name], "torch": torch_counts[name]} for name in counts}
+        for name, c in counts.items():    # the same architectures on both sides
+            if c["kdjax"] != c["torch"]:
+                raise SystemExit(f"the {name}s differ: kdjax {c['kdjax']:,} parameters, "
+                                 f"PyTorch {c['torch']:,}")
+    else:
+        counts = {name: {"kdjax": n} for name, n in counts.items()}
+    log(f"{dtype}: parameters " + "; ".join(
+        f"{name} " + ", ".join(f"{side} {n:,}" for side, n in c.items()) for name, c in counts.items()))
+
+    ordered = {(case, side): impls[case, side] for case in CASES for side in SIDES
+               if (case, side) in impls}
+    times = interleaved({key: impl.call for key, impl in ordered.items()}, args.reps)
+    cases = {case: {} for case in CASES}
+    for (case, side), impl in ordered.items():
+        cases[case][side] = side_summary(times[case, side], impl, args.batch, peaks[side])
+    for case, row in cases.items():
+        if "torch" in row:
+            row["ratio"] = row["torch"]["median_ms"] / row["kdjax"]["median_ms"]
+        log(f"{dtype} {case:16s} " + "  ".join(f"{side} {r['median_ms']:9.1f} ms" for side, r in row.items()
+                                               if isinstance(r, dict)))
+    sides = [side for side in SIDES if side in cases["distill"]]
+    over = {side: overhead(cases, side) for side in sides}
+    block = {"dtype": dtype, "cases": cases, "overhead_percent": over,
+             "overhead_target_met": {side: over[side] <= OVERHEAD_TARGET for side in sides},
+             "step_target_met": (cases["distill"]["ratio"] >= STEP_TARGET
+                                 if "ratio" in cases["distill"] else None)}
+    del impls, ordered, kd
+    gc.collect()
+    return block, counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Report.
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3g}" if x < 10 else f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def timing(d: dict | None) -> str:
+    return f"{fmt(d['median_ms'])} ({fmt(d['min_ms'])}–{fmt(d['max_ms'])})" if d else "–"
+
+
+def machine_line(m: dict) -> str:
+    with_torch = bool(m.get("torch"))
+    torch_part = f", torch {m['torch']}" if with_torch else ""
+    threads = (f"Threads: {m['threads']}{' for both' if with_torch else ''} (CPU affinity {m['threads']} "
+               f"core{'s' if m['threads'] > 1 else ''}, XLA's thread pool sized from it"
+               + (f", `torch.set_num_threads({m['torch_threads']})`, OMP/MKL_NUM_THREADS={m['threads']}"
+                  if with_torch else "")
+               + (f", OMP_WAIT_POLICY={m['omp_wait_policy']}" if with_torch and m.get("omp_wait_policy") else "")
+               + (f", XLA_FLAGS `{m['xla_flags']}`" if m["xla_flags"] else "") + ")")
+    return (f"Machine: {m['cpu']} ({m['machine']}), {m['cores']} cores, {m['ram_gb']:g} GB RAM; Python "
+            f"{m['python']}, jax {m['jax']}{torch_part}. {threads}. Load average "
+            f"{m['load_average']:.1f} when the run started (the machine may be shared).")
+
+
+def table(result: dict) -> str:
+    s = result["settings"]
+    h, w = s["size"]
+    header = ["case", "dtype", "kdjax ms", "PyTorch ms", "kdjax img/s", "PyTorch img/s", "ratio",
+              "kdjax GFLOP", "PyTorch GFLOP", "kdjax % of peak", "PyTorch % of peak", "kdjax MB",
+              "PyTorch MB"]
+    lines = [
+        BEGIN, machine_line(result["machine"]), "", f"    {result['command']}", "",
+        f"Teacher {s['teacher']}, student {s['student']}, {s['classes']} classes, batch {s['batch']} "
+        f"of {h}×{w}, random weights and inputs. kdjax: jitted (the experiment's compiled train step; "
+        "the teacher forward jitted alone). PyTorch: eager, the same CIRKD networks. "
+        "teacher_forward = the teacher in inference mode; student_alone = student forward + backward "
+        f"with CE + {AUX_WEIGHT:g}·aux CE (logits upsampled to the labels) and the SGD update; "
+        f"distill = both + CWD on the logits (weight {CWD_WEIGHT:g}, τ = {CWD_TAU:g}). Times in ms per "
+        f"step: median (min–max) of {s['reps']} interleaved repetitions after one warm-up call; "
+        "ratio = PyTorch / kdjax (> 1: kdjax faster). GFLOP per step: kdjax from XLA's cost analysis, "
+        "PyTorch from `FlopCounterMode` with convolutions counted over the kernel taps inside the "
+        "input, as XLA counts them; % of peak = GFLOP / time / the library's own float32 matmul "
+        "rate. MB: kdjax = XLA buffer assignment (arguments + outputs + temporaries − donated); "
+        "PyTorch = tensors held at the start + allocator peak during the step (torch.profiler).",
+        "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+    ]
+    for block in result["blocks"]:
+        for case in CASES:
+            row = block["cases"][case]
+            k, t = row["kdjax"], row.get("torch")
+            ratio = row.get("ratio")
+            cells = [case, block["dtype"], timing(k), timing(t), fmt(k["images_per_s"]),
+                     fmt(t["images_per_s"]) if t else "–", f"{ratio:.2f}" if ratio else "–",
+                     fmt(k["gflop"]), fmt(t["gflop"]) if t else "–", fmt(k["peak_percent"]),
+                     fmt(t["peak_percent"]) if t else "–", fmt(k["peak_mb"]),
+                     fmt(t["peak_mb"]) if t else "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for block in result["blocks"]:
+        compile_s = ", ".join(f"{case} {block['cases'][case]['kdjax']['compile_s']:.0f} s" for case in CASES)
+        lines.append(f"- kdjax setup + compile ({block['dtype']}, not in the timings): {compile_s} "
+                     "(teacher_forward: compile only).")
+    for block in result["blocks"]:
+        if "torch" in block["cases"]["distill"]:
+            padded = ", ".join(f"{case} {fmt(block['cases'][case]['torch']['gflop_with_padding'])}"
+                               for case in CASES)
+            lines.append(f"- PyTorch GFLOP with the taps on the zero padding counted too "
+                         f"(FlopCounterMode's default, {block['dtype']}): {padded}.")
+    peaks = result["matmul_peak_gflops"]
+    lines.append(f"- float32 {MATMUL_N}×{MATMUL_N} matmul peak: "
+                 + ", ".join(f"{'PyTorch' if side == 'torch' else side} {fmt(v)} GFLOP/s"
+                             for side, v in peaks.items()) + ".")
+    for block in result["blocks"]:
+        parts = [f"{'PyTorch' if side == 'torch' else side} {pct:+.1f}% "
+                 f"({'met' if block['overhead_target_met'][side] else 'missed'})"
+                 for side, pct in block["overhead_percent"].items()]
+        lines.append(f"- Distillation overhead ({block['dtype']}), (distill − teacher_forward − "
+                     f"student_alone) / student_alone, target ≤ {OVERHEAD_TARGET:g}%: {', '.join(parts)}.")
+        met = block["step_target_met"]
+        verdict = "not measured (no PyTorch)" if met is None else (
+            f"{'met' if met else 'missed'} (ratio {block['cases']['distill']['ratio']:.2f})")
+        lines.append(f"- Step target ({block['dtype']}), distill ratio ≥ {STEP_TARGET:g}: {verdict}.")
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str) -> None:
+    """Replaces the generated part of the 'Train step' section. A section written before the markers
+    existed gives its whole body to the markers; without the section it is appended."""
+    import re
+
+    old = results_file.RESULTS.read_text() if results_file.RESULTS.exists() else ""
+    if BEGIN not in old and SECTION in old:
+        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+        match = pattern.search(old)
+        tail = "" if match.end() == len(old) else "\n"
+        results_file.RESULTS.write_text(old[:match.start()] + f"{SECTION}\n\n{text}{tail}"
+                                        + old[match.end():])
+        return
+    results_file.write_generated(SECTION, BEGIN, END, text)
+
+
+def machine_info(threads: int, with_torch: bool) -> dict:
+    """``losses.machine_info``; without PyTorch its torch fields are left empty."""
+    if with_torch:
+        return losses.machine_info(threads)
+    stub = types.SimpleNamespace(__version__="", get_num_threads=lambda: threads)
+    with unittest.mock.patch.dict(sys.modules, {"torch": stub}):
+        return losses.machine_info(threads)
+
+
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="64×64, batch 2, 2 repetitions, ResNet-18 student and teacher: a smoke run")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="crop size (default 256 256)")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default 8)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5)")
+    parser.add_argument("--student", default=None, help="default deeplabv3_resnet18")
+    parser.add_argument("--teacher", default=None, help="default deeplabv3_resnet101")
+    parser.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
+    parser.add_argument("--threads", type=int, default=None, help="threads for both (default: all cores)")
+    parser.add_argument("--json", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--no-torch", dest="torch", action="store_false",
+                        help="kdjax only (for machines without PyTorch)")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else {"size": (256, 256), "batch": 8, "reps": 5,
+                                         "student": "deeplabv3_resnet18", "teacher": "deeplabv3_resnet101"}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if unknown := set(dtypes) - {"float32", "bfloat16"}:
+        parser.error(f"unknown dtypes {sorted(unknown)}; choose from float32, bfloat16")
+
+    threads = losses.configure_threads(args.threads)
+    if args.torch:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def log(line):
+        print(line, file=sys.stderr, flush=True)
+
+    command = "python benchmarks/step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"machine": machine_info(threads, args.torch), "command": command.strip(), "quick": args.quick,
+              "settings": {"size": list(args.size), "batch": args.batch, "reps": args.reps,
+                           "student": args.student, "teacher": args.teacher, "classes": CLASSES,
+                           "dtypes": dtypes, "torch": args.torch, "learning_rate": LR,
+                           "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "aux_weight": AUX_WEIGHT,
+                           "cwd_weight": CWD_WEIGHT, "cwd_tau": CWD_TAU},
+              "overhead_target_percent": OVERHEAD_TARGET, "step_target_ratio": STEP_TARGET}
+    # The peaks first, before the networks take memory; the same number of rounds as the steps.
+    result["matmul_peak_gflops"] = matmul_peaks(max(args.reps, 3), args.torch)
+    log("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in result["matmul_peak_gflops"].items()))
+    result["blocks"] = []
+    for dtype in dtypes:
+        block, result["parameters"] = run_dtype(args, dtype, result["matmul_peak_gflops"], log)
+        result["blocks"].append(block)
+    text = table(result)
+    results_file.emit(result, text, json_path=args.json, write=False, section=SECTION, begin=BEGIN, end=END)
+    if args.write:
+        write_section(text)
+    return result
 
 
 if __name__ == "__main__":

@@ -113,3 +113,35 @@ def test_losses_quick_every_loss(tmp_path):
     result, _ = run_script("losses.py", tmp_path, "--quick", "--sizes", "small")
     expected = [(case.loss, label) for case in load_module("losses").cases() for label in case.variants]
     check_loss_rows(result, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_step_quick(tmp_path):
+    pytest.importorskip("torch")
+    result, stdout = run_script("step.py", tmp_path, "--quick")
+    assert set(result) >= {"machine", "command", "settings", "parameters", "matmul_peak_gflops", "blocks"}
+    assert result["machine"]["torch_threads"] == result["machine"]["threads"]
+    assert result["settings"]["size"] == [64, 64] and result["settings"]["batch"] == 2
+    assert all(v > 0 for v in result["matmul_peak_gflops"].values())
+    assert result["parameters"]["student"]["kdjax"] == result["parameters"]["student"]["torch"]
+    [block] = result["blocks"]
+    assert block["dtype"] == "float32"
+    cases = block["cases"]
+    assert set(cases) == {"teacher_forward", "student_alone", "distill"}
+    for row in cases.values():
+        for side in ("kdjax", "torch"):
+            timing = row[side]
+            assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+            assert timing["reps"] == 2 and timing["gflop"] > 0 and timing["peak_mb"] > 0
+        assert row["kdjax"]["compile_s"] > 0
+        assert row["ratio"] == pytest.approx(row["torch"]["median_ms"] / row["kdjax"]["median_ms"])
+    flops = cases["student_alone"]["kdjax"]["gflop"], cases["student_alone"]["torch"]["gflop"]
+    assert max(flops) / min(flops) < 1.5
+    for side in ("kdjax", "torch"):
+        ms = {case: row[side]["median_ms"] for case, row in cases.items()}
+        expected = 100 * (ms["distill"] - ms["teacher_forward"] - ms["student_alone"]) / ms["student_alone"]
+        assert block["overhead_percent"][side] == pytest.approx(expected)
+        assert isinstance(block["overhead_target_met"][side], bool)
+    assert isinstance(block["step_target_met"], bool)
+    assert "<!-- step.py: begin -->" in stdout and "| distill | float32 |" in stdout
