@@ -145,3 +145,24 @@ def test_step_quick(tmp_path):
         assert isinstance(block["overhead_target_met"][side], bool)
     assert isinstance(block["step_target_met"], bool)
     assert "<!-- step.py: begin -->" in stdout and "| distill | float32 |" in stdout
+
+
+def test_compare_throughput_reads_every_run(tmp_path):
+    def write(run, rates):
+        run.mkdir(parents=True)
+        lines = [{"split": "train", "step": k, "images_per_second": r} for k, r in enumerate(rates)]
+        lines.insert(1, {"split": "val", "step": 1, "miou": 10.0})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    # The first window includes compilation and is left out.
+    write(tmp_path / "teacher", [0.1, 4.0, 6.0])
+    write(tmp_path / "student_alone" / "seed_0", [0.5, 16.0, 16.0])
+    write(tmp_path / "student_alone" / "seed_1", [0.5, 15.0, 17.0])
+    write(tmp_path / "kd" / "seed_0", [0.5, 8.0, 8.0])
+    module = load_module("compare_throughput")
+    rates = module.method_rates(tmp_path)
+    assert rates == {"teacher": [5.0], "student_alone": [16.0, 16.0], "kd": [8.0]}
+    rows = module.table(rates).splitlines()
+    assert rows[2:] == ["| teacher | 1 | 5.00 | 5.00–5.00 | — |",
+                        "| student_alone | 2 | 16.00 | 16.00–16.00 | 1.00× |",
+                        "| kd | 1 | 8.00 | 8.00–8.00 | 2.00× |"]
