@@ -166,11 +166,13 @@ def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):
     holder = {"state": state}
 
     def call():
-        holder["state"], metrics = compiled(holder["state"], teacher, batch)
-        jax.block_until_ready((holder["state"], metrics))
+        holder["state"], holder["metrics"] = compiled(holder["state"], teacher, batch)
+        jax.block_until_ready(holder)
 
     flops, peak, memory = compiled_costs(compiled)
-    impl = Impl(call, flops, peak, {"compile_s": compile_s, "memory_analysis": memory})
+    # "last": the state and metrics of the latest call, for callers that check the values.
+    impl = Impl(call, flops, peak, {"compile_s": compile_s, "memory_analysis": memory,
+                                    "last": holder})
     return impl, exp, params
 
 
