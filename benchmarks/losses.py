@@ -323,27 +323,15 @@ def compile_torch(loss, inputs, timeout: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def torch_peak_bytes(loss, inputs) -> int:
-    """Input tensors + the allocator's peak above its start level during one eager step."""
+def allocator_peak_bytes(call) -> int:
+    """The peak, during ``call()``, of the bytes PyTorch's CPU allocator holds above its level at
+    the start, from the allocation events of ``torch.profiler``."""
     import itertools
 
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import torch_losses
-
-    def tensors(x):
-        if isinstance(x, torch.Tensor):
-            yield x
-        elif isinstance(x, dict):
-            for v in x.values():
-                yield from tensors(v)
-
-    base = sum(t.untyped_storage().nbytes() for t in tensors(inputs))
-    inputs["student"].grad = None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        torch_losses.value_and_grad(loss, inputs)
-        inputs["student"].grad = None
+        call()
     events = []
 
     def walk(node):
@@ -355,8 +343,29 @@ def torch_peak_bytes(loss, inputs) -> int:
     for root in prof.profiler.kineto_results.experimental_event_tree():
         walk(root)
     events.sort()
-    peak = max(itertools.accumulate(size for _, size in events), default=0)
-    return base + max(peak, 0)
+    return max(max(itertools.accumulate(size for _, size in events), default=0), 0)
+
+
+def torch_peak_bytes(loss, inputs) -> int:
+    """Input tensors + the allocator's peak above its start level during one eager step."""
+    import torch
+
+    import torch_losses
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+
+    def step():
+        torch_losses.value_and_grad(loss, inputs)
+        inputs["student"].grad = None
+
+    base = sum(t.untyped_storage().nbytes() for t in tensors(inputs))
+    inputs["student"].grad = None
+    return base + allocator_peak_bytes(step)
 
 
 # --------------------------------------------------------------------------------------------------

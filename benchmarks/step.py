@@ -308,26 +308,8 @@ class TorchSide:
 def torch_peak_bytes(call, held) -> int:
     """Held tensors + the allocator's peak above its start level during one call (as
     ``losses.torch_peak_bytes`` measures a loss)."""
-    import itertools
-
-    from torch.profiler import ProfilerActivity, profile
-
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    events = []
-
-    def walk(node):
-        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    events.sort()
-    peak = max(itertools.accumulate(size for _, size in events), default=0)
-    return sum(storages.values()) + max(peak, 0)
+    return sum(storages.values()) + losses.allocator_peak_bytes(call)
 
 
 def valid_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
