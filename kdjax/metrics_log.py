@@ -43,9 +43,11 @@ class MetricsLog:
                 import tensorflow as tf
                 self._writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
 
-    def start(self, step: int) -> None:
-        """Marks the wall-clock origin of the next interval (call after resuming)."""
-        self._last = (step, time.perf_counter(), True)
+    def start(self, step: int, *, compiles: bool = True) -> None:
+        """Marks the wall-clock origin of the next interval: at the start of a run or after
+        resuming (the interval then includes compilation), or after an evaluation
+        (``compiles=False``: the step is compiled already)."""
+        self._last = (step, time.perf_counter(), compiles)
 
     def write(self, step: int, metrics: dict[str, float], *, prefix: str = "train") -> None:
         now = time.perf_counter()

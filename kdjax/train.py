@@ -535,7 +535,7 @@ def run_training(exp: Experiment, workdir: str | Path, *, label: str = "") -> Ru
                 checkpointer.save_best(step, state, meta={**meta, "data_step": step,
                                                           "eval": result},
                                        metric_value=result["miou"])
-                logger.start(step)  # evaluation time is not training throughput
+                logger.start(step, compiles=False)  # evaluation time is not training throughput
             if step % config.train.checkpoint_every == 0 or final:
                 check_finite(state, workdir / "checkpoints")
                 checkpointer.save(step, state, meta={**meta, "data_step": step,
