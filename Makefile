@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kdjax compare --config=configs/demo.py --workdir=runs/demo
 
-# The CamVid comparison (about 1.5 h on 2 cores; needs ../shared/data/camvid), then its published
+# The CamVid comparison (about 2 h on 2 cores; needs ../shared/data/camvid), then its published
 # files in benchmarks/camvid/ (the overlays without dataset pixels: the data's licence).
 CAMVID_RUN ?= runs/camvid
 camvid: $(STAMP)

@@ -1,7 +1,7 @@
 """CamVid on 2 CPU cores: one teacher, the student alone and nine distillation methods, 3 seeds each.
 
 A CPU-sized protocol on the real CamVid data (367 train / 101 val images, 480×360, 11 classes,
-label 11 = void), about an hour and a half on a 2-core x86 machine; results and their discussion are
+label 11 = void), just under two hours on a 2-core x86 machine; results and their discussion are
 in benchmarks/camvid/RESULTS.md. Run from the project root, with the data in ../shared/data/camvid
 (the TFDS dataset is built from it on first use):
 
