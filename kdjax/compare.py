@@ -26,7 +26,6 @@ from pathlib import Path
 
 import jax
 import ml_collections
-
 import numpy as np
 
 from kdjax import report, train
