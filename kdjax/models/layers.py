@@ -4,7 +4,8 @@ CIRKD's networks (cirkd-models.md) are PyTorch modules; these layers reproduce t
 that their outputs depend on, so a converted checkpoint gives the same numbers:
 
 - ``Conv2d``: symmetric integer padding, dilation and groups as ``torch.nn.Conv2d``; the kernel is
-  stored HWIO, ``(kh, kw, in/groups, out)``, so a PyTorch OIHW weight maps by a transpose.
+  stored HWIO, ``(kh, kw, in/groups, out)``, so a PyTorch OIHW weight maps by a transpose. It computes
+  with ``convolution.conv2d``.
 - ``BatchNorm2d``: eps 1e-5, running statistics updated with momentum 0.1 and the *unbiased* batch
   variance (as ``torch.nn.BatchNorm2d``); normalisation uses the biased batch variance.
 - ``resize_bilinear_align_corners``: ``F.interpolate(mode='bilinear', align_corners=True)``, the
@@ -25,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from kdjax.models.convolution import conv2d
 
 Array = jax.Array
 Dtype = Any
@@ -93,13 +96,8 @@ class Conv2d(nnx.Module):
         check_nhwc("x", x)
         if x.shape[-1] != self.in_ch:
             raise ValueError(f"x must have {self.in_ch} channels; got shape {x.shape}")
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-            window_strides=self.stride,
-            padding=[(p, p) for p in self.padding],
-            rhs_dilation=self.dilation,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups)
+        y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), stride=self.stride,
+                   padding=self.padding, dilation=self.dilation, groups=self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
