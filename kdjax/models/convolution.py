@@ -1,31 +1,41 @@
-"""The 2-D convolution behind ``layers.Conv2d``: XLA's convolution forward, with two changes that
-keep the maths and remove wasted work.
+"""The 2-D convolution behind ``layers.Conv2d``: XLA's convolution, with changes that keep the
+maths and remove wasted work.
 
-1. **Taps that only read padding are dropped.** With a dilation as large as the feature map (the
-   ASPP's rates 12/24/36 on the 32×32 map of a 256×256 crop), most of a kernel's taps fall on the
-   zero padding for every output position. Those taps contribute exactly zero, so the convolution
-   runs with the kernel cropped to the taps that touch the input, and padding that keeps the
-   output size. Their kernel gradient is exactly zero, as it is for the full kernel.
-2. **On CPU the backward pass is one matrix product per kernel tap.** XLA's CPU backend computes
+1. **Taps that only read padding are dropped** (every platform). With a dilation as large as the
+   feature map (the ASPP's rates 12/24/36 on the 32×32 map of a 256×256 crop), some kernel taps
+   fall on the zero padding for every output position. They contribute exactly zero, so the
+   kernel is cropped to the taps that touch the input, with padding that keeps the output size.
+   Their kernel gradient is exactly zero, as it is for the full kernel.
+2. **A 1×1 convolution is a matrix product** (every platform), forward and backward.
+3. **On CPU the backward pass is one matrix product per kernel tap.** XLA's CPU backend computes
    the kernel gradient as a convolution whose "kernel" is the output cotangent (a window the size
-   of the feature map over a contraction of only N channels), which runs 4–14× slower than the
-   forward pass (benchmarks/RESULTS.md, 'Convolutions'). Written per tap,
-   ``dK[i, j] = Σ_{n,h,w} x_pad[n, h·s + i·d, w·s + j·d, :]ᵀ g[n, h, w, :]`` is a matrix product
-   contracting over N·H'·W', and ``dx`` is the sum of the taps' ``g·K[i, j]ᵀ`` placed back at their
-   offsets. Other platforms keep XLA's own backward (cuDNN, TPU convolution units).
+   of the feature map over a contraction of only N channels), 4–14× slower than the forward pass
+   (benchmarks/RESULTS.md, 'Convolutions'). Per tap,
+   ``dK[i, j] = Σ_{n,h',w'} x[n, h'·s + i·d − p, w'·s + j·d − p, :]ᵀ g[n, h', w', :]`` is a matrix
+   product contracting over N·H'·W', and ``dx`` is the sum of the taps' ``g·K[i, j]ᵀ`` placed back
+   at their offsets. Each tap covers only the outputs where it reads the input.
+4. **On CPU, a convolution whose products mostly read padding runs forward in that tap form too**
+   (the ASPP's partly-outside rates), skipping the products XLA's convolution would spend on zeros.
 
-All tensors are NHWC with HWIO kernels, as ``torch.nn.Conv2d`` with symmetric integer padding.
+Other platforms keep XLA's convolution and its own backward (cuDNN, TPU convolution units). All
+tensors are NHWC with HWIO kernels, as ``torch.nn.Conv2d`` with symmetric integer padding.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+# On CPU, convolutions of which at most this share of the products reads the input (not padding)
+# run forward in the tap form: for the ASPP at rate 24 on a 32×32 map (a quarter of the products)
+# it is 9× faster than XLA's convolution, while at 0.96 (a 3×3 on 32×32) XLA's is as fast or faster.
+TAP_FORWARD_FRACTION = 0.8
 
 
 class Geometry(NamedTuple):
@@ -46,9 +56,10 @@ def touching_taps(size: int, taps: int, stride: int, pad: int, dilation: int
       size: input length; taps: kernel length; stride, pad (both sides), dilation: as in
         ``torch.nn.Conv2d``.
     Returns:
-      (first, stop, (pad_low, pad_high)): taps ``[first, stop)`` touch the input (the set is an
-      interval), and the padding with which those taps alone give the same output length. All
-      taps, with the given padding, when none touches.
+      (first, stop, (pad_low, pad_high)): ``[first, stop)`` is the shortest run of taps holding
+      every tap that touches the input (with a stride, a tap inside it may still miss), and the
+      padding with which that run alone gives the same output length. All taps, with the given
+      padding, when none touches.
     """
     out = (size + 2 * pad - dilation * (taps - 1) - 1) // stride + 1
 
@@ -98,38 +109,78 @@ def xla_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
         feature_group_count=geometry.groups)
 
 
+def tap_output_ranges(size: int, taps: int, stride: int, pads: tuple[int, int], dilation: int
+                      ) -> tuple[int, list[tuple[int, int]]]:
+    """Per kernel tap of one spatial axis, the outputs whose input index is inside the input.
+
+    Returns:
+      (out, ranges): the output length, and for tap ``t`` the outputs ``[first, stop)`` with
+      ``0 <= o·stride − pad_low + t·dilation < size`` (``first == stop``: the tap reads padding only).
+    """
+    low, high = pads
+    out = (size + low + high - dilation * (taps - 1) - 1) // stride + 1
+    ranges = []
+    for tap in range(taps):
+        offset = tap * dilation - low        # input index read by output 0
+        first = max(0, -(offset // stride))
+        stop = min(out, (size - 1 - offset) // stride + 1)
+        ranges.append((first, max(first, stop)))
+    return out, ranges
+
+
+def valid_fraction(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                   geometry: Geometry) -> float:
+    """The share of a convolution's (output, tap) products that read the input, not padding."""
+    fraction = 1.0
+    for axis in (0, 1):
+        out, ranges = tap_output_ranges(x_shape[axis + 1], kernel_shape[axis], geometry.stride[axis],
+                                        geometry.padding[axis], geometry.dilation[axis])
+        fraction *= sum(stop - first for first, stop in ranges) / (out * kernel_shape[axis])
+    return fraction
+
+
 def tap_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
     """The same convolution as a sum over kernel taps of (strided window of x) · K[i, j].
 
-    Equal to :func:`xla_convolution` (up to float rounding); used for its VJP, whose products
-    contract over N·H'·W' (kernel gradient) or C_out (input gradient). Products accumulate in
-    float32.
+    Each tap multiplies only the outputs where it reads the input, so no product touches the
+    padding. Equal to :func:`xla_convolution` up to float rounding; its VJP contracts over N·H'·W'
+    (kernel gradient) or C_out (input gradient). Products accumulate in float32.
     """
-    n, h, w, c = x.shape
+    n, _, _, c = x.shape
     kh, kw, group_in, c_out = kernel.shape
     groups = geometry.groups
     (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
-    padded = jax.lax.pad(x, jnp.zeros((), x.dtype),
-                         [(0, 0, 0), (*geometry.padding[0], 0), (*geometry.padding[1], 0), (0, 0, 0)])
-    oh = (padded.shape[1] - dh * (kh - 1) - 1) // sh + 1
-    ow = (padded.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    oh, row_ranges = tap_output_ranges(x.shape[1], kh, sh, geometry.padding[0], dh)
+    ow, col_ranges = tap_output_ranges(x.shape[2], kw, sw, geometry.padding[1], dw)
     # (G, C_in/G, C_out/G): output channel g·(C_out/G) + k reads input group g.
     per_group = kernel.reshape(kh, kw, group_in, groups, c_out // groups).transpose(0, 1, 3, 2, 4)
-    total = None
-    for i in range(kh):
-        for j in range(kw):
-            window = jax.lax.slice(padded, (0, i * dh, j * dw, 0),
-                                   (n, i * dh + sh * (oh - 1) + 1, j * dw + sw * (ow - 1) + 1, c),
-                                   (1, sh, sw, 1))
-            if groups == 1:  # the grouped form's reshapes would cost XLA a copy of the window
-                term = jnp.einsum("nhwc,co->nhwo", window, kernel[i, j],
-                                  preferred_element_type=jnp.float32)
-            else:
-                term = jnp.einsum("nhwgc,gco->nhwgo", window.reshape(n, oh, ow, groups, group_in),
-                                  per_group[i, j], preferred_element_type=jnp.float32)
-                term = term.reshape(n, oh, ow, c_out)
-            total = term if total is None else total + term
+    total = jnp.zeros((n, oh, ow, c_out), jnp.float32)
+    for (i, (r0, r1)), (j, (c0, c1)) in itertools.product(enumerate(row_ranges),
+                                                          enumerate(col_ranges)):
+        if r0 == r1 or c0 == c1:
+            continue
+        top = r0 * sh + i * dh - geometry.padding[0][0]
+        left = c0 * sw + j * dw - geometry.padding[1][0]
+        window = jax.lax.slice(x, (0, top, left, 0),
+                               (n, top + sh * (r1 - r0 - 1) + 1, left + sw * (c1 - c0 - 1) + 1, c),
+                               (1, sh, sw, 1))
+        if groups == 1:  # the grouped form's reshapes would cost XLA a copy of the window
+            term = jnp.einsum("nhwc,co->nhwo", window, kernel[i, j],
+                              preferred_element_type=jnp.float32)
+        else:
+            term = jnp.einsum("nhwgc,gco->nhwgo", window.reshape(*window.shape[:3], groups, group_in),
+                              per_group[i, j], preferred_element_type=jnp.float32)
+            term = term.reshape(*term.shape[:3], c_out)
+        total = total + jnp.pad(term, ((0, 0), (r0, oh - r1), (c0, ow - c1), (0, 0)))
     return total.astype(x.dtype)
+
+
+def cpu_forward(x: Array, kernel: Array, geometry: Geometry) -> Array:
+    """XLA's convolution, or the tap form when at most ``TAP_FORWARD_FRACTION`` of the products
+    read the input: then the tap form skips the rest, XLA's convolution computes them all."""
+    if valid_fraction(x.shape, kernel.shape, geometry) <= TAP_FORWARD_FRACTION:
+        return tap_convolution(x, kernel, geometry)
+    return xla_convolution(x, kernel, geometry)
 
 
 def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
@@ -146,13 +197,19 @@ def xla_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     return vjp(cotangent)
 
 
+def _forward(x: Array, kernel: Array, geometry: Geometry) -> Array:
+    return jax.lax.platform_dependent(
+        x, kernel, cpu=functools.partial(cpu_forward, geometry=geometry),
+        default=functools.partial(xla_convolution, geometry=geometry))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _convolve(x: Array, kernel: Array, geometry: Geometry) -> Array:
-    return xla_convolution(x, kernel, geometry)
+    return _forward(x, kernel, geometry)
 
 
 def _convolve_forward(x, kernel, geometry):
-    return xla_convolution(x, kernel, geometry), (x, kernel)
+    return _forward(x, kernel, geometry), (x, kernel)
 
 
 def _convolve_backward(geometry, residuals, cotangent):
