@@ -166,3 +166,19 @@ def test_compare_throughput_reads_every_run(tmp_path):
     assert rows[2:] == ["| teacher | 1 | 5.00 | 5.00–5.00 | — |",
                         "| student_alone | 2 | 16.00 | 16.00–16.00 | 1.00× |",
                         "| kd | 1 | 8.00 | 8.00–8.00 | 2.00× |"]
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_convolutions_smallest(tmp_path):
+    pytest.importorskip("torch")
+    result, stdout = run_script("convolutions.py", tmp_path, "--size", "32", "32", "--batch", "1",
+                                "--reps", "1")
+    rows = result["rows"]
+    # ResNet-18 DeepLabV3: deep stem, four stages, ASPP (four branches, pooling, projection), heads.
+    assert len(rows) >= 15 and sum(row["count"] for row in rows) >= 30
+    for row in rows:
+        assert all(row[f"{key}_ms"] > 0 for key in ("kdjax_fwd", "torch_fwd", "kdjax_both",
+                                                    "torch_both", "xla_both"))
+    assert result["totals"]["gflop"] == pytest.approx(sum(r["gflop"] * r["count"] for r in rows))
+    assert "<!-- convolutions.py: begin -->" in stdout and "**all × count**" in stdout
