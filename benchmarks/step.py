@@ -94,6 +94,8 @@ class Impl:
     flops: float = 0.0
     peak_bytes: int = 0
     extra: dict = field(default_factory=dict)
+    # The state and metrics of the latest call, for callers that check the values (not reported).
+    last: dict = field(default_factory=dict)
 
 
 def timed(fn) -> float:
@@ -170,9 +172,8 @@ def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):
         jax.block_until_ready(holder)
 
     flops, peak, memory = compiled_costs(compiled)
-    # "last": the state and metrics of the latest call, for callers that check the values.
-    impl = Impl(call, flops, peak, {"compile_s": compile_s, "memory_analysis": memory,
-                                    "last": holder})
+    impl = Impl(call, flops, peak, {"compile_s": compile_s, "memory_analysis": memory},
+                last=holder)
     return impl, exp, params
 
 

@@ -54,7 +54,7 @@ def child(args) -> dict:
     batch = step.make_batch(args)
     impl, _, _ = step.kdjax_train_step(args, dtype, distill=False, batch=batch)
     impl.call()  # the untimed first step
-    first_loss = float(impl.extra["last"]["metrics"]["loss"])
+    first_loss = float(impl.last["metrics"]["loss"])
     times = [step.timed(impl.call) for _ in range(args.steps)]
     return {"variant": args.child, "median_s": statistics.median(times), "times_s": times,
             "compile_s": impl.extra["compile_s"], "first_loss": first_loss}

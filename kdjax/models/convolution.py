@@ -7,13 +7,12 @@ maths and remove wasted work.
    kernel is cropped to the taps that touch the input, with padding that keeps the output size.
    Their kernel gradient is exactly zero, as it is for the full kernel.
 2. **A 1×1 convolution is a matrix product** (every platform), forward and backward.
-3. **On CPU the backward pass is one matrix product per kernel tap.** XLA's CPU backend computes
-   the kernel gradient as a convolution whose "kernel" is the output cotangent (a window the size
-   of the feature map over a contraction of only N channels), 4–14× slower than the forward pass
-   (benchmarks/RESULTS.md, 'Convolutions'). Per tap,
-   ``dK[i, j] = Σ_{n,h',w'} x[n, h'·s + i·d − p, w'·s + j·d − p, :]ᵀ g[n, h', w', :]`` is a matrix
-   product contracting over N·H'·W', and ``dx`` is the sum of the taps' ``g·K[i, j]ᵀ`` placed back
-   at their offsets. Each tap covers only the outputs where it reads the input.
+3. **On CPU the backward pass is two matrix products.** XLA's CPU backend computes the kernel
+   gradient as a convolution whose "kernel" is the output cotangent (a window the size of the
+   feature map over a contraction of only N channels), 4–14× slower than the forward pass
+   (benchmarks/RESULTS.md, 'Convolutions'). With ``patches`` (N·H'·W', T·C_in) the input windows
+   of the T kernel taps, ``dK = gᵀ · patches`` contracts over N·H'·W', and ``d patches = g · Kᵀ``
+   is added back at the positions each tap read.
 4. **On CPU, a convolution whose products mostly read padding runs forward in that tap form too**
    (the ASPP's partly-outside rates), skipping the products XLA's convolution would spend on zeros.
 
@@ -93,12 +92,7 @@ def conv2d(x: Array, kernel: Array, *, stride: tuple[int, int], padding: tuple[i
         touching_taps(x.shape[axis], kernel.shape[axis - 1], stride[axis - 1],
                       padding[axis - 1], dilation[axis - 1]) for axis in (1, 2))
     geometry = Geometry(tuple(stride), (pad_h, pad_w), tuple(dilation), groups)
-    kernel = kernel[rows0:rows1, cols0:cols1]
-    if kernel.shape[:2] == (1, 1):
-        # A 1×1 convolution is a matrix product; XLA's CPU convolution runs it up to 2.6× slower
-        # than its dot, and the product's own derivatives are products as well.
-        return tap_convolution(x, kernel, geometry)
-    return _convolve(x, kernel, geometry)
+    return _convolve(x, kernel[rows0:rows1, cols0:cols1], geometry)
 
 
 def xla_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
@@ -139,55 +133,107 @@ def valid_fraction(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
     return fraction
 
 
-def tap_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
-    """The same convolution as a sum over kernel taps of (strided window of x) · K[i, j].
-
-    Each tap multiplies only the outputs where it reads the input, so no product touches the
-    padding. Equal to :func:`xla_convolution` up to float rounding; its VJP contracts over N·H'·W'
-    (kernel gradient) or C_out (input gradient). Products accumulate in float32.
-    """
-    n, _, _, c = x.shape
-    kh, kw, group_in, c_out = kernel.shape
-    groups = geometry.groups
+def _taps(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], geometry: Geometry):
+    """Yields, for every tap that reads the input: (i, j, outputs, window) with ``outputs`` the
+    (rows, cols) slices of the output it covers and ``window`` the (start, limit, strides) of the
+    input slice it reads for them."""
     (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
-    oh, row_ranges = tap_output_ranges(x.shape[1], kh, sh, geometry.padding[0], dh)
-    ow, col_ranges = tap_output_ranges(x.shape[2], kw, sw, geometry.padding[1], dw)
-    # (G, C_in/G, C_out/G): output channel g·(C_out/G) + k reads input group g.
-    per_group = kernel.reshape(kh, kw, group_in, groups, c_out // groups).transpose(0, 1, 3, 2, 4)
-    total = jnp.zeros((n, oh, ow, c_out), jnp.float32)
+    _, row_ranges = tap_output_ranges(x_shape[1], kernel_shape[0], sh, geometry.padding[0], dh)
+    _, col_ranges = tap_output_ranges(x_shape[2], kernel_shape[1], sw, geometry.padding[1], dw)
+    n, _, _, c = x_shape
     for (i, (r0, r1)), (j, (c0, c1)) in itertools.product(enumerate(row_ranges),
                                                           enumerate(col_ranges)):
         if r0 == r1 or c0 == c1:
             continue
         top = r0 * sh + i * dh - geometry.padding[0][0]
         left = c0 * sw + j * dw - geometry.padding[1][0]
-        window = jax.lax.slice(x, (0, top, left, 0),
-                               (n, top + sh * (r1 - r0 - 1) + 1, left + sw * (c1 - c0 - 1) + 1, c),
-                               (1, sh, sw, 1))
-        if groups == 1:  # the grouped form's reshapes would cost XLA a copy of the window
-            term = jnp.einsum("nhwc,co->nhwo", window, kernel[i, j],
-                              preferred_element_type=jnp.float32)
-        else:
-            term = jnp.einsum("nhwgc,gco->nhwgo", window.reshape(*window.shape[:3], groups, group_in),
-                              per_group[i, j], preferred_element_type=jnp.float32)
-            term = term.reshape(*term.shape[:3], c_out)
-        total = total + jnp.pad(term, ((0, 0), (r0, oh - r1), (c0, ow - c1), (0, 0)))
+        window = ((0, top, left, 0),
+                  (n, top + sh * (r1 - r0 - 1) + 1, left + sw * (c1 - c0 - 1) + 1, c),
+                  (1, sh, sw, 1))
+        yield i, j, (slice(r0, r1), slice(c0, c1)), window
+
+
+def _tap_product(a: Array, tap: Array, groups: int) -> Array:
+    """(P, C_in) · tap → (P, C_out), block-diagonal over ``groups``, accumulated in float32.
+    ``tap``: one kernel tap, (C_in/G, C_out)."""
+    if groups == 1:  # the grouped form's reshapes would cost XLA a copy
+        return jnp.einsum("pc,co->po", a, tap, preferred_element_type=jnp.float32)
+    points = a.shape[0]
+    out = jnp.einsum("pgc,cgo->pgo", a.reshape(points, groups, -1),
+                     tap.reshape(tap.shape[0], groups, -1), preferred_element_type=jnp.float32)
+    return out.reshape(points, -1)
+
+
+def tap_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
+    """The same convolution as a sum over kernel taps of (strided window of x) · K[i, j].
+
+    Each tap multiplies only the outputs where it reads the input, so no product touches the
+    padding. Equal to :func:`xla_convolution` up to float rounding; products accumulate in float32.
+    """
+    n, c_out = x.shape[0], kernel.shape[3]
+    oh, _ = tap_output_ranges(x.shape[1], kernel.shape[0], geometry.stride[0],
+                              geometry.padding[0], geometry.dilation[0])
+    ow, _ = tap_output_ranges(x.shape[2], kernel.shape[1], geometry.stride[1],
+                              geometry.padding[1], geometry.dilation[1])
+    total = jnp.zeros((n, oh, ow, c_out), jnp.float32)
+    for i, j, (rows, cols), window in _taps(x.shape, kernel.shape, geometry):
+        patch = jax.lax.slice(x, *window)
+        term = _tap_product(patch.reshape(-1, patch.shape[3]), kernel[i, j], geometry.groups)
+        term = term.reshape(*patch.shape[:3], c_out)
+        total = total + jnp.pad(term, ((0, 0), (rows.start, oh - rows.stop),
+                                       (cols.start, ow - cols.stop), (0, 0)))
     return total.astype(x.dtype)
 
 
 def cpu_forward(x: Array, kernel: Array, geometry: Geometry) -> Array:
-    """XLA's convolution, or the tap form when at most ``TAP_FORWARD_FRACTION`` of the products
-    read the input: then the tap form skips the rest, XLA's convolution computes them all."""
-    if valid_fraction(x.shape, kernel.shape, geometry) <= TAP_FORWARD_FRACTION:
+    """XLA's convolution, or the tap form for a 1×1 kernel (a matrix product, which XLA's CPU
+    convolution runs up to 2.6× slower than its dot) and when at most ``TAP_FORWARD_FRACTION`` of
+    the products read the input (XLA's convolution computes them all)."""
+    if kernel.shape[:2] == (1, 1) or \
+            valid_fraction(x.shape, kernel.shape, geometry) <= TAP_FORWARD_FRACTION:
         return tap_convolution(x, kernel, geometry)
     return xla_convolution(x, kernel, geometry)
 
 
 def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
                  ) -> tuple[Array, Array]:
-    """(dx, dK) of the convolution by the per-tap products (see the module docstring)."""
-    _, vjp = jax.vjp(functools.partial(tap_convolution, geometry=geometry), x, kernel)
-    return vjp(cotangent)
+    """(dx, dK) of the convolution as two matrix products over the T kernel taps at once.
+
+    With ``patches`` the (P, T·C_in) windows of the padded input that the taps read for the
+    P = N·H'·W' outputs: ``dK = gᵀ · patches`` and ``d patches = g · K_allᵀ``, then each tap's
+    columns are added back at the input positions it read. Each product has a single use of the
+    cotangent ``g``, so XLA computes the (BN, ReLU) backward that produces it once; per-tap
+    products would each fuse and recompute it, with a transpose.
+    """
+    n, h, w, c_in = x.shape
+    kh, kw, group_in, c_out = kernel.shape
+    groups, taps = geometry.groups, kh * kw
+    (sh, sw), (dh, dw), (pad_h, pad_w) = geometry.stride, geometry.dilation, geometry.padding
+    padded = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)])
+    _, oh, ow, _ = cotangent.shape
+    windows = [((0, i * dh, j * dw, 0), (n, i * dh + sh * (oh - 1) + 1, j * dw + sw * (ow - 1) + 1, c_in),
+                (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+    points = n * oh * ow
+    patches = jnp.stack([jax.lax.slice(padded, *window) for window in windows], axis=3)
+    patches = patches.reshape(points, taps, groups, group_in)
+    g = cotangent.reshape(points, groups, c_out // groups)
+    per_group = kernel.reshape(taps, group_in, groups, c_out // groups)
+    # Output (G, C_out/G, T, C_in/G): XLA then transposes the cotangent for the product, not the
+    # T times larger patches.
+    d_kernel = jnp.einsum("pgo,ptgc->gotc", g, patches, preferred_element_type=jnp.float32)
+    d_kernel = d_kernel.transpose(2, 3, 0, 1)                                # (T, C_in/G, G, C_out/G)
+    d_patches = jnp.einsum("pgo,tcgo->ptgc", g, per_group, preferred_element_type=jnp.float32)
+    d_patches = d_patches.reshape(n, oh, ow, taps, c_in)
+    d_padded = jnp.zeros(padded.shape, jnp.float32)
+    for tap, (start, limit, strides) in enumerate(windows):
+        # Back to the positions the window read: the transpose of a strided slice.
+        d_padded = d_padded + jax.lax.pad(d_patches[:, :, :, tap], jnp.zeros((), jnp.float32), [
+            (0, 0, 0), *((start[a], padded.shape[a] - limit[a], strides[a] - 1) for a in (1, 2)),
+            (0, 0, 0)])
+    # Undo the padding (a negative pad crops).
+    dx = jax.lax.pad(d_padded, jnp.zeros((), jnp.float32),
+                     [(0, 0, 0), (-pad_h[0], -pad_h[1], 0), (-pad_w[0], -pad_w[1], 0), (0, 0, 0)])
+    return dx.astype(x.dtype), d_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def xla_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
