@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_mask, check_positive, check_rank,
-                                  check_same_shape, frozen, masked_log_softmax)
+                                  check_same_shape, frozen, masked_log_softmax,
+                                  softmax_kl)
 
 Array = jax.Array
 
@@ -32,8 +33,8 @@ def channel_wise_divergence(student: Array, teacher: Array, *, tau: float = 4.0,
 
     ``τ²/(N·C_norm) Σ_{n,c} Σ_i p^T_{n,c,i} (log p^T_{n,c,i} − log p^S_{n,c,i})`` with
     ``p_{n,c,:} = softmax(y_{n,:,:,c} / τ)`` over the H·W positions (paper Eq. for φ; all four code
-    versions in methods.md §1.2 agree). ``log_softmax`` replaces the original ``softmax().log()``,
-    equal wherever the original is finite.
+    versions in methods.md §1.2 agree), computed as ``Σ_i p^T_i (z^T_i − z^S_i)/τ − lse^T + lse^S``
+    (:func:`softmax_kl`), equal to the original ``softmax().log()`` form wherever that is finite.
 
     Args:
       student: (N, H, W, C) student map, already adapted to the teacher's C channels.
@@ -54,14 +55,11 @@ def channel_wise_divergence(student: Array, teacher: Array, *, tau: float = 4.0,
     if c_norm is None:
         c_norm = c
     check_positive("c_norm", c_norm)
-    log_p_s = spatial_log_softmax(student, tau, mask)
-    log_p_t = spatial_log_softmax(frozen(teacher), tau, mask)
-    p_t = jnp.exp(log_p_t)
-    if mask is not None:
-        p_t = jnp.where(jnp.asarray(mask, bool).reshape(n, h * w, 1), p_t, 0.0)
-    terms = p_t * (log_p_t - log_p_s)
+    valid = None if mask is None else jnp.asarray(mask, bool).reshape(n, h * w, 1)
+    kl = softmax_kl(as_float32(student).reshape(n, h * w, c) / tau,
+                    frozen(teacher).reshape(n, h * w, c) / tau, axis=1, valid=valid)
     if mask is None:
         images = n
     else:
         images = jnp.sum(jnp.any(jnp.asarray(mask, bool).reshape(n, -1), axis=1), dtype=jnp.float32)
-    return tau**2 * jnp.sum(terms) / (jnp.maximum(images, 1.0) * c_norm)
+    return tau**2 * jnp.sum(kl) / (jnp.maximum(images, 1.0) * c_norm)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_choice, check_mask, check_positive, check_rank,
-                                  check_same_shape, frozen, masked_mean)
+                                  check_same_shape, frozen, masked_mean, softmax_kl)
 
 Array = jax.Array
 
@@ -19,9 +18,8 @@ def pixel_kl(student_logits: Array, teacher_logits: Array, temperature: float) -
     Returns:
       float32 (N, H, W).
     """
-    log_p_s = jax.nn.log_softmax(as_float32(student_logits) / temperature, axis=-1)
-    log_p_t = jax.nn.log_softmax(frozen(teacher_logits) / temperature, axis=-1)
-    return jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+    return softmax_kl(as_float32(student_logits) / temperature,
+                      frozen(teacher_logits) / temperature, axis=-1)
 
 
 def pixel_kd(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0,
