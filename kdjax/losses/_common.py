@@ -163,6 +163,17 @@ def combine_masks(a: Array | None, b: Array | None) -> Array | None:
     return jnp.logical_and(a, b)
 
 
+def _masked_shift_and_log_total(z: Array, valid: Array, axis: int) -> tuple[Array, Array]:
+    """(shift, log Σ_valid exp(z − shift)) along ``axis`` (kept, size 1), with the shift the valid
+    maximum (0 for a slice without a valid entry, whose log-total is 0)."""
+    valid = jnp.broadcast_to(valid, z.shape)
+    z = jnp.where(valid, z, 0.0)
+    shift = jax.lax.stop_gradient(jnp.max(jnp.where(valid, z, -jnp.inf), axis=axis, keepdims=True))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    total = jnp.sum(jnp.where(valid, jnp.exp(z - shift), 0.0), axis=axis, keepdims=True)
+    return shift, jnp.log(jnp.where(total > 0, total, 1.0))
+
+
 def masked_logsumexp(z: Array, valid: Array | None, axis: int) -> Array:
     """``log Σ exp(z)`` along ``axis`` (kept, size 1) over the ``valid`` entries; 0 for a slice
     without one, with a finite gradient everywhere.
@@ -173,12 +184,8 @@ def masked_logsumexp(z: Array, valid: Array | None, axis: int) -> Array:
     """
     if valid is None:
         return jax.nn.logsumexp(z, axis=axis, keepdims=True)
-    valid = jnp.broadcast_to(valid, z.shape)
-    z = jnp.where(valid, z, 0.0)
-    shift = jax.lax.stop_gradient(jnp.max(jnp.where(valid, z, -jnp.inf), axis=axis, keepdims=True))
-    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-    total = jnp.sum(jnp.where(valid, jnp.exp(z - shift), 0.0), axis=axis, keepdims=True)
-    return jnp.log(jnp.where(total > 0, total, 1.0)) + shift
+    shift, log_total = _masked_shift_and_log_total(z, valid, axis)
+    return shift + log_total
 
 
 def softmax_kl(student_z: Array, teacher_z: Array, axis: int, valid: Array | None = None
@@ -217,7 +224,9 @@ def masked_log_softmax(z: Array, valid: Array | None, axis: int) -> Array:
     """
     if valid is None:
         return jax.nn.log_softmax(z, axis=axis)
-    return jnp.where(valid, z - masked_logsumexp(z, valid, axis), 0.0)
+    shift, log_total = _masked_shift_and_log_total(z, valid, axis)
+    # (z − shift) first: exact 0 at the maximum, so a dominant entry keeps its small log-probability.
+    return jnp.where(valid, (z - shift) - log_total, 0.0)
 
 
 def safe_sqrt(x: Array) -> Array:

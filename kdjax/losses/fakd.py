@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_mask, check_positive, check_rank,
-                                  check_same_shape, combine_masks, frozen, masked_mean,
-                                  nearest_resize_labels, valid_label_mask)
+                                  check_same_shape, combine_masks, frozen, masked_log_softmax,
+                                  masked_mean, nearest_resize_labels, valid_label_mask)
 from kdjax.losses.channel_wise import channel_wise_divergence, spatial_log_softmax
 from kdjax.losses.pixel_kd import pixel_kd
 
@@ -399,9 +399,10 @@ def _cwd_augmentation(student_logits, teacher_logits, kernel, variance, labels, 
     s = jnp.where(has_class[..., None], spread[classes], 0.0).reshape(n, h * w, num_classes)
     z = as_float32(student_logits).reshape(n, h * w, num_classes) / tau
     valid = None if mask is None else jnp.asarray(mask, bool).reshape(n, h * w, 1)
-    # At β = 0 both terms take identical inputs, so the excess is exactly 0 there.
-    excess = (_leave_one_out_terms(z, beta * s, valid)
-              - _leave_one_out_terms(z, jnp.zeros_like(s), valid))
+    # Without augmentation the leave-one-out term is −log softmax_i(z): one reduction instead of
+    # a second leave-one-out pass. At β = 0 the excess is 0 by definition, not by rounding.
+    plain_terms = -masked_log_softmax(z, valid, axis=1)
+    excess = jnp.where(beta > 0, _leave_one_out_terms(z, beta * s, valid) - plain_terms, 0.0)
 
     q = jnp.exp(spatial_log_softmax(frozen(teacher_logits), tau, mask))
     if valid is not None:
