@@ -7,12 +7,11 @@ maths and remove wasted work.
    kernel is cropped to the taps that touch the input, with padding that keeps the output size.
    Their kernel gradient is exactly zero, as it is for the full kernel.
 2. **A 1×1 convolution is a matrix product** (every platform), forward and backward.
-3. **On CPU the backward pass is two matrix products.** XLA's CPU backend computes the kernel
-   gradient as a convolution whose "kernel" is the output cotangent (a window the size of the
-   feature map over a contraction of only N channels), 4–14× slower than the forward pass
-   (benchmarks/RESULTS.md, 'Convolutions'). With ``patches`` (N·H'·W', T·C_in) the input windows
-   of the T kernel taps, ``dK = gᵀ · patches`` contracts over N·H'·W', and ``d patches = g · Kᵀ``
-   is added back at the positions each tap read.
+3. **On CPU the kernel gradient is a matrix product.** XLA's CPU backend computes it as a
+   convolution whose "kernel" is the output cotangent (a window the size of the feature map over a
+   contraction of only N channels), 4–14× slower than the forward pass (benchmarks/RESULTS.md,
+   'Convolutions'). With ``patches`` (N·H'·W', T·C_in) the input windows of the T kernel taps,
+   ``dK = gᵀ · patches`` contracts over N·H'·W'. The input gradient stays XLA's.
 4. **On CPU, a convolution whose products mostly read padding runs forward in that tap form too**
    (the ASPP's partly-outside rates), skipping the products XLA's convolution would spend on zeros.
 
@@ -197,15 +196,18 @@ def cpu_forward(x: Array, kernel: Array, geometry: Geometry) -> Array:
 
 def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
                  ) -> tuple[Array, Array]:
-    """(dx, dK) of the convolution as two matrix products over the T kernel taps at once.
+    """(dx, dK) of the convolution, the kernel gradient as one matrix product over all T taps.
 
     With ``patches`` the (P, T·C_in) windows of the padded input that the taps read for the
-    P = N·H'·W' outputs: ``dK = gᵀ · patches`` and ``d patches = g · K_allᵀ``, then each tap's
-    columns are added back at the input positions it read. Each product has a single use of the
-    cotangent ``g``, so XLA computes the (BN, ReLU) backward that produces it once; per-tap
-    products would each fuse and recompute it, with a transpose.
+    P = N·H'·W' outputs, ``dK = gᵀ · patches``: a product contracting over P, where XLA's CPU
+    backend would run a convolution contracting over only N. The input gradient is XLA's own
+    transposed convolution, which is as fast as the forward; forming it from the patches instead
+    (``g · K_allᵀ`` added back tap by tap) was 1.3× slower for 3×3 kernels and compiled T more
+    pads and adds per convolution. One product for all taps uses the cotangent once, so XLA
+    computes the (BN, ReLU) backward that produces it once; per-tap products each fused and
+    recomputed it.
     """
-    n, h, w, c_in = x.shape
+    n, _, _, c_in = x.shape
     kh, kw, group_in, c_out = kernel.shape
     groups, taps = geometry.groups, kh * kw
     (sh, sw), (dh, dw), (pad_h, pad_w) = geometry.stride, geometry.dilation, geometry.padding
@@ -217,23 +219,13 @@ def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     patches = jnp.stack([jax.lax.slice(padded, *window) for window in windows], axis=3)
     patches = patches.reshape(points, taps, groups, group_in)
     g = cotangent.reshape(points, groups, c_out // groups)
-    per_group = kernel.reshape(taps, group_in, groups, c_out // groups)
     # Output (G, C_out/G, T, C_in/G): XLA then transposes the cotangent for the product, not the
     # T times larger patches.
     d_kernel = jnp.einsum("pgo,ptgc->gotc", g, patches, preferred_element_type=jnp.float32)
     d_kernel = d_kernel.transpose(2, 3, 0, 1)                                # (T, C_in/G, G, C_out/G)
-    d_patches = jnp.einsum("pgo,tcgo->ptgc", g, per_group, preferred_element_type=jnp.float32)
-    d_patches = d_patches.reshape(n, oh, ow, taps, c_in)
-    d_padded = jnp.zeros(padded.shape, jnp.float32)
-    for tap, (start, limit, strides) in enumerate(windows):
-        # Back to the positions the window read: the transpose of a strided slice.
-        d_padded = d_padded + jax.lax.pad(d_patches[:, :, :, tap], jnp.zeros((), jnp.float32), [
-            (0, 0, 0), *((start[a], padded.shape[a] - limit[a], strides[a] - 1) for a in (1, 2)),
-            (0, 0, 0)])
-    # Undo the padding (a negative pad crops).
-    dx = jax.lax.pad(d_padded, jnp.zeros((), jnp.float32),
-                     [(0, 0, 0), (-pad_h[0], -pad_h[1], 0), (-pad_w[0], -pad_w[1], 0), (0, 0, 0)])
-    return dx.astype(x.dtype), d_kernel.reshape(kernel.shape).astype(kernel.dtype)
+    _, input_vjp = jax.vjp(lambda inputs: xla_convolution(inputs, kernel, geometry), x)
+    (dx,) = input_vjp(cotangent)
+    return dx, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def xla_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry

@@ -105,7 +105,7 @@ def _geometry(x, kernel, options):
 
 
 @pytest.mark.parametrize("backward", [convolution.tap_backward, convolution.xla_backward],
-                         ids=["per-tap products (CPU)", "XLA (other platforms)"])
+                         ids=["kernel gradient as a product (CPU)", "XLA (other platforms)"])
 @pytest.mark.parametrize("name", CASES)
 def test_both_backward_implementations_match_the_reference(name, backward):
     x, kernel, options = _case(name, seed=2)
