@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdjax import sharding, train
     from kdjax.config import load_config
     from kdjax.data import make_train_iterator
+    from tests.trainer.test_train import tie_free
 
     assert sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes,
                                            args.process_id)
@@ -82,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     step = exp.compiled_step()
     teacher = exp.teacher_inputs()
     history = []
-    for _ in range(STEPS):
-        full = next(batches)
+    for seed in range(STEPS):
+        full = tie_free(next(batches), seed)
         local = {name: value[mine] for name, value in full.items()}
         batch = sharding.global_batch(local, exp.mesh)
         assert batch["image"].shape[0] == GLOBAL_BATCH

@@ -42,6 +42,15 @@ def _batches(config, count):
     return [next(it) for _ in range(count)]
 
 
+def tie_free(batch: dict, seed: int) -> dict:
+    """``batch`` with pixel noise added to its images. The synthetic scenes are flat-coloured, so
+    max-pool windows hold exactly equal maxima and the gradient goes to whichever of them rounding
+    makes largest: a 1e-7 relative change of the weights then moves the next gradient norm by
+    3e-4. Without ties only summation-order differences remain."""
+    noise = np.random.default_rng(seed).normal(0.0, 0.1, batch["image"].shape)
+    return dict(batch, image=batch["image"] + noise.astype(np.float32))
+
+
 def _run_steps(exp, batches):
     state = exp.init_state()
     step = exp.compiled_step()
@@ -67,13 +76,7 @@ def _leaves(tree):
 
 def test_eight_devices_match_one_device(tiny):
     config = _config()
-    # The synthetic scenes are flat-coloured, so max-pool windows hold exactly equal maxima and
-    # the gradient goes to whichever of them rounding makes largest: a 1e-7 relative change of
-    # the weights moves the next gradient norm by 3e-4. Pixel noise removes the ties, leaving
-    # only the summation-order differences this test is about.
-    noise = np.random.default_rng(0)
-    batches = [dict(b, image=b["image"] + noise.normal(0, 0.1, b["image"].shape).astype(np.float32))
-               for b in _batches(config, 3)]
+    batches = [tie_free(b, seed) for seed, b in enumerate(_batches(config, 3))]
     one = train.setup(config, mesh=sharding.make_mesh(jax.devices()[:1]))
     assert tiny.mesh.devices.size == 8
     step1, step8 = one.compiled_step(), tiny.compiled_step()
