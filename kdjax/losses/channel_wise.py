@@ -61,5 +61,5 @@ def channel_wise_divergence(student: Array, teacher: Array, *, tau: float = 4.0,
     if mask is None:
         images = n
     else:
-        images = jnp.sum(jnp.any(jnp.asarray(mask, bool).reshape(n, -1), axis=1), dtype=jnp.float32)
+        images = jnp.sum(jnp.any(valid[..., 0], axis=1), dtype=jnp.float32)
     return tau**2 * jnp.sum(kl) / (jnp.maximum(images, 1.0) * c_norm)

@@ -6,7 +6,7 @@ maths and remove wasted work.
    fall on the zero padding for every output position. They contribute exactly zero, so the
    kernel is cropped to the taps that touch the input, with padding that keeps the output size.
    Their kernel gradient is exactly zero, as it is for the full kernel.
-2. **A 1×1 convolution is a matrix product** (every platform), forward and backward.
+2. **On CPU a 1×1 convolution runs forward as a matrix product** (:func:`cpu_forward`).
 3. **On CPU the kernel gradient is a matrix product.** XLA's CPU backend computes it as a
    convolution whose "kernel" is the output cotangent (a window the size of the feature map over a
    contraction of only N channels), 4–14× slower than the forward pass (benchmarks/RESULTS.md,

@@ -16,7 +16,7 @@ import pytest
 
 from kdjax import sharding, train
 from tests.trainer.distributed_worker import GLOBAL_DEVICES, STEPS, flat_state
-from tests.trainer.test_train import _batches, _config, _run_steps, tie_free
+from tests.trainer.test_train import _config, _run_steps, tie_free_batches
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -87,8 +87,7 @@ def test_two_processes_match_one_process(tmp_path):
         config = _config()
         exp = train.setup(config)
         assert exp.mesh.devices.size == GLOBAL_DEVICES
-        batches = [tie_free(b, seed) for seed, b in enumerate(_batches(config, STEPS))]
-        state, history = _run_steps(exp, batches)
+        state, history = _run_steps(exp, tie_free_batches(config, STEPS))
         reference = flat_state(state)
         _wait(procs, deadline)
     finally:

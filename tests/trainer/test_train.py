@@ -51,6 +51,11 @@ def tie_free(batch: dict, seed: int) -> dict:
     return dict(batch, image=batch["image"] + noise.astype(np.float32))
 
 
+def tie_free_batches(config, count):
+    """The first ``count`` training batches, each through :func:`tie_free` (seeded by its index)."""
+    return [tie_free(b, seed) for seed, b in enumerate(_batches(config, count))]
+
+
 def _run_steps(exp, batches):
     state = exp.init_state()
     step = exp.compiled_step()
@@ -76,7 +81,7 @@ def _leaves(tree):
 
 def test_eight_devices_match_one_device(tiny):
     config = _config()
-    batches = [tie_free(b, seed) for seed, b in enumerate(_batches(config, 3))]
+    batches = tie_free_batches(config, 3)
     one = train.setup(config, mesh=sharding.make_mesh(jax.devices()[:1]))
     assert tiny.mesh.devices.size == 8
     step1, step8 = one.compiled_step(), tiny.compiled_step()
