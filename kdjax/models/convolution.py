@@ -179,8 +179,11 @@ def tap_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
         patch = jax.lax.slice(x, *window)
         term = _tap_product(patch.reshape(-1, patch.shape[3]), kernel[i, j], geometry.groups)
         term = term.reshape(*patch.shape[:3], c_out)
-        total = total + jnp.pad(term, ((0, 0), (rows.start, oh - rows.stop),
-                                       (cols.start, ow - cols.stop), (0, 0)))
+        # Added in place over the outputs the tap covers. A sum of zero-padded terms would be one
+        # elementwise expression, which XLA fuses into, and recomputes in, every consumer.
+        start = (0, rows.start, cols.start, 0)
+        covered = jax.lax.dynamic_slice(total, start, term.shape)
+        total = jax.lax.dynamic_update_slice(total, covered + term, start)
     return total.astype(x.dtype)
 
 
