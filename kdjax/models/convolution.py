@@ -174,16 +174,22 @@ def tap_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
                               geometry.padding[0], geometry.dilation[0])
     ow, _ = tap_output_ranges(x.shape[2], kernel.shape[1], geometry.stride[1],
                               geometry.padding[1], geometry.dilation[1])
-    total = jnp.zeros((n, oh, ow, c_out), jnp.float32)
+    total = None
     for i, j, (rows, cols), window in _taps(x.shape, kernel.shape, geometry):
         patch = jax.lax.slice(x, *window)
         term = _tap_product(patch.reshape(-1, patch.shape[3]), kernel[i, j], geometry.groups)
         term = term.reshape(*patch.shape[:3], c_out)
+        if total is None:  # the first tap sets the output (and its sharding)
+            total = jnp.pad(term, ((0, 0), (rows.start, oh - rows.stop),
+                                   (cols.start, ow - cols.stop), (0, 0)))
+            continue
         # Added in place over the outputs the tap covers. A sum of zero-padded terms would be one
         # elementwise expression, which XLA fuses into, and recomputes in, every consumer.
         start = (0, rows.start, cols.start, 0)
         covered = jax.lax.dynamic_slice(total, start, term.shape)
         total = jax.lax.dynamic_update_slice(total, covered + term, start)
+    if total is None:  # every tap reads padding only
+        total = jnp.zeros((n, oh, ow, c_out), jnp.float32)
     return total.astype(x.dtype)
 
 
