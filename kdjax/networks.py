@@ -13,6 +13,7 @@ from flax import nnx
 from kdjax import sharding
 from kdjax.model_store import load_model_state, read_spec
 from kdjax.models import BatchNorm2d, Segmentor, build_segmentor
+from kdjax.unoptimized import compile_unoptimized
 
 # What a model dir stores and a frozen network carries as its state.
 WEIGHTS = (nnx.Param, nnx.BatchStat)
@@ -156,10 +157,10 @@ def load_teacher(model: ml_collections.ConfigDict, *, num_classes: int,
     if not materialize:
         state, extras = jax.eval_shape(init)
     elif saved is None:
-        state, extras = jax.jit(init, out_shardings=repl)()
+        state, extras = compile_unoptimized(init, out_shardings=repl)()
     else:
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
                               abstract_state)
         state = load_model_state(model.checkpoint, target)
-        extras = jax.jit(lambda: init()[1], out_shardings=repl)()
+        extras = compile_unoptimized(lambda: init()[1], out_shardings=repl)()
     return Network(graphdef=graphdef, state=state, extras=extras, dtype=jnp.dtype(model.dtype))

@@ -32,6 +32,7 @@ from kdjax.metrics_log import MetricsLog
 from kdjax.model_store import save_model
 from kdjax.networks import (Network, build_model, load_backbone_weights, load_student_weights,
                             load_teacher, model_spec, set_batch_norm_groups)
+from kdjax.unoptimized import compile_unoptimized
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ class Experiment:
         weights come from ``student.checkpoint`` (a model dir) when the config names one."""
         if self._compiled_init is None:
             repl = sharding.replicated(self.mesh)
-            self._compiled_init = jax.jit(
+            self._compiled_init = compile_unoptimized(
                 self._init, out_shardings=jax.tree.map(lambda _: repl, self.abstract_state))
         state = self._compiled_init()
         if self.student_checkpoint:
@@ -357,7 +358,7 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     first, _ = jax.eval_shape(init)
     # The rng variables only seed dropout and are reseeded every step: constants of the step.
     # Only the rng variables survive XLA's dead-code elimination here: a cheap compilation.
-    exp.rng_vars, exp.disc_rng_vars = jax.jit(lambda: init()[1])()
+    exp.rng_vars, exp.disc_rng_vars = compile_unoptimized(lambda: init()[1])()
     names = _metric_names(exp, first, exp.teacher_inputs(), batch_shapes)
     exp._init = lambda: init(tuple(names))[0]
     # One function object for the experiment's lifetime: evaluate() compiles once per function.
