@@ -244,10 +244,28 @@ def xla_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     return vjp(cotangent)
 
 
+class _Branches(NamedTuple):
+    cpu_forward: object
+    forward: object
+    cpu_backward: object
+    backward: object
+
+
+@functools.lru_cache(maxsize=None)
+def _branches(geometry: Geometry) -> _Branches:
+    """The per-platform forward and backward of one geometry, the same function objects on every
+    call: JAX caches traces by function identity, so a network's repeated convolutions (and every
+    retrace of it) reuse them instead of tracing both platforms' branches again."""
+    return _Branches(functools.partial(cpu_forward, geometry=geometry),
+                     functools.partial(xla_convolution, geometry=geometry),
+                     functools.partial(tap_backward, geometry=geometry),
+                     functools.partial(xla_backward, geometry=geometry))
+
+
 def _forward(x: Array, kernel: Array, geometry: Geometry) -> Array:
-    return jax.lax.platform_dependent(
-        x, kernel, cpu=functools.partial(cpu_forward, geometry=geometry),
-        default=functools.partial(xla_convolution, geometry=geometry))
+    branches = _branches(geometry)
+    return jax.lax.platform_dependent(x, kernel, cpu=branches.cpu_forward,
+                                      default=branches.forward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -261,10 +279,9 @@ def _convolve_forward(x, kernel, geometry):
 
 def _convolve_backward(geometry, residuals, cotangent):
     x, kernel = residuals
-    return jax.lax.platform_dependent(
-        x, kernel, cotangent,
-        cpu=functools.partial(tap_backward, geometry=geometry),
-        default=functools.partial(xla_backward, geometry=geometry))
+    branches = _branches(geometry)
+    return jax.lax.platform_dependent(x, kernel, cotangent, cpu=branches.cpu_backward,
+                                      default=branches.backward)
 
 
 _convolve.defvjp(_convolve_forward, _convolve_backward)
