@@ -12,3 +12,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # subprocesses they start (which inherit the variable); JAX's persistent cache compiles each once.
 # A fresh directory per session, so no test reads a program compiled by an older checkout.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="kdjax-tests-xla-"))
+
+
+def pytest_collection_modifyitems(items):
+    """The end-to-end trainer tests first (stable otherwise): they take minutes each, so started
+    early they run beside the short tests on the other workers instead of after them."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/trainer/"))
