@@ -244,28 +244,17 @@ def xla_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     return vjp(cotangent)
 
 
-class _Branches(NamedTuple):
-    cpu_forward: object
-    forward: object
-    cpu_backward: object
-    backward: object
-
-
 @functools.lru_cache(maxsize=None)
-def _branches(geometry: Geometry) -> _Branches:
-    """The per-platform forward and backward of one geometry, the same function objects on every
-    call: JAX caches traces by function identity, so a network's repeated convolutions (and every
-    retrace of it) reuse them instead of tracing both platforms' branches again."""
-    return _Branches(functools.partial(cpu_forward, geometry=geometry),
-                     functools.partial(xla_convolution, geometry=geometry),
-                     functools.partial(tap_backward, geometry=geometry),
-                     functools.partial(xla_backward, geometry=geometry))
+def _bound(fn, geometry: Geometry):
+    """``fn`` with its geometry bound, the same function object on every call: JAX caches traces
+    by function identity, so a network's repeated convolutions (and every retrace of it) reuse
+    the traces of both platforms' branches instead of tracing them again."""
+    return functools.partial(fn, geometry=geometry)
 
 
 def _forward(x: Array, kernel: Array, geometry: Geometry) -> Array:
-    branches = _branches(geometry)
-    return jax.lax.platform_dependent(x, kernel, cpu=branches.cpu_forward,
-                                      default=branches.forward)
+    return jax.lax.platform_dependent(x, kernel, cpu=_bound(cpu_forward, geometry),
+                                      default=_bound(xla_convolution, geometry))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -279,9 +268,8 @@ def _convolve_forward(x, kernel, geometry):
 
 def _convolve_backward(geometry, residuals, cotangent):
     x, kernel = residuals
-    branches = _branches(geometry)
-    return jax.lax.platform_dependent(x, kernel, cotangent, cpu=branches.cpu_backward,
-                                      default=branches.backward)
+    return jax.lax.platform_dependent(x, kernel, cotangent, cpu=_bound(tap_backward, geometry),
+                                      default=_bound(xla_backward, geometry))
 
 
 _convolve.defvjp(_convolve_forward, _convolve_backward)
