@@ -196,10 +196,13 @@ def cases() -> list[Case]:
         Case("channel_wise_divergence", "logits", {"": pair(L.channel_wise_divergence, tau=4.0)}),
         Case("normalized_feature_distillation", "adapted", {"": pair(L.normalized_feature_distillation)}),
         Case("pixel_feature_similarity", "features", {
-            "dense": pair(L.pixel_feature_similarity),
-            f"block {BLOCK_SIZE}": pair(L.pixel_feature_similarity, block_size=BLOCK_SIZE)}),
+            "gram": pair(L.pixel_feature_similarity, form="gram"),
+            "dense": pair(L.pixel_feature_similarity, form="pairs"),
+            f"block {BLOCK_SIZE}": pair(L.pixel_feature_similarity, form="pairs",
+                                        block_size=BLOCK_SIZE)}),
         Case("weighted_pixel_imitation", "logits", {"": pair(L.weighted_pixel_imitation)}),
-        Case("skd_pairwise", "features", {"": pair(L.skd_pairwise)}),
+        Case("skd_pairwise", "features", {"gram": pair(L.skd_pairwise, form="gram"),
+                                          "dense": pair(L.skd_pairwise, form="pairs")}),
         Case("ifvd", "features_labels", {
             "": lambda s, r: L.ifvd(s, r["teacher"], r["labels"], num_classes=CLASSES)}),
         Case("cirkd_minibatch", "adapted", {

@@ -1,11 +1,13 @@
-"""Peak memory of the relational losses, dense against blockwise, as the number of pixels grows.
+"""Peak memory of the relational losses, dense against blockwise and Gram, as the pixels grow.
 
     python benchmarks/memory.py [--quick] [--sides 32,64,96,128] [--losses NAME,...]
                                 [--block_size 256] [--json FILE] [--write]
 
 ``pixel_feature_similarity``, ``skd_pairwise`` and ``cirkd_minibatch`` compare P×P affinity maps
 (P = H·W pixels). With ``block_size=None`` they materialise the maps, O(P²) memory; with an int
-``block_size`` they scan over checkpointed row blocks, O(P·block_size). For each loss, form and
+``block_size`` they scan over checkpointed row blocks, O(P·block_size). PFS and SKD also have the
+Gram form (``form='gram'``), which never forms a P×P map: O(C²) scratch memory besides the
+O(P·C) normalised features. For each loss, form and
 feature size H = W = side (N = 2 images, C = 128 channels for student and teacher, the losses'
 default options) the script compiles the jitted forward + backward step (loss and gradient with
 respect to the student feature) and reads XLA's compiled memory analysis: ``temp_size_in_bytes``,
@@ -39,7 +41,16 @@ SIDES, QUICK_SIDES = (32, 64, 96, 128), (16, 32, 48)
 LOSSES = ("pixel_feature_similarity", "skd_pairwise", "cirkd_minibatch")
 
 
-def step_memory(loss: str, side: int, block_size: int | None) -> dict:
+def forms(loss: str, block_size: int) -> dict[str, dict]:
+    """Label -> keyword options of each form of ``loss`` that the table compares."""
+    pairs = {"dense": {}, f"block {block_size}": {"block_size": block_size}}
+    if loss == "cirkd_minibatch":
+        return pairs
+    return {"gram": {"form": "gram"}, **{label: {"form": "pairs", **options}
+                                         for label, options in pairs.items()}}
+
+
+def step_memory(loss: str, side: int, options: dict) -> dict:
     """XLA's memory analysis of the compiled value-and-gradient step for (N, side, side, C) features."""
     import jax
     import jax.numpy as jnp
@@ -48,7 +59,7 @@ def step_memory(loss: str, side: int, block_size: int | None) -> dict:
 
     fn = getattr(losses, loss)
     feat = jax.ShapeDtypeStruct((BATCH, side, side, CHANNELS), jnp.float32)
-    step = jax.jit(jax.value_and_grad(lambda s, t: fn(s, t, block_size=block_size)))
+    step = jax.jit(jax.value_and_grad(lambda s, t: fn(s, t, **options)))
     stats = step.lower(feat, feat).compile().memory_analysis()
     return {"temp": stats.temp_size_in_bytes, "argument": stats.argument_size_in_bytes,
             "output": stats.output_size_in_bytes}
@@ -66,10 +77,10 @@ def measure(losses: list[str], sides: list[int], block_size: int) -> list[dict]:
     rows = []
     pixels = [s * s for s in sides]
     for loss in losses:
-        for form, block in (("dense", None), (f"block {block_size}", block_size)):
-            stats = [step_memory(loss, side, block) for side in sides]
+        for form, options in forms(loss, block_size).items():
+            stats = [step_memory(loss, side, options) for side in sides]
             temps = [s["temp"] for s in stats]
-            row = {"loss": loss, "form": form, "block_size": block, "sides": sides, "pixels": pixels,
+            row = {"loss": loss, "form": form, "options": options, "sides": sides, "pixels": pixels,
                    "temp_bytes": temps, "argument_bytes": [s["argument"] for s in stats],
                    "output_bytes": [s["output"] for s in stats],
                    "exponent_fit": slope(pixels, temps),
@@ -107,15 +118,19 @@ def table(result: dict) -> str:
         lines.append(f"| {r['loss']} | {r['form']} | " + " | ".join(mb(t) for t in r["temp_bytes"])
                      + f" | {r['exponent_fit']:.2f} / {last} |")
     by_key = {(r["loss"], r["form"].split()[0]): r for r in result["rows"]}
-    notes = []
+    block_notes, gram_notes = [], []
     for loss in result["losses"]:
-        dense, block = by_key.get((loss, "dense")), by_key.get((loss, "block"))
+        dense, block, gram = (by_key.get((loss, form)) for form in ("dense", "block", "gram"))
         if dense and block:
-            notes.append(f"{loss} {dense['temp_bytes'][-1] / block['temp_bytes'][-1]:.0f}×")
+            block_notes.append(f"{loss} {dense['temp_bytes'][-1] / block['temp_bytes'][-1]:.0f}×")
+        if dense and gram:
+            gram_notes.append(f"{loss} {dense['temp_bytes'][-1] / gram['temp_bytes'][-1]:.0f}×")
     side = sides[-1]
-    lines += ["", f"Dense / blockwise temporary memory at {side}×{side}: {', '.join(notes)}. "
+    lines += ["", f"Dense / blockwise temporary memory at {side}×{side}: {', '.join(block_notes)}"
+              + (f"; dense / Gram: {', '.join(gram_notes)}" if gram_notes else "") + ". "
               f"The dense form grows with P² (one P×P float32 map per image is {mb(4 * side**4)} MB "
-              f"at {side}×{side}), the blockwise form with P·block_size.", END]
+              f"at {side}×{side}), the blockwise form with P·block_size, the Gram form with P·C "
+              f"(its normalised features).", END]
     return "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,8 @@ def test_losses_quick_small(tmp_path):
     pytest.importorskip("torch")
     result, stdout = run_script("losses.py", tmp_path, "--quick", "--sizes", "small",
                                 "--losses", "pixel_kd,pixel_feature_similarity")
-    check_loss_rows(result, [("pixel_kd", ""), ("pixel_feature_similarity", "dense"),
+    check_loss_rows(result, [("pixel_kd", ""), ("pixel_feature_similarity", "gram"),
+                             ("pixel_feature_similarity", "dense"),
                              ("pixel_feature_similarity", "block 512")])
     assert result["sizes"] == ["small"] and result["quick"]
     for row in result["cases"]:
@@ -77,8 +78,9 @@ def test_memory_quick(tmp_path):
     result, stdout = run_script("memory.py", tmp_path, "--quick")
     assert set(result) >= {"machine", "command", "sides", "block_size", "losses", "rows"}
     forms = [(r["loss"], r["form"]) for r in result["rows"]]
-    assert forms == [(loss, form) for loss in ("pixel_feature_similarity", "skd_pairwise", "cirkd_minibatch")
-                     for form in ("dense", "block 256")]
+    assert forms == ([(loss, form) for loss in ("pixel_feature_similarity", "skd_pairwise")
+                      for form in ("gram", "dense", "block 256")]
+                     + [("cirkd_minibatch", "dense"), ("cirkd_minibatch", "block 256")])
     for row in result["rows"]:
         assert len(row["temp_bytes"]) == len(result["sides"]) == len(row["pixels"])
         assert all(t > 0 for t in row["temp_bytes"])
@@ -86,7 +88,9 @@ def test_memory_quick(tmp_path):
     for loss in ("pixel_feature_similarity", "cirkd_minibatch"):
         assert by_form[(loss, "dense")]["exponent_last"] > 1.8
         assert by_form[(loss, "block 256")]["exponent_last"] < 1.2
+    assert by_form[("pixel_feature_similarity", "gram")]["exponent_last"] < 1.2
     assert "| cirkd_minibatch | dense |" in stdout
+    assert "dense / Gram: pixel_feature_similarity" in stdout
 
 
 def test_write_replaces_only_the_generated_part(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def same_teacher(inputs):
 # Compilation dominates the run time of these tests, so they call the losses jitted, value and
 # gradient in one compiled function, and share shapes and options where they can (the contract
 # classes keep the eager path covered).
-STATIC_OPTIONS = ("pool", "norm", "block_size", "tau", "group_size")
+STATIC_OPTIONS = ("pool", "norm", "form", "block_size", "tau", "group_size")
 
 
 @functools.cache
@@ -99,30 +99,32 @@ def with_mask(inputs, masked):
     return inputs
 
 
+@pytest.mark.parametrize("form", ["gram", "pairs"])
 @pytest.mark.parametrize("pool, masked", [(1, False), (2, True), ((2, 3), False)])
-def test_pfs_matches_reference(pool, masked):
+def test_pfs_matches_reference(pool, masked, form):
     inputs = with_mask(make_odd_inputs(np.random.default_rng(1), 2), masked)
     assert_matches_reference(jitted(pixel_feature_similarity),
                              relational_ref.pixel_feature_similarity, inputs, ("student_feat",),
-                             pool=pool)
+                             pool=pool, form=form)
 
 
+@pytest.mark.parametrize("form", ["gram", "pairs"])
 @pytest.mark.parametrize("pool, masked", [(1, True), (2, False), ("half", True)])
-def test_skd_matches_reference(pool, masked):
+def test_skd_matches_reference(pool, masked, form):
     inputs = with_mask(make_inputs(np.random.default_rng(2), 2, size=(5, 7), channels=(2, 3)),
                        masked)
     assert_matches_reference(jitted(skd_pairwise), relational_ref.skd_pairwise, inputs,
-                             ("student_feat",), pool=pool)
+                             ("student_feat",), pool=pool, form=form)
 
 
-@pytest.mark.parametrize("pool, masked", [("half", False), (2, True)])
-def test_skd_detached_norm_matches_reference_with_frozen_norm(pool, masked):
+@pytest.mark.parametrize("pool, masked, form", [("half", False, "pairs"), (2, True, "gram")])
+def test_skd_detached_norm_matches_reference_with_frozen_norm(pool, masked, form):
     """norm='detached': the value is the reference's; the gradient is that of the reference with
     the student's norms frozen at the evaluation point (not the gradient of the value)."""
     inputs = with_mask(make_inputs(np.random.default_rng(3), 2, size=(5, 7), channels=(2, 3)),
                        masked)
     arrays = to_jax(inputs)
-    options = {"pool": pool, "norm": "detached"}
+    options = {"pool": pool, "norm": "detached", "form": form}
     value, got = value_and_grad(skd_pairwise, arrays, **options)
     np.testing.assert_allclose(float(value), relational_ref.skd_pairwise(**inputs, **options),
                                rtol=1e-5)
@@ -133,7 +135,7 @@ def test_skd_detached_norm_matches_reference_with_frozen_norm(pool, masked):
     assert relative_error(got, frozen_norm) < 1e-5
     if pool == "half":
         # The check tells the variants apart: the F.normalize gradient is far from this one.
-        full = student_grad(skd_pairwise, arrays, pool=pool, norm="normalize")
+        full = student_grad(skd_pairwise, arrays, pool=pool, norm="normalize", form=form)
         assert relative_error(full, frozen_norm) > 1e-2
 
 
@@ -150,8 +152,8 @@ def test_cirkd_matches_reference(options, masked):
 # Blockwise form == dense form, and its memory.
 
 @pytest.mark.parametrize("name, options, block_size, masks", [
-    ("pfs", {"pool": 2}, 5, (False, True)),  # P = 12 cells: the last block is padded
-    ("skd", {"pool": "half", "norm": "detached"}, 16, (True,)),  # one block larger than P = 9
+    ("pfs", {"pool": 2, "form": "pairs"}, 5, (False, True)),  # P = 12 cells: the last block is padded
+    ("skd", {"pool": "half", "norm": "detached", "form": "pairs"}, 16, (True,)),  # a block > P = 9
     ("cirkd", {"group_size": None}, 8, (False, True))])  # P = 35
 def test_blockwise_equals_dense(name, options, block_size, masks):
     loss, _ = LOSSES[name]
@@ -165,23 +167,79 @@ def test_blockwise_equals_dense(name, options, block_size, masks):
         assert np.any(np.asarray(dense_grad) != 0)
 
 
-def temp_bytes(loss, side, block_size):
+def temp_bytes(loss, side, **options):
     """Compiled temporary memory of the student gradient for a (2, side, side, 4) feature."""
     feat = jax.ShapeDtypeStruct((2, side, side, 4), jnp.float32)
-    step = jax.jit(jax.grad(lambda s, t: loss(s, t, block_size=block_size)))
+    step = jax.jit(jax.grad(lambda s, t: loss(s, t, **options)))
     return step.lower(feat, feat).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("name", ["pfs", "cirkd"])  # SKD with pool=1 is the PFS computation
-def test_blockwise_memory_grows_linearly_with_pixels(name):
+@pytest.mark.parametrize("name, options", [  # SKD with pool=1 is the PFS computation
+    ("pfs", {"form": "pairs"}), ("cirkd", {})])
+def test_blockwise_memory_grows_linearly_with_pixels(name, options):
     loss, _ = LOSSES[name]
-    blocked = [temp_bytes(loss, side, 64) for side in (16, 32, 64)]  # P = 256, 1024, 4096
-    dense = [temp_bytes(loss, side, None) for side in (32, 64)]
+    blocked = [temp_bytes(loss, side, block_size=64, **options)
+               for side in (16, 32, 64)]  # P = 256, 1024, 4096
+    dense = [temp_bytes(loss, side, **options) for side in (32, 64)]
     # Quadrupling P multiplies O(P·block) memory by ~4 and O(P²) memory by ~16.
     for small, large in zip(blocked, blocked[1:]):
         assert large / small < 6, blocked
     assert dense[1] / dense[0] > 12, dense
     assert dense[1] > 10 * blocked[2], (dense, blocked)
+
+
+def test_gram_form_memory_grows_linearly_with_pixels():
+    gram = [temp_bytes(pixel_feature_similarity, side, form="gram") for side in (32, 64, 128)]
+    for small, large in zip(gram, gram[1:]):
+        assert large / small < 6, gram
+    # At P = 16384 the pairs form's two P×P maps alone would take 2 GB.
+    assert gram[-1] < 64 * 2 ** 20, gram
+
+
+# --------------------------------------------------------------------------------------------------
+# Gram form == pairs form, and the automatic choice between them.
+
+@pytest.mark.parametrize("name, options", [
+    ("pfs", {}), ("pfs", {"pool": 2}), ("skd", {}), ("skd", {"norm": "detached", "pool": 1})])
+def test_gram_form_equals_pairs_form(name, options):
+    loss, _ = LOSSES[name]
+    for masked in (False, True):
+        # Larger maps than the reference tests: the forms' cancellation grows with P.
+        inputs = with_mask(make_inputs(np.random.default_rng(16), 4, size=(9, 11),
+                                       channels=(5, 6)), masked)
+        arrays = to_jax(inputs)
+        pairs, pairs_grad = value_and_grad(loss, arrays, form="pairs", **options)
+        gram, gram_grad = value_and_grad(loss, arrays, form="gram", **options)
+        np.testing.assert_allclose(float(gram), float(pairs), rtol=1e-5)
+        assert relative_error(gram_grad, pairs_grad) < 1e-5
+        assert np.any(np.asarray(pairs_grad) != 0)
+
+
+def test_gram_form_is_zero_at_identical_inputs_of_head_size():
+    """The three Gram terms cancel exactly: same dots on the same values."""
+    rng = np.random.default_rng(17)
+    feat = jnp.asarray(np.maximum(rng.normal(size=(2, 16, 32, 64)), 0), jnp.float32)
+    value, grad = value_and_grad(pixel_feature_similarity,
+                                 {"student_feat": feat, "teacher_feat": feat}, form="gram")
+    assert float(value) == 0.0
+    assert float(jnp.max(jnp.abs(grad))) < 1e-9
+
+
+@pytest.mark.parametrize("name, options, shapes, expected", [
+    # Head features: C = 128 / 256 channels on 32×64 pixels.
+    ("pfs", {}, ((2, 32, 64, 128), (2, 32, 64, 256)), "gram"),
+    # Official SKD pooling leaves 3×3 cells: 9² pairs are cheaper than 512² Gram entries.
+    ("skd", {"pool": "half"}, ((2, 65, 65, 512), (2, 65, 65, 512)), "pairs"),
+    ("skd", {}, ((2, 64, 64, 128), (2, 64, 64, 128)), "gram")])
+def test_auto_form_takes_the_cheaper_form(name, options, shapes, expected):
+    loss, _ = LOSSES[name]
+    student, teacher = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes)
+
+    def program(form):
+        return str(jax.make_jaxpr(functools.partial(loss, form=form, **options))(student, teacher))
+
+    assert program("auto") == program(expected)
+    assert program("auto") != program({"gram": "pairs", "pairs": "gram"}[expected])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +352,8 @@ def test_cirkd_groups():
 # Masks and degenerate pixels.
 
 @pytest.mark.parametrize("name, options", [
-    ("pfs", {"pool": 2, "block_size": 4}), ("skd", {"norm": "detached"}),
+    ("pfs", {"pool": 2, "form": "pairs", "block_size": 4}), ("pfs", {"form": "gram"}),
+    ("skd", {"norm": "detached", "form": "gram"}), ("skd", {"form": "pairs"}),
     ("cirkd", {"block_size": 4})])
 def test_masked_pixels_do_not_matter(name, options):
     loss, _ = LOSSES[name]
@@ -454,6 +513,11 @@ def test_bad_input_raises():
         skd_pairwise(s[:, :1], t[:, :1], pool="half")
     with pytest.raises(ValueError, match="norm"):
         skd_pairwise(s, t, norm="l1")
+    for loss in (pixel_feature_similarity, skd_pairwise):
+        with pytest.raises(ValueError, match="form must be one of"):
+            loss(s, t, form="dense")
+        with pytest.raises(ValueError, match=r"block_size=8 .*form='gram'.*block_size=None"):
+            loss(s, t, form="gram", block_size=8)
     with pytest.raises(ValueError, match="tau"):
         cirkd_minibatch(s, t, tau=0.0)
     with pytest.raises(ValueError, match="group_size .*batch size 2"):

@@ -1,6 +1,6 @@
 """float64 NumPy references of PFS, SKD pair-wise and CIRKD mini-batch, from methods.md §3,
-§5.2, §5.4 and §9.3 (NHWC). ``block_size`` is accepted and ignored: it changes memory, not the
-value.
+§5.2, §5.4 and §9.3 (NHWC). ``form`` and ``block_size`` are accepted and ignored: they change
+time and memory, not the value.
 
 Masks: a masked pixel leaves every pair it belongs to; a pooled cell is valid if any of its pixels
 is, and pools over its valid pixels only.
@@ -59,7 +59,8 @@ def affinity_mse(student, teacher, valid):
     return total / max(count, 1)
 
 
-def pixel_feature_similarity(student_feat, teacher_feat, mask=None, pool=1, block_size=None):
+def pixel_feature_similarity(student_feat, teacher_feat, mask=None, pool=1, form="auto",
+                             block_size=None):
     window = window_of(pool, *student_feat.shape[1:3])
     valid = np.ones(student_feat.shape[:3], bool) if mask is None else mask
     s, cells = pool_cells(student_feat, window, "avg", valid)
@@ -67,8 +68,8 @@ def pixel_feature_similarity(student_feat, teacher_feat, mask=None, pool=1, bloc
     return affinity_mse(normalize(s), normalize(t), cells)
 
 
-def skd_pairwise(student_feat, teacher_feat, mask=None, pool=2, norm="normalize", block_size=None,
-                 student_norm_at=None):
+def skd_pairwise(student_feat, teacher_feat, mask=None, pool=2, norm="normalize", form="auto",
+                 block_size=None, student_norm_at=None):
     """``student_norm_at``: for norm='detached', take the student's norms from this array instead
     of ``student_feat``: the norm frozen at that point, as the official code's ``.detach()`` makes
     it for the gradient."""
