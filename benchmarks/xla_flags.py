@@ -43,6 +43,12 @@ VARIANTS = {
     "fast_math": ("--xla_cpu_enable_fast_math=true", "float32", 5e-2),
     "no_multi_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", "float32", 1e-3),
     "bfloat16": ("", "bfloat16", 5e-2),
+    # Which operations XLA hands to YNNPACK (this jaxlib's default: convolutions, dots, reductions
+    # and the element-wise operations fused into them).
+    "ynn_without_reduce": ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot,eltwise",
+                           "float32", 1e-3),
+    "ynn_without_convolution": ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce,eltwise",
+                                "float32", 1e-3),
 }
 
 
