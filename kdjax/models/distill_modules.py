@@ -97,7 +97,7 @@ class SpectralNormConv2d(nnx.Module):
         v = jax.lax.stop_gradient(_l2_normalize(matrix.T @ u))
         u = jax.lax.stop_gradient(_l2_normalize(matrix @ v))
         if train:
-            self.u[...] = u.astype(self.u.dtype)
+            self.u.set_value(u.astype(self.u.dtype))
         return u @ (matrix @ v)
 
     def __call__(self, x: Array, train: bool) -> Array:

@@ -157,8 +157,8 @@ class BatchNorm2d(nnx.Module):
             batch_mean = jax.lax.stop_gradient(jnp.mean(mean, axis=0).reshape(-1))
             new_mean = (1 - BN_MOMENTUM) * self.mean[...] + BN_MOMENTUM * batch_mean
             new_var = (1 - BN_MOMENTUM) * self.var[...] + BN_MOMENTUM * unbiased
-            self.mean[...] = new_mean.astype(self.mean.dtype)
-            self.var[...] = new_var.astype(self.var.dtype)
+            self.mean.set_value(new_mean.astype(self.mean.dtype))
+            self.var.set_value(new_var.astype(self.var.dtype))
         else:
             mean = self.mean[...].astype(stat_dtype)
             var = self.var[...].astype(stat_dtype)
