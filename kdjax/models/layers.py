@@ -157,6 +157,9 @@ class BatchNorm2d(nnx.Module):
             batch_mean = jax.lax.stop_gradient(jnp.mean(mean, axis=0).reshape(-1))
             new_mean = (1 - BN_MOMENTUM) * self.mean[...] + BN_MOMENTUM * batch_mean
             new_var = (1 - BN_MOMENTUM) * self.var[...] + BN_MOMENTUM * unbiased
+            # set_value, not ``[...] =``: nnx's indexed assignment reads ``.sharding`` of the
+            # traced value, and the tracer's error message for it walks the whole trace so far,
+            # which made tracing a deep network quadratic in its BatchNorm count.
             self.mean.set_value(new_mean.astype(self.mean.dtype))
             self.var.set_value(new_var.astype(self.var.dtype))
         else:
