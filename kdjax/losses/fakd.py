@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_mask, check_positive, check_rank,
-                                  check_same_shape, combine_masks, frozen, masked_log_softmax,
+                                  check_same_shape, combine_masks, frozen,
                                   masked_mean, nearest_resize_labels, valid_label_mask)
 from kdjax.losses.channel_wise import channel_wise_divergence, spatial_log_softmax
 from kdjax.losses.pixel_kd import pixel_kd
@@ -348,10 +348,12 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
         term_i = log(1 + Σ_{j≠i} exp((z_{c,j} − z_{c,i})/τ + β·(s_{c,y_j} + s_{c,y_i})))
 
     and ``L = τ²/(N·C_norm) Σ_{n,c} Σ_i q_i (term_i + log q_i)``. With one independent
-    δ_i ~ N(0, λ·diag(σ²_{y_i})) per pixel, ``L ≥ E_δ[CWD(z + δ·W)]``. It is computed as CWD plus
-    the (non-negative) augmentation excess ``Σ_i q_i (term_i(β) − term_i(0))``, so at λ = 0 it is
-    ``channel_wise_divergence(student_logits, teacher_logits, tau=τ, c_norm=c_norm, mask=mask)``.
-    Cost and memory are O(N·P·K).
+    δ_i ~ N(0, λ·diag(σ²_{y_i})) per pixel, ``L ≥ E_δ[CWD(z + δ·W)]``. At λ = 0, ``term_i`` is
+    ``−log softmax_i(z_c/τ)`` and L is CWD; there the function returns
+    ``channel_wise_divergence(student_logits, teacher_logits, tau=τ, c_norm=c_norm, mask=mask)``
+    itself (a ``lax.cond`` on λ > 0 when λ is traced), the plain loss rather than a bound that
+    meets it. For λ > 0 the bound is computed directly: one leave-one-out pass over the student
+    and the teacher's spatial log-softmax. Cost and memory are O(N·P·K).
 
     Args:
       student_logits: (N, H, W, K) student logits.
@@ -379,16 +381,24 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     _check_variance(variance, kernel)
     _check_labels(labels, student_logits)
     _check_strength(strength)
-    plain = channel_wise_divergence(student_logits, teacher_logits, tau=tau, c_norm=c_norm,
-                                    mask=mask)
-    return plain + _cwd_augmentation(student_logits, teacher_logits, kernel, variance, labels,
-                                     strength, tau, c_norm, mask, ignore_label=ignore_label)
+
+    def plain():
+        return channel_wise_divergence(student_logits, teacher_logits, tau=tau, c_norm=c_norm,
+                                       mask=mask)
+
+    def bound():
+        return _cwd_bound(student_logits, teacher_logits, kernel, variance, labels, strength, tau,
+                          c_norm, mask, ignore_label=ignore_label)
+
+    if isinstance(strength, (int, float)):
+        return bound() if strength > 0 else plain()
+    return jax.lax.cond(as_float32(strength) > 0, bound, plain)
 
 
 @functools.partial(jax.jit, static_argnames=("ignore_label",))
-def _cwd_augmentation(student_logits, teacher_logits, kernel, variance, labels, strength, tau,
-                      c_norm, mask, *, ignore_label):
-    """``τ²/(N·C_norm) Σ_{n,c} Σ_i q_i (term_i(β) − term_i(0))``, the FAKD-CWD excess over CWD."""
+def _cwd_bound(student_logits, teacher_logits, kernel, variance, labels, strength, tau, c_norm,
+               mask, *, ignore_label):
+    """``τ²/(N·C_norm) Σ_{n,c} Σ_i q_i (term_i(β) + log q_i)``, the FAKD-CWD bound for β > 0."""
     n, h, w, num_classes = student_logits.shape
     kernel, var = as_float32(kernel), frozen(variance)
     classes, has_class = _pixel_classes(labels, student_logits, num_classes, ignore_label)
@@ -399,13 +409,10 @@ def _cwd_augmentation(student_logits, teacher_logits, kernel, variance, labels, 
     s = jnp.where(has_class[..., None], spread[classes], 0.0).reshape(n, h * w, num_classes)
     z = as_float32(student_logits).reshape(n, h * w, num_classes) / tau
     valid = None if mask is None else jnp.asarray(mask, bool).reshape(n, h * w, 1)
-    # Without augmentation the leave-one-out term is −log softmax_i(z): one reduction instead of
-    # a second leave-one-out pass. At β = 0 the excess is 0 by definition, not by rounding.
-    plain_terms = -masked_log_softmax(z, valid, axis=1)
-    excess = jnp.where(beta > 0, _leave_one_out_terms(z, beta * s, valid) - plain_terms, 0.0)
-
-    q = jnp.exp(spatial_log_softmax(frozen(teacher_logits), tau, mask))
+    terms = _leave_one_out_terms(z, beta * s, valid)
+    log_q = spatial_log_softmax(frozen(teacher_logits), tau, mask)  # 0 at invalid positions
+    q = jnp.exp(log_q)
     if valid is not None:
         q = jnp.where(valid, q, 0.0)
     images = n if mask is None else jnp.sum(jnp.any(valid[..., 0], axis=1), dtype=jnp.float32)
-    return tau**2 * jnp.sum(q * excess) / (jnp.maximum(images, 1.0) * c_norm)
+    return tau**2 * jnp.sum(q * (terms + log_q)) / (jnp.maximum(images, 1.0) * c_norm)

@@ -110,21 +110,24 @@ def test_ignore_label_minus_one_and_conv_kernel(loss, reference, options):
 
 @pytest.mark.parametrize("fakd, plain, option", [(fakd_kd, pixel_kd, "temperature"),
                                                   (fakd_cwd, channel_wise_divergence, "tau")])
-@pytest.mark.parametrize("temperature, masked", [(1.0, False), (2.0, True)])
-def test_zero_strength_is_the_plain_loss(fakd, plain, option, temperature, masked):
+@pytest.mark.parametrize("temperature, masked, traced", [(1.0, False, False), (2.0, True, True)])
+def test_zero_strength_is_the_plain_loss(fakd, plain, option, temperature, masked, traced):
+    """Also for a traced strength (λ(t) in a train step), which takes the loss's own branch."""
     a = jax_inputs(seed=4 if fakd is fakd_kd else 5, masked=masked)
     mask = a.get("mask")
     options = {option: temperature, "mask": mask}
+    strength = jnp.float32(0.0) if traced else 0.0
 
     def bound(s, w):
-        return fakd(s, a["teacher_logits"], w, a["variance"], a["labels"], strength=0.0,
+        return fakd(s, a["teacher_logits"], w, a["variance"], a["labels"], strength=strength,
                     **options)
 
     value, (g_s, g_w) = jax.value_and_grad(bound, argnums=(0, 1))(a["student_logits"],
                                                                     a["classifier_kernel"])
     want, want_g = jax.value_and_grad(lambda s: plain(s, a["teacher_logits"], **options))(
         a["student_logits"])
-    np.testing.assert_allclose(float(value), float(want), rtol=1e-7)
+    # Eagerly the plain loss runs op by op, inside lax.cond as one compiled branch: one ulp apart.
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-6 if traced else 1e-7)
     np.testing.assert_allclose(np.asarray(g_s), np.asarray(want_g), rtol=1e-5, atol=1e-8)
     assert np.all(np.asarray(g_w) == 0)
 
@@ -250,6 +253,19 @@ def test_kd_bound_matches_pytorch_isda_formula():
     got = fakd_kd(a["student_logits"], a["teacher_logits"], a["classifier_kernel"], a["variance"],
                   a["labels"], strength=lam)
     np.testing.assert_allclose(float(got), isda.item(), rtol=1e-5)
+
+
+def test_traced_strength_equals_a_python_one():
+    a = jax_inputs(seed=6, masked=True)
+
+    def loss(s, strength):
+        return fakd_cwd(s, a["teacher_logits"], a["classifier_kernel"], a["variance"], a["labels"],
+                        strength=strength, tau=2.0, mask=a["mask"])
+
+    traced = jax.jit(jax.value_and_grad(loss))(a["student_logits"], jnp.float32(3.0))
+    python = jax.value_and_grad(loss)(a["student_logits"], 3.0)
+    np.testing.assert_allclose(float(traced[0]), float(python[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(traced[1]), np.asarray(python[1]), rtol=1e-5, atol=1e-8)
 
 
 # --- properties and numerical stability ----------------------------------------------------------
