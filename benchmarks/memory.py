@@ -23,6 +23,7 @@ into the 'Memory' section of benchmarks/RESULTS.md (the part between its markers
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import platform
@@ -42,9 +43,12 @@ LOSSES = ("pixel_feature_similarity", "skd_pairwise", "cirkd_minibatch")
 
 
 def forms(loss: str, block_size: int) -> dict[str, dict]:
-    """Label -> keyword options of each form of ``loss`` that the table compares."""
+    """Label -> keyword options of each form of ``loss`` that the table compares: dense and
+    blockwise maps, and the Gram form where the loss has one (a ``form`` argument)."""
+    from kdjax import losses
+
     pairs = {"dense": {}, f"block {block_size}": {"block_size": block_size}}
-    if loss == "cirkd_minibatch":
+    if "form" not in inspect.signature(getattr(losses, loss)).parameters:
         return pairs
     return {"gram": {"form": "gram"}, **{label: {"form": "pairs", **options}
                                          for label, options in pairs.items()}}
