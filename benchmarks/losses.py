@@ -90,10 +90,15 @@ def configure_threads(threads: int | None) -> int:
     return threads
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, with_torch: bool = True) -> dict:
+    """The machine, the libraries and the thread settings; the torch fields are empty without it."""
     import jax
-    import torch
 
+    torch_version, torch_threads = "", threads
+    if with_torch:
+        import torch
+
+        torch_version, torch_threads = torch.__version__, torch.get_num_threads()
     model = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -109,8 +114,8 @@ def machine_info(threads: int) -> dict:
     return {
         "cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
         "ram_gb": round(mem_kb / 2**20, 1), "python": platform.python_version(),
-        "jax": jax.__version__, "torch": torch.__version__, "threads": threads,
-        "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax": jax.__version__, "torch": torch_version, "threads": threads,
+        "torch_threads": torch_threads, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "load_average": round(os.getloadavg()[0], 2),
     }

@@ -56,8 +56,6 @@ import contextlib
 import statistics
 import sys
 import time
-import types
-import unittest.mock
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -578,15 +576,6 @@ def write_section(text: str) -> None:
     results_file.write_generated(SECTION, BEGIN, END, text)
 
 
-def machine_info(threads: int, with_torch: bool) -> dict:
-    """``losses.machine_info``; without PyTorch its torch fields are left empty."""
-    if with_torch:
-        return losses.machine_info(threads)
-    stub = types.SimpleNamespace(__version__="", get_num_threads=lambda: threads)
-    with unittest.mock.patch.dict(sys.modules, {"torch": stub}):
-        return losses.machine_info(threads)
-
-
 # --------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
@@ -625,7 +614,7 @@ def main(argv=None) -> dict:
         print(line, file=sys.stderr, flush=True)
 
     command = "python benchmarks/step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"machine": machine_info(threads, args.torch), "command": command.strip(), "quick": args.quick,
+    result = {"machine": losses.machine_info(threads, args.torch), "command": command.strip(), "quick": args.quick,
               "settings": {"size": list(args.size), "batch": args.batch, "reps": args.reps,
                            "student": args.student, "teacher": args.teacher, "classes": CLASSES,
                            "dtypes": dtypes, "torch": args.torch, "learning_rate": LR,

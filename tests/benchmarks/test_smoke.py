@@ -151,6 +151,28 @@ def test_step_quick(tmp_path):
     assert "<!-- step.py: begin -->" in stdout and "| distill | float32 |" in stdout
 
 
+@pytest.mark.slow
+def test_step_quick_without_torch(tmp_path):
+    result, stdout = run_script("step.py", tmp_path, "--quick", "--no-torch")
+    assert result["machine"]["torch"] == "" and set(result["matmul_peak_gflops"]) == {"kdjax"}
+    [block] = result["blocks"]
+    for row in block["cases"].values():
+        assert row["kdjax"]["median_ms"] > 0 and set(row) == {"kdjax"}
+    assert block["step_target_met"] is None
+    assert "not measured (no PyTorch)" in stdout
+
+
+def test_machine_info_without_torch_leaves_later_imports_working():
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import losses; "
+            "info = losses.machine_info(2, with_torch=False); "
+            "assert info['torch'] == '' and info['torch_threads'] == 2 and info['jax'], info; "
+            "assert 'torch' not in sys.modules; import jax; jax.numpy.zeros(1).block_until_ready()")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_compare_throughput_reads_every_run(tmp_path):
     def write(run, rates):
         run.mkdir(parents=True)
