@@ -41,6 +41,8 @@ Method:
   the allocator's peak above that during the call (``torch.profiler`` allocation events).
 - Distillation overhead per side: (distill − teacher_forward − student_alone) / student_alone, the
   cost of the distillation losses with the teacher's forward taken out; the target is ≤ 5 %.
+- XLA flags: the environment's ``XLA_FLAGS`` plus ``kdjax.cpu_flags.CPU_FLAGS``, which the ``kdjax``
+  command sets too.
 - ``--dtypes float32,bfloat16`` adds a bfloat16 block: the kdjax networks compute in bfloat16
   (parameters stay float32), PyTorch runs under ``torch.autocast('cpu', dtype=torch.bfloat16)``.
 
@@ -64,6 +66,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import losses  # noqa: E402
+from kdjax.cpu_flags import add_cpu_flags  # noqa: E402
 import results_file  # noqa: E402
 
 SECTION = "## Train step"
@@ -605,6 +608,7 @@ def main(argv=None) -> dict:
         parser.error(f"unknown dtypes {sorted(unknown)}; choose from float32, bfloat16")
 
     threads = losses.configure_threads(args.threads)
+    add_cpu_flags()  # as the kdjax command does: the train step compiled as training compiles it
     if args.torch:
         import torch
 

@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+from kdjax.cpu_flags import add_cpu_flags
+
 CONFIG_PREFIX = "--config."
 
 
@@ -125,6 +127,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def main(argv: list[str] | None = None) -> int:
     # TensorFlow (the input pipeline only) would otherwise print C++ start-up notices.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    add_cpu_flags()
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = split_overrides(argv)
     args = build_parser().parse_args(rest)

@@ -1,0 +1,42 @@
+"""kdjax.cpu_flags: the CPU flags are appended to XLA_FLAGS, a user's own setting wins, and the
+`kdjax` command sets them before JAX starts."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kdjax.cpu_flags import CPU_FLAGS, add_cpu_flags
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_flags_are_appended_to_the_existing_ones():
+    environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    add_cpu_flags(environ)
+    assert environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *CPU_FLAGS]
+    add_cpu_flags(environ)  # idempotent
+    assert environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *CPU_FLAGS]
+    empty = {}
+    add_cpu_flags(empty)
+    assert empty["XLA_FLAGS"].split() == list(CPU_FLAGS)
+
+
+def test_a_users_own_setting_wins():
+    mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    environ = {"XLA_FLAGS": mine}
+    add_cpu_flags(environ)
+    assert environ["XLA_FLAGS"] == mine
+
+
+def test_the_kdjax_command_sets_them():
+    # A command that fails at once (no such config): the flags are set first, whatever follows.
+    script = ("import os\n"
+              "from kdjax import cli\n"
+              "cli.main(['train', '--config=/nonexistent/config.py', '--workdir=/nonexistent'])\n"
+              "print(os.environ['XLA_FLAGS'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-len(CPU_FLAGS):] == list(CPU_FLAGS)
