@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.python_process import run_python
+
 ROOT = Path(__file__).parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -167,10 +169,7 @@ def test_machine_info_without_torch_leaves_later_imports_working():
             "info = losses.machine_info(2, with_torch=False); "
             "assert info['torch'] == '' and info['torch_threads'] == 2 and info['jax'], info; "
             "assert 'torch' not in sys.modules; import jax; jax.numpy.zeros(1).block_until_ready()")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python(code)
 
 
 def test_compare_throughput_reads_every_run(tmp_path):

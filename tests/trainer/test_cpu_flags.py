@@ -1,14 +1,8 @@
 """kdjax.cpu_flags: the CPU flags are appended to XLA_FLAGS, a user's own setting wins, and the
-`kdjax` command sets them before JAX starts."""
-
-import os
-import subprocess
-import sys
-from pathlib import Path
+`kdjax` command sets them."""
 
 from kdjax.cpu_flags import CPU_FLAGS, add_cpu_flags
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.python_process import run_python
 
 
 def test_flags_are_appended_to_the_existing_ones():
@@ -31,12 +25,8 @@ def test_a_users_own_setting_wins():
 
 def test_the_kdjax_command_sets_them():
     # A command that fails at once (no such config): the flags are set first, whatever follows.
-    script = ("import os\n"
-              "from kdjax import cli\n"
-              "cli.main(['train', '--config=/nonexistent/config.py', '--workdir=/nonexistent'])\n"
-              "print(os.environ['XLA_FLAGS'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-len(CPU_FLAGS):] == list(CPU_FLAGS)
+    stdout = run_python("import os\n"
+                        "from kdjax import cli\n"
+                        "cli.main(['train', '--config=/nonexistent/config.py', '--workdir=/nonexistent'])\n"
+                        "print(os.environ['XLA_FLAGS'])\n")
+    assert stdout.split()[-len(CPU_FLAGS):] == list(CPU_FLAGS)
