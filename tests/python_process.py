@@ -8,11 +8,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def plain_cpu_env() -> dict[str, str]:
+    """The test process's environment without its XLA_FLAGS (eight simulated devices, level 0)."""
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
 def run_python(code: str) -> str:
     """Runs ``python -c code`` in the repository root; fails the test on a non-zero exit. Returns
     its standard output."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=plain_cpu_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -2,14 +2,13 @@
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.python_process import run_python
+from tests.python_process import plain_cpu_env, run_python
 
 ROOT = Path(__file__).parents[2]
 BENCHMARKS = ROOT / "benchmarks"
@@ -19,9 +18,8 @@ def run_script(script, tmp_path, *args):
     """Runs benchmarks/<script> in a fresh process (its own thread settings) and returns its JSON."""
     out = tmp_path / f"{Path(script).stem}.json"
     # The test process simulates 8 devices through XLA_FLAGS; the benchmarks run on the plain CPU.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=plain_cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
