@@ -202,6 +202,11 @@ def softmax_kl(student_z: Array, teacher_z: Array, axis: int, valid: Array | Non
     Returns:
       float32, the inputs' shape without ``axis``.
     """
+    if valid is not None:
+        # Masked entries to 0 first: a masked NaN/inf would otherwise reach the gradients through
+        # exp (0 · inf) even though the forward selects it away.
+        student_z = jnp.where(valid, student_z, 0.0)
+        teacher_z = jnp.where(valid, teacher_z, 0.0)
     lse_s = masked_logsumexp(student_z, valid, axis)
     lse_t = masked_logsumexp(teacher_z, valid, axis)
     p_t = jnp.exp(teacher_z - lse_t)

@@ -147,7 +147,8 @@ def _wait_for(path: Path, timeout: float = 300.0) -> None:
     while not path.exists():
         if time.monotonic() - start > timeout:
             raise TimeoutError(f"{path} did not appear")
-        time.sleep(0.2)
+        # Steps 3-4 of the tiny run take about a second: poll often enough to kill inside them.
+        time.sleep(0.01)
 
 
 def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tiny, tmp_path):
@@ -161,6 +162,8 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tiny, tmp_path):
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "checkpoints" / "4").exists(), (
+        "the run finished before the kill reached it, so nothing was resumed")
     resumed = train.run_training(tiny, killed)
     reference = train.run_training(tiny, tmp_path / "ref")
     assert resumed.step == reference.step == 4
