@@ -6,12 +6,18 @@ import os
 import shutil
 import tempfile
 
+from kdjax.cpu_flags import add_cpu_flags
+
 # Must be set before jax is imported anywhere in the test process. The tests' programs are tiny
 # and run for milliseconds, while XLA's backend optimisation (LLVM codegen) of each takes seconds:
 # at level 0 the same HLO programs compile faster and tests/losses with test_convolution.py ran
 # in 277 s against 361 s. Benchmarks and training runs keep the default level.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                                    "--xla_backend_optimization_level=0")
+# The `kdjax` command's own CPU flags too: the tests then compile the programs that training
+# compiles, and the `kdjax` subprocesses they start (which would add the flags themselves) share
+# the compilation cache with them.
+add_cpu_flags(os.environ)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same tiny train and eval steps, in this process and in the `kdjax`
