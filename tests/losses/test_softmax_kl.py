@@ -34,17 +34,17 @@ def weighted_kl(student_z, teacher_z, weights, valid=None, axis=1):
     return jnp.sum(weights * softmax_kl(student_z, teacher_z, axis=axis, valid=valid))
 
 
-def make_inputs(seed=0, shape=(2, 5, 3)):
+def make_inputs(seed=0, shape=(2, 5, 3), axis=1):
+    """Logits of ``shape`` and one weight per KL (``shape`` without ``axis``)."""
     rng = np.random.default_rng(seed)
+    reduced = tuple(size for i, size in enumerate(shape) if i != axis % len(shape))
     return {"student_z": rng.normal(0, 2, shape), "teacher_z": rng.normal(0, 2, shape),
-            "weights": rng.uniform(0.5, 2.0, (shape[0], shape[2]))}
+            "weights": rng.uniform(0.5, 2.0, reduced)}
 
 
 @pytest.mark.parametrize("axis", [1, -1])
 def test_value_and_both_gradients_match_reference(axis):
-    inputs = make_inputs()
-    if axis == -1:
-        inputs["weights"] = inputs["weights"][:, :1].repeat(5, axis=1)
+    inputs = make_inputs(axis=axis)
     assert_matches_reference(weighted_kl, reference_kl, inputs, ("student_z", "teacher_z"),
                              axis=axis)
 
