@@ -9,7 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def plain_cpu_env() -> dict[str, str]:
-    """The test process's environment without its XLA_FLAGS (eight simulated devices, level 0)."""
+    """The test process's environment without its XLA_FLAGS (eight simulated devices, level 0, the
+    command's CPU flags)."""
     return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 

@@ -210,11 +210,9 @@ def softmax_kl(student_z: Array, teacher_z: Array, axis: int, valid: Array | Non
     lse_s = masked_logsumexp(student_z, valid, axis)
     lse_t = masked_logsumexp(teacher_z, valid, axis)
     p_t = jnp.exp(teacher_z - lse_t)
-    gap = teacher_z - student_z
     if valid is not None:
         p_t = jnp.where(valid, p_t, 0.0)
-        gap = jnp.where(valid, gap, 0.0)
-    return jnp.sum(p_t * gap, axis=axis) + jnp.squeeze(lse_s - lse_t, axis)
+    return jnp.sum(p_t * (teacher_z - student_z), axis=axis) + jnp.squeeze(lse_s - lse_t, axis)
 
 
 def masked_log_softmax(z: Array, valid: Array | None, axis: int) -> Array:
