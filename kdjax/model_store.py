@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import kdjax
-from kdjax.checkpoint import CheckpointError, as_path, describe_mismatch, error_summary, flat_shapes
+from kdjax.checkpoint import (CheckpointError, as_path, describe_mismatch, error_summary, flat_shapes,
+                              pytree_handler, pytree_restore)
 from kdjax.models.heads import DeepLabV3Head, DeepLabV3PlusHead, PSPHead
 from kdjax.models.layers import Dtype
 from kdjax.models.mobilenet import MobileNetV2
@@ -99,8 +100,8 @@ def save_model(directory: str | os.PathLike, model: Segmentor, *, spec: Mapping[
             raise FileExistsError(f"{directory} exists; choose another directory or overwrite it.")
         if jax.process_index() == 0:
             directory.rmtree()
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / WEIGHTS_DIR, _flat_arrays(weights))
+    with ocp.AsyncCheckpointer(pytree_handler()) as checkpointer:
+        checkpointer.save(directory / WEIGHTS_DIR, args=ocp.args.PyTreeSave(_flat_arrays(weights)))
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         document = {"segmentor": spec, "kdjax_version": kdjax.__version__}
@@ -159,7 +160,7 @@ def load_model_state(directory: str | os.PathLike, abstract_state: nnx.State) ->
     read_spec(directory)
     weights_dir = directory / WEIGHTS_DIR
     target = _flat_arrays(abstract_state)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.AsyncCheckpointer(pytree_handler()) as checkpointer:
         try:
             saved = flat_shapes(checkpointer.metadata(weights_dir).item_metadata)
         except Exception as error:  # Orbax raises many types for missing or damaged files
@@ -170,7 +171,7 @@ def load_model_state(directory: str | os.PathLike, abstract_state: nnx.State) ->
                 f"the weights in {directory} do not fit the model; nothing was loaded.",
                 *differences, "Check that the config names the right model directory and model."]))
         try:
-            arrays = checkpointer.restore(weights_dir, target)
+            arrays = checkpointer.restore(weights_dir, args=pytree_restore(target))
         except Exception as error:
             raise _damaged(weights_dir, error) from error
     return nnx.from_flat_state([(path, variable.replace(arrays[_dotted(path)]))

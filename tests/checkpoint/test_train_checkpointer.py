@@ -120,6 +120,30 @@ def test_restore_places_arrays_in_the_requested_shardings(tmp_path):
     np.testing.assert_array_equal(restored["w"], state["w"])
 
 
+def test_saving_replicated_arrays_on_cpu_compiles_nothing(tmp_path):
+    # Orbax's replica-parallel save would compile one slice program per array shape and replica.
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = {f"w{rows}": jax.device_put(jnp.ones((rows, 24)), replicated) for rows in (40, 56, 72)}
+    compiles = []
+
+    def listener(event, _duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with TrainCheckpointer(tmp_path) as checkpointer:
+            checkpointer.save(1, state, meta={})
+            checkpointer.wait_until_finished()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(jax.devices()) > 1 and compiles == []
+    with TrainCheckpointer(tmp_path) as checkpointer:
+        restored, _ = checkpointer.restore(abstract_of(state, replicated))
+    assert_trees_equal(restored, state)
+
+
 def test_changed_structure_names_keys_and_shapes(tmp_path):
     save_steps(tmp_path, [1, 2])
     abstract = abstract_of(small_state(0))
