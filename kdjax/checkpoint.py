@@ -68,11 +68,11 @@ def pytree_handler() -> ocp.PyTreeCheckpointHandler:
     """
     handlers = ocp.type_handlers
     scalar = handlers.ScalarHandler()
-    # Older Orbax releases take no None for "Orbax's choice", so the option is given on CPU only.
-    cpu_options = {"use_replica_parallel": False} if jax.default_backend() == "cpu" else {}
-    # The per-array metadata that Orbax's own registry writes too (a typed PRNG key's
-    # implementation among it).
-    array = handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(), **cpu_options)
+    array = handlers.ArrayHandler(
+        use_replica_parallel=False if jax.default_backend() == "cpu" else None,
+        # The per-array metadata that Orbax's own registry writes too (a typed PRNG key's
+        # implementation among it).
+        array_metadata_store=array_metadata_store.Store())
     registry = handlers.create_type_handler_registry(
         (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
         (np.ndarray, handlers.NumpyHandler()), (jax.Array, array), (str, handlers.StringHandler()))
