@@ -6,14 +6,18 @@ maths and remove wasted work.
    fall on the zero padding for every output position. They contribute exactly zero, so the
    kernel is cropped to the taps that touch the input, with padding that keeps the output size.
    Their kernel gradient is exactly zero, as it is for the full kernel.
-2. **On CPU a 1×1 convolution runs forward as a matrix product** (:func:`cpu_forward`).
-3. **On CPU the kernel gradient is a matrix product.** XLA's CPU backend computes it as a
+2. **On CPU the kernel gradient is a matrix product.** XLA's CPU backend computes it as a
    convolution whose "kernel" is the output cotangent (a window the size of the feature map over a
    contraction of only N channels), 4–14× slower than the forward pass (benchmarks/RESULTS.md,
    'Convolutions'). With ``patches`` (N·H'·W', T·C_in) the input windows of the T kernel taps,
-   ``dK = gᵀ · patches`` contracts over N·H'·W'. The input gradient stays XLA's.
-4. **On CPU, a convolution whose products mostly read padding runs forward in that tap form too**
-   (the ASPP's partly-outside rates), skipping the products XLA's convolution would spend on zeros.
+   ``dK = gᵀ · patches`` contracts over N·H'·W' (:func:`tap_backward`). The input gradient stays
+   XLA's.
+3. **On CPU, 1×1 convolutions and those whose products mostly read padding run in the tap form**
+   (:func:`runs_in_tap_form`): forward as a sum of per-tap matrix products over the outputs each
+   tap reads inside the input (:func:`tap_convolution`); backward, at stride 1, block by block
+   over the same products (:func:`block_backward`). A 1×1 convolution is a matrix product, which
+   XLA's CPU convolution runs up to 2.6× slower than its dot; the ASPP's partly-outside rates
+   spend most of XLA's products, forward and backward, on zeros.
 
 Other platforms keep XLA's convolution and its own backward (cuDNN, TPU convolution units). All
 tensors are NHWC with HWIO kernels, as ``torch.nn.Conv2d`` with symmetric integer padding.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import NamedTuple
 
 import jax
@@ -31,9 +36,16 @@ import jax.numpy as jnp
 Array = jax.Array
 
 # On CPU, convolutions of which at most this share of the products reads the input (not padding)
-# run forward in the tap form: for the ASPP at rate 24 on a 32×32 map (a quarter of the products)
-# it is 9× faster than XLA's convolution, while at 0.96 (a 3×3 on 32×32) XLA's is as fast or faster.
-TAP_FORWARD_FRACTION = 0.8
+# run in the tap form, forward and backward: for the ASPP at rate 24 on a 32×32 map (a quarter of
+# the products) the forward is 9× and the backward 5× faster than XLA's convolution and the
+# full-window backward. At 0.84 (rate 4 on 32×32) both are as fast or faster (forward 1.08×,
+# backward 1.26×), and at 0.92 (rate 2) they are even.
+TAP_FORM_FRACTION = 0.9
+# Convolutions of fewer floating-point operations than this keep XLA's convolution. The tap form
+# compiles an operation per (block, tap) pair of its backward, 49 for a 3×3 with padding 1, and
+# for small convolutions that costs more compile time than it saves at run time: the tests' tiny
+# distillation step compiled in 51 s with every small convolution in tap form, 21 s without.
+TAP_FORM_MIN_FLOP = 1e8
 
 
 class Geometry(NamedTuple):
@@ -193,14 +205,48 @@ def tap_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
     return total.astype(x.dtype)
 
 
+def runs_in_tap_form(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                     geometry: Geometry) -> bool:
+    """Whether the CPU path computes this convolution tap by tap: a 1×1 kernel (a matrix product,
+    which XLA's CPU convolution runs up to 2.6× slower than its dot), or at most
+    ``TAP_FORM_FRACTION`` of the products reading the input (XLA's convolution computes them all)."""
+    n, c_out = x_shape[0], kernel_shape[3]
+    out = [tap_output_ranges(x_shape[axis + 1], kernel_shape[axis], geometry.stride[axis],
+                             geometry.padding[axis], geometry.dilation[axis])[0] for axis in (0, 1)]
+    flop = 2 * n * out[0] * out[1] * math.prod(kernel_shape[:3]) * c_out
+    return flop >= TAP_FORM_MIN_FLOP and (
+        kernel_shape[:2] == (1, 1) or valid_fraction(x_shape, kernel_shape, geometry) <= TAP_FORM_FRACTION)
+
+
 def cpu_forward(x: Array, kernel: Array, geometry: Geometry) -> Array:
-    """XLA's convolution, or the tap form for a 1×1 kernel (a matrix product, which XLA's CPU
-    convolution runs up to 2.6× slower than its dot) and when at most ``TAP_FORWARD_FRACTION`` of
-    the products read the input (XLA's convolution computes them all)."""
-    if kernel.shape[:2] == (1, 1) or \
-            valid_fraction(x.shape, kernel.shape, geometry) <= TAP_FORWARD_FRACTION:
+    """The tap form where :func:`runs_in_tap_form`, XLA's convolution otherwise."""
+    if runs_in_tap_form(x.shape, kernel.shape, geometry):
         return tap_convolution(x, kernel, geometry)
     return xla_convolution(x, kernel, geometry)
+
+
+def _kernel_gradient_product(g: Array, windows: Array, groups: int) -> Array:
+    """``Σ_p windows[p, t]ᵀ · g[p]`` for every tap t, block-diagonal over ``groups``.
+
+    Args:
+      g: (P, C_out) the cotangent; windows: (P, T, C_in) the input windows of the T taps.
+    Returns:
+      (T, C_in/G, C_out) in float32: each tap's kernel gradient, in the kernel's layout.
+    """
+    points, taps, c_in = windows.shape
+    c_out = g.shape[1]
+    # The product's output is ordered (C_out, T, C_in), so that XLA transposes the cotangent for
+    # it, not the T times larger windows.
+    if groups == 1 and g.dtype == windows.dtype == jnp.float32:
+        # Without the unit group axis XLA's CPU dot is up to 1.3× faster (3×3 64→64 on 128×128,
+        # benchmarks/RESULTS.md item 22). This jaxlib's CPU dot has no bfloat16 × bfloat16 →
+        # float32 kernel for this form, so other dtypes keep the grouped one.
+        product = jnp.einsum("po,ptc->otc", g, windows, preferred_element_type=jnp.float32)
+        return product.transpose(1, 2, 0)
+    product = jnp.einsum("pgo,ptgc->gotc", g.reshape(points, groups, c_out // groups),
+                         windows.reshape(points, taps, groups, c_in // groups),
+                         preferred_element_type=jnp.float32)
+    return product.transpose(2, 3, 0, 1).reshape(taps, c_in // groups, c_out)
 
 
 def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
@@ -217,8 +263,7 @@ def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     recomputed it.
     """
     n, _, _, c_in = x.shape
-    kh, kw, group_in, c_out = kernel.shape
-    groups, taps = geometry.groups, kh * kw
+    kh, kw, _, c_out = kernel.shape
     (sh, sw), (dh, dw), (pad_h, pad_w) = geometry.stride, geometry.dilation, geometry.padding
     padded = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)])
     _, oh, ow, _ = cotangent.shape
@@ -226,15 +271,96 @@ def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
                 (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
     points = n * oh * ow
     patches = jnp.stack([jax.lax.slice(padded, *window) for window in windows], axis=3)
-    patches = patches.reshape(points, taps, groups, group_in)
-    g = cotangent.reshape(points, groups, c_out // groups)
-    # Output (G, C_out/G, T, C_in/G): XLA then transposes the cotangent for the product, not the
-    # T times larger patches.
-    d_kernel = jnp.einsum("pgo,ptgc->gotc", g, patches, preferred_element_type=jnp.float32)
-    d_kernel = d_kernel.transpose(2, 3, 0, 1)                                # (T, C_in/G, G, C_out/G)
+    d_kernel = _kernel_gradient_product(cotangent.reshape(points, c_out),
+                                        patches.reshape(points, kh * kw, c_in), geometry.groups)
     _, input_vjp = jax.vjp(lambda inputs: xla_convolution(inputs, kernel, geometry), x)
     (dx,) = input_vjp(cotangent)
     return dx, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def tap_segments(size: int, taps: int, pads: tuple[int, int], dilation: int
+                 ) -> list[tuple[int, int, tuple[int, ...]]]:
+    """A stride-1 axis's outputs split into runs that the same kernel taps read inside the input.
+
+    Returns:
+      ``(first, stop, taps)`` per run: outputs ``[first, stop)`` in order, each read inside the
+      input by exactly the taps ``taps``. Outputs that no tap reads there are left out.
+    """
+    out, ranges = tap_output_ranges(size, taps, 1, pads, dilation)
+    bounds = sorted({0, out, *(bound for tap_range in ranges for bound in tap_range)})
+    runs = []
+    for first, stop in zip(bounds, bounds[1:]):
+        live = tuple(tap for tap, (low, high) in enumerate(ranges) if low <= first and stop <= high)
+        if live:
+            runs.append((first, stop, live))
+    return runs
+
+
+def _block_products(g: Array, windows: Array, tap_kernels: Array, groups: int
+                    ) -> tuple[Array, Array]:
+    """The two products of one block of :func:`block_backward`, block-diagonal over ``groups``.
+
+    Args:
+      g: (N, R, C, C_out) the block's cotangent; windows: (N, R, C, T, C_in) its input windows;
+        tap_kernels: (T, C_in/G, C_out) the kernel taps that read them.
+    Returns:
+      (T, C_in/G, C_out) the taps' kernel gradients and (N, R, C, T, C_in) the windows'
+      cotangents, both float32.
+    """
+    *_, taps, c_in = windows.shape
+    points, c_out = g.size // g.shape[-1], g.shape[-1]
+    g = g.reshape(points, c_out)
+    d_kernel = _kernel_gradient_product(g, windows.reshape(points, taps, c_in), groups)
+    if groups == 1:  # the grouped form's unit axis would cost XLA a transposing copy of the product
+        d_windows = jnp.einsum("po,tco->ptc", g, tap_kernels, preferred_element_type=jnp.float32)
+    else:
+        d_windows = jnp.einsum("pgo,tcgo->ptgc", g.reshape(points, groups, c_out // groups),
+                               tap_kernels.reshape(taps, -1, groups, c_out // groups),
+                               preferred_element_type=jnp.float32)
+    return d_kernel, d_windows.reshape(windows.shape)
+
+
+def block_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
+                   ) -> tuple[Array, Array]:
+    """(dx, dK) of a stride-1 convolution, skipping the products that read padding.
+
+    The outputs are cut into rectangular blocks, each read inside the input by one set S of taps
+    (:func:`tap_segments` per axis). For a block's cotangent ``g_b`` (P_b, C_out) and its input
+    windows ``w_b`` (P_b, |S|·C_in), ``dK[S] += g_bᵀ · w_b`` and ``g_b · K[S]ᵀ`` is added back
+    where each tap read. The blocks partition the cotangent, so each product reads it once and
+    XLA computes its producer (the BN and ReLU backward) once in all, as in :func:`tap_backward`.
+    For the ASPP's partly-outside rates this is 2–5× faster than :func:`tap_backward`, which
+    multiplies the zeros of the padding in both products (benchmarks/RESULTS.md, item 22).
+
+    Shapes as :func:`conv2d`; ``geometry.stride`` must be (1, 1).
+    """
+    if geometry.stride != (1, 1):
+        raise ValueError(f"block_backward takes stride-1 convolutions, got stride {geometry.stride}")
+    n, h, w, c_in = x.shape
+    kh, kw, group_in, c_out = kernel.shape
+    groups = geometry.groups
+    (dh, dw), (pad_h, pad_w) = geometry.dilation, geometry.padding
+    d_taps: dict[tuple[int, int], Array] = {}
+    dx = jnp.zeros(x.shape, jnp.float32)
+    for (r0, r1, row_taps), (c0, c1, col_taps) in itertools.product(
+            tap_segments(h, kh, pad_h, dh), tap_segments(w, kw, pad_w, dw)):
+        taps = list(itertools.product(row_taps, col_taps))
+        block = (n, r1 - r0, c1 - c0)
+        starts = [(0, r0 + i * dh - pad_h[0], c0 + j * dw - pad_w[0], 0) for i, j in taps]
+        g = cotangent[:, r0:r1, c0:c1]
+        windows = jnp.stack([jax.lax.dynamic_slice(x, start, (*block, c_in)) for start in starts], axis=3)
+        tap_kernels = jnp.stack([kernel[i, j] for i, j in taps])                 # (T, C_in/G, C_out)
+        d_block, d_windows = _block_products(g, windows, tap_kernels, groups)
+        for t, tap in enumerate(taps):
+            d_taps[tap] = d_taps[tap] + d_block[t] if tap in d_taps else d_block[t]
+        for t, start in enumerate(starts):
+            # Added in place, as in tap_convolution: a sum of padded terms would be fused and
+            # recomputed by every consumer.
+            covered = jax.lax.dynamic_slice(dx, start, (*block, c_in))
+            dx = jax.lax.dynamic_update_slice(dx, covered + d_windows[:, :, :, t], start)
+    zero = jnp.zeros((group_in, c_out), jnp.float32)
+    d_kernel = jnp.stack([d_taps.get((i, j), zero) for i in range(kh) for j in range(kw)])
+    return dx.astype(x.dtype), d_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def xla_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
@@ -242,6 +368,15 @@ def xla_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     """(dx, dK) of the convolution as XLA differentiates it."""
     _, vjp = jax.vjp(functools.partial(xla_convolution, geometry=geometry), x, kernel)
     return vjp(cotangent)
+
+
+def cpu_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
+                 ) -> tuple[Array, Array]:
+    """:func:`block_backward` for stride-1 convolutions that :func:`runs_in_tap_form`,
+    :func:`tap_backward` otherwise."""
+    if geometry.stride == (1, 1) and runs_in_tap_form(x.shape, kernel.shape, geometry):
+        return block_backward(x, kernel, cotangent, geometry)
+    return tap_backward(x, kernel, cotangent, geometry)
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,7 +403,7 @@ def _convolve_forward(x, kernel, geometry):
 
 def _convolve_backward(geometry, residuals, cotangent):
     x, kernel = residuals
-    return jax.lax.platform_dependent(x, kernel, cotangent, cpu=_bound(tap_backward, geometry),
+    return jax.lax.platform_dependent(x, kernel, cotangent, cpu=_bound(cpu_backward, geometry),
                                       default=_bound(xla_backward, geometry))
 
 

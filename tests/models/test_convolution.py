@@ -15,6 +15,7 @@ from kdjax.models.convolution import Geometry, conv2d, touching_taps
 # (size (H, W), C_in, C_out, kernel, stride, padding, dilation, groups)
 CASES = {
     "3x3": ((7, 6), 4, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "3x3 on 16x16": ((16, 16), 3, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
     "3x3 stride 2": ((9, 8), 4, 6, (3, 3), (2, 2), (1, 1), (1, 1), 1),
     "dilated 2": ((8, 8), 3, 4, (3, 3), (1, 1), (2, 2), (2, 2), 1),
     "dilation past the map (centre tap only)": ((8, 8), 3, 4, (3, 3), (1, 1), (12, 12), (12, 12), 1),
@@ -81,12 +82,21 @@ def _case(name, seed=0):
     return x, kernel, options
 
 
+@pytest.fixture(params=["as configured", "tap form everywhere"])
+def tap_form(request, monkeypatch):
+    """Runs a test with the CPU's tap form as configured (XLA's convolution for these small
+    cases) and with it taken wherever TAP_FORM_FRACTION allows, whatever the size."""
+    if request.param == "tap form everywhere":
+        monkeypatch.setattr(convolution, "TAP_FORM_MIN_FLOP", 0)
+    return request.param
+
+
 def _f32(*arrays):
     return [jnp.asarray(a, jnp.float32) for a in arrays]
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_value_and_gradients_match_the_float64_reference(name):
+def test_value_and_gradients_match_the_float64_reference(name, tap_form):
     x, kernel, options = _case(name)
     expected = reference_forward(x, kernel, **options)
     cotangent = np.random.default_rng(1).standard_normal(expected.shape)
@@ -105,10 +115,15 @@ def _geometry(x, kernel, options):
     return Geometry(options["stride"], pads, options["dilation"], options["groups"])
 
 
-@pytest.mark.parametrize("backward", [convolution.tap_backward, convolution.xla_backward],
-                         ids=["kernel gradient as a product (CPU)", "XLA (other platforms)"])
-@pytest.mark.parametrize("name", CASES)
-def test_both_backward_implementations_match_the_reference(name, backward):
+STRIDE_1 = [name for name, case in CASES.items() if case[4] == (1, 1)]
+BACKWARDS = [(backward, name) for backward, names in
+             [(convolution.tap_backward, CASES), (convolution.xla_backward, CASES),
+              (convolution.block_backward, STRIDE_1)] for name in names]
+
+
+@pytest.mark.parametrize("backward, name", BACKWARDS,
+                         ids=[f"{backward.__name__}-{name}" for backward, name in BACKWARDS])
+def test_every_backward_implementation_matches_the_reference(name, backward):
     x, kernel, options = _case(name, seed=2)
     cotangent = np.random.default_rng(3).standard_normal(reference_forward(x, kernel, **options).shape)
     expected_dx, expected_dk = reference_gradients(x, kernel, cotangent, **options)
@@ -152,9 +167,10 @@ def test_touching_taps_spans_exactly_the_touching_taps_and_keeps_the_output_leng
 
 
 def test_aspp_rate_past_the_map_runs_as_a_matrix_product():
-    """Rate 36 on a 32×32 map: only the centre tap reads the input, so no convolution remains."""
-    x = jnp.ones((1, 32, 32, 8))
-    kernel = jnp.ones((3, 3, 8, 8))
+    """Rate 36 on a 32×32 map: only the centre tap reads the input, so no convolution remains.
+    The ASPP's shapes (batch 8, 512 channels), lowered only."""
+    x = jax.ShapeDtypeStruct((8, 32, 32, 512), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, 512, 512), jnp.float32)
     text = jax.jit(lambda x, k: conv2d(x, k, stride=(1, 1), padding=(36, 36), dilation=(36, 36),
                                        groups=1)).lower(x, kernel).as_text()
     assert "convolution" not in text and "dot_general" in text
@@ -170,8 +186,9 @@ def test_pruned_taps_get_exactly_zero_gradient():
     assert np.all(np.asarray(dk)[1, 1] != 0.0)
 
 
-@pytest.mark.parametrize("name", ["3x3 stride 2", "depthwise", "dilation partly past the map"])
-def test_bfloat16_stays_bfloat16_and_close_to_float32(name):
+@pytest.mark.parametrize("name", ["3x3 stride 2", "depthwise", "dilation partly past the map",
+                                  "groups 3, multiplier 2"])
+def test_bfloat16_stays_bfloat16_and_close_to_float32(name, tap_form):
     x, kernel, options = _case(name, seed=5)
     x32, k32 = _f32(x, kernel)
 
@@ -190,8 +207,9 @@ def test_bfloat16_stays_bfloat16_and_close_to_float32(name):
                                    atol=5e-2 * float(jnp.abs(g32).max()))
 
 
-def test_vmap_equals_a_loop():
-    x, kernel, options = _case("strided and dilated", seed=6)
+@pytest.mark.parametrize("name", ["strided and dilated", "dilation partly past the map"])
+def test_vmap_equals_a_loop(name, tap_form):
+    x, kernel, options = _case(name, seed=6)
     x, kernel = _f32(x, kernel)
     stacked = jnp.stack([x, 2.0 * x, -x])
 
@@ -207,7 +225,7 @@ def test_vmap_equals_a_loop():
         np.testing.assert_allclose(dks[index], dk, atol=1e-4)
 
 
-def test_batch_sharded_over_devices_equals_one_device():
+def test_batch_sharded_over_devices_equals_one_device(tap_form):
     devices = np.array(jax.devices())
     if devices.size < 2:
         pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
@@ -243,14 +261,39 @@ def test_tap_output_ranges_read_only_the_input(name):
             assert list(range(first, stop)) == reads
 
 
-def test_mostly_padding_convolution_runs_forward_in_tap_form_on_cpu():
-    """Rate 5 on an 8×8 map: under half of the products read the input, so no convolution op."""
-    x, kernel, options = _case("dilation partly past the map")
+def _cpu_programs(name):
+    """The compiled-to-HLO text of cpu_forward and cpu_backward for one case."""
+    x, kernel, options = _case(name)
     geometry = _geometry(x, kernel, options)
-    assert convolution.valid_fraction(x.shape, kernel.shape, geometry) <= convolution.TAP_FORWARD_FRACTION
-    text = jax.jit(lambda x, k: convolution.cpu_forward(x, k, geometry)).lower(*_f32(x, kernel)).as_text()
-    assert "convolution" not in text
-    x, kernel, options = _case("3x3")
+    x, kernel = _f32(x, kernel)
+    out = convolution.xla_convolution(x, kernel, geometry)
+    forward = jax.jit(lambda x, k: convolution.cpu_forward(x, k, geometry)).lower(x, kernel)
+    backward = jax.jit(lambda x, k, g: convolution.cpu_backward(x, k, g, geometry)).lower(x, kernel, out)
+    return forward.as_text(), backward.as_text()
+
+
+@pytest.mark.parametrize("name", ["dilation partly past the map", "1x3 asymmetric"])
+def test_mostly_padding_convolution_runs_in_tap_form_on_cpu(name, monkeypatch):
+    """Rate 5 on an 8×8 map (under half of the products read the input), and a 1×3 kernel with
+    its padding on a 6-wide map (0.89): no convolution op forward or backward, once the size
+    threshold admits these small cases."""
+    monkeypatch.setattr(convolution, "TAP_FORM_MIN_FLOP", 0)
+    x, kernel, options = _case(name)
     geometry = _geometry(x, kernel, options)
-    text = jax.jit(lambda x, k: convolution.cpu_forward(x, k, geometry)).lower(*_f32(x, kernel)).as_text()
-    assert "convolution" in text
+    assert convolution.runs_in_tap_form(x.shape, kernel.shape, geometry)
+    for text in _cpu_programs(name):
+        assert "convolution" not in text
+
+
+@pytest.mark.parametrize("name, min_flop", [("3x3 on 16x16", 0), ("dilation partly past the map", None)],
+                         ids=["most products inside", "below the size threshold"])
+def test_other_convolutions_run_as_xla_convolution_on_cpu(name, min_flop, monkeypatch):
+    """A 3×3 with padding 1 on 16×16 (0.92 of the products read the input, above
+    TAP_FORM_FRACTION), and any convolution below TAP_FORM_MIN_FLOP: XLA's convolution forward
+    and for the input gradient."""
+    if min_flop is not None:
+        monkeypatch.setattr(convolution, "TAP_FORM_MIN_FLOP", min_flop)
+    x, kernel, options = _case(name)
+    assert not convolution.runs_in_tap_form(x.shape, kernel.shape, _geometry(x, kernel, options))
+    for text in _cpu_programs(name):
+        assert "convolution" in text
