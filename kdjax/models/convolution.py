@@ -207,9 +207,10 @@ def tap_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
 
 def runs_in_tap_form(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                      geometry: Geometry) -> bool:
-    """Whether the CPU path computes this convolution tap by tap: a 1×1 kernel (a matrix product,
-    which XLA's CPU convolution runs up to 2.6× slower than its dot), or at most
-    ``TAP_FORM_FRACTION`` of the products reading the input (XLA's convolution computes them all)."""
+    """Whether the CPU path computes this convolution tap by tap: one of at least
+    ``TAP_FORM_MIN_FLOP`` whose kernel is 1×1 (a matrix product, which XLA's CPU convolution runs
+    up to 2.6× slower than its dot) or of whose products at most ``TAP_FORM_FRACTION`` read the
+    input (XLA's convolution computes them all)."""
     n, c_out = x_shape[0], kernel_shape[3]
     out = [tap_output_ranges(x_shape[axis + 1], kernel_shape[axis], geometry.stride[axis],
                              geometry.padding[axis], geometry.dilation[axis])[0] for axis in (0, 1)]
