@@ -175,6 +175,16 @@ def _tap_product(a: Array, tap: Array, groups: int) -> Array:
     return out.reshape(points, -1)
 
 
+def _add_in_place(total: Array, term: Array, start: tuple[int, ...]) -> Array:
+    """``total`` with ``term`` added over the region at ``start`` (an update of that region).
+
+    A sum of zero-padded terms would be one elementwise expression, which XLA fuses into, and
+    recomputes in, every consumer; the in-place update is computed once.
+    """
+    covered = jax.lax.dynamic_slice(total, start, term.shape)
+    return jax.lax.dynamic_update_slice(total, covered + term, start)
+
+
 def tap_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
     """The same convolution as a sum over kernel taps of (strided window of x) · K[i, j].
 
@@ -195,11 +205,7 @@ def tap_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
             total = jnp.pad(term, ((0, 0), (rows.start, oh - rows.stop),
                                    (cols.start, ow - cols.stop), (0, 0)))
             continue
-        # Added in place over the outputs the tap covers. A sum of zero-padded terms would be one
-        # elementwise expression, which XLA fuses into, and recomputes in, every consumer.
-        start = (0, rows.start, cols.start, 0)
-        covered = jax.lax.dynamic_slice(total, start, term.shape)
-        total = jax.lax.dynamic_update_slice(total, covered + term, start)
+        total = _add_in_place(total, term, (0, rows.start, cols.start, 0))
     if total is None:  # every tap reads padding only
         total = jnp.zeros((n, oh, ow, c_out), jnp.float32)
     return total.astype(x.dtype)
@@ -355,10 +361,7 @@ def block_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
         for t, tap in enumerate(taps):
             d_taps[tap] = d_taps[tap] + d_block[t] if tap in d_taps else d_block[t]
         for t, start in enumerate(starts):
-            # Added in place, as in tap_convolution: a sum of padded terms would be fused and
-            # recomputed by every consumer.
-            covered = jax.lax.dynamic_slice(dx, start, (*block, c_in))
-            dx = jax.lax.dynamic_update_slice(dx, covered + d_windows[:, :, :, t], start)
+            dx = _add_in_place(dx, d_windows[:, :, :, t], start)
     zero = jnp.zeros((group_in, c_out), jnp.float32)
     d_kernel = jnp.stack([d_taps.get((i, j), zero) for i in range(kh) for j in range(kw)])
     return dx.astype(x.dtype), d_kernel.reshape(kernel.shape).astype(kernel.dtype)

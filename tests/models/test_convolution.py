@@ -262,7 +262,7 @@ def test_tap_output_ranges_read_only_the_input(name):
 
 
 def _cpu_programs(name):
-    """The compiled-to-HLO text of cpu_forward and cpu_backward for one case."""
+    """The lowered (StableHLO) text of cpu_forward and cpu_backward for one case."""
     x, kernel, options = _case(name)
     geometry = _geometry(x, kernel, options)
     x, kernel = _f32(x, kernel)
