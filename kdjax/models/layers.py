@@ -67,6 +67,23 @@ def check_activation(activation: str | None) -> None:
                          f"got {activation!r}")
 
 
+@jax.custom_jvp
+def residual_relu(x: Array) -> Array:
+    """``max(x, 0)`` for the output of a residual block, with ``jax.nn.relu``'s value, NaN
+    propagation and gradient (0 at 0), written as a select.
+
+    XLA's CPU fusion copies an operation it counts as unary, such as ``maximum(x, 0)``, into every
+    consumer. A block's output feeds the next block's convolution and its residual sum, so each
+    block's fused sum recomputed every earlier block of its stage: in DeepLabV3-ResNet101's 23-block
+    layer3, one fusion read 23 full-size tensors (benchmarks/RESULTS.md, item 24). A select has two
+    full-size operands, so the output is written once and read from memory.
+    """
+    return jnp.where(x < 0, jnp.zeros_like(x), x)
+
+
+residual_relu.defjvps(lambda g, _, x: jnp.where(x > 0, g, jnp.zeros_like(g)))
+
+
 class Conv2d(nnx.Module):
     """``torch.nn.Conv2d`` in NHWC: (N, H, W, in_ch) -> (N, H', W', out_ch).
 

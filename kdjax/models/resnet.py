@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax.models.layers import BatchNorm2d, Conv2d, Dtype, check_nhwc, max_pool_torch
+from kdjax.models.layers import (BatchNorm2d, Conv2d, Dtype, check_nhwc, max_pool_torch,
+                                 residual_relu)
 
 Array = jax.Array
 
@@ -78,7 +79,7 @@ class BasicBlock(_ResidualBlock):
     def __call__(self, x: Array, train: bool) -> Array:
         y = jax.nn.relu(self.bn1(self.conv1(x), train))
         y = self.bn2(self.conv2(y), train)
-        return jax.nn.relu(y + self._shortcut(x, train))
+        return residual_relu(y + self._shortcut(x, train))
 
 
 class Bottleneck(_ResidualBlock):
@@ -107,7 +108,7 @@ class Bottleneck(_ResidualBlock):
         y = jax.nn.relu(self.bn1(self.conv1(x), train))
         y = jax.nn.relu(self.bn2(self.conv2(y), train))
         y = self.bn3(self.conv3(y), train)
-        return jax.nn.relu(y + self._shortcut(x, train))
+        return residual_relu(y + self._shortcut(x, train))
 
 
 DEPTHS: dict[int, tuple[type[_ResidualBlock], tuple[int, int, int, int]]] = {

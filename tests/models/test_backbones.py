@@ -279,6 +279,29 @@ def test_mobilenet_dilation_table(output_stride, expected):
     assert all(f.layers[-4].dilation == (1, 1) for f in model.features[1:7])
 
 
+def _largest_fusion_operand_count(compiled_text: str) -> int:
+    counts = [line.split(" fusion(", 1)[1].split("), kind=", 1)[0].count("%")
+              for line in compiled_text.splitlines() if " fusion(" in line]
+    return max(counts)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_residual_stream_is_not_recomputed_block_after_block(train):
+    # ResNet-101's layer3 chains 23 blocks. Had XLA copied each block's output ReLU into the next
+    # block's residual sum, the last block's fusion would read every earlier block's convolution
+    # output and BatchNorm parameters (over 100 operands; benchmarks/RESULTS.md, item 24).
+    model = ResNet(101, width_multiplier=0.125, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(model)
+
+    def forward(state, x):
+        return nnx.merge(graph, state)(x, train=train)["c4"]
+
+    x = jnp.zeros((2, 16, 16, 3))
+    # In train mode the program is the parameters' gradient, the step's forward and backward.
+    program = jax.jit(jax.grad(lambda s, v: jnp.sum(forward(s, v))) if train else forward)
+    assert _largest_fusion_operand_count(program.lower(state, x).compile().as_text()) < 30
+
+
 # --- running the networks -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet"])

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from kdjax.models.layers import (BatchNorm2d, Conv2d, ConvBNReLU, adaptive_avg_pool,
-                                 max_pool_torch, resize_bilinear_align_corners)
+                                 max_pool_torch, residual_relu, resize_bilinear_align_corners)
 
 
 def _randn(seed, *shape):
@@ -180,6 +180,21 @@ def test_conv_bn_relu_activations():
     assert np.asarray(block(x, train=True)).min() < 0  # no activation keeps negatives
     with pytest.raises(ValueError, match="activation"):
         ConvBNReLU(3, 4, 3, activation="gelu", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_residual_relu_is_relu_in_value_gradient_and_special_values(dtype):
+    x = jnp.asarray([-2.0, -0.0, 0.0, 1e-30, 3.5, -np.inf, np.inf, np.nan], dtype)
+    value, expected = residual_relu(x), jax.nn.relu(x)
+    assert value.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(value, np.float32), np.asarray(expected, np.float32))
+    # The gradient is 0 at 0, as jax.nn.relu's and PyTorch's threshold_backward.
+    grad = jax.grad(lambda v: jnp.sum(residual_relu(v) * jnp.arange(1.0, 9.0, dtype=dtype)))
+    reference = jax.grad(lambda v: jnp.sum(jax.nn.relu(v) * jnp.arange(1.0, 9.0, dtype=dtype)))
+    np.testing.assert_array_equal(np.asarray(grad(x), np.float32),
+                                  np.asarray(reference(x), np.float32))
+    np.testing.assert_array_equal(np.asarray(jax.jit(residual_relu)(x), np.float32),
+                                  np.asarray(expected, np.float32))
 
 
 # --- resize, adaptive pool, max pool ------------------------------------------------------------
