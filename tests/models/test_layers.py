@@ -189,10 +189,11 @@ def test_residual_relu_is_relu_in_value_gradient_and_special_values(dtype):
     assert value.dtype == dtype
     np.testing.assert_array_equal(np.asarray(value, np.float32), np.asarray(expected, np.float32))
     # The gradient is 0 at 0, as jax.nn.relu's and PyTorch's threshold_backward.
-    grad = jax.grad(lambda v: jnp.sum(residual_relu(v) * jnp.arange(1.0, 9.0, dtype=dtype)))
-    reference = jax.grad(lambda v: jnp.sum(jax.nn.relu(v) * jnp.arange(1.0, 9.0, dtype=dtype)))
-    np.testing.assert_array_equal(np.asarray(grad(x), np.float32),
-                                  np.asarray(reference(x), np.float32))
+    def weighted_grad(relu):
+        return jax.grad(lambda v: jnp.sum(relu(v) * jnp.arange(1.0, 9.0, dtype=dtype)))(x)
+
+    np.testing.assert_array_equal(np.asarray(weighted_grad(residual_relu), np.float32),
+                                  np.asarray(weighted_grad(jax.nn.relu), np.float32))
     np.testing.assert_array_equal(np.asarray(jax.jit(residual_relu)(x), np.float32),
                                   np.asarray(expected, np.float32))
 
