@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
+from kdjax.losses._reductions import maxes, sums
+
 Array = jax.Array
 
 # F.normalize's default eps: x / max(||x||, 1e-12).
@@ -174,27 +176,19 @@ def _masked_shift_and_log_total(z: Array, valid: Array, axis: int) -> tuple[Arra
     return shift, jnp.log(jnp.where(total > 0, total, 1.0))
 
 
-def masked_logsumexp(z: Array, valid: Array | None, axis: int) -> Array:
-    """``log Σ exp(z)`` along ``axis`` (kept, size 1) over the ``valid`` entries; 0 for a slice
-    without one, with a finite gradient everywhere.
-
-    Args:
-      z: float32 array.
-      valid: bool array broadcastable to ``z``, or None for the plain logsumexp.
-    """
-    if valid is None:
-        return jax.nn.logsumexp(z, axis=axis, keepdims=True)
-    shift, log_total = _masked_shift_and_log_total(z, valid, axis)
-    return shift + log_total
+def _where_valid(x: Array, valid: Array | None, fill: float) -> Array:
+    return x if valid is None else jnp.where(valid, x, fill)
 
 
 def softmax_kl(student_z: Array, teacher_z: Array, axis: int, valid: Array | None = None
                ) -> Array:
     """``KL(softmax(teacher_z) || softmax(student_z))`` along ``axis``, over the ``valid`` entries.
 
-    Computed as ``Σ p^T (z^T − z^S) − lse(z^T) + lse(z^S)``: the log-probabilities are never formed,
-    which saves XLA two full passes over the inputs forward and backward (the gradient is
-    ``p^S − p^T``). A slice without a valid entry gives 0.
+    Computed as ``Σ e^T (z^T − z^S) / Σ e^T + log Σ e^S + m^S − log Σ e^T − m^T`` with
+    ``e = exp(z − m)`` and ``m`` the (valid) maximum: the log-probabilities are never formed, and
+    the three sums are one reduction (:func:`kdjax.losses._reductions.sums`), so along the class
+    axis the logits are read once forward and once backward (the gradient is ``p^S − p^T``). A
+    slice without a valid entry gives 0.
 
     Args:
       student_z, teacher_z: float32 arrays of one shape (the teacher already frozen).
@@ -203,16 +197,21 @@ def softmax_kl(student_z: Array, teacher_z: Array, axis: int, valid: Array | Non
       float32, the inputs' shape without ``axis``.
     """
     if valid is not None:
+        valid = jnp.broadcast_to(valid, student_z.shape)
         # Masked entries to 0 first: a masked NaN/inf would otherwise reach the gradients through
         # exp (0 · inf) even though the forward selects it away.
         student_z = jnp.where(valid, student_z, 0.0)
         teacher_z = jnp.where(valid, teacher_z, 0.0)
-    lse_s = masked_logsumexp(student_z, valid, axis)
-    lse_t = masked_logsumexp(teacher_z, valid, axis)
-    p_t = jnp.exp(teacher_z - lse_t)
-    if valid is not None:
-        p_t = jnp.where(valid, p_t, 0.0)
-    return jnp.sum(p_t * (teacher_z - student_z), axis=axis) + jnp.squeeze(lse_s - lse_t, axis)
+    shifts = maxes(_where_valid(student_z, valid, -jnp.inf), _where_valid(teacher_z, valid, -jnp.inf),
+                   axis=axis)
+    # A slice without a valid (or finite) entry: shift 0, as jax.nn.logsumexp does.
+    shift_s, shift_t = (jnp.expand_dims(jnp.where(jnp.isfinite(m), m, 0.0), axis) for m in shifts)
+    e_s = _where_valid(jnp.exp(student_z - shift_s), valid, 0.0)
+    e_t = _where_valid(jnp.exp(teacher_z - shift_t), valid, 0.0)
+    total_s, total_t, cross = sums(e_s, e_t, e_t * (teacher_z - student_z), axis=axis)
+    total_s, total_t = (jnp.where(t > 0, t, 1.0) for t in (total_s, total_t))
+    return (cross / total_t + jnp.log(total_s) - jnp.log(total_t)
+            + jnp.squeeze(shift_s - shift_t, axis))
 
 
 def masked_log_softmax(z: Array, valid: Array | None, axis: int) -> Array:

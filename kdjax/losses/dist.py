@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_group_size, check_mask, check_positive,
                                   check_rank, check_same_shape, frozen, masked_mean, safe_sqrt)
+from kdjax.losses._reductions import maxes, sums
 
 Array = jax.Array
 
@@ -19,31 +20,34 @@ def _check_weight(name: str, value: float) -> None:
         raise ValueError(f"{name} must be non-negative, got {value!r}.")
 
 
-def _centre(y: Array, valid: Array | None, axis: int) -> Array:
-    """``y`` minus its mean along ``axis`` over the valid entries; 0 at invalid entries."""
-    if valid is None:
-        return y - jnp.mean(y, axis=axis, keepdims=True)
-    valid = jnp.broadcast_to(valid, y.shape)
-    count = jnp.sum(valid, axis=axis, keepdims=True, dtype=jnp.float32)
-    mean = jnp.sum(jnp.where(valid, y, 0.0), axis=axis, keepdims=True) / jnp.maximum(count, 1.0)
-    return jnp.where(valid, y - mean, 0.0)
-
-
 def pearson(a: Array, b: Array, axis: int, valid: Array | None = None) -> Array:
     """DIST's Pearson correlation ``⟨a−ā, b−b̄⟩ / (||a−ā||·||b−b̄|| + 1e-8)`` along ``axis``.
+
+    The two means are one reduction and the three sums of products another
+    (:func:`kdjax.losses._reductions.sums`).
 
     Args:
       a, b: float32 arrays of the same shape.
       axis: the axis the correlation runs over (it is reduced).
       valid: optional bool broadcastable to ``a``; invalid entries leave means and sums.
     """
-    a = _centre(a, valid, axis)
-    b = _centre(b, valid, axis)
+    if valid is None:
+        count = a.shape[axis]
+    else:
+        valid = jnp.broadcast_to(valid, a.shape)
+        count = jnp.maximum(jnp.sum(valid, axis=axis, keepdims=True, dtype=jnp.float32), 1.0)
+        a = jnp.where(valid, a, 0.0)
+        b = jnp.where(valid, b, 0.0)
+    total_a, total_b = sums(a, b, axis=axis)
+    a = a - jnp.expand_dims(total_a, axis) / count
+    b = b - jnp.expand_dims(total_b, axis) / count
+    if valid is not None:
+        a = jnp.where(valid, a, 0.0)
+        b = jnp.where(valid, b, 0.0)
+    squares_a, squares_b, products = sums(a * a, b * b, a * b, axis=axis)
     # safe_sqrt: a constant slice (e.g. a uniform softmax) has a zero norm and must keep a finite
     # gradient.
-    norm_a = safe_sqrt(jnp.sum(jnp.square(a), axis=axis))
-    norm_b = safe_sqrt(jnp.sum(jnp.square(b), axis=axis))
-    return jnp.sum(a * b, axis=axis) / (norm_a * norm_b + PEARSON_EPS)
+    return products / (safe_sqrt(squares_a) * safe_sqrt(squares_b) + PEARSON_EPS)
 
 
 def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gamma: float = 1.0,
@@ -86,8 +90,12 @@ def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gam
         # Masked pixels become uniform distributions: nothing (not even a NaN) reaches the gradient.
         z_s = jnp.where(mask[..., None], z_s, 0.0)
         z_t = jnp.where(mask[..., None], z_t, 0.0)
-    y_s = jax.nn.softmax(z_s, axis=-1)
-    y_t = jax.nn.softmax(z_t, axis=-1)
+    # Both softmaxes share their passes over the logits (kdjax.losses._reductions).
+    shifts = maxes(z_s, z_t, axis=-1)
+    e_s, e_t = (jnp.exp(z - jnp.expand_dims(m, -1)) for z, m in zip((z_s, z_t), shifts))
+    total_s, total_t = sums(e_s, e_t, axis=-1)
+    y_s = e_s / total_s[..., None]
+    y_t = e_t / total_t[..., None]
 
     # masked_mean of (1 − r) rather than 1 − mean(r): an all-masked batch must give 0, not 1.
     inter = masked_mean(1.0 - pearson(y_s, y_t, axis=-1), mask)

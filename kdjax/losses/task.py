@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_mask, check_rank, combine_masks, masked_mean,
                                   valid_label_mask)
+from kdjax.losses._reductions import maxes, sums
 
 Array = jax.Array
 
@@ -43,11 +44,15 @@ def cross_entropy(logits: Array, labels: Array, *, ignore_label: int = 255,
     valid = combine_masks(valid_label_mask(labels, num_classes, ignore_label), mask)
     safe_labels = jnp.where(valid, labels, 0)
     z = as_float32(logits)
-    # The label's logit by comparison with a class iota, not a gather: XLA fuses the comparison
-    # into the same pass as the logsumexp (1.5× faster forward + backward on CPU).
-    label_logit = jnp.sum(jnp.where(jnp.arange(num_classes) == safe_labels[..., None], z, 0.0),
-                          axis=-1)
-    nll = jax.nn.logsumexp(z, axis=-1) - label_logit
+    # The label's logit by comparison with a class iota rather than a gather, summed in the same
+    # pass as the exponentials (kdjax.losses._reductions): the logits are read once for the shift
+    # and once for both sums.
+    (shift,) = maxes(z, axis=-1)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    total, label_logit = sums(
+        jnp.exp(z - shift[..., None]),
+        jnp.where(jnp.arange(num_classes) == safe_labels[..., None], z, 0.0), axis=-1)
+    nll = shift + jnp.log(total) - label_logit
     if class_weights is None:
         return masked_mean(nll, valid)
     weights = jnp.where(valid, as_float32(class_weights)[safe_labels], 0.0)

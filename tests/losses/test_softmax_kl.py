@@ -49,28 +49,32 @@ def test_value_and_both_gradients_match_reference(axis):
                              axis=axis)
 
 
-def test_masked_value_and_both_gradients_match_reference():
-    inputs = make_inputs(1)
-    valid = np.random.default_rng(2).random((2, 5, 1)) > 0.4
-    valid[1] = False           # a slice without a valid entry: 0, with zero gradients
+@pytest.mark.parametrize("axis", [1, -1])
+def test_masked_value_and_both_gradients_match_reference(axis):
+    # Along the last axis the sums are one reduction (kdjax.losses._reductions): both paths.
+    inputs = make_inputs(1, axis=axis)
+    valid = np.random.default_rng(2).random((2, 5, 3)) > 0.4
+    valid[1] = False           # slices without a valid entry: 0, with zero gradients
     valid[0, 0] = True
     inputs["valid"] = valid
-    assert_matches_reference(weighted_kl, reference_kl, inputs, ("student_z", "teacher_z"))
+    assert_matches_reference(weighted_kl, reference_kl, inputs, ("student_z", "teacher_z"),
+                             axis=axis)
 
 
-def test_non_finite_masked_entries_reach_neither_gradient():
-    inputs = make_inputs(3)
-    valid = np.ones((2, 5, 1), bool)
-    valid[:, 2] = False
+@pytest.mark.parametrize("axis", [1, -1])
+def test_non_finite_masked_entries_reach_neither_gradient(axis):
+    inputs = make_inputs(3, axis=axis)
+    valid = np.ones((2, 5, 3), bool)
+    np.moveaxis(valid, axis, 0)[2] = False       # one entry of every slice along ``axis``
     student, teacher = inputs["student_z"].copy(), inputs["teacher_z"].copy()
-    student[:, 2] = np.nan
-    teacher[:, 2] = np.inf
+    student[~valid] = np.nan
+    teacher[~valid] = np.inf
     args = [jnp.asarray(x, jnp.float32) for x in (student, teacher, inputs["weights"])]
     value, (d_student, d_teacher) = jax.value_and_grad(weighted_kl, argnums=(0, 1))(
-        *args, valid=jnp.asarray(valid))
+        *args, valid=jnp.asarray(valid), axis=axis)
     assert np.isfinite(float(value))
     assert np.all(np.isfinite(d_student)) and np.all(np.isfinite(d_teacher))
-    assert np.all(np.asarray(d_student)[:, 2] == 0) and np.all(np.asarray(d_teacher)[:, 2] == 0)
+    assert np.all(np.asarray(d_student)[~valid] == 0) and np.all(np.asarray(d_teacher)[~valid] == 0)
 
 
 def test_student_gradient_sums_to_zero_along_the_axis():
