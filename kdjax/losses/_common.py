@@ -180,38 +180,41 @@ def _where_valid(x: Array, valid: Array | None, fill: float) -> Array:
     return x if valid is None else jnp.where(valid, x, fill)
 
 
-def softmax_kl(student_z: Array, teacher_z: Array, axis: int, valid: Array | None = None
-               ) -> Array:
-    """``KL(softmax(teacher_z) || softmax(student_z))`` along ``axis``, over the ``valid`` entries.
+def softmax_kl(student: Array, teacher: Array, axis: int, valid: Array | None = None,
+               temperature: float = 1.0) -> Array:
+    """``KL(softmax(teacher/T) || softmax(student/T))`` along ``axis``, over the ``valid`` entries.
 
-    Computed as ``Σ e^T (z^T − z^S) / Σ e^T + log Σ e^S + m^S − log Σ e^T − m^T`` with
-    ``e = exp(z − m)`` and ``m`` the (valid) maximum: the log-probabilities are never formed, and
-    the three sums are one reduction (:func:`kdjax.losses._reductions.sums`), so along the class
-    axis the logits are read once forward and once backward (the gradient is ``p^S − p^T``). A
+    Computed as ``Σ e^T (x^T − x^S) / (T Σ e^T) + log Σ e^S − log Σ e^T + (m^S − m^T)/T`` with
+    ``e = exp((x − m)/T)`` and ``m`` the (valid) maximum of the raw ``x``. The log-probabilities are
+    never formed, nor are the scaled logits ``x/T``: the maxima read the inputs themselves and the
+    three sums are one reduction along the class axis (:func:`kdjax.losses._reductions.sums`), so
+    the inputs are read about once forward and once backward (the gradient is ``(p^S − p^T)/T``). A
     slice without a valid entry gives 0.
 
     Args:
-      student_z, teacher_z: float32 arrays of one shape (the teacher already frozen).
+      student, teacher: float32 logits of one shape (the teacher already frozen).
+      axis: the axis of the distributions.
       valid: bool array broadcastable to them, or None.
+      temperature: the softmax temperature T (> 0).
     Returns:
       float32, the inputs' shape without ``axis``.
     """
     if valid is not None:
-        valid = jnp.broadcast_to(valid, student_z.shape)
+        valid = jnp.broadcast_to(valid, student.shape)
         # Masked entries to 0 first: a masked NaN/inf would otherwise reach the gradients through
         # exp (0 · inf) even though the forward selects it away.
-        student_z = jnp.where(valid, student_z, 0.0)
-        teacher_z = jnp.where(valid, teacher_z, 0.0)
-    shifts = maxes(_where_valid(student_z, valid, -jnp.inf), _where_valid(teacher_z, valid, -jnp.inf),
+        student = jnp.where(valid, student, 0.0)
+        teacher = jnp.where(valid, teacher, 0.0)
+    shifts = maxes(_where_valid(student, valid, -jnp.inf), _where_valid(teacher, valid, -jnp.inf),
                    axis=axis)
     # A slice without a valid (or finite) entry: shift 0, as jax.nn.logsumexp does.
     shift_s, shift_t = (jnp.expand_dims(jnp.where(jnp.isfinite(m), m, 0.0), axis) for m in shifts)
-    e_s = _where_valid(jnp.exp(student_z - shift_s), valid, 0.0)
-    e_t = _where_valid(jnp.exp(teacher_z - shift_t), valid, 0.0)
-    total_s, total_t, cross = sums(e_s, e_t, e_t * (teacher_z - student_z), axis=axis)
+    e_s = _where_valid(jnp.exp((student - shift_s) / temperature), valid, 0.0)
+    e_t = _where_valid(jnp.exp((teacher - shift_t) / temperature), valid, 0.0)
+    total_s, total_t, cross = sums(e_s, e_t, e_t * (teacher - student), axis=axis)
     total_s, total_t = (jnp.where(t > 0, t, 1.0) for t in (total_s, total_t))
-    return (cross / total_t + jnp.log(total_s) - jnp.log(total_t)
-            + jnp.squeeze(shift_s - shift_t, axis))
+    return (cross / (temperature * total_t) + jnp.log(total_s) - jnp.log(total_t)
+            + jnp.squeeze(shift_s - shift_t, axis) / temperature)
 
 
 def masked_log_softmax(z: Array, valid: Array | None, axis: int) -> Array:

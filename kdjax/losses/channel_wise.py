@@ -33,8 +33,8 @@ def channel_wise_divergence(student: Array, teacher: Array, *, tau: float = 4.0,
 
     ``τ²/(N·C_norm) Σ_{n,c} Σ_i p^T_{n,c,i} (log p^T_{n,c,i} − log p^S_{n,c,i})`` with
     ``p_{n,c,:} = softmax(y_{n,:,:,c} / τ)`` over the H·W positions (paper Eq. for φ; all four code
-    versions in methods.md §1.2 agree), computed as ``Σ_i p^T_i (z^T_i − z^S_i)/τ − lse^T + lse^S``
-    (:func:`softmax_kl`), equal to the original ``softmax().log()`` form wherever that is finite.
+    versions in methods.md §1.2 agree), computed by
+    :func:`softmax_kl`, equal to the original ``softmax().log()`` form wherever that is finite.
 
     Args:
       student: (N, H, W, C) student map, already adapted to the teacher's C channels.
@@ -56,8 +56,8 @@ def channel_wise_divergence(student: Array, teacher: Array, *, tau: float = 4.0,
         c_norm = c
     check_positive("c_norm", c_norm)
     valid = None if mask is None else jnp.asarray(mask, bool).reshape(n, h * w, 1)
-    kl = softmax_kl(as_float32(student).reshape(n, h * w, c) / tau,
-                    frozen(teacher).reshape(n, h * w, c) / tau, axis=1, valid=valid)
+    kl = softmax_kl(as_float32(student).reshape(n, h * w, c), frozen(teacher).reshape(n, h * w, c),
+                    axis=1, valid=valid, temperature=tau)
     if mask is None:
         images = n
     else:

@@ -18,8 +18,8 @@ def pixel_kl(student_logits: Array, teacher_logits: Array, temperature: float) -
     Returns:
       float32 (N, H, W).
     """
-    return softmax_kl(as_float32(student_logits) / temperature,
-                      frozen(teacher_logits) / temperature, axis=-1)
+    return softmax_kl(as_float32(student_logits), frozen(teacher_logits), axis=-1,
+                      temperature=temperature)
 
 
 def pixel_kd(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0,

@@ -91,3 +91,22 @@ def test_vmap_and_jit_match_direct_call():
     direct = jax.jit(jax.grad(weighted_kl, argnums=(0, 1)))(*args)
     for a, b in zip(per_image, direct, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_temperature_divides_the_logits(axis):
+    # The temperature never forms x/T (the maxima read the raw logits); value and both gradients
+    # must still be those of the KL between softmax(x/T) distributions.
+    temperature = 4.0
+    inputs = make_inputs(5, axis=axis)
+    inputs["student_z"] = inputs["student_z"] * 3.0
+    inputs["teacher_z"] = inputs["teacher_z"] * 3.0
+
+    def reference(student_z, teacher_z, weights, axis):
+        return reference_kl(student_z / temperature, teacher_z / temperature, weights=weights,
+                            axis=axis)
+
+    assert_matches_reference(
+        lambda student_z, teacher_z, weights, axis: jnp.sum(weights * softmax_kl(
+            student_z, teacher_z, axis=axis, temperature=temperature)),
+        reference, inputs, ("student_z", "teacher_z"), axis=axis)
