@@ -10,7 +10,7 @@ producers into it and reads the logits once (on GPU and TPU it is one fused kern
 That loop walks the reduced axis innermost, which is fast when the axis is the last (contiguous)
 one, as the class axis of NHWC logits is. Along another axis it reads with a stride of the trailing
 size, and YNNPACK's separate reductions are faster, so there the functions fall back to one
-reduction per operand (benchmarks/RESULTS.md, 'Closing the gap', item 26).
+reduction per operand (benchmarks/RESULTS.md, 'Losses', 'Several sums in one reduction').
 """
 
 from __future__ import annotations
