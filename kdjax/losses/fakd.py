@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from kdjax.losses._common import (as_float32, check_mask, check_positive, check_rank,
                                   check_same_shape, combine_masks, frozen,
                                   masked_mean, nearest_resize_labels, valid_label_mask)
+from kdjax.losses._reductions import maxes, sums
 from kdjax.losses.channel_wise import channel_wise_divergence, spatial_log_softmax
 from kdjax.losses.pixel_kd import pixel_kd
 
@@ -203,9 +204,9 @@ def _kd_excess(log_p: Array, q: Array, kernel: Array, variance: Array, classes: 
     ``M_y[j,k] = Σ_a (W[a,j] − W[a,k])² σ²_{y,a}``; it is ≥ 0, and 0 at β = 0 or for pixels
     without a class (M = 0).
 
-    Runs over the target class k with ``lax.map`` and rematerialises each step in the backward
-    pass, so memory stays O(N·H·W·K) instead of O(N·H·W·K²); the batch axis is never looped over,
-    so a batch-sharded input stays sharded.
+    Runs over the target class k with ``lax.map``, two targets per step, and rematerialises each
+    step in the backward pass, so memory stays O(N·H·W·K) instead of O(N·H·W·K²); the batch axis
+    is never looped over, so a batch-sharded input stays sharded.
 
     Args:
       log_p: float32 (N, H, W, K) student log-probabilities at temperature τ.
@@ -217,16 +218,27 @@ def _kd_excess(log_p: Array, q: Array, kernel: Array, variance: Array, classes: 
       float32 (N, H, W).
     """
     base = jax.nn.logsumexp(log_p, axis=-1)
+    num_classes = log_p.shape[-1]
 
-    @jax.checkpoint
-    def for_target(k):
+    def augmented(k):
         column = jax.lax.dynamic_slice_in_dim(kernel, k, 1, axis=1)
         # (K_y, K_j): M_y[j, k] for this k, from squared differences so it is never negative.
         quad = jnp.matmul(variance, jnp.square(kernel - column), precision=_HIGHEST)
-        shift = jnp.where(has_class[..., None], beta * quad[classes], 0.0)
-        return jax.nn.logsumexp(log_p + shift, axis=-1) - base
+        return log_p + jnp.where(has_class[..., None], beta * quad[classes], 0.0)
 
-    per_target = jax.lax.map(for_target, jnp.arange(log_p.shape[-1]))  # (K, N, H, W)
+    @jax.checkpoint
+    def for_two_targets(i):
+        # Two target classes per step share one pass over log_p for their maxima and their sums
+        # (kdjax.losses._reductions; 1.2× faster at the small benchmark size than one per step).
+        # An odd K repeats the last target; its copy is dropped below.
+        logits = augmented(2 * i), augmented(jnp.minimum(2 * i + 1, num_classes - 1))
+        shifts = [jnp.where(jnp.isfinite(m), m, 0.0) for m in maxes(*logits, axis=-1)]
+        totals = sums(*(jnp.exp(a - m[..., None]) for a, m in zip(logits, shifts)), axis=-1)
+        return jnp.stack([m + jnp.log(t) - base for m, t in zip(shifts, totals)])
+
+    steps = (num_classes + 1) // 2
+    per_target = jax.lax.map(for_two_targets, jnp.arange(steps))      # (steps, 2, N, H, W)
+    per_target = per_target.reshape((2 * steps,) + base.shape)[:num_classes]
     return jnp.sum(jnp.moveaxis(per_target, 0, -1) * q, axis=-1)
 
 

@@ -64,9 +64,10 @@ BOTH = [(fakd_kd, {"temperature": 2.0}), (fakd_cwd, {"tau": 2.0})]
 
 
 # λ = 0 is checked against pixel_kd / channel_wise_divergence below (they have references).
-@pytest.mark.parametrize("temperature, masked", [(1.0, False), (2.0, True)])
-def test_kd_matches_reference(temperature, masked):
-    inputs = make_inputs(np.random.default_rng(1), 2)
+# An odd class count as well: the bound runs over the target classes two at a time.
+@pytest.mark.parametrize("temperature, masked, classes", [(1.0, False, CLASSES), (2.0, True, 5)])
+def test_kd_matches_reference(temperature, masked, classes):
+    inputs = make_inputs(np.random.default_rng(1), 2, classes=classes)
     if not masked:
         inputs.pop("mask")
     assert_matches_reference(fakd_kd, fakd_ref.fakd_kd, inputs, STUDENT, strength=2.5,
