@@ -1,7 +1,7 @@
 """Loss speed and memory: every kdjax loss, forward + backward, against PyTorch on the same inputs.
 
     python benchmarks/losses.py [--quick] [--sizes small,cityscapes] [--losses NAME,...] [--threads N]
-                                [--json FILE] [--write]
+                                [--process per_case|shared] [--json FILE] [--write]
     python benchmarks/losses.py --from_json FILE [--write]     # the table of a saved run
 
 For every loss of ``kdjax.losses`` the benchmark times one jitted step that returns the loss and its
@@ -13,7 +13,10 @@ gradient with respect to the student input, against the same formula in PyTorch
    case is reported as a mismatch and not timed; the gradients' relative difference is reported.
 2. Repetitions are interleaved (kdjax, eager, compiled, then the reverse order, and so on), so load
    from other jobs falls on all implementations alike. Reported: median and min–max over the
-   repetitions, after one untimed warm-up call each.
+   repetitions, after one untimed warm-up call each. Each (loss, size) case runs in a fresh process
+   (``--process per_case``, the default; ``shared`` runs all in one): both libraries' large buffers
+   come from glibc, whose choice between its heap and a fresh ``mmap`` (a page fault per page)
+   depends on what was freed before, so in a shared process one case changes the next one's time.
 3. The ratio is torch time / kdjax time: above 1 kdjax is faster.
 4. Peak memory. kdjax: XLA's buffer assignment of the compiled step, arguments + outputs +
    temporaries − aliased (donated) buffers (``Compiled.memory_analysis()``; jax reports no device
@@ -47,7 +50,9 @@ import platform
 import re
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -502,6 +507,31 @@ def run_case(case: Case, size: str, args) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # Report.
 
+def run_case_in_child(loss: str, size: str, args) -> list[dict]:
+    """One (loss, size) case in a fresh interpreter, with this run's settings; returns its rows.
+
+    Both libraries take their large buffers from glibc, which serves them from its heap or from a
+    fresh ``mmap`` (a page fault per 4 KB page) depending on the sizes freed before. In one shared
+    process a case's time would then depend on the cases run before it (up to 4× for PyTorch).
+    """
+    settings = ["--compile", args.compile, "--compile_timeout", str(args.compile_timeout),
+                "--compile_max_step", str(args.compile_max_step), "--budget", str(args.budget),
+                "--min_reps", str(args.min_reps), "--max_reps", str(args.max_reps),
+                "--max_gb", str(args.max_gb), "--rtol", str(args.rtol)]
+    if args.threads:
+        settings += ["--threads", str(args.threads)]
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = Path(scratch) / "cases.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--process", "shared",
+                   "--sizes", size, "--losses", loss, "--cases_json", str(rows), *settings]
+        done = subprocess.run(command)
+        if done.returncode != 0:
+            raise SystemExit(f"the {size} {loss} case failed (exit code {done.returncode}, its output "
+                             f"above); rerun it alone with --process shared --sizes {size} "
+                             f"--losses {loss}")
+        return json.loads(rows.read_text())
+
+
 def fmt(x: float | None) -> str:
     if x is None:
         return "–"
@@ -614,6 +644,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_gb", type=float, default=4.0,
                         help="skip running a kdjax variant whose compiled peak exceeds this many GB")
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative value agreement required")
+    parser.add_argument("--process", choices=("per_case", "shared"), default="per_case",
+                        help="run each (loss, size) case in a fresh process (default) or all in this one")
+    parser.add_argument("--cases_json", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--from_json", default=None,
                         help="measure nothing: print (and with --write record) the table of a saved --json run")
     args = parser.parse_args(argv)
@@ -652,7 +685,13 @@ def main(argv=None) -> dict:
               "cases": []}
     for size in sizes:
         for case in selected:
-            result["cases"] += run_case(case, size, args)
+            if args.process == "per_case":
+                result["cases"] += run_case_in_child(case.loss, size, args)
+            else:
+                result["cases"] += run_case(case, size, args)
+    if args.cases_json:
+        Path(args.cases_json).write_text(json.dumps(result["cases"]))
+        return result
     result["meets_target"], result["misses_target"] = verdict(result)
     results_file.emit(result, table(result), json_path=args.json, write=args.write,
                       section=SECTION, begin=BEGIN, end=END)
