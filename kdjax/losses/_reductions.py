@@ -78,6 +78,9 @@ def maxes(*operands: Array, axis: int) -> tuple[Array, ...]:
 
     One pass over all operands along the last axis, as :func:`sums`.
 
+    Args:
+      operands: float arrays of one shape and dtype.
+      axis: the axis to take the maximum over (removed from the results).
     Returns:
       one array per operand, the operands' shape without ``axis``; a gradient stops here.
     """

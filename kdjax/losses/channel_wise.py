@@ -33,8 +33,8 @@ def channel_wise_divergence(student: Array, teacher: Array, *, tau: float = 4.0,
 
     ``τ²/(N·C_norm) Σ_{n,c} Σ_i p^T_{n,c,i} (log p^T_{n,c,i} − log p^S_{n,c,i})`` with
     ``p_{n,c,:} = softmax(y_{n,:,:,c} / τ)`` over the H·W positions (paper Eq. for φ; all four code
-    versions in methods.md §1.2 agree), computed by
-    :func:`softmax_kl`, equal to the original ``softmax().log()`` form wherever that is finite.
+    versions in methods.md §1.2 agree), computed by :func:`softmax_kl`, equal to the original
+    ``softmax().log()`` form wherever that is finite.
 
     Args:
       student: (N, H, W, C) student map, already adapted to the teacher's C channels.
