@@ -571,7 +571,10 @@ def table(result: dict) -> str:
         "torch.compile is not tried when one eager step takes longer than "
         f"{result['settings'].get('compile_max_step', 20):g} s. Repetitions: as many as fit in "
         f"{result['settings']['budget_s']:g} s per implementation, {result['settings']['min_reps']}–"
-        f"{result['settings']['max_reps']}.",
+        f"{result['settings']['max_reps']}. "
+        + ("Each (loss, size) case ran in a fresh process."
+           if result["settings"].get("process") == "per_case"
+           else "All cases ran in one process, one after another."),
     ]
     header = ["loss", "kdjax ms", "PyTorch eager ms", "ratio", "torch.compile ms", "compiled", "kdjax MB",
               "PyTorch MB", "grad diff", "reps"]
@@ -681,7 +684,7 @@ def main(argv=None) -> dict:
               "settings": {"compile": args.compile, "compile_max_step": args.compile_max_step,
                            "budget_s": args.budget, "min_reps": args.min_reps,
                            "max_reps": args.max_reps, "max_gb": args.max_gb, "block_size": BLOCK_SIZE,
-                           "fakd_strength": FAKD_STRENGTH},
+                           "fakd_strength": FAKD_STRENGTH, "process": args.process},
               "cases": []}
     for size in sizes:
         for case in selected:
