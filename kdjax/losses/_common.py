@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._reductions import maxes, sums
+from kdjax.losses._reductions import softmax_shifts, sums
 
 Array = jax.Array
 
@@ -170,8 +170,7 @@ def _masked_shift_and_log_total(z: Array, valid: Array, axis: int) -> tuple[Arra
     maximum (0 for a slice without a valid entry, whose log-total is 0)."""
     valid = jnp.broadcast_to(valid, z.shape)
     z = jnp.where(valid, z, 0.0)
-    shift = jax.lax.stop_gradient(jnp.max(jnp.where(valid, z, -jnp.inf), axis=axis, keepdims=True))
-    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    (shift,) = softmax_shifts(jnp.where(valid, z, -jnp.inf), axis=axis)
     total = jnp.sum(jnp.where(valid, jnp.exp(z - shift), 0.0), axis=axis, keepdims=True)
     return shift, jnp.log(jnp.where(total > 0, total, 1.0))
 
@@ -205,10 +204,8 @@ def softmax_kl(student: Array, teacher: Array, axis: int, valid: Array | None = 
         # exp (0 · inf) even though the forward selects it away.
         student = jnp.where(valid, student, 0.0)
         teacher = jnp.where(valid, teacher, 0.0)
-    shifts = maxes(_where_valid(student, valid, -jnp.inf), _where_valid(teacher, valid, -jnp.inf),
-                   axis=axis)
-    # A slice without a valid (or finite) entry: shift 0, as jax.nn.logsumexp does.
-    shift_s, shift_t = (jnp.expand_dims(jnp.where(jnp.isfinite(m), m, 0.0), axis) for m in shifts)
+    shift_s, shift_t = softmax_shifts(_where_valid(student, valid, -jnp.inf),
+                                      _where_valid(teacher, valid, -jnp.inf), axis=axis)
     e_s = _where_valid(jnp.exp((student - shift_s) / temperature), valid, 0.0)
     e_t = _where_valid(jnp.exp((teacher - shift_t) / temperature), valid, 0.0)
     total_s, total_t, cross = sums(e_s, e_t, e_t * (teacher - student), axis=axis)

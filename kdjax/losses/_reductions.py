@@ -89,3 +89,19 @@ def maxes(*operands: Array, axis: int) -> tuple[Array, ...]:
     if last and len(operands) > 1:
         return _one_pass(operands, -jnp.inf, jax.lax.max, axis)
     return tuple(jnp.max(x, axis=axis) for x in operands)
+
+
+def softmax_shifts(*operands: Array, axis: int) -> tuple[Array, ...]:
+    """The shift of a stable softmax for each operand: its maximum along ``axis`` (kept, size 1),
+    0 where that maximum is not finite (a slice of −inf, as :func:`jax.nn.logsumexp` does).
+
+    Computed by :func:`maxes`, so one pass along the last axis and no gradient.
+
+    Args:
+      operands: float arrays of one shape and dtype (masked entries already −inf).
+      axis: the softmax axis.
+    Returns:
+      one array per operand, the operands' shape with ``axis`` of size 1.
+    """
+    return tuple(jnp.expand_dims(jnp.where(jnp.isfinite(m), m, 0.0), axis)
+                 for m in maxes(*operands, axis=axis))

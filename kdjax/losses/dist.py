@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_group_size, check_mask, check_positive,
                                   check_rank, check_same_shape, frozen, masked_mean, safe_sqrt)
-from kdjax.losses._reductions import maxes, sums
+from kdjax.losses._reductions import softmax_shifts, sums
 
 Array = jax.Array
 
@@ -91,8 +91,7 @@ def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gam
         z_s = jnp.where(mask[..., None], z_s, 0.0)
         z_t = jnp.where(mask[..., None], z_t, 0.0)
     # Both softmaxes share their passes over the logits (kdjax.losses._reductions).
-    shifts = maxes(z_s, z_t, axis=-1)
-    e_s, e_t = (jnp.exp(z - jnp.expand_dims(m, -1)) for z, m in zip((z_s, z_t), shifts))
+    e_s, e_t = (jnp.exp(z - m) for z, m in zip((z_s, z_t), softmax_shifts(z_s, z_t, axis=-1)))
     total_s, total_t = sums(e_s, e_t, axis=-1)
     y_s = e_s / total_s[..., None]
     y_t = e_t / total_t[..., None]

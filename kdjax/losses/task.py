@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_mask, check_rank, combine_masks, masked_mean,
                                   valid_label_mask)
-from kdjax.losses._reductions import maxes, sums
+from kdjax.losses._reductions import softmax_shifts, sums
 
 Array = jax.Array
 
@@ -47,12 +47,11 @@ def cross_entropy(logits: Array, labels: Array, *, ignore_label: int = 255,
     # The label's logit by comparison with a class iota rather than a gather, summed in the same
     # pass as the exponentials (kdjax.losses._reductions): the logits are read once for the shift
     # and once for both sums.
-    (shift,) = maxes(z, axis=-1)
-    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    (shift,) = softmax_shifts(z, axis=-1)
     total, label_logit = sums(
-        jnp.exp(z - shift[..., None]),
+        jnp.exp(z - shift),
         jnp.where(jnp.arange(num_classes) == safe_labels[..., None], z, 0.0), axis=-1)
-    nll = shift + jnp.log(total) - label_logit
+    nll = shift[..., 0] + jnp.log(total) - label_logit
     if class_weights is None:
         return masked_mean(nll, valid)
     weights = jnp.where(valid, as_float32(class_weights)[safe_labels], 0.0)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.losses._reductions import maxes, sums
+from kdjax.losses._reductions import maxes, softmax_shifts, sums
 
 
 def operands(shape=(3, 4, 7), count=3, seed=0, dtype=jnp.float32):
@@ -96,3 +96,15 @@ def test_mismatched_operands_and_axes_are_rejected():
         maxes(a, b.astype(jnp.bfloat16), axis=-1)
     with pytest.raises(ValueError, match="out of range"):
         sums(a, b, axis=3)
+
+
+def test_softmax_shifts_keep_the_axis_and_replace_a_non_finite_maximum_by_zero():
+    x = jnp.array([[1.0, 3.0, 2.0], [-np.inf, -np.inf, -np.inf], [0.0, np.inf, 1.0]])
+    for axis in (-1, 0):
+        (shift,) = softmax_shifts(x, axis=axis)
+        maximum = np.max(np.asarray(x), axis=axis, keepdims=True)
+        assert shift.shape == maximum.shape
+        np.testing.assert_array_equal(shift, np.where(np.isfinite(maximum), maximum, 0.0))
+    shift_x, shift_y = softmax_shifts(x, 2 * x, axis=-1)
+    np.testing.assert_array_equal(shift_y, [[6.0], [0.0], [0.0]])
+    np.testing.assert_array_equal(shift_x, [[3.0], [0.0], [0.0]])
