@@ -72,18 +72,27 @@ def total(value) -> jax.Array:
     return value
 
 
-def call(case: LossCase, arrays: Mapping[str, jax.Array], **extra):
+def eager_call(case: LossCase, arrays: Mapping[str, jax.Array], **extra):
+    """The loss of ``case`` on ``arrays``, run eagerly (one dispatch per operation)."""
     return case.loss(**arrays, **{**case.options, **extra})
 
 
+# The checks below run the loss compiled. Eagerly, every operation of a loss is a program of its
+# own that XLA compiles on first use (~40 ms each on CPU), which made up most of the loss tests'
+# time; test_jit_matches_eager keeps the eager path covered.
+def call(case: LossCase, arrays: Mapping[str, jax.Array], **extra):
+    """The loss of ``case`` on ``arrays``, compiled."""
+    return jax.jit(lambda a: eager_call(case, a, **extra))(arrays)
+
+
 def grads(case: LossCase, arrays: Mapping[str, jax.Array], names: tuple[str, ...], **extra):
-    """Gradient of the summed loss outputs with respect to the named arrays."""
+    """Gradient of the summed loss outputs with respect to the named arrays, compiled."""
     fixed = {k: v for k, v in arrays.items() if k not in names}
 
     def f(wrt):
-        return total(call(case, {**fixed, **wrt}, **extra))
+        return total(eager_call(case, {**fixed, **wrt}, **extra))
 
-    return jax.grad(f)({k: arrays[k] for k in names})
+    return jax.jit(jax.grad(f))({k: arrays[k] for k in names})
 
 
 def numeric_grad(f: Callable[[np.ndarray], float], x: np.ndarray, h: float = 1e-6) -> np.ndarray:
@@ -116,7 +125,8 @@ def assert_matches_reference(loss: Callable, reference: Callable, inputs: Inputs
     gradients of the reference are central differences in float64.
     """
     arrays = to_jax(inputs)
-    value = loss(**arrays, **options)
+    case = LossCase(loss=loss, make_inputs=None, student=wrt, teacher=(), options=options)
+    value = call(case, arrays)
     expected = reference(**inputs, **options)
     values = value if isinstance(value, tuple) else (value,)
     expecteds = expected if isinstance(expected, tuple) else (expected,)
@@ -124,7 +134,6 @@ def assert_matches_reference(loss: Callable, reference: Callable, inputs: Inputs
         assert got.dtype == jnp.float32, got.dtype
         np.testing.assert_allclose(float(got), float(want), rtol=rtol, atol=1e-7)
 
-    case = LossCase(loss=loss, make_inputs=None, student=wrt, teacher=(), options=options)
     got_grads = grads(case, arrays, wrt)
     for name in wrt:
         def f(x, name=name):
@@ -152,8 +161,8 @@ class LossContract:
 
     def test_jit_matches_eager(self):
         arrays = to_jax(self.inputs())
-        eager = call(self.case, arrays)
-        jitted = jax.jit(lambda a: call(self.case, a))(arrays)
+        eager = eager_call(self.case, arrays)
+        jitted = call(self.case, arrays)
         np.testing.assert_allclose(np.array(eager), np.array(jitted), rtol=1e-5, atol=1e-7)
 
     def test_teacher_gets_no_gradient(self):
@@ -229,7 +238,7 @@ class LossContract:
             return NamedSharding(mesh, PartitionSpec(*spec))
 
         placed = {k: jax.device_put(v, sharding(k, v)) for k, v in arrays.items()}
-        step = jax.jit(lambda a: (call(self.case, a), grads(self.case, a, self.case.student)))
+        step = jax.jit(lambda a: (eager_call(self.case, a), grads(self.case, a, self.case.student)))
         got, got_grads = step(placed)
         for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(float(g), float(e), rtol=1e-5, atol=1e-7)

@@ -138,8 +138,9 @@ def test_tap_form_equals_xla_convolution(name):
     x, kernel, options = _case(name, seed=4)
     geometry = _geometry(x, kernel, options)
     x, kernel = _f32(x, kernel)
-    np.testing.assert_allclose(convolution.tap_convolution(x, kernel, geometry),
-                               convolution.xla_convolution(x, kernel, geometry), atol=2e-5)
+    tap, xla = (jax.jit(form, static_argnums=2)(x, kernel, geometry)
+                for form in (convolution.tap_convolution, convolution.xla_convolution))
+    np.testing.assert_allclose(tap, xla, atol=2e-5)
 
 
 def _brute_force_touching(size, taps, stride, pad, dilation):
@@ -195,12 +196,14 @@ def test_bfloat16_stays_bfloat16_and_close_to_float32(name, tap_form):
     def loss(x, k):
         return jnp.sum(conv2d(x, k, **options).astype(jnp.float32) ** 2)
 
-    out = conv2d(x32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16), **options)
+    out = jax.jit(lambda x, k: conv2d(x, k, **options))(x32.astype(jnp.bfloat16),
+                                                        k32.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), conv2d(x32, k32, **options),
                                rtol=3e-2, atol=3e-2 * float(jnp.abs(out).max()))
-    grads16 = jax.grad(loss, argnums=(0, 1))(x32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16))
-    grads32 = jax.grad(loss, argnums=(0, 1))(x32, k32)
+    gradients = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    grads16 = gradients(x32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16))
+    grads32 = gradients(x32, k32)
     for g16, g32 in zip(grads16, grads32):
         assert g16.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(g16, np.float32), g32,
