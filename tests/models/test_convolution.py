@@ -196,10 +196,10 @@ def test_bfloat16_stays_bfloat16_and_close_to_float32(name, tap_form):
     def loss(x, k):
         return jnp.sum(conv2d(x, k, **options).astype(jnp.float32) ** 2)
 
-    out = jax.jit(lambda x, k: conv2d(x, k, **options))(x32.astype(jnp.bfloat16),
-                                                        k32.astype(jnp.bfloat16))
+    forward = jax.jit(lambda x, k: conv2d(x, k, **options))
+    out = forward(x32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float32), conv2d(x32, k32, **options),
+    np.testing.assert_allclose(np.asarray(out, np.float32), forward(x32, k32),
                                rtol=3e-2, atol=3e-2 * float(jnp.abs(out).max()))
     gradients = jax.jit(jax.grad(loss, argnums=(0, 1)))
     grads16 = gradients(x32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16))
