@@ -301,56 +301,89 @@ def _kd_augmentation(student_logits, teacher_logits, kernel, variance, labels, s
     return temperature**2 * masked_mean(excess, mask)
 
 
-def _leave_one_out_terms(z: Array, u: Array, valid: Array | None) -> Array:
-    """``log(1 + Σ_{j≠i, valid} exp(z_j − z_i + u_j + u_i))`` for every position i, in O(P).
+# FAKD-CWD's default chunk of images keeps its scratch near this size. On the CPU backend the
+# scratch of a call is one fresh allocation, and glibc serves allocations above 32 MB with mmap, so
+# their pages fault in again on every call (benchmarks/RESULTS.md, 'FAKD-CWD in chunks of images');
+# below that the allocator reuses them.
+_CHUNK_SCRATCH_BYTES = 16 * 2**20
+# Full-size float32 arrays the leave-one-out step holds at once, for the chunk estimate.
+_LEAVE_ONE_OUT_ARRAYS = 12
 
-    With ``a_j = z_j + u_j`` the sum is ``exp(u_i − z_i) · Σ_{j≠i} exp(a_j)``. The leave-one-out
-    sum is the full sum minus one term, shifted by the maximum a — except at the argmax position,
-    where that difference would cancel catastrophically (the full sum is then dominated by the
-    removed term); there it is a separate sum over the other positions, shifted by their maximum
-    (the second largest a).
+
+def _leave_one_out_parts(z: Array, u: Array, q: Array, valid: Array) -> tuple[Array, Array, Array]:
+    """``Σ_{n,c,i} q_i · log(1 + Σ_{j≠i, valid} exp(z_j − z_i + u_j + u_i))`` and its gradients.
+
+    With ``a = z + u``, ``M`` the valid maximum of a channel and ``e_j = exp(a_j − M)``, the term is
+    ``softplus(v_i)``, ``v_i = 2u_i − (a_i − M) + log O_i`` with ``O_i = Σ_{j≠i} e_j``. Away from the
+    maximum, ``O_i`` is the full sum minus one term that is at most the maximum's ``e = 1``: no
+    cancellation. At a maximum it is the sum of the terms below the maximum, kept apart as ``R``
+    (plus the other maxima, if tied), which may be far below 1 (the leave-one-out sum a plain
+    ``sum − own term`` would cancel to 0).
+
+    The gradients follow from ``∂v_i/∂a_j = e_j/O_i`` (j ≠ i): with ``g_i = q_i·sigmoid(v_i)``,
+    ``∂/∂z_j = X_j − g_j`` and ``∂/∂u_j = X_j + g_j``, where ``X_j = e_j Σ_{i≠j} g_i/O_i``. The
+    maxima's share ``Σ_top g/O_top`` may be huge where R is tiny, so it enters as
+    ``G_top·(e_j/O_top)``, with ``e_j ≤ R ≤ O_top``. They are formed here, where their ingredients
+    already are, rather than by differentiating these steps.
 
     Args:
-      z, u: float32 (N, P, C); reductions run over the position axis 1.
-      valid: bool (N, P, 1) or None; invalid positions take no part and get 0.
+      z, u: float32 (N, P, C); sums run over the position axis 1.
+      q: float32 (N, P, C) weights, 0 at invalid positions.
+      valid: bool (N, P, 1); invalid positions take no part.
     Returns:
-      float32 (N, P, C); 0 at invalid positions and where no other valid position exists.
+      float32 scalar value, and float32 (N, P, C) gradients with respect to z and u.
     """
-    if valid is None:
-        valid = jnp.ones(z.shape[:2] + (1,), bool)
     valid = jnp.broadcast_to(valid, z.shape)
-    a = z + u
+    # One stored copy of a for the maximum and the comparisons with it: a recomputed inside each
+    # fusion might round differently, and then no entry would equal the maximum.
+    a = jax.lax.optimization_barrier(jnp.where(valid, z + u, -jnp.inf))
+    (shift,) = softmax_shifts(a, axis=1)
+    top = valid & (a == shift)
+    d = jnp.where(valid, a - shift, 0.0)
+    below = jnp.where(valid & ~top, jnp.exp(d), 0.0)
+    # Every maximum's e is exactly 1; ties at the maximum are counted, not guessed.
+    tops, rest = (jnp.sum(x, axis=1, keepdims=True) for x in (top.astype(jnp.float32), below))
+    top_others = rest + (tops - 1.0)
+    others = jnp.where(top, top_others, (rest + tops) - below)
+    live = valid & (others > 0)
+    safe_others = jnp.where(live, others, 1.0)
+    v = 2.0 * u - d + jnp.log(safe_others)
+    tail = jnp.exp(-jnp.abs(v))
+    value = jnp.sum(jnp.where(live, q * (jnp.maximum(v, 0.0) + jnp.log1p(tail)), 0.0))
 
-    def shifted_sum(keep):
-        # The shift cancels exactly in shift + log(sum), so it needs no gradient.
-        shift = jax.lax.stop_gradient(
-            jnp.max(jnp.where(keep, a, -jnp.inf), axis=1, keepdims=True))
-        nonempty = jnp.isfinite(shift)
-        shift = jnp.where(nonempty, shift, 0.0)
-        # Double where: an excluded entry far above the shift must not overflow exp (NaN gradients).
-        terms = jnp.where(keep, jnp.exp(jnp.where(keep, a, shift) - shift), 0.0)
-        return shift, terms, nonempty
+    g = jnp.where(live, q * jnp.where(v >= 0, 1.0, tail) / (1.0 + tail), 0.0)
+    g_over = g / safe_others
+    rest_share = jnp.sum(jnp.where(top, 0.0, g_over), axis=1, keepdims=True)
+    g_top = jnp.sum(jnp.where(top, g, 0.0), axis=1, keepdims=True)
+    safe_top_others = jnp.where(top_others > 0, top_others, 1.0)
+    x = jnp.where(top, rest_share + (g_top - g) / safe_top_others,
+                  below * (rest_share - g_over) + g_top * (below / safe_top_others))
+    return value, x - g, x + g
 
-    top_shift, terms, _ = shifted_sum(valid)
-    top = jnp.arange(z.shape[1])[None, :, None] == jnp.argmax(
-        jnp.where(valid, a, -jnp.inf), axis=1)[:, None, :]
-    # Away from the argmax the remaining sum still holds the argmax's exp(0) = 1: no cancellation.
-    others = jnp.sum(terms, axis=1, keepdims=True) - terms
-    log_others = top_shift + jnp.log(jnp.where(top | ~valid, 1.0, others))
 
-    rest_shift, rest_terms, has_rest = shifted_sum(valid & ~top)
-    rest = jnp.sum(rest_terms, axis=1, keepdims=True)
-    log_rest = rest_shift + jnp.log(jnp.where(has_rest, rest, 1.0))
+@jax.custom_vjp
+def _weighted_leave_one_out(z: Array, u: Array, q: Array, valid: Array) -> Array:
+    """The value of :func:`_leave_one_out_parts`; q carries no gradient (it is the teacher's)."""
+    return _leave_one_out_parts(z, u, q, valid)[0]
 
-    log_sum = jnp.where(top, log_rest, log_others)
-    terms = jax.nn.softplus(u - z + log_sum)
-    return jnp.where(valid & (~top | has_rest), terms, 0.0)
+
+def _weighted_leave_one_out_fwd(z, u, q, valid):
+    value, grad_z, grad_u = _leave_one_out_parts(z, u, q, valid)
+    return value, (grad_z, grad_u)
+
+
+def _weighted_leave_one_out_bwd(grads, cotangent):
+    grad_z, grad_u = grads
+    return cotangent * grad_z, cotangent * grad_u, jnp.zeros_like(grad_z), None
+
+
+_weighted_leave_one_out.defvjp(_weighted_leave_one_out_fwd, _weighted_leave_one_out_bwd)
 
 
 def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Array,
              variance: Array, labels: Array, *, strength, tau: float = 4.0,
              c_norm: int | None = None, ignore_label: int = 255,
-             mask: Array | None = None) -> Array:
+             mask: Array | None = None, images_per_chunk: int | None = None) -> Array:
     """FAKD-CWD: the closed-form upper bound of CWD under infinite feature augmentation (§9.4).
 
     Per image and channel c over the positions i, with ``q = softmax_i(z^T_{c,i}/τ)``,
@@ -365,7 +398,8 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     ``channel_wise_divergence(student_logits, teacher_logits, tau=τ, c_norm=c_norm, mask=mask)``
     itself (a ``lax.cond`` on λ > 0 when λ is traced), the plain loss rather than a bound that
     meets it. For λ > 0 the bound is computed directly: one leave-one-out pass over the student
-    and the teacher's spatial log-softmax. Cost and memory are O(N·P·K).
+    and the teacher's spatial log-softmax, with its gradient formed in the same pass. Cost is
+    O(N·P·K); the scratch memory is O(P·K) per chunk of images.
 
     Args:
       student_logits: (N, H, W, K) student logits.
@@ -379,6 +413,8 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
       ignore_label: label value without a class.
       mask: optional bool (N, H, W); masked positions leave both spatial distributions, and images
         without a valid position leave the mean.
+      images_per_chunk: the bound runs over chunks of this many images (``lax.map``), which bounds
+        its scratch memory. None sizes the chunks to keep that scratch near 16 MB.
     Returns:
       float32 scalar.
     """
@@ -393,6 +429,13 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     _check_variance(variance, kernel)
     _check_labels(labels, student_logits)
     _check_strength(strength)
+    n, h, w, num_classes = student_logits.shape
+    if images_per_chunk is None:
+        images_per_chunk = max(1, _CHUNK_SCRATCH_BYTES
+                               // (h * w * num_classes * 4 * _LEAVE_ONE_OUT_ARRAYS))
+    elif not isinstance(images_per_chunk, int) or images_per_chunk < 1:
+        raise ValueError(f"images_per_chunk must be a positive integer or None, got "
+                         f"{images_per_chunk!r}.")
 
     def plain():
         return channel_wise_divergence(student_logits, teacher_logits, tau=tau, c_norm=c_norm,
@@ -400,31 +443,39 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
 
     def bound():
         return _cwd_bound(student_logits, teacher_logits, kernel, variance, labels, strength, tau,
-                          c_norm, mask, ignore_label=ignore_label)
+                          c_norm, mask, ignore_label=ignore_label,
+                          images_per_chunk=min(images_per_chunk, n))
 
     if isinstance(strength, (int, float)):
         return bound() if strength > 0 else plain()
     return jax.lax.cond(as_float32(strength) > 0, bound, plain)
 
 
-@functools.partial(jax.jit, static_argnames=("ignore_label",))
+@functools.partial(jax.jit, static_argnames=("ignore_label", "images_per_chunk"))
 def _cwd_bound(student_logits, teacher_logits, kernel, variance, labels, strength, tau, c_norm,
-               mask, *, ignore_label):
-    """``τ²/(N·C_norm) Σ_{n,c} Σ_i q_i (term_i(β) + log q_i)``, the FAKD-CWD bound for β > 0."""
+               mask, *, ignore_label, images_per_chunk):
+    """``τ²/(N·C_norm) Σ_{n,c} Σ_i q_i (term_i(β) + log q_i)``, the FAKD-CWD bound for β > 0,
+    over chunks of ``images_per_chunk`` images."""
     n, h, w, num_classes = student_logits.shape
     kernel, var = as_float32(kernel), frozen(variance)
     classes, has_class = _pixel_classes(labels, student_logits, num_classes, ignore_label)
     beta = as_float32(strength) / (2.0 * tau**2)
-
     # (K_y, K_c): s[y, c] = w_cᵀ Σ_y w_c.
     spread = jnp.matmul(var, jnp.square(kernel), precision=_HIGHEST)
-    s = jnp.where(has_class[..., None], spread[classes], 0.0).reshape(n, h * w, num_classes)
-    z = as_float32(student_logits).reshape(n, h * w, num_classes) / tau
-    valid = None if mask is None else jnp.asarray(mask, bool).reshape(n, h * w, 1)
-    terms = _leave_one_out_terms(z, beta * s, valid)
-    log_q = spatial_log_softmax(frozen(teacher_logits), tau, mask)  # 0 at invalid positions
-    q = jnp.exp(log_q)
-    if valid is not None:
-        q = jnp.where(valid, q, 0.0)
-    images = n if mask is None else jnp.sum(jnp.any(valid[..., 0], axis=1), dtype=jnp.float32)
-    return tau**2 * jnp.sum(q * (terms + log_q)) / (jnp.maximum(images, 1.0) * c_norm)
+    valid = (jnp.ones((n, h, w), bool) if mask is None else jnp.asarray(mask, bool))
+
+    def image(args):
+        student, teacher, image_classes, image_has_class, image_valid = args
+        s = jnp.where(image_has_class[..., None], spread[image_classes], 0.0)
+        z = as_float32(student).reshape(1, h * w, num_classes) / tau
+        u = beta * s.reshape(1, h * w, num_classes)
+        positions = image_valid.reshape(1, h * w, 1)
+        log_q = spatial_log_softmax(frozen(teacher)[None], tau, image_valid[None])  # 0 if invalid
+        q = jnp.where(positions, jnp.exp(log_q), 0.0)
+        return _weighted_leave_one_out(z, u, q, positions) + jnp.sum(q * log_q)
+
+    # Each chunk is vmapped; a batch no larger than one chunk is a single vmapped step.
+    total = jnp.sum(jax.lax.map(image, (student_logits, teacher_logits, classes, has_class, valid),
+                                batch_size=images_per_chunk))
+    images = n if mask is None else jnp.sum(jnp.any(valid, axis=(1, 2)), dtype=jnp.float32)
+    return tau**2 * total / (jnp.maximum(images, 1.0) * c_norm)

@@ -331,6 +331,38 @@ def test_cwd_excess_at_a_dominating_position_is_not_cancelled():
     assert_matches_reference(fakd_cwd, fakd_ref.fakd_cwd, inputs, STUDENT, **options)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_cwd_in_chunks_of_images_equals_one_chunk(masked):
+    # Three images in chunks of two: one lax.map step and a remainder; in chunks of one: three steps.
+    inputs = make_inputs(np.random.default_rng(23), 3)
+    if masked:
+        inputs["mask"][1] = False
+    a = to_jax(inputs if masked else without_mask(inputs))
+
+    def bound(s, w, chunk):
+        return fakd_cwd(**{**a, "student_logits": s, "classifier_kernel": w}, strength=3.0,
+                        tau=2.0, images_per_chunk=chunk)
+
+    grad = jax.jit(jax.value_and_grad(bound, argnums=(0, 1)), static_argnums=2)
+    value, grads = grad(a["student_logits"], a["classifier_kernel"], None)
+    for chunk in (2, 1):
+        got, got_grads = grad(a["student_logits"], a["classifier_kernel"], chunk)
+        np.testing.assert_allclose(float(got), float(value), rtol=1e-6)
+        for g, want in zip(got_grads, grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-8)
+
+
+def test_cwd_tied_maxima_match_reference():
+    # One class everywhere, so u is constant per channel and ties in z are ties in z + u: a channel
+    # where every position ties, and one with two equal maxima.
+    inputs = make_inputs(np.random.default_rng(24), 2)
+    inputs.pop("mask")
+    inputs["labels"][:] = 1
+    inputs["student_logits"][0, :, :, 0] = 1.5
+    inputs["student_logits"][1, 0, 0, 2] = inputs["student_logits"][1, 2, 3, 2] = 9.0
+    assert_matches_reference(fakd_cwd, fakd_ref.fakd_cwd, inputs, STUDENT, strength=3.0, tau=2.0)
+
+
 def test_kd_stable_for_large_logits_and_large_augmentation():
     inputs = make_inputs(np.random.default_rng(15), 2)
     inputs.pop("mask")
@@ -507,6 +539,8 @@ def test_bad_options_raise():
         fakd_cwd(**a, strength=1.0, tau=-2.0)
     with pytest.raises(ValueError, match="c_norm"):
         fakd_cwd(**a, strength=1.0, c_norm=0)
+    with pytest.raises(ValueError, match="images_per_chunk"):
+        fakd_cwd(**a, strength=1.0, images_per_chunk=0)
 
 
 def test_covariance_bad_input_raises_naming_the_shapes():
