@@ -361,23 +361,48 @@ def _leave_one_out_parts(z: Array, u: Array, q: Array, valid: Array) -> tuple[Ar
     return value, x - g, x + g
 
 
-@jax.custom_vjp
-def _weighted_leave_one_out(z: Array, u: Array, q: Array, valid: Array) -> Array:
-    """The value of :func:`_leave_one_out_parts`; q carries no gradient (it is the teacher's)."""
-    return _leave_one_out_parts(z, u, q, valid)[0]
+def _image_bound_parts(student: Array, u: Array, teacher: Array, valid: Array,
+                       tau: float) -> tuple[Array, Array, Array]:
+    """One image's ``Σ_{c,i} q_i (term_i + log q_i)`` and its gradients w.r.t. student and u.
+
+    Args:
+      student, teacher: float32 (H, W, K) logits.
+      u: float32 (H·W, K), β·s of each position.
+      valid: bool (H, W).
+    Returns:
+      float32 scalar, float32 (H, W, K) and float32 (H·W, K).
+    """
+    h, w, num_classes = student.shape
+    z = student.reshape(1, h * w, num_classes) / tau
+    positions = valid.reshape(1, h * w, 1)
+    log_q = spatial_log_softmax(teacher[None], tau, valid[None])  # 0 at invalid positions
+    q = jnp.where(positions, jnp.exp(log_q), 0.0)
+    value, grad_z, grad_u = _leave_one_out_parts(z, u[None], q, positions)
+    return value + jnp.sum(q * log_q), (grad_z / tau).reshape(h, w, num_classes), grad_u[0]
 
 
-def _weighted_leave_one_out_fwd(z, u, q, valid):
-    value, grad_z, grad_u = _leave_one_out_parts(z, u, q, valid)
-    return value, (grad_z, grad_u)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked_bound(student: Array, u: Array, teacher: Array, valid: Array, tau: float,
+                   images_per_chunk: int) -> Array:
+    """The sum over images of :func:`_image_bound_parts`, for (N, ...) stacks of its arguments,
+    over chunks of ``images_per_chunk`` images (``lax.map``, each chunk vmapped). The gradients
+    come from the same pass, so the backward only scales them; the teacher and τ get none."""
+    return _chunked_bound_fwd(student, u, teacher, valid, tau, images_per_chunk)[0]
 
 
-def _weighted_leave_one_out_bwd(grads, cotangent):
-    grad_z, grad_u = grads
-    return cotangent * grad_z, cotangent * grad_u, jnp.zeros_like(grad_z), None
+def _chunked_bound_fwd(student, u, teacher, valid, tau, images_per_chunk):
+    values, grad_student, grad_u = jax.lax.map(
+        lambda args: _image_bound_parts(*args, tau), (student, u, teacher, valid),
+        batch_size=images_per_chunk)
+    return jnp.sum(values), (grad_student, grad_u)
 
 
-_weighted_leave_one_out.defvjp(_weighted_leave_one_out_fwd, _weighted_leave_one_out_bwd)
+def _chunked_bound_bwd(images_per_chunk, grads, cotangent):
+    grad_student, grad_u = grads
+    return cotangent * grad_student, cotangent * grad_u, jnp.zeros_like(grad_student), None, None
+
+
+_chunked_bound.defvjp(_chunked_bound_fwd, _chunked_bound_bwd)
 
 
 def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Array,
@@ -454,8 +479,7 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
 @functools.partial(jax.jit, static_argnames=("ignore_label", "images_per_chunk"))
 def _cwd_bound(student_logits, teacher_logits, kernel, variance, labels, strength, tau, c_norm,
                mask, *, ignore_label, images_per_chunk):
-    """``τ²/(N·C_norm) Σ_{n,c} Σ_i q_i (term_i(β) + log q_i)``, the FAKD-CWD bound for β > 0,
-    over chunks of ``images_per_chunk`` images."""
+    """``τ²/(N·C_norm) Σ_{n,c} Σ_i q_i (term_i(β) + log q_i)``, the FAKD-CWD bound for β > 0."""
     n, h, w, num_classes = student_logits.shape
     kernel, var = as_float32(kernel), frozen(variance)
     classes, has_class = _pixel_classes(labels, student_logits, num_classes, ignore_label)
@@ -463,19 +487,8 @@ def _cwd_bound(student_logits, teacher_logits, kernel, variance, labels, strengt
     # (K_y, K_c): s[y, c] = w_cᵀ Σ_y w_c.
     spread = jnp.matmul(var, jnp.square(kernel), precision=_HIGHEST)
     valid = (jnp.ones((n, h, w), bool) if mask is None else jnp.asarray(mask, bool))
-
-    def image(args):
-        student, teacher, image_classes, image_has_class, image_valid = args
-        s = jnp.where(image_has_class[..., None], spread[image_classes], 0.0)
-        z = as_float32(student).reshape(1, h * w, num_classes) / tau
-        u = beta * s.reshape(1, h * w, num_classes)
-        positions = image_valid.reshape(1, h * w, 1)
-        log_q = spatial_log_softmax(frozen(teacher)[None], tau, image_valid[None])  # 0 if invalid
-        q = jnp.where(positions, jnp.exp(log_q), 0.0)
-        return _weighted_leave_one_out(z, u, q, positions) + jnp.sum(q * log_q)
-
-    # Each chunk is vmapped; a batch no larger than one chunk is a single vmapped step.
-    total = jnp.sum(jax.lax.map(image, (student_logits, teacher_logits, classes, has_class, valid),
-                                batch_size=images_per_chunk))
+    u = beta * jnp.where(has_class[..., None], spread[classes], 0.0).reshape(n, h * w, num_classes)
+    total = _chunked_bound(as_float32(student_logits), u, frozen(teacher_logits), valid, tau,
+                           images_per_chunk)
     images = n if mask is None else jnp.sum(jnp.any(valid, axis=(1, 2)), dtype=jnp.float32)
     return tau**2 * total / (jnp.maximum(images, 1.0) * c_norm)
