@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_mask, check_positive, check_rank,
-                                  check_same_shape, combine_masks, frozen,
+                                  check_same_shape, chunk_of_images, combine_masks, frozen,
                                   masked_mean, nearest_resize_labels, valid_label_mask)
 from kdjax.losses._reductions import softmax_shifts, sums
 from kdjax.losses.channel_wise import channel_wise_divergence, spatial_log_softmax
@@ -301,11 +301,6 @@ def _kd_augmentation(student_logits, teacher_logits, kernel, variance, labels, s
     return temperature**2 * masked_mean(excess, mask)
 
 
-# FAKD-CWD's default chunk of images keeps its scratch near this size. On the CPU backend the
-# scratch of a call is one fresh allocation, and glibc serves allocations above 32 MB with mmap, so
-# their pages fault in again on every call (benchmarks/RESULTS.md, 'FAKD-CWD in chunks of images');
-# below that the allocator reuses them.
-_CHUNK_SCRATCH_BYTES = 16 * 2**20
 # Full-size float32 arrays the leave-one-out step holds at once, for the chunk estimate.
 _LEAVE_ONE_OUT_ARRAYS = 12
 
@@ -455,12 +450,8 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     _check_labels(labels, student_logits)
     _check_strength(strength)
     n, h, w, num_classes = student_logits.shape
-    if images_per_chunk is None:
-        images_per_chunk = max(1, _CHUNK_SCRATCH_BYTES
-                               // (h * w * num_classes * 4 * _LEAVE_ONE_OUT_ARRAYS))
-    elif not isinstance(images_per_chunk, int) or images_per_chunk < 1:
-        raise ValueError(f"images_per_chunk must be a positive integer or None, got "
-                         f"{images_per_chunk!r}.")
+    images_per_chunk = chunk_of_images(images_per_chunk, n,
+                                       h * w * num_classes * 4 * _LEAVE_ONE_OUT_ARRAYS)
 
     def plain():
         return channel_wise_divergence(student_logits, teacher_logits, tau=tau, c_norm=c_norm,
@@ -469,7 +460,7 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     def bound():
         return _cwd_bound(student_logits, teacher_logits, kernel, variance, labels, strength, tau,
                           c_norm, mask, ignore_label=ignore_label,
-                          images_per_chunk=min(images_per_chunk, n))
+                          images_per_chunk=images_per_chunk)
 
     if isinstance(strength, (int, float)):
         return bound() if strength > 0 else plain()

@@ -6,73 +6,154 @@ student is normalised, the distance).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_choice, check_mask, check_positive, check_rank,
-                                  check_same_shape, frozen, masked_mean, safe_norm)
+                                  check_same_shape, chunk_of_images, frozen, safe_sqrt)
 
 Array = jax.Array
 
 AXES = {"spatial": (1, 2), "channel": (3,), "spatial_channel": (1, 2, 3)}
 DISTANCES = ("mse", "fro_over_hw")
+# Full-size float32 arrays of one image the statistics pass holds at once, for the chunk estimate.
+_MOMENT_ARRAYS = 3
 
 
-def normalize_features(x: Array, *, axes: str = "spatial", eps: float = 1e-5, ddof: int = 0,
-                       mask: Array | None = None) -> Array:
-    """``N(F) = (F − μ) / sqrt(σ² + eps)`` with statistics over ``axes`` (no affine parameters).
+def _image_moments(student: Array, teacher: Array, valid: Array, reduce: tuple[int, ...],
+                   normalize_student: bool) -> tuple[Array, ...]:
+    """One image's group statistics: the means of the teacher and the (compared) student, and the
+    sums ``Σ c_t²``, ``Σ c_s²``, ``Σ c_t·c_s`` of their centred values over the valid entries.
+
+    Two passes, as the normalisation itself: the means first, then the centred products, so the
+    variances carry no cancellation. Without student normalisation ``c_s`` is the raw student.
 
     Args:
-      x: float32 (N, H, W, C).
-      axes: 'spatial' (over H·W per image and channel, instance-norm style), 'channel' (over C per
-        pixel) or 'spatial_channel' (over H·W·C per image, layer-norm style).
-      eps: added to the variance.
-      ddof: 0 for the biased variance, 1 for the unbiased one (``torch.std``). The divisor
-        ``count − ddof`` is clamped to at least 1, so a single-element slice has variance 0.
-      mask: optional bool (N, H, W); statistics use the valid positions only and masked positions
-        of the result are 0.
+      student, teacher: float32 (H, W, C), 0 at masked positions.
+      valid: bool (H, W, 1).
+      reduce: the axes of a (1, H, W, C) batch to reduce (:data:`AXES`).
     Returns:
-      float32 (N, H, W, C).
+      the count of valid entries and the five statistics, each of the image's group shape.
     """
-    reduce = AXES[axes]
-    if mask is None:
-        count = 1
-        for axis in reduce:
-            count *= x.shape[axis]
-        centred = x - jnp.mean(x, axis=reduce, keepdims=True)
+    x_s, x_t, valid = student[None], teacher[None], valid[None]
+    count = jnp.sum(jnp.broadcast_to(valid, x_t.shape), axis=reduce, keepdims=True,
+                    dtype=jnp.float32)
+    per_count = 1.0 / jnp.maximum(count, 1.0)
+    mean_t = jnp.sum(x_t, axis=reduce, keepdims=True) * per_count
+    centred_t = jnp.where(valid, x_t - mean_t, 0.0)
+    if normalize_student:
+        mean_s = jnp.sum(x_s, axis=reduce, keepdims=True) * per_count
+        centred_s = jnp.where(valid, x_s - mean_s, 0.0)
     else:
-        valid = jnp.broadcast_to(jnp.asarray(mask, bool)[..., None], x.shape)
-        count = jnp.sum(valid, axis=reduce, keepdims=True, dtype=jnp.float32)
-        total = jnp.sum(jnp.where(valid, x, 0.0), axis=reduce, keepdims=True)
-        mean = total / jnp.maximum(count, 1.0)
-        centred = jnp.where(valid, x - mean, 0.0)
-    squares = jnp.sum(jnp.square(centred), axis=reduce, keepdims=True)
-    variance = squares / jnp.maximum(count - ddof, 1)
-    return centred / jnp.sqrt(variance + eps)
+        mean_s = jnp.zeros_like(mean_t)
+        centred_s = x_s
+    stats = (count, mean_t, mean_s) + tuple(
+        jnp.sum(product, axis=reduce, keepdims=True)
+        for product in (centred_t * centred_t, centred_s * centred_s, centred_t * centred_s))
+    return tuple(x[0] for x in stats)
+
+
+def _scales(moments: tuple[Array, ...], normalize_student: bool, eps: float,
+            ddof: int) -> tuple[Array, Array]:
+    """``1/sqrt(σ² + eps)`` of the teacher's groups and of the student's (1 without its
+    normalisation), from :func:`_image_moments`."""
+    count, _, _, squares_t, squares_s, _ = moments
+    divisor = jnp.maximum(count - ddof, 1.0)
+    scale_t = jax.lax.rsqrt(squares_t / divisor + eps)
+    scale_s = jax.lax.rsqrt(squares_s / divisor + eps) if normalize_student else 1.0
+    return scale_t, scale_s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _squared_distance(student: Array, teacher: Array, valid: Array, axes: str,
+                      normalize_student: bool, eps: float, ddof: int,
+                      images_per_chunk: int) -> Array:
+    """``Σ_valid (N(F^T) − N̂(F^S))²`` with N̂ the student's normalisation (or none).
+
+    With ``c`` the centred values and ``a = 1/sqrt(σ² + eps)`` of each group, the sum is
+    ``Σ_groups a_t²·Σc_t² + a_s²·Σc_s² − 2·a_t·a_s·Σc_t·c_s``: the value needs the group statistics
+    only (computed image by image over chunks, ``lax.map``), and no normalised tensor is stored.
+    The gradient w.r.t. the student, from ``g = −2(y_t − y_s)``, is the normalisation's backward
+    ``a_s·(g − mean(g) − y_s·Σ(g·y_s)/(count − ddof))``, where ``mean(g) = 0`` (both normalised
+    slices have zero mean) and ``Σ g·y_s = −2(a_t·a_s·Σc_t·c_s − a_s²·Σc_s²)``: one element-wise
+    pass in the backward. The teacher gets no gradient.
+
+    Args:
+      student, teacher: float32 (N, H, W, C), 0 at masked positions.
+      valid: bool (N, H, W, 1).
+    Returns:
+      float32 scalar.
+    """
+    return _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps, ddof,
+                                 images_per_chunk)[0]
+
+
+def _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps, ddof,
+                          images_per_chunk):
+    moments = jax.lax.map(
+        lambda args: _image_moments(*args, AXES[axes], normalize_student),
+        (student, teacher, valid), batch_size=images_per_chunk)
+    _, _, _, squares_t, squares_s, cross = moments
+    scale_t, scale_s = _scales(moments, normalize_student, eps, ddof)
+    value = jnp.sum(scale_t**2 * squares_t + scale_s**2 * squares_s
+                    - 2.0 * scale_t * scale_s * cross)
+    return value, (student, teacher, valid, moments)
+
+
+def _squared_distance_bwd(axes, normalize_student, eps, ddof, images_per_chunk, residuals,
+                          cotangent):
+    student, teacher, valid, moments = residuals
+    count, mean_t, mean_s, _, squares_s, cross = moments
+    scale_t, scale_s = _scales(moments, normalize_student, eps, ddof)
+    normalised_t = scale_t * (teacher - mean_t)
+    compared_s = scale_s * (student - mean_s)
+    grad = -2.0 * (normalised_t - compared_s)
+    if normalize_student:
+        divisor = jnp.maximum(count - ddof, 1.0)
+        # Σ g·y_s / (count − ddof), per group.
+        projection = -2.0 * (scale_t * scale_s * cross - scale_s**2 * squares_s) / divisor
+        grad = scale_s * (grad - compared_s * projection)
+    grad = jnp.where(valid, cotangent * grad, 0.0)
+    return grad, jnp.zeros_like(teacher), None
+
+
+_squared_distance.defvjp(_squared_distance_fwd, _squared_distance_bwd)
 
 
 def normalized_feature_distillation(student: Array, teacher: Array, *, axes: str = "spatial",
                                     normalize_student: bool = True, eps: float = 1e-5,
                                     ddof: int = 0, distance: str = "mse",
-                                    mask: Array | None = None) -> Array:
+                                    mask: Array | None = None,
+                                    images_per_chunk: int | None = None) -> Array:
     """NFD: distance between normalised teacher and (optionally normalised) student features.
 
-    ``L = D(N(F^T), N(F̃^S))`` with ``N`` from :func:`normalize_features` and ``F̃^S`` the student
-    feature after its 1×1 connector. ``distance='mse'``: mean of the squared difference over all
+    ``L = D(N(F^T), N(F̃^S))`` with ``N(F) = (F − μ) / sqrt(σ² + eps)`` (no affine parameters),
+    the statistics over the ``axes`` of each group, and ``F̃^S`` the student feature after its 1×1
+    connector. ``distance='mse'``: mean of the squared difference over all
     elements (methods.md §9.2, the default). ``distance='fro_over_hw'``: the unsquared Frobenius
     norm of the difference over the whole batch tensor divided by H·W (the third-party form of §2).
+    The normalised tensors are never formed: the squared distance follows from each group's
+    centred second moments, and its gradient is one element-wise pass (``_squared_distance``).
 
     Args:
       student: (N, H, W, C) student feature, already through the connector.
       teacher: (N, H, W, C) teacher feature.
-      axes: 'spatial', 'channel' or 'spatial_channel' (see :func:`normalize_features`).
+      axes: the groups of the statistics: 'spatial' (over H·W per image and channel,
+        instance-norm style), 'channel' (over C per pixel) or 'spatial_channel' (over H·W·C per
+        image, layer-norm style).
       normalize_student: normalise the student too (True) or compare it raw with N(F^T).
       eps: positive constant added to the variance.
-      ddof: 0 (biased variance) or 1 (unbiased).
+      ddof: 0 for the biased variance, 1 for the unbiased one (``torch.std``). The divisor
+        ``count − ddof`` is clamped to at least 1, so a single-element group has variance 0.
       distance: 'mse' or 'fro_over_hw'.
       mask: optional bool (N, H, W). Masked positions leave the statistics and the distance:
         'mse' divides by the number of valid elements; 'fro_over_hw' takes the norm over the valid
         elements and still divides by the full H·W.
+      images_per_chunk: the statistics are gathered over chunks of this many images
+        (``lax.map``), which bounds their scratch memory. None sizes the chunks to keep that
+        scratch near 16 MB.
     Returns:
       float32 scalar.
     """
@@ -85,20 +166,21 @@ def normalized_feature_distillation(student: Array, teacher: Array, *, axes: str
     check_choice("normalize_student", normalize_student, (True, False))
     # eps > 0 keeps sqrt(σ² + eps) away from 0 for constant or fully masked slices.
     check_positive("eps", eps)
-    _, h, w, _ = student.shape
+    n, h, w, c = student.shape
+    images_per_chunk = chunk_of_images(images_per_chunk, n, h * w * c * 4 * _MOMENT_ARRAYS)
     s = as_float32(student)
     t = frozen(teacher)
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)
+    if mask is None:
+        valid = jnp.ones((n, h, w, 1), bool)
+        count = n * h * w * c
+    else:
+        valid = jnp.asarray(mask, bool)[..., None]
+        count = jnp.sum(valid, dtype=jnp.float32) * c
         # Zero masked positions first: not even a NaN there may reach the value or the gradient.
-        s = jnp.where(mask[..., None], s, 0.0)
-        t = jnp.where(mask[..., None], t, 0.0)
-    t = normalize_features(t, axes=axes, eps=eps, ddof=ddof, mask=mask)
-    if normalize_student:
-        s = normalize_features(s, axes=axes, eps=eps, ddof=ddof, mask=mask)
-    diff = t - s
+        s = jnp.where(valid, s, 0.0)
+        t = jnp.where(valid, t, 0.0)
+    total = _squared_distance(s, t, valid, axes, normalize_student, float(eps), ddof,
+                              images_per_chunk)
     if distance == "mse":
-        return masked_mean(jnp.square(diff), mask)
-    if mask is not None:
-        diff = jnp.where(mask[..., None], diff, 0.0)
-    return safe_norm(diff) / (h * w)
+        return total / jnp.maximum(count, 1.0)
+    return safe_sqrt(total) / (h * w)
