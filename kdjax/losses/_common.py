@@ -77,30 +77,6 @@ def check_mask(mask: Array | None, spatial_of: Array, name: str = "mask") -> Non
         raise ValueError(f"{name} must have shape (N,H,W) = {expected}, got {tuple(jnp.shape(mask))}.")
 
 
-# A loss that runs over chunks of images sizes them to keep their scratch near this many bytes. On
-# the CPU backend a call's scratch is one fresh allocation, and glibc serves allocations above
-# 32 MB with mmap, so their pages fault in again on every call; below that the allocator reuses
-# them (benchmarks/RESULTS.md, 'FAKD-CWD and NFD in chunks of images').
-CHUNK_SCRATCH_BYTES = 16 * 2**20
-
-
-def chunk_of_images(images_per_chunk: int | None, batch: int, bytes_per_image: int) -> int:
-    """The number of images a chunked loss processes at once (at most ``batch``).
-
-    Args:
-      images_per_chunk: the user's choice, a positive integer, or None for as many images as keep
-        ``bytes_per_image`` each within :data:`CHUNK_SCRATCH_BYTES` (at least one).
-      batch: the batch size N.
-      bytes_per_image: the scratch one image needs.
-    """
-    if images_per_chunk is None:
-        images_per_chunk = max(1, CHUNK_SCRATCH_BYTES // bytes_per_image)
-    elif not isinstance(images_per_chunk, int) or images_per_chunk < 1:
-        raise ValueError(
-            f"images_per_chunk must be a positive integer or None, got {images_per_chunk!r}.")
-    return min(images_per_chunk, batch)
-
-
 def check_group_size(group_size: int | None, batch: int) -> int:
     """Returns the group size to use (the whole batch for None); raises unless it divides ``batch``."""
     if group_size is None:

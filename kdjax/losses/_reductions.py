@@ -73,6 +73,34 @@ def sums(*operands: Array, axis: int) -> tuple[Array, ...]:
     return tuple(jnp.sum(x, axis=axis) for x in operands)
 
 
+def blocked_sums(*operands: Array, axis: int, block: int = 128) -> tuple[Array, ...]:
+    """``tuple(jnp.sum(x, axis) for x in operands)`` in one pass along a non-last axis, in blocks.
+
+    The axis is split into (axis/block, block), the block entries are summed in one reduction over
+    all operands, then the (few) block sums. For wide trailing axes, such as the channels of
+    (N, P, C) feature maps, this reads the operands once without writing their element-wise
+    expressions out, and the two-level sum keeps each float32 accumulation short; it was 1.2× and
+    1.4× faster than one long pass or separate sums for NFD's moments (benchmarks/RESULTS.md,
+    'NFD from its moments'). An axis that ``block`` does not divide is summed in one long pass.
+
+    Args:
+      operands: arrays of one shape and dtype.
+      axis: the axis to sum over (removed from the results); not the last one.
+      block: the entries per block.
+    Returns:
+      one array per operand, the operands' shape without ``axis``. Differentiable in every operand.
+    """
+    axis, last = _normalize_axis(operands, axis)
+    if last:
+        raise ValueError("blocked_sums is for a non-last axis; use sums() along the last axis.")
+    size = operands[0].shape[axis]
+    if size % block:
+        return _sums_one_pass(axis, *operands)
+    split = operands[0].shape[:axis] + (size // block, block) + operands[0].shape[axis + 1:]
+    partial = _sums_one_pass(axis + 1, *(x.reshape(split) for x in operands))
+    return tuple(jnp.sum(x, axis=axis) for x in partial)
+
+
 def maxes(*operands: Array, axis: int) -> tuple[Array, ...]:
     """``tuple(jnp.max(x, axis) for x in operands)`` without gradient, for the shifts of softmaxes.
 

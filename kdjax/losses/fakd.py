@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_mask, check_positive, check_rank,
-                                  check_same_shape, chunk_of_images, combine_masks, frozen,
+                                  check_same_shape, combine_masks, frozen,
                                   masked_mean, nearest_resize_labels, valid_label_mask)
 from kdjax.losses._reductions import softmax_shifts, sums
 from kdjax.losses.channel_wise import channel_wise_divergence, spatial_log_softmax
@@ -301,6 +301,30 @@ def _kd_augmentation(student_logits, teacher_logits, kernel, variance, labels, s
     return temperature**2 * masked_mean(excess, mask)
 
 
+# FAKD-CWD's default chunk of images keeps its scratch near this many bytes. On the CPU backend a
+# call's scratch is one fresh allocation, and glibc serves allocations above 32 MB with mmap, so
+# their pages fault in again on every call; below that the allocator reuses them
+# (benchmarks/RESULTS.md, 'FAKD-CWD in chunks of images').
+_CHUNK_SCRATCH_BYTES = 16 * 2**20
+
+
+def _chunk_of_images(images_per_chunk: int | None, batch: int, bytes_per_image: int) -> int:
+    """The number of images FAKD-CWD processes at once (at most ``batch``).
+
+    Args:
+      images_per_chunk: the user's choice, a positive integer, or None for as many images as keep
+        ``bytes_per_image`` each within :data:`_CHUNK_SCRATCH_BYTES` (at least one).
+      batch: the batch size N.
+      bytes_per_image: the scratch one image needs.
+    """
+    if images_per_chunk is None:
+        images_per_chunk = max(1, _CHUNK_SCRATCH_BYTES // bytes_per_image)
+    elif not isinstance(images_per_chunk, int) or images_per_chunk < 1:
+        raise ValueError(
+            f"images_per_chunk must be a positive integer or None, got {images_per_chunk!r}.")
+    return min(images_per_chunk, batch)
+
+
 # Full-size float32 arrays the leave-one-out step holds at once, for the chunk estimate.
 _LEAVE_ONE_OUT_ARRAYS = 12
 
@@ -450,8 +474,8 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     _check_labels(labels, student_logits)
     _check_strength(strength)
     n, h, w, num_classes = student_logits.shape
-    images_per_chunk = chunk_of_images(images_per_chunk, n,
-                                       h * w * num_classes * 4 * _LEAVE_ONE_OUT_ARRAYS)
+    images_per_chunk = _chunk_of_images(images_per_chunk, n,
+                                        h * w * num_classes * 4 * _LEAVE_ONE_OUT_ARRAYS)
 
     def plain():
         return channel_wise_divergence(student_logits, teacher_logits, tau=tau, c_norm=c_norm,

@@ -12,53 +12,62 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_choice, check_mask, check_positive, check_rank,
-                                  check_same_shape, chunk_of_images, frozen, safe_sqrt)
+                                  check_same_shape, frozen, safe_sqrt)
+from kdjax.losses._reductions import blocked_sums, sums
 
 Array = jax.Array
 
 AXES = {"spatial": (1, 2), "channel": (3,), "spatial_channel": (1, 2, 3)}
 DISTANCES = ("mse", "fro_over_hw")
-# Full-size float32 arrays of one image the statistics pass holds at once, for the chunk estimate.
-_MOMENT_ARRAYS = 3
 
 
-def _image_moments(student: Array, teacher: Array, valid: Array, reduce: tuple[int, ...],
-                   normalize_student: bool) -> tuple[Array, ...]:
-    """One image's group statistics: the means of the teacher and the (compared) student, and the
-    sums ``Σ c_t²``, ``Σ c_s²``, ``Σ c_t·c_s`` of their centred values over the valid entries.
+def _group_sums(reduce: tuple[int, ...], *operands: Array) -> tuple[Array, ...]:
+    """Sums of (N, H, W, C) operands over the ``reduce`` axes, kept as size-1 axes, in one pass."""
+    n, h, w, c = operands[0].shape
+    if reduce == (1, 2):
+        sums_ = blocked_sums(*(x.reshape(n, h * w, c) for x in operands), axis=1)
+        return tuple(x.reshape(n, 1, 1, c) for x in sums_)
+    if reduce == (3,):
+        return tuple(x[..., None] for x in sums(*operands, axis=3))
+    return tuple(x.reshape(n, 1, 1, 1) for x in sums(*(x.reshape(n, -1) for x in operands), axis=1))
 
-    Two passes, as the normalisation itself: the means first, then the centred products, so the
-    variances carry no cancellation. Without student normalisation ``c_s`` is the raw student.
+
+def _moments(student: Array, teacher: Array, valid: Array, reduce: tuple[int, ...],
+             normalize_student: bool) -> tuple[Array, ...]:
+    """The group statistics: the valid count, the means of the teacher and the (compared) student,
+    and the sums ``Σ c_t²``, ``Σ c_s²``, ``Σ c_t·c_s`` of their centred values over the valid
+    entries.
+
+    Two passes, as a normalisation needs: the means first, then the centred products (all three
+    in one reading of both maps, :func:`_group_sums`), so the variances carry no cancellation.
+    Without student normalisation ``c_s`` is the raw student.
 
     Args:
-      student, teacher: float32 (H, W, C), 0 at masked positions.
-      valid: bool (H, W, 1).
-      reduce: the axes of a (1, H, W, C) batch to reduce (:data:`AXES`).
+      student, teacher: float32 (N, H, W, C), 0 at masked positions.
+      valid: bool (N, H, W, 1).
+      reduce: the axes of the groups (:data:`AXES`).
     Returns:
-      the count of valid entries and the five statistics, each of the image's group shape.
+      six float32 arrays of the group shape ((N, 1, 1, C) for 'spatial').
     """
-    x_s, x_t, valid = student[None], teacher[None], valid[None]
-    count = jnp.sum(jnp.broadcast_to(valid, x_t.shape), axis=reduce, keepdims=True,
+    count = jnp.sum(jnp.broadcast_to(valid, teacher.shape), axis=reduce, keepdims=True,
                     dtype=jnp.float32)
     per_count = 1.0 / jnp.maximum(count, 1.0)
-    mean_t = jnp.sum(x_t, axis=reduce, keepdims=True) * per_count
-    centred_t = jnp.where(valid, x_t - mean_t, 0.0)
+    mean_t = jnp.sum(teacher, axis=reduce, keepdims=True) * per_count
+    centred_t = jnp.where(valid, teacher - mean_t, 0.0)
     if normalize_student:
-        mean_s = jnp.sum(x_s, axis=reduce, keepdims=True) * per_count
-        centred_s = jnp.where(valid, x_s - mean_s, 0.0)
+        mean_s = jnp.sum(student, axis=reduce, keepdims=True) * per_count
+        centred_s = jnp.where(valid, student - mean_s, 0.0)
     else:
         mean_s = jnp.zeros_like(mean_t)
-        centred_s = x_s
-    stats = (count, mean_t, mean_s) + tuple(
-        jnp.sum(product, axis=reduce, keepdims=True)
-        for product in (centred_t * centred_t, centred_s * centred_s, centred_t * centred_s))
-    return tuple(x[0] for x in stats)
+        centred_s = student
+    return (count, mean_t, mean_s) + _group_sums(
+        reduce, centred_t * centred_t, centred_s * centred_s, centred_t * centred_s)
 
 
 def _scales(moments: tuple[Array, ...], normalize_student: bool, eps: float,
             ddof: int) -> tuple[Array, Array]:
     """``1/sqrt(σ² + eps)`` of the teacher's groups and of the student's (1 without its
-    normalisation), from :func:`_image_moments`."""
+    normalisation), from :func:`_moments`."""
     count, _, _, squares_t, squares_s, _ = moments
     divisor = jnp.maximum(count - ddof, 1.0)
     scale_t = jax.lax.rsqrt(squares_t / divisor + eps)
@@ -66,15 +75,14 @@ def _scales(moments: tuple[Array, ...], normalize_student: bool, eps: float,
     return scale_t, scale_s
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _squared_distance(student: Array, teacher: Array, valid: Array, axes: str,
-                      normalize_student: bool, eps: float, ddof: int,
-                      images_per_chunk: int) -> Array:
+                      normalize_student: bool, eps: float, ddof: int) -> Array:
     """``Σ_valid (N(F^T) − N̂(F^S))²`` with N̂ the student's normalisation (or none).
 
     With ``c`` the centred values and ``a = 1/sqrt(σ² + eps)`` of each group, the sum is
     ``Σ_groups a_t²·Σc_t² + a_s²·Σc_s² − 2·a_t·a_s·Σc_t·c_s``: the value needs the group statistics
-    only (computed image by image over chunks, ``lax.map``), and no normalised tensor is stored.
+    only (:func:`_moments`), and no normalised tensor is stored.
     The gradient w.r.t. the student, from ``g = −2(y_t − y_s)``, is the normalisation's backward
     ``a_s·(g − mean(g) − y_s·Σ(g·y_s)/(count − ddof))``, where ``mean(g) = 0`` (both normalised
     slices have zero mean) and ``Σ g·y_s = −2(a_t·a_s·Σc_t·c_s − a_s²·Σc_s²)``: one element-wise
@@ -86,15 +94,11 @@ def _squared_distance(student: Array, teacher: Array, valid: Array, axes: str,
     Returns:
       float32 scalar.
     """
-    return _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps, ddof,
-                                 images_per_chunk)[0]
+    return _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps, ddof)[0]
 
 
-def _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps, ddof,
-                          images_per_chunk):
-    moments = jax.lax.map(
-        lambda args: _image_moments(*args, AXES[axes], normalize_student),
-        (student, teacher, valid), batch_size=images_per_chunk)
+def _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps, ddof):
+    moments = _moments(student, teacher, valid, AXES[axes], normalize_student)
     _, _, _, squares_t, squares_s, cross = moments
     scale_t, scale_s = _scales(moments, normalize_student, eps, ddof)
     value = jnp.sum(scale_t**2 * squares_t + scale_s**2 * squares_s
@@ -102,8 +106,7 @@ def _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps,
     return value, (student, teacher, valid, moments)
 
 
-def _squared_distance_bwd(axes, normalize_student, eps, ddof, images_per_chunk, residuals,
-                          cotangent):
+def _squared_distance_bwd(axes, normalize_student, eps, ddof, residuals, cotangent):
     student, teacher, valid, moments = residuals
     count, mean_t, mean_s, _, squares_s, cross = moments
     scale_t, scale_s = _scales(moments, normalize_student, eps, ddof)
@@ -125,8 +128,7 @@ _squared_distance.defvjp(_squared_distance_fwd, _squared_distance_bwd)
 def normalized_feature_distillation(student: Array, teacher: Array, *, axes: str = "spatial",
                                     normalize_student: bool = True, eps: float = 1e-5,
                                     ddof: int = 0, distance: str = "mse",
-                                    mask: Array | None = None,
-                                    images_per_chunk: int | None = None) -> Array:
+                                    mask: Array | None = None) -> Array:
     """NFD: distance between normalised teacher and (optionally normalised) student features.
 
     ``L = D(N(F^T), N(F̃^S))`` with ``N(F) = (F − μ) / sqrt(σ² + eps)`` (no affine parameters),
@@ -151,9 +153,6 @@ def normalized_feature_distillation(student: Array, teacher: Array, *, axes: str
       mask: optional bool (N, H, W). Masked positions leave the statistics and the distance:
         'mse' divides by the number of valid elements; 'fro_over_hw' takes the norm over the valid
         elements and still divides by the full H·W.
-      images_per_chunk: the statistics are gathered over chunks of this many images
-        (``lax.map``), which bounds their scratch memory. None sizes the chunks to keep that
-        scratch near 16 MB.
     Returns:
       float32 scalar.
     """
@@ -167,7 +166,6 @@ def normalized_feature_distillation(student: Array, teacher: Array, *, axes: str
     # eps > 0 keeps sqrt(σ² + eps) away from 0 for constant or fully masked slices.
     check_positive("eps", eps)
     n, h, w, c = student.shape
-    images_per_chunk = chunk_of_images(images_per_chunk, n, h * w * c * 4 * _MOMENT_ARRAYS)
     s = as_float32(student)
     t = frozen(teacher)
     if mask is None:
@@ -179,8 +177,7 @@ def normalized_feature_distillation(student: Array, teacher: Array, *, axes: str
         # Zero masked positions first: not even a NaN there may reach the value or the gradient.
         s = jnp.where(valid, s, 0.0)
         t = jnp.where(valid, t, 0.0)
-    total = _squared_distance(s, t, valid, axes, normalize_student, float(eps), ddof,
-                              images_per_chunk)
+    total = _squared_distance(s, t, valid, axes, normalize_student, float(eps), ddof)
     if distance == "mse":
         return total / jnp.maximum(count, 1.0)
     return safe_sqrt(total) / (h * w)
