@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_choice, check_mask, check_positive, check_rank,
                                   check_same_shape, frozen, safe_sqrt)
-from kdjax.losses._reductions import blocked_sums, sums
+from kdjax.losses._reductions import sums
 
 Array = jax.Array
 
@@ -25,8 +25,8 @@ def _group_sums(reduce: tuple[int, ...], *operands: Array) -> tuple[Array, ...]:
     """Sums of (N, H, W, C) operands over the ``reduce`` axes, kept as size-1 axes, in one pass."""
     n, h, w, c = operands[0].shape
     if reduce == (1, 2):
-        sums_ = blocked_sums(*(x.reshape(n, h * w, c) for x in operands), axis=1)
-        return tuple(x.reshape(n, 1, 1, c) for x in sums_)
+        return tuple(x.reshape(n, 1, 1, c)
+                     for x in sums(*(x.reshape(n, h * w, c) for x in operands), axis=1))
     if reduce == (3,):
         return tuple(x[..., None] for x in sums(*operands, axis=3))
     return tuple(x.reshape(n, 1, 1, 1) for x in sums(*(x.reshape(n, -1) for x in operands), axis=1))

@@ -37,6 +37,16 @@ def test_matches_reference(tau, c_norm, masked):
                              inputs, ("student",), tau=tau, c_norm=c_norm)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_reference_where_the_positions_are_summed_in_blocks(masked):
+    # 16×16 = 256 positions: the spatial sums run in blocks (kdjax.losses._reductions.sums).
+    inputs = make_inputs(np.random.default_rng(5), 2, size=(16, 16))
+    if not masked:
+        inputs.pop("mask")
+    assert_matches_reference(channel_wise_divergence, channel_wise_ref.channel_wise_divergence,
+                             inputs, ("student",), tau=4.0)
+
+
 def test_is_positive_and_invariant_to_per_channel_shifts():
     rng = np.random.default_rng(2)
     arrays = to_jax(make_inputs(rng, 2))

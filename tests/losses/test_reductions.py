@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.losses._reductions import blocked_sums, maxes, softmax_shifts, sums
+from kdjax.losses._reductions import _BLOCK, maxes, softmax_shifts, sums
 
 
 def operands(shape=(3, 4, 7), count=3, seed=0, dtype=jnp.float32):
@@ -34,23 +34,20 @@ def test_sums_match_float64_sums_in_value_and_gradient(axis):
         np.testing.assert_array_equal(g, np.broadcast_to(np.expand_dims(w, axis), g.shape))
 
 
-@pytest.mark.parametrize("size, reductions", [(12, 4), (7, 1)])
-def test_blocked_sums_match_float64_sums_in_value_and_gradient(size, reductions):
-    # 12 positions in blocks of 4: one pass over the blocks' entries, then a sum of the block
-    # sums (one small reduction per operand); 7 positions, which 4 does not divide: one long pass.
+@pytest.mark.parametrize("size, reductions", [(3 * _BLOCK, 4), (3 * _BLOCK + 1, 3)])
+def test_sums_along_a_long_inner_axis_in_blocks(size, reductions):
+    # A size the block divides: one pass over the blocks' entries, then a sum of the block sums
+    # per operand; one it does not divide: one reduction per operand.
     xs = operands((2, size, 5))
     weights = operands((2, 5), seed=1)
-    got = blocked_sums(*xs, axis=1, block=4)
-    for x, out in zip(xs, got, strict=True):
-        np.testing.assert_allclose(out, np.sum(np.float64(x), axis=1), rtol=1e-6, atol=1e-6)
-    grads = jax.grad(lambda *xs: weighted_total(blocked_sums(*xs, axis=1, block=4), weights),
+    for x, out in zip(xs, sums(*xs, axis=1), strict=True):
+        np.testing.assert_allclose(out, np.sum(np.float64(x), axis=1), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda *xs: weighted_total(sums(*xs, axis=1), weights),
                      argnums=(0, 1, 2))(*xs)
     for g, w in zip(grads, weights, strict=True):
         np.testing.assert_array_equal(g, np.broadcast_to(np.expand_dims(w, 1), g.shape))
-    text = jax.jit(lambda *xs: blocked_sums(*xs, axis=1, block=4)).lower(*xs).as_text()
+    text = jax.jit(lambda *xs: sums(*xs, axis=1)).lower(*xs).as_text()
     assert text.count("stablehlo.reduce") == reductions, text
-    with pytest.raises(ValueError, match="non-last axis"):
-        blocked_sums(*xs, axis=-1)
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
