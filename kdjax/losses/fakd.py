@@ -361,7 +361,7 @@ def _leave_one_out_parts(z: Array, u: Array, q: Array, valid: Array) -> tuple[Ar
     d = jnp.where(valid, a - shift, 0.0)
     below = jnp.where(valid & ~top, jnp.exp(d), 0.0)
     # Every maximum's e is exactly 1; ties at the maximum are counted, not guessed.
-    tops, rest = (jnp.sum(x, axis=1, keepdims=True) for x in (top.astype(jnp.float32), below))
+    tops, rest = (x[:, None] for x in sums(top.astype(jnp.float32), below, axis=1))
     top_others = rest + (tops - 1.0)
     others = jnp.where(top, top_others, (rest + tops) - below)
     live = valid & (others > 0)
@@ -372,8 +372,8 @@ def _leave_one_out_parts(z: Array, u: Array, q: Array, valid: Array) -> tuple[Ar
 
     g = jnp.where(live, q * jnp.where(v >= 0, 1.0, tail) / (1.0 + tail), 0.0)
     g_over = g / safe_others
-    rest_share = jnp.sum(jnp.where(top, 0.0, g_over), axis=1, keepdims=True)
-    g_top = jnp.sum(jnp.where(top, g, 0.0), axis=1, keepdims=True)
+    rest_share, g_top = (x[:, None] for x in sums(jnp.where(top, 0.0, g_over),
+                                                    jnp.where(top, g, 0.0), axis=1))
     safe_top_others = jnp.where(top_others > 0, top_others, 1.0)
     x = jnp.where(top, rest_share + (g_top - g) / safe_top_others,
                   below * (rest_share - g_over) + g_top * (below / safe_top_others))
