@@ -301,24 +301,30 @@ def _kd_augmentation(student_logits, teacher_logits, kernel, variance, labels, s
     return temperature**2 * masked_mean(excess, mask)
 
 
-# FAKD-CWD's default chunk of images keeps its scratch near this many bytes. On the CPU backend a
-# call's scratch is one fresh allocation, and glibc serves allocations above 32 MB with mmap, so
-# their pages fault in again on every call; below that the allocator reuses them
-# (benchmarks/RESULTS.md, 'FAKD-CWD in chunks of images').
-_CHUNK_SCRATCH_BYTES = 16 * 2**20
+# On the CPU backend FAKD-CWD's default chunk of images keeps its scratch near this many bytes. A
+# call's scratch there is one fresh allocation, and glibc serves allocations above 32 MB with mmap,
+# so their pages fault in again on every call; below that the allocator reuses them
+# (benchmarks/RESULTS.md, 'FAKD-CWD in chunks of images'). Other backends take the batch in one
+# step: a loop over a batch that is sharded across devices would gather it.
+_CPU_CHUNK_SCRATCH_BYTES = 16 * 2**20
 
 
-def _chunk_of_images(images_per_chunk: int | None, batch: int, bytes_per_image: int) -> int:
+def _chunk_of_images(images_per_chunk: int | None, batch: int, bytes_per_image: int,
+                     backend: str) -> int:
     """The number of images FAKD-CWD processes at once (at most ``batch``).
 
     Args:
-      images_per_chunk: the user's choice, a positive integer, or None for as many images as keep
-        ``bytes_per_image`` each within :data:`_CHUNK_SCRATCH_BYTES` (at least one).
+      images_per_chunk: the user's choice, a positive integer, or None: on the 'cpu' backend as
+        many images as keep ``bytes_per_image`` each within ``_CPU_CHUNK_SCRATCH_BYTES`` (at least
+        one), elsewhere the whole batch.
       batch: the batch size N.
       bytes_per_image: the scratch one image needs.
+      backend: the JAX backend the loss runs on.
     """
     if images_per_chunk is None:
-        images_per_chunk = max(1, _CHUNK_SCRATCH_BYTES // bytes_per_image)
+        if backend != "cpu":
+            return batch
+        images_per_chunk = max(1, _CPU_CHUNK_SCRATCH_BYTES // bytes_per_image)
     elif not isinstance(images_per_chunk, int) or images_per_chunk < 1:
         raise ValueError(
             f"images_per_chunk must be a positive integer or None, got {images_per_chunk!r}.")
@@ -458,7 +464,8 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
       mask: optional bool (N, H, W); masked positions leave both spatial distributions, and images
         without a valid position leave the mean.
       images_per_chunk: the bound runs over chunks of this many images (``lax.map``), which bounds
-        its scratch memory. None sizes the chunks to keep that scratch near 16 MB.
+        its scratch memory. None: on CPU, chunks that keep that scratch near 16 MB; on other
+        backends the whole batch in one step.
     Returns:
       float32 scalar.
     """
@@ -475,7 +482,8 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     _check_strength(strength)
     n, h, w, num_classes = student_logits.shape
     images_per_chunk = _chunk_of_images(images_per_chunk, n,
-                                        h * w * num_classes * 4 * _LEAVE_ONE_OUT_ARRAYS)
+                                        h * w * num_classes * 4 * _LEAVE_ONE_OUT_ARRAYS,
+                                        jax.default_backend())
 
     def plain():
         return channel_wise_divergence(student_logits, teacher_logits, tau=tau, c_norm=c_norm,

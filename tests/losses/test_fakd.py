@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from kdjax.losses.channel_wise import channel_wise_divergence
-from kdjax.losses.fakd import (ClassCovariance, fakd_cwd, fakd_kd, fakd_strength,
-                               init_class_covariance, update_class_covariance)
+from kdjax.losses.fakd import (ClassCovariance, _chunk_of_images, fakd_cwd, fakd_kd,
+                               fakd_strength, init_class_covariance, update_class_covariance)
 from kdjax.losses.pixel_kd import pixel_kd
 from tests.losses.contract import LossCase, LossContract, assert_matches_reference, to_jax
 from tests.references import fakd_ref
@@ -361,6 +361,16 @@ def test_cwd_tied_maxima_match_reference():
     inputs["student_logits"][0, :, :, 0] = 1.5
     inputs["student_logits"][1, 0, 0, 2] = inputs["student_logits"][1, 2, 3, 2] = 9.0
     assert_matches_reference(fakd_cwd, fakd_ref.fakd_cwd, inputs, STUDENT, strength=3.0, tau=2.0)
+
+
+def test_default_chunks_bound_the_scratch_on_cpu_only():
+    mb = 2**20
+    assert _chunk_of_images(None, 8, 7 * mb, "cpu") == 2
+    assert _chunk_of_images(None, 8, 40 * mb, "cpu") == 1
+    assert _chunk_of_images(None, 8, mb, "cpu") == 8
+    # Elsewhere the batch may be sharded across devices: one step, no loop over it.
+    assert _chunk_of_images(None, 8, 40 * mb, "gpu") == 8
+    assert _chunk_of_images(3, 8, 40 * mb, "tpu") == 3
 
 
 def test_kd_stable_for_large_logits_and_large_augmentation():
