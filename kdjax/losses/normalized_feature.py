@@ -7,6 +7,7 @@ student is normalised, the distance).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,22 +33,38 @@ def _group_sums(reduce: tuple[int, ...], *operands: Array) -> tuple[Array, ...]:
     return tuple(x.reshape(n, 1, 1, 1) for x in sums(*(x.reshape(n, -1) for x in operands), axis=1))
 
 
-def _moments(student: Array, teacher: Array, valid: Array, reduce: tuple[int, ...],
-             normalize_student: bool) -> tuple[Array, ...]:
-    """The group statistics: the valid count, the means of the teacher and the (compared) student,
-    and the sums ``Σ c_t²``, ``Σ c_s²``, ``Σ c_t·c_s`` of their centred values over the valid
-    entries.
+class _Moments(NamedTuple):
+    """Per-group statistics of teacher and student, each of the group shape ((N, 1, 1, C) for
+    'spatial'). ``c`` are the centred values (the raw student without its normalisation) and
+    ``δ = c_t − c_s`` their gap; all sums run over the valid entries."""
 
-    Two passes, as a normalisation needs: the means first, then the centred products (all three
-    in one reading of both maps, :func:`_group_sums`), so the variances carry no cancellation.
-    Without student normalisation ``c_s`` is the raw student.
+    count: Array
+    mean_t: Array
+    mean_s: Array
+    squares_t: Array    # Σ c_t²
+    squares_s: Array    # Σ c_s²
+    cross: Array        # Σ c_t·c_s
+    gap_squares: Array  # Σ δ²
+    gap_teacher: Array  # Σ δ·c_t
+
+
+def _gap(student: Array, teacher: Array, valid: Array, mean_t: Array, mean_s: Array) -> Array:
+    """``δ = c_t − c_s``, formed as ``(t − s) − (μ_t − μ_s)``: maps that nearly agree keep their
+    small difference, which ``c_t − c_s`` would round away."""
+    return jnp.where(valid, (teacher - student) - (mean_t - mean_s), 0.0)
+
+
+def _moments(student: Array, teacher: Array, valid: Array, reduce: tuple[int, ...],
+             normalize_student: bool) -> _Moments:
+    """The group statistics of :class:`_Moments`.
+
+    Two passes, as a normalisation needs: the means first, then the five centred sums (in one
+    reading of both maps, :func:`_group_sums`), so the variances carry no cancellation.
 
     Args:
       student, teacher: float32 (N, H, W, C), 0 at masked positions.
       valid: bool (N, H, W, 1).
       reduce: the axes of the groups (:data:`AXES`).
-    Returns:
-      six float32 arrays of the group shape ((N, 1, 1, C) for 'spatial').
     """
     count = jnp.sum(jnp.broadcast_to(valid, teacher.shape), axis=reduce, keepdims=True,
                     dtype=jnp.float32)
@@ -60,19 +77,26 @@ def _moments(student: Array, teacher: Array, valid: Array, reduce: tuple[int, ..
     else:
         mean_s = jnp.zeros_like(mean_t)
         centred_s = student
-    return (count, mean_t, mean_s) + _group_sums(
-        reduce, centred_t * centred_t, centred_s * centred_s, centred_t * centred_s)
+    gap = _gap(student, teacher, valid, mean_t, mean_s)
+    return _Moments(count, mean_t, mean_s, *_group_sums(
+        reduce, centred_t * centred_t, centred_s * centred_s, centred_t * centred_s, gap * gap,
+        gap * centred_t))
 
 
-def _scales(moments: tuple[Array, ...], normalize_student: bool, eps: float,
-            ddof: int) -> tuple[Array, Array]:
-    """``1/sqrt(σ² + eps)`` of the teacher's groups and of the student's (1 without its
-    normalisation), from :func:`_moments`."""
-    count, _, _, squares_t, squares_s, _ = moments
-    divisor = jnp.maximum(count - ddof, 1.0)
-    scale_t = jax.lax.rsqrt(squares_t / divisor + eps)
-    scale_s = jax.lax.rsqrt(squares_s / divisor + eps) if normalize_student else 1.0
-    return scale_t, scale_s
+def _scales(m: _Moments, normalize_student: bool, eps: float,
+            ddof: int) -> tuple[Array, Array, Array, Array]:
+    """``a = 1/sqrt(σ² + eps)`` of the teacher's and the student's groups (1 without student
+    normalisation), ``r − 1`` for ``r = a_t/a_s``, and the variance divisor ``count − ddof``.
+
+    ``r − 1`` comes from ``σ_s² − σ_t² = (Σδ² − 2Σδ·c_t)/(count − ddof)``, sums of the gap itself,
+    so groups that nearly agree get their small ``r − 1`` without cancellation."""
+    divisor = jnp.maximum(m.count - ddof, 1.0)
+    root_t = jnp.sqrt(m.squares_t / divisor + eps)
+    if not normalize_student:
+        return 1.0 / root_t, 1.0, 1.0 / root_t - 1.0, divisor
+    root_s = jnp.sqrt(m.squares_s / divisor + eps)
+    variance_gap = (m.gap_squares - 2.0 * m.gap_teacher) / divisor
+    return 1.0 / root_t, 1.0 / root_s, variance_gap / ((root_s + root_t) * root_t), divisor
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -80,13 +104,16 @@ def _squared_distance(student: Array, teacher: Array, valid: Array, axes: str,
                       normalize_student: bool, eps: float, ddof: int) -> Array:
     """``Σ_valid (N(F^T) − N̂(F^S))²`` with N̂ the student's normalisation (or none).
 
-    With ``c`` the centred values and ``a = 1/sqrt(σ² + eps)`` of each group, the sum is
-    ``Σ_groups a_t²·Σc_t² + a_s²·Σc_s² − 2·a_t·a_s·Σc_t·c_s``: the value needs the group statistics
-    only (:func:`_moments`), and no normalised tensor is stored.
-    The gradient w.r.t. the student, from ``g = −2(y_t − y_s)``, is the normalisation's backward
-    ``a_s·(g − mean(g) − y_s·Σ(g·y_s)/(count − ddof))``, where ``mean(g) = 0`` (both normalised
-    slices have zero mean) and ``Σ g·y_s = −2(a_t·a_s·Σc_t·c_s − a_s²·Σc_s²)``: one element-wise
-    pass in the backward. The teacher gets no gradient.
+    With ``c`` the centred values, ``a = 1/sqrt(σ² + eps)``, ``δ = c_t − c_s`` and ``r = a_t/a_s``
+    per group, ``y_t − y_s = a_s·(δ + (r − 1)·c_t)``, so the sum is
+    ``Σ_groups a_s²·(Σδ² + 2(r − 1)·Σδ·c_t + (r − 1)²·Σc_t²)``: group statistics only
+    (:func:`_moments`), no normalised tensor stored, and no difference of large sums when the
+    maps nearly agree (the form ``a_t²Σc_t² + a_s²Σc_s² − 2a_ta_sΣc_tc_s`` loses all accuracy
+    there). The gradient w.r.t. the student, from ``g = −2(y_t − y_s)``, is the normalisation's
+    backward ``a_s·(g − mean(g) − y_s·Σ(g·y_s)/(count − ddof))``, where ``mean(g) = 0`` (both
+    normalised slices have zero mean) and ``Σ(y_t − y_s)·y_s = a_s²·(Σδ·c_s + (r − 1)·Σc_t·c_s)``
+    with ``Σδ·c_s = Σδ·c_t − Σδ²``: one element-wise pass in the backward. The teacher gets no
+    gradient.
 
     Args:
       student, teacher: float32 (N, H, W, C), 0 at masked positions.
@@ -98,26 +125,23 @@ def _squared_distance(student: Array, teacher: Array, valid: Array, axes: str,
 
 
 def _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps, ddof):
-    moments = _moments(student, teacher, valid, AXES[axes], normalize_student)
-    _, _, _, squares_t, squares_s, cross = moments
-    scale_t, scale_s = _scales(moments, normalize_student, eps, ddof)
-    value = jnp.sum(scale_t**2 * squares_t + scale_s**2 * squares_s
-                    - 2.0 * scale_t * scale_s * cross)
-    return value, (student, teacher, valid, moments)
+    m = _moments(student, teacher, valid, AXES[axes], normalize_student)
+    _, scale_s, ratio_gap, _ = _scales(m, normalize_student, eps, ddof)
+    value = jnp.sum(scale_s**2 * (m.gap_squares + 2.0 * ratio_gap * m.gap_teacher
+                                  + ratio_gap**2 * m.squares_t))
+    return value, (student, teacher, valid, m)
 
 
 def _squared_distance_bwd(axes, normalize_student, eps, ddof, residuals, cotangent):
-    student, teacher, valid, moments = residuals
-    count, mean_t, mean_s, _, squares_s, cross = moments
-    scale_t, scale_s = _scales(moments, normalize_student, eps, ddof)
-    normalised_t = scale_t * (teacher - mean_t)
-    compared_s = scale_s * (student - mean_s)
-    grad = -2.0 * (normalised_t - compared_s)
+    student, teacher, valid, m = residuals
+    _, scale_s, ratio_gap, divisor = _scales(m, normalize_student, eps, ddof)
+    gap = _gap(student, teacher, valid, m.mean_t, m.mean_s)
+    grad = -2.0 * scale_s * (gap + ratio_gap * (teacher - m.mean_t))
     if normalize_student:
-        divisor = jnp.maximum(count - ddof, 1.0)
         # Σ g·y_s / (count − ddof), per group.
-        projection = -2.0 * (scale_t * scale_s * cross - scale_s**2 * squares_s) / divisor
-        grad = scale_s * (grad - compared_s * projection)
+        projection = (-2.0 * scale_s**2 * ((m.gap_teacher - m.gap_squares) + ratio_gap * m.cross)
+                      / divisor)
+        grad = scale_s * (grad - scale_s * (student - m.mean_s) * projection)
     grad = jnp.where(valid, cotangent * grad, 0.0)
     return grad, jnp.zeros_like(teacher), None
 
@@ -137,7 +161,8 @@ def normalized_feature_distillation(student: Array, teacher: Array, *, axes: str
     elements (methods.md §9.2, the default). ``distance='fro_over_hw'``: the unsquared Frobenius
     norm of the difference over the whole batch tensor divided by H·W (the third-party form of §2).
     The normalised tensors are never formed: the squared distance follows from each group's
-    centred second moments, and its gradient is one element-wise pass (``_squared_distance``).
+    centred moments and those of the gap between the maps, and its gradient is one element-wise
+    pass (``_squared_distance``).
 
     Args:
       student: (N, H, W, C) student feature, already through the connector.
