@@ -68,6 +68,14 @@ def check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be positive, got {value!r}.")
 
 
+def check_optional_positive_int(name: str, value: object) -> None:
+    """Raises ValueError unless ``value`` is None or a positive int (a bool is not accepted)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be None or a positive int, got {value!r}.")
+
+
 def check_mask(mask: Array | None, spatial_of: Array, name: str = "mask") -> None:
     """Raises ValueError unless ``mask`` is None or has the (N, H, W) shape of the NHWC ``spatial_of``."""
     if mask is None:

@@ -23,9 +23,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._common import (as_float32, check_mask, check_positive, check_rank,
-                                  check_same_shape, combine_masks, frozen,
-                                  masked_mean, nearest_resize_labels, valid_label_mask)
+from kdjax.losses._common import (as_float32, check_mask, check_optional_positive_int,
+                                  check_positive, check_rank, check_same_shape, combine_masks,
+                                  frozen, masked_mean, nearest_resize_labels, valid_label_mask)
 from kdjax.losses._reductions import softmax_shifts, sums
 from kdjax.losses.channel_wise import channel_wise_divergence, spatial_log_softmax
 from kdjax.losses.pixel_kd import pixel_kd
@@ -321,13 +321,11 @@ def _chunk_of_images(images_per_chunk: int | None, batch: int, bytes_per_image: 
       bytes_per_image: the scratch one image needs.
       backend: the JAX backend the loss runs on.
     """
+    check_optional_positive_int("images_per_chunk", images_per_chunk)
     if images_per_chunk is None:
         if backend != "cpu":
             return batch
         images_per_chunk = max(1, _CPU_CHUNK_SCRATCH_BYTES // bytes_per_image)
-    elif not isinstance(images_per_chunk, int) or images_per_chunk < 1:
-        raise ValueError(
-            f"images_per_chunk must be a positive integer or None, got {images_per_chunk!r}.")
     return min(images_per_chunk, batch)
 
 

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_choice, check_group_size, check_mask,
-                                  check_positive, check_rank, check_same_spatial, frozen,
-                                  l2_normalize, masked_log_softmax)
+                                  check_optional_positive_int, check_positive, check_rank,
+                                  check_same_spatial, frozen, l2_normalize, masked_log_softmax)
 from kdjax.losses.pooling import pool_ceil
 
 Array = jax.Array
@@ -62,13 +62,6 @@ def _check_features(student_feat: Array, teacher_feat: Array, mask: Array | None
     check_rank("teacher_feat", teacher_feat, 4, "N,H,W,C")
     check_same_spatial("student_feat", student_feat, "teacher_feat", teacher_feat)
     check_mask(mask, student_feat)
-
-
-def _check_block_size(block_size: int | None) -> None:
-    if block_size is None:
-        return
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be None or a positive int, got {block_size!r}.")
 
 
 def _pool_window(pool: object, spatial: tuple[int, int], allow_half: bool) -> tuple[int, int]:
@@ -291,7 +284,7 @@ def pixel_feature_similarity(student_feat: Array, teacher_feat: Array, *, pool: 
       float32 scalar.
     """
     _check_features(student_feat, teacher_feat, mask)
-    _check_block_size(block_size)
+    check_optional_positive_int("block_size", block_size)
     _check_form(form, block_size)
     window = _pool_window(pool, student_feat.shape[1:3], allow_half=False)
     student, valid = pool_ceil(as_float32(student_feat), window, kind="avg", mask=mask)
@@ -327,7 +320,7 @@ def skd_pairwise(student_feat: Array, teacher_feat: Array, *, pool: int | str = 
       float32 scalar.
     """
     _check_features(student_feat, teacher_feat, mask)
-    _check_block_size(block_size)
+    check_optional_positive_int("block_size", block_size)
     check_choice("norm", norm, ("normalize", "detached"))
     _check_form(form, block_size)
     window = _pool_window(pool, student_feat.shape[1:3], allow_half=True)
@@ -363,7 +356,7 @@ def cirkd_minibatch(student_feat: Array, teacher_feat: Array, *, tau: float = 0.
       float32 scalar.
     """
     _check_features(student_feat, teacher_feat, mask)
-    _check_block_size(block_size)
+    check_optional_positive_int("block_size", block_size)
     check_positive("tau", tau)
     n, h, w, _ = student_feat.shape
     b = check_group_size(group_size, n)
