@@ -5,7 +5,7 @@
 
 ``pixel_feature_similarity``, ``skd_pairwise`` and ``cirkd_minibatch`` compare P×P affinity maps
 (P = H·W pixels). With ``block_size=None`` they materialise the maps, O(P²) memory; with an int
-``block_size`` they scan over checkpointed row blocks, O(P·block_size). PFS and SKD also have the
+``block_size`` they scan over blocks of rows, O(P·block_size). PFS and SKD also have the
 Gram form (``form='gram'``), which never forms a P×P map: O(C²) scratch memory besides the
 O(P·C) normalised features. For each loss, form and
 feature size H = W = side (N = 2 images, C = 128 channels for student and teacher, the losses'

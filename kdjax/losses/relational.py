@@ -10,8 +10,9 @@ and teacher may have different channel counts (only N, H, W must match):
 
 Memory (methods.md §9.1). ``block_size=None`` materialises the affinity maps: O(P²) memory, which is
 ~270 MB per map for a 64×128 feature. An int ``block_size`` scans over blocks of that many rows
-of A and wraps each block in ``jax.checkpoint``, so the backward pass recomputes a block's rows
-instead of storing them: peak memory O(P·block_size), same value and gradient as the dense form.
+of A, and each block turns its rows of the maps into its share of the gradient before the next
+block starts, so no map outlives its block: peak memory O(P·block_size), same value and gradient
+as the dense form.
 
 PFS and SKD need no P×P map at all (``form='gram'``). With X (P×C) the normalised features of one
 image, ``Σ_ij (A^S − A^T)²_ij = ‖X_SᵀX_S‖² − 2‖X_SᵀX_T‖² + ‖X_TᵀX_T‖²`` (Frobenius norms of C×C
@@ -31,6 +32,7 @@ of the valid pixels, or their maximum); see :mod:`kdjax.losses.pooling`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -106,7 +108,7 @@ def unit_pixels_detached(x: Array) -> Array:
 
 
 # --------------------------------------------------------------------------------------------------
-# The shared engine: sums of per-row terms of affinity maps, dense or in checkpointed row blocks.
+# The shared engine: sums of per-row terms of affinity maps, dense or in blocks of rows.
 
 def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid: Array | None,
                      block_size: int | None) -> Array:
@@ -118,6 +120,11 @@ def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid:
     column axis last) to one value per row; the result sums these values over the rows that are
     valid in image i and the images j that have at least one valid column.
 
+    Differentiable in ``student`` only; the teacher is a constant (callers pass it frozen). Under
+    differentiation each block of rows forms its gradient w.r.t. its A^S rows in the forward pass
+    and turns it at once into the gradient w.r.t. X^S (rows and columns), so the backward pass only
+    scales that: four matrix products per block, where a rematerialised autodiff needs six.
+
     Args:
       pair_term: ``(a_s, a_t, col_valid) -> terms``. ``a_s``, ``a_t``: (G, B, k, B, P) rows of the
         maps (group, image i, k rows of image i, image j, column); ``col_valid``: bool broadcastable
@@ -126,51 +133,94 @@ def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid:
       student: (G, B, P, C_s) per-pixel features, already normalised.
       teacher: (G, B, P, C_t) likewise.
       valid: bool (G, B, P) or None (every pixel valid). Invalid pixels must hold finite values.
-      block_size: None for the dense form; an int k scans over row blocks of k rows, recomputing
-        each block in the backward pass (``jax.checkpoint``), so peak memory is O(P·k) instead of
-        O(P²). P need not be a multiple of k: padded rows are masked.
+      block_size: None for the dense form; an int k scans over row blocks of k rows, so that peak
+        memory is O(P·k) instead of O(P²). P need not be a multiple of k: padded rows are masked.
     Returns:
       float32 scalar.
     """
+    return _row_sum(pair_term, block_size, student, teacher, valid)
+
+
+def _blocks(block_size: int | None, student: Array, teacher: Array,
+            valid: Array | None) -> tuple[Array, Array, Array]:
+    """Rows of X^S, X^T and their validity, (blocks, G, B, k, ...); padded rows are invalid."""
     g, b, p, _ = student.shape
+    rows_valid = jnp.ones((g, b, p), bool) if valid is None else valid
+    k = p if block_size is None else block_size
+    blocks = -(-p // k)
+
+    def split_rows(x: Array) -> Array:
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, blocks * k - p)] + [(0, 0)] * (x.ndim - 3))
+        return jnp.moveaxis(x.reshape(g, b, blocks, k, *x.shape[3:]), 2, 0)
+
+    return split_rows(student), split_rows(teacher), split_rows(rows_valid)
+
+
+def _block_functions(pair_term: PairTerm, student: Array, teacher: Array, valid: Array | None):
+    """``maps(rows_s, rows_t) -> (A^S, A^T)`` rows of one block, (G, B, k, B, P) each, and
+    ``kept_sum(a_s, a_t, rows_valid) -> Σ`` of ``pair_term`` over the kept rows of the block."""
     if valid is None:
         col_valid = image_has_valid = None
     else:
         col_valid = valid[:, None, None, :, :]
         image_has_valid = jnp.any(valid, axis=-1)[:, None, None, :]
 
-    def block_sum(rows_s: Array, rows_t: Array, rows_valid: Array | None) -> Array:
-        a_s = jnp.einsum("gikc,gjqc->gikjq", rows_s, student, precision=_PRECISION)
-        a_t = jnp.einsum("gikc,gjqc->gikjq", rows_t, teacher, precision=_PRECISION)
-        terms = pair_term(a_s, a_t, col_valid)
-        if rows_valid is None:
-            return jnp.sum(terms)
+    def maps(rows_s: Array, rows_t: Array) -> tuple[Array, Array]:
+        return (jnp.einsum("gikc,gjqc->gikjq", rows_s, student, precision=_PRECISION),
+                jnp.einsum("gikc,gjqc->gikjq", rows_t, teacher, precision=_PRECISION))
+
+    def kept_sum(a_s: Array, a_t: Array, rows_valid: Array) -> Array:
         keep = rows_valid[..., None]
         if image_has_valid is not None:
             keep = keep & image_has_valid
-        return jnp.sum(jnp.where(keep, terms, 0.0))
+        return jnp.sum(jnp.where(keep, pair_term(a_s, a_t, col_valid), 0.0))
 
-    if block_size is None:
-        return block_sum(student, teacher, valid)
+    return maps, kept_sum
 
-    blocks = -(-p // block_size)
-    pad = blocks * block_size - p
 
-    def split_rows(x: Array) -> Array:
-        """(G, B, P, ...) -> (blocks, G, B, block_size, ...), padding the row axis."""
-        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-        x = x.reshape(g, b, blocks, block_size, *x.shape[3:])
-        return jnp.moveaxis(x, 2, 0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _row_sum(pair_term: PairTerm, block_size: int | None, student: Array, teacher: Array,
+             valid: Array | None) -> Array:
+    """:func:`pairwise_row_sum` (value only: no gradient is formed)."""
+    maps, kept_sum = _block_functions(pair_term, student, teacher, valid)
 
-    rows_valid = jnp.ones((g, b, p), bool) if valid is None else valid
-    step = jax.checkpoint(block_sum, prevent_cse=False)
-
-    def body(total, rows):
-        return total + step(*rows), None
+    def body(total, block):
+        rows_s, rows_t, rows_valid = block
+        return total + kept_sum(*maps(rows_s, rows_t), rows_valid), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (split_rows(student), split_rows(teacher), split_rows(rows_valid)))
+                            _blocks(block_size, student, teacher, valid))
     return total
+
+
+def _row_sum_fwd(pair_term, block_size, student, teacher, valid):
+    maps, kept_sum = _block_functions(pair_term, student, teacher, valid)
+    g, b, p, c = student.shape
+
+    def body(carry, block):
+        total, grad_columns = carry
+        rows_s, rows_t, rows_valid = block
+        a_s, a_t = maps(rows_s, rows_t)
+        value, grad_a = jax.value_and_grad(kept_sum)(a_s, a_t, rows_valid)
+        # A^S = X^S_rows · X^Sᵀ. The columns' share is formed transposed, (G, C, B, P): the
+        # contraction then runs over the leading axes of the block's rows and of grad_a, which
+        # the matrix product reads in place, where (G, B, P, C) would copy grad_a transposed.
+        grad_rows = jnp.einsum("gikjq,gjqc->gikc", grad_a, student, precision=_PRECISION)
+        grad_columns += jnp.einsum("gikc,gikjq->gcjq", rows_s, grad_a, precision=_PRECISION)
+        return (total + value, grad_columns), grad_rows
+
+    (total, grad_columns), grad_rows = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), jnp.zeros((g, c, b, p), jnp.float32)),
+        _blocks(block_size, student, teacher, valid))
+    grad_rows = jnp.moveaxis(grad_rows, 0, 2).reshape(g, b, -1, c)[:, :, :p]
+    return total, jnp.einsum("gcjq->gjqc", grad_columns) + grad_rows
+
+
+def _row_sum_bwd(pair_term, block_size, grad_student, cotangent):
+    return cotangent * grad_student, None, None
+
+
+_row_sum.defvjp(_row_sum_fwd, _row_sum_bwd)
 
 
 def _squared_difference_rows(a_s: Array, a_t: Array, col_valid: Array | None) -> Array:
@@ -276,7 +326,7 @@ def pixel_feature_similarity(student_feat: Array, teacher_feat: Array, *, pool: 
       form: 'gram' (C×C Gram matrices, O(P·C²) time and O(C²) memory), 'pairs' (the P×P maps) or
         'auto' (whichever needs fewer multiply-adds); see the module docstring.
       block_size: for the pairs form, None for the dense maps or the number of rows of A per
-        checkpointed block.
+        block.
       mask: optional bool (N, H, W). The mean runs over the pairs (i, j) whose pixels (pooled cells)
         are both valid; a pooled cell is valid if any of its pixels is and averages its valid
         pixels only.
@@ -313,7 +363,7 @@ def skd_pairwise(student_feat: Array, teacher_feat: Array, *, pool: int | str = 
         ``f / (stop_gradient(||f||₂) + 1e-8)``; nearly the same value, a different gradient).
       form: 'gram', 'pairs' or 'auto', as for :func:`pixel_feature_similarity`.
       block_size: for the pairs form, None for the dense maps or the number of rows of A per
-        checkpointed block.
+        block.
       mask: optional bool (N, H, W). The mean runs over the pairs (i, j) of valid cells; a pooled
         cell is valid if any of its pixels is and takes the maximum over its valid pixels only.
     Returns:
@@ -348,7 +398,7 @@ def cirkd_minibatch(student_feat: Array, teacher_feat: Array, *, tau: float = 0.
       teacher_feat: (N, H, W, C_t) teacher feature (no gradient flows into it); C_t may differ.
       tau: temperature τ of the row softmax.
       group_size: images per group, a divisor of N; None = the whole batch.
-      block_size: None for the dense form, or the number of rows of A per checkpointed block.
+      block_size: None for the dense form, or the number of rows of A per block.
       mask: optional bool (N, H, W). Masked pixels leave the softmax (as columns) and the mean (as
         rows). The loss is the mean of the row KLs over every valid row of image i in every pair
         (i, j) whose image j has a valid pixel; without a mask this is the formula above.
