@@ -241,6 +241,23 @@ def test_matches_pytorch_original_core():
         np.testing.assert_allclose(float(g), want.item(), rtol=1e-5)
 
 
+def test_gradient_costs_one_product_per_contrast_set_beyond_the_similarities():
+    # Two similarity products per set (student and teacher); the gradient adds one per set,
+    # formed beside them, and the value alone does not form it.
+    arrays = to_jax({k: v for k, v in make_inputs(np.random.default_rng(3), 2).items()
+                     if k != "mask"})
+    student = arrays.pop("student_embed")
+
+    def loss(s):
+        return sum(loss_from_arrays(s, **arrays, **SMALL))
+
+    def dots(fn):
+        return jax.jit(fn).lower(student).as_text().count("dot_general")
+
+    assert dots(loss) == 4
+    assert dots(jax.value_and_grad(loss)) == 6
+
+
 def test_bad_input_raises():
     arrays = to_jax(make_inputs(np.random.default_rng(8), 2))
     memory = memory_of(arrays)

@@ -167,6 +167,24 @@ def test_blockwise_equals_dense(name, options, block_size, masks):
         assert np.any(np.asarray(dense_grad) != 0)
 
 
+def dot_count(fn, *args):
+    return jax.jit(fn).lower(*args).as_text().count("dot_general")
+
+
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_gradient_costs_two_products_beyond_the_maps(block_size):
+    # The maps A^S and A^T are two products per block; the gradient w.r.t. X^S (rows and columns)
+    # two more, formed beside them, and the value alone forms none of them.
+    arrays = to_jax(make_inputs(np.random.default_rng(6), 2, size=(5, 7)))
+    student, teacher = arrays["student_feat"], arrays["teacher_feat"]
+
+    def loss(s):
+        return cirkd_minibatch(s, teacher, block_size=block_size)
+
+    assert dot_count(loss, student) == 2
+    assert dot_count(jax.value_and_grad(loss), student) == 4
+
+
 def temp_bytes(loss, side, **options):
     """Compiled temporary memory of the student gradient for a (2, side, side, 4) feature."""
     feat = jax.ShapeDtypeStruct((2, side, side, 4), jnp.float32)
