@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_choice, check_mask, check_positive, check_rank,
                                   check_same_shape, combine_masks, frozen, l2_normalize,
-                                  nearest_resize_labels, valid_label_mask)
+                                  nearest_resize_labels, softmax_kl, valid_label_mask)
 
 Array = jax.Array
 
@@ -334,56 +334,54 @@ def _gather_contrast(queue: Array, index: Array) -> Array:
     return rows.reshape(-1, rows.shape[-1])
 
 
-def _log_softmaxes(student: Array, teacher: Array, contrast: Array,
-                   scale: Array) -> tuple[Array, Array]:
-    """Row log-softmaxes of ``scale · s·Qᵀ`` and ``scale · t·Qᵀ``: float32 (P, M) each.
+def _image_kl_sum(z_s: Array, z_t: Array, valid: Array, temperature: Array) -> Array:
+    """``Σ_{valid a} KL(softmax(z_t,a/T) ‖ softmax(z_s,a/T))`` for one image's (P, M) similarities.
 
-    Args:
-      student, teacher: float32 (P, C) L2-normalised embeddings of one image.
-      contrast: float32 (M, C) contrast set Q.
-      scale: float32 scalar ``1/(τ·kd_tau)``.
+    :func:`softmax_kl` takes the row maxima and sums in single passes of XLA's own reduction
+    emitter; a plain log-softmax's maximum would be fused into the similarity product, which then
+    ran at about half the speed of the product alone on CPU.
     """
+    kl = softmax_kl(z_s, z_t, axis=-1, temperature=temperature)
+    return jnp.sum(jnp.where(valid, kl, 0.0))
+
+
+def _similarities(x: Array, contrast: Array) -> Array:
+    """(P, M) cosine similarities ``x·Qᵀ`` of unit rows."""
     # HIGHEST: the similarities must be float32-accurate even where matmuls default to bf16.
-    z_s = jnp.matmul(student, contrast.T, precision=jax.lax.Precision.HIGHEST) * scale
-    z_t = jnp.matmul(teacher, contrast.T, precision=jax.lax.Precision.HIGHEST) * scale
-    return jax.nn.log_softmax(z_s, axis=-1), jax.nn.log_softmax(z_t, axis=-1)
+    return jnp.matmul(x, contrast.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def _image_kl_sums(student: Array, teacher: Array, valid: Array, contrasts: tuple[Array, ...],
-                   scale: Array) -> Array:
-    """(X,) sums over the valid rows of ``KL(softmax(z_t) ‖ softmax(z_s))``, one per contrast set.
+                   temperature: Array) -> Array:
+    """(X,) KL sums of one image, one per contrast set.
 
-    Args as :func:`_log_softmaxes`, with ``valid`` bool (P,) and X contrast sets.
+    Args:
+      student, teacher: float32 (P, C) L2-normalised embeddings of one image.
+      valid: bool (P,) anchors.
+      contrasts: X float32 (M_x, C) contrast sets Q.
+      temperature: float32 scalar ``τ·kd_tau``.
     """
-    sums = []
-    for contrast in contrasts:
-        log_p_s, log_p_t = _log_softmaxes(student, teacher, contrast, scale)
-        kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
-        sums.append(jnp.sum(jnp.where(valid, kl, 0.0)))
-    return jnp.stack(sums)
+    return jnp.stack([
+        _image_kl_sum(_similarities(student, q), _similarities(teacher, q), valid, temperature)
+        for q in contrasts])
 
 
 def _image_kl_parts(student: Array, teacher: Array, valid: Array, contrasts: tuple[Array, ...],
-                    scale: Array) -> tuple[Array, Array]:
-    """:func:`_image_kl_sums` and its gradient w.r.t. the student, (X,) and (X, P, C).
-
-    A softmax row sums to 1, so ``∂KL_a/∂z_s,a = p_s,a − p_t,a`` and the gradient w.r.t. s is
-    ``scale · (p_s − p_t)·Q`` on the valid rows.
-    """
+                    temperature: Array) -> tuple[Array, Array]:
+    """:func:`_image_kl_sums` and its gradient w.r.t. the student, (X,) and (X, P, C): the
+    gradient w.r.t. the similarities, ``(p_s − p_t)/T`` on the valid rows, times Q."""
     sums, grads = [], []
-    for contrast in contrasts:
-        log_p_s, log_p_t = _log_softmaxes(student, teacher, contrast, scale)
-        p_t = jnp.exp(log_p_t)
-        rows = valid[:, None]
-        sums.append(jnp.sum(jnp.where(rows, p_t * (log_p_t - log_p_s), 0.0)))
-        grad_z = jnp.where(rows, jnp.exp(log_p_s) - p_t, 0.0)
-        grads.append(jnp.matmul(grad_z, contrast, precision=jax.lax.Precision.HIGHEST) * scale)
+    for q in contrasts:
+        value, grad_z = jax.value_and_grad(_image_kl_sum)(
+            _similarities(student, q), _similarities(teacher, q), valid, temperature)
+        sums.append(value)
+        grads.append(jnp.matmul(grad_z, q, precision=jax.lax.Precision.HIGHEST))
     return jnp.stack(sums), jnp.stack(grads)
 
 
 @jax.custom_vjp
 def _contrast_kl_sums(student: Array, teacher: Array, anchors: Array, contrasts: tuple[Array, ...],
-                      scale: Array) -> Array:
+                      temperature: Array) -> Array:
     """(X,) sums over all anchors of the row KLs, one per contrast set; differentiable in the
     student only (the teacher, the contrast sets and the temperatures are constants here).
 
@@ -396,15 +394,15 @@ def _contrast_kl_sums(student: Array, teacher: Array, anchors: Array, contrasts:
       student, teacher: float32 (N, P, C) L2-normalised embeddings.
       anchors: bool (N, P).
       contrasts: X float32 (M_x, C) contrast sets.
-      scale: float32 scalar ``1/(τ·kd_tau)``.
+      temperature: float32 scalar ``τ·kd_tau``.
     """
-    sums = jax.lax.map(lambda image: _image_kl_sums(*image, contrasts, scale),
+    sums = jax.lax.map(lambda image: _image_kl_sums(*image, contrasts, temperature),
                        (student, teacher, anchors))
     return jnp.sum(sums, axis=0)
 
 
-def _contrast_kl_sums_fwd(student, teacher, anchors, contrasts, scale):
-    sums, grads = jax.lax.map(lambda image: _image_kl_parts(*image, contrasts, scale),
+def _contrast_kl_sums_fwd(student, teacher, anchors, contrasts, temperature):
+    sums, grads = jax.lax.map(lambda image: _image_kl_parts(*image, contrasts, temperature),
                               (student, teacher, anchors))
     return jnp.sum(sums, axis=0), grads
 
@@ -429,8 +427,7 @@ def _contrast_kd(student: Array, teacher: Array, anchors: Array, contrasts: tupl
     Returns:
       float32 scalars, one per contrast set; exactly 0 (zero gradient) without anchors.
     """
-    scale = frozen(1.0 / (tau * kd_tau))
-    sums = _contrast_kl_sums(student, teacher, anchors, contrasts, scale)
+    sums = _contrast_kl_sums(student, teacher, anchors, contrasts, frozen(tau * kd_tau))
     count = jnp.sum(anchors, dtype=jnp.float32)
     losses = kd_tau**2 * sums / jnp.maximum(count, 1.0)
     return tuple(losses[i] for i in range(len(contrasts)))

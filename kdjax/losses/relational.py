@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_choice, check_group_size, check_mask,
                                   check_optional_positive_int, check_positive, check_rank,
-                                  check_same_spatial, frozen, l2_normalize, masked_log_softmax)
+                                  check_same_spatial, frozen, l2_normalize, softmax_kl)
 from kdjax.losses.pooling import pool_ceil
 
 Array = jax.Array
@@ -232,15 +232,15 @@ def _squared_difference_rows(a_s: Array, a_t: Array, col_valid: Array | None) ->
 
 
 def _kl_rows(tau: float) -> PairTerm:
-    """Per row: KL(softmax(A^T_i/τ) ‖ softmax(A^S_i/τ)), softmax over the valid columns."""
+    """Per row: KL(softmax(A^T_i/τ) ‖ softmax(A^S_i/τ)), softmax over the valid columns.
+
+    By :func:`softmax_kl`, whose row maxima and sums are single passes of XLA's own reduction
+    emitter: a log-softmax's maximum would be fused into the affinity product on CPU, which then
+    ran at about half the speed of the product alone.
+    """
 
     def term(a_s: Array, a_t: Array, col_valid: Array | None) -> Array:
-        log_p_s = masked_log_softmax(a_s / tau, col_valid, axis=-1)
-        log_p_t = masked_log_softmax(a_t / tau, col_valid, axis=-1)
-        kl = jnp.exp(log_p_t) * (log_p_t - log_p_s)
-        if col_valid is not None:
-            kl = jnp.where(col_valid, kl, 0.0)
-        return jnp.sum(kl, axis=-1)
+        return softmax_kl(a_s, a_t, axis=-1, valid=col_valid, temperature=tau)
 
     return term
 
