@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -24,7 +26,7 @@ def pearson(a: Array, b: Array, axis: int, valid: Array | None = None) -> Array:
     """DIST's Pearson correlation ``⟨a−ā, b−b̄⟩ / (||a−ā||·||b−b̄|| + 1e-8)`` along ``axis``.
 
     The two means are one reduction and the three sums of products another
-    (:func:`kdjax.losses._reductions.sums`).
+    (:func:`kdjax.losses._reductions.sums`). The gradient is written out (:func:`_centered_pearson`).
 
     Args:
       a, b: float32 arrays of the same shape.
@@ -39,15 +41,50 @@ def pearson(a: Array, b: Array, axis: int, valid: Array | None = None) -> Array:
         a = jnp.where(valid, a, 0.0)
         b = jnp.where(valid, b, 0.0)
     total_a, total_b = sums(a, b, axis=axis)
-    a = a - jnp.expand_dims(total_a, axis) / count
-    b = b - jnp.expand_dims(total_b, axis) / count
+    a = a - jax.lax.stop_gradient(jnp.expand_dims(total_a, axis) / count)
+    b = b - jax.lax.stop_gradient(jnp.expand_dims(total_b, axis) / count)
     if valid is not None:
         a = jnp.where(valid, a, 0.0)
         b = jnp.where(valid, b, 0.0)
+    return _centered_pearson(a, b, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _centered_pearson(a: Array, b: Array, axis: int) -> Array:
+    """``r = P / (√A·√B + eps)`` of centred ``a``, ``b`` (``P = Σab``, ``A = Σa²``, ``B = Σb²``).
+
+    Gradient: ``∂r/∂a = b/D − (P/D²)·√B·a/√A`` with ``D = √A·√B + eps`` (``a/√A`` = 0 where A = 0,
+    as :func:`safe_sqrt`'s zero gradient at 0 gives), and likewise for b. Both parts sum to zero
+    over the valid entries of a slice, because ``a`` and ``b`` do, so the gradient passes through
+    the centring unchanged; :func:`pearson` therefore stops the gradient at the means, and the
+    backward pass is one element-wise pass instead of autodiff's passes through the sums and the
+    means.
+    """
+    return _centered_pearson_fwd(a, b, axis)[0]
+
+
+def _centered_pearson_fwd(a, b, axis):
     squares_a, squares_b, products = sums(a * a, b * b, a * b, axis=axis)
-    # safe_sqrt: a constant slice (e.g. a uniform softmax) has a zero norm and must keep a finite
-    # gradient.
-    return products / (safe_sqrt(squares_a) * safe_sqrt(squares_b) + PEARSON_EPS)
+    # safe_sqrt: a constant slice (e.g. a uniform softmax) has a zero norm.
+    norm_a, norm_b = safe_sqrt(squares_a), safe_sqrt(squares_b)
+    denominator = norm_a * norm_b + PEARSON_EPS
+    return products / denominator, (a, b, norm_a, norm_b, products, denominator)
+
+
+def _centered_pearson_bwd(axis, residuals, cotangent):
+    a, b, norm_a, norm_b, products, denominator = residuals
+
+    def share(x, y, norm_x, norm_y):
+        """∂r/∂x times the cotangent, for x the first argument and y the other."""
+        inverse_x = jnp.where(norm_x > 0, 1.0 / jnp.where(norm_x > 0, norm_x, 1.0), 0.0)
+        first = cotangent / denominator
+        second = cotangent * products * norm_y * inverse_x / jnp.square(denominator)
+        return jnp.expand_dims(first, axis) * y - jnp.expand_dims(second, axis) * x
+
+    return share(a, b, norm_a, norm_b), share(b, a, norm_b, norm_a)
+
+
+_centered_pearson.defvjp(_centered_pearson_fwd, _centered_pearson_bwd)
 
 
 def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gamma: float = 1.0,
