@@ -334,8 +334,8 @@ def _gather_contrast(queue: Array, index: Array) -> Array:
     return rows.reshape(-1, rows.shape[-1])
 
 
-def _image_kl_sum(z_s: Array, z_t: Array, valid: Array, temperature: Array) -> Array:
-    """``Σ_{valid a} KL(softmax(z_t,a/T) ‖ softmax(z_s,a/T))`` for one image's (P, M) similarities.
+def _rows_kl_sum(z_s: Array, z_t: Array, valid: Array, temperature: Array) -> Array:
+    """``Σ_{valid a} KL(softmax(z_t,a/T) ‖ softmax(z_s,a/T))`` over (R, M) similarity rows.
 
     :func:`softmax_kl` takes the row maxima and sums in single passes of XLA's own reduction
     emitter; a plain log-softmax's maximum would be fused into the similarity product, which then
@@ -346,37 +346,57 @@ def _image_kl_sum(z_s: Array, z_t: Array, valid: Array, temperature: Array) -> A
 
 
 def _similarities(x: Array, contrast: Array) -> Array:
-    """(P, M) cosine similarities ``x·Qᵀ`` of unit rows."""
+    """(R, M) cosine similarities ``x·Qᵀ`` of unit rows."""
     # HIGHEST: the similarities must be float32-accurate even where matmuls default to bf16.
     return jnp.matmul(x, contrast.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def _image_kl_sums(student: Array, teacher: Array, valid: Array, contrasts: tuple[Array, ...],
+def _rows_kl_sums(student: Array, teacher: Array, valid: Array, contrasts: tuple[Array, ...],
                    temperature: Array) -> Array:
-    """(X,) KL sums of one image, one per contrast set.
+    """(X,) KL sums of R anchor rows, one per contrast set.
 
     Args:
-      student, teacher: float32 (P, C) L2-normalised embeddings of one image.
-      valid: bool (P,) anchors.
+      student, teacher: float32 (R, C) L2-normalised embeddings.
+      valid: bool (R,) anchors.
       contrasts: X float32 (M_x, C) contrast sets Q.
       temperature: float32 scalar ``τ·kd_tau``.
     """
     return jnp.stack([
-        _image_kl_sum(_similarities(student, q), _similarities(teacher, q), valid, temperature)
+        _rows_kl_sum(_similarities(student, q), _similarities(teacher, q), valid, temperature)
         for q in contrasts])
 
 
-def _image_kl_parts(student: Array, teacher: Array, valid: Array, contrasts: tuple[Array, ...],
+def _rows_kl_parts(student: Array, teacher: Array, valid: Array, contrasts: tuple[Array, ...],
                     temperature: Array) -> tuple[Array, Array]:
-    """:func:`_image_kl_sums` and its gradient w.r.t. the student, (X,) and (X, P, C): the
+    """:func:`_rows_kl_sums` and its gradient w.r.t. the student, (X,) and (X, R, C): the
     gradient w.r.t. the similarities, ``(p_s − p_t)/T`` on the valid rows, times Q."""
     sums, grads = [], []
     for q in contrasts:
-        value, grad_z = jax.value_and_grad(_image_kl_sum)(
+        value, grad_z = jax.value_and_grad(_rows_kl_sum)(
             _similarities(student, q), _similarities(teacher, q), valid, temperature)
         sums.append(value)
         grads.append(jnp.matmul(grad_z, q, precision=jax.lax.Precision.HIGHEST))
     return jnp.stack(sums), jnp.stack(grads)
+
+
+# Anchor rows per step of the loop over the similarity maps: each step holds a few (R, M) maps per
+# contrast set (M = 4,104 pixel slots for K = 19: 34 MB each at R = 2,048), however many pixels
+# the batch has.
+_ROWS_PER_STEP = 2048
+
+
+def _row_blocks(x: Array, rows: int) -> Array:
+    """(N, P, ...) -> (blocks, rows, ...), the N·P rows in order, zero-padded at the end."""
+    flat = x.reshape(-1, *x.shape[2:])
+    blocks = -(-flat.shape[0] // rows)
+    flat = jnp.pad(flat, [(0, blocks * rows - flat.shape[0])] + [(0, 0)] * (flat.ndim - 1))
+    return flat.reshape(blocks, rows, *flat.shape[1:])
+
+
+def _blocks_of(student: Array, teacher: Array, anchors: Array) -> tuple[Array, Array, Array]:
+    """The anchor rows of the batch in blocks; padded rows are no anchors."""
+    rows = min(_ROWS_PER_STEP, anchors.size)
+    return _row_blocks(student, rows), _row_blocks(teacher, rows), _row_blocks(anchors, rows)
 
 
 @jax.custom_vjp
@@ -385,10 +405,11 @@ def _contrast_kl_sums(student: Array, teacher: Array, anchors: Array, contrasts:
     """(X,) sums over all anchors of the row KLs, one per contrast set; differentiable in the
     student only (the teacher, the contrast sets and the temperatures are constants here).
 
-    One image at a time (``lax.map``), so only one (P, M) similarity matrix per set is alive at
-    any moment. Under differentiation the forward pass also forms the gradient, a (P, C) product
-    per image and set, and the backward pass only scales it: three matrix products per set
-    instead of the five of a rematerialised autodiff.
+    Every anchor's KL is a function of its own row, so the rows of the whole batch run in blocks
+    of ``_ROWS_PER_STEP`` (``lax.map``): only a few (R, M) similarity maps are alive at any
+    moment, whatever the batch. Under differentiation the forward pass also forms the gradient,
+    an (R, C) product per block and set, and the backward pass only scales it: three matrix
+    products per set instead of the five of a rematerialised autodiff.
 
     Args:
       student, teacher: float32 (N, P, C) L2-normalised embeddings.
@@ -396,19 +417,22 @@ def _contrast_kl_sums(student: Array, teacher: Array, anchors: Array, contrasts:
       contrasts: X float32 (M_x, C) contrast sets.
       temperature: float32 scalar ``τ·kd_tau``.
     """
-    sums = jax.lax.map(lambda image: _image_kl_sums(*image, contrasts, temperature),
-                       (student, teacher, anchors))
+    sums = jax.lax.map(lambda block: _rows_kl_sums(*block, contrasts, temperature),
+                       _blocks_of(student, teacher, anchors))
     return jnp.sum(sums, axis=0)
 
 
 def _contrast_kl_sums_fwd(student, teacher, anchors, contrasts, temperature):
-    sums, grads = jax.lax.map(lambda image: _image_kl_parts(*image, contrasts, temperature),
-                              (student, teacher, anchors))
-    return jnp.sum(sums, axis=0), grads
+    sums, grads = jax.lax.map(lambda block: _rows_kl_parts(*block, contrasts, temperature),
+                              _blocks_of(student, teacher, anchors))
+    n, p, c = student.shape
+    # (blocks, X, R, C) -> (X, N, P, C), without the padded rows.
+    grads = jnp.moveaxis(grads, 1, 0).reshape(len(contrasts), -1, c)[:, :n * p]
+    return jnp.sum(sums, axis=0), grads.reshape(len(contrasts), n, p, c)
 
 
 def _contrast_kl_sums_bwd(grads, cotangent):
-    return jnp.sum(cotangent[:, None, None] * grads, axis=1), None, None, None, None
+    return jnp.sum(cotangent[:, None, None, None] * grads, axis=0), None, None, None, None
 
 
 _contrast_kl_sums.defvjp(_contrast_kl_sums_fwd, _contrast_kl_sums_bwd)
