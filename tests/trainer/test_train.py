@@ -73,6 +73,14 @@ def tiny():
     return train.setup(_config())
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """(workdir, result) of one whole run of the tiny experiment, shared by the tests that check
+    a finished run and the one that compares a resumed run with it."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    return workdir, train.run_training(tiny, workdir)
+
+
 def _leaves(tree):
     if isinstance(tree, train.TrainState):
         tree = (tree.params, tree.rest)
@@ -113,8 +121,8 @@ def test_eight_devices_match_one_device(tiny):
     assert losses[0] != losses[-1]
 
 
-def test_run_trains_evaluates_checkpoints_and_logs(tiny, tmp_path):
-    result = train.run_training(tiny, tmp_path)
+def test_run_trains_evaluates_checkpoints_and_logs(tiny, uninterrupted):
+    tmp_path, result = uninterrupted
     assert result.step == 4
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_steps = [x["step"] for x in lines if x["split"] == "train"]
@@ -151,7 +159,7 @@ def _wait_for(path: Path, timeout: float = 300.0) -> None:
         time.sleep(0.01)
 
 
-def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tiny, tmp_path):
+def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tiny, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "kdjax", "train", f"--config={CONFIG}", f"--workdir={killed}"]
@@ -165,7 +173,7 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tiny, tmp_path):
     assert not (killed / "checkpoints" / "4").exists(), (
         "the run finished before the kill reached it, so nothing was resumed")
     resumed = train.run_training(tiny, killed)
-    reference = train.run_training(tiny, tmp_path / "ref")
+    _, reference = uninterrupted
     assert resumed.step == reference.step == 4
     assert resumed.metrics == pytest.approx(reference.metrics, rel=1e-5, abs=1e-6)
     assert resumed.eval["miou"] == pytest.approx(reference.eval["miou"], abs=1e-6)
