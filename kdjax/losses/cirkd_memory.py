@@ -352,7 +352,7 @@ def _similarities(x: Array, contrast: Array) -> Array:
 
 
 def _rows_kl_sums(student: Array, teacher: Array, valid: Array, contrasts: tuple[Array, ...],
-                   temperature: Array) -> Array:
+                  temperature: Array) -> Array:
     """(X,) KL sums of R anchor rows, one per contrast set.
 
     Args:
@@ -367,7 +367,7 @@ def _rows_kl_sums(student: Array, teacher: Array, valid: Array, contrasts: tuple
 
 
 def _rows_kl_parts(student: Array, teacher: Array, valid: Array, contrasts: tuple[Array, ...],
-                    temperature: Array) -> tuple[Array, Array]:
+                   temperature: Array) -> tuple[Array, Array]:
     """:func:`_rows_kl_sums` and its gradient w.r.t. the student, (X,) and (X, R, C): the
     gradient w.r.t. the similarities, ``(p_s − p_t)/T`` on the valid rows, times Q."""
     sums, grads = [], []

@@ -26,7 +26,8 @@ def pearson(a: Array, b: Array, axis: int, valid: Array | None = None) -> Array:
     """DIST's Pearson correlation ``⟨a−ā, b−b̄⟩ / (||a−ā||·||b−b̄|| + 1e-8)`` along ``axis``.
 
     The two means are one reduction and the three sums of products another
-    (:func:`kdjax.losses._reductions.sums`). The gradient is written out (:func:`_centered_pearson`).
+    (:func:`kdjax.losses._reductions.sums`). The gradient is written out
+    (:func:`_centered_pearson`).
 
     Args:
       a, b: float32 arrays of the same shape.
