@@ -422,7 +422,7 @@ def _chunked_bound_fwd(student, u, teacher, valid, tau, images_per_chunk):
 
 def _chunked_bound_bwd(images_per_chunk, grads, cotangent):
     grad_student, grad_u = grads
-    return cotangent * grad_student, cotangent * grad_u, jnp.zeros_like(grad_student), None, None
+    return cotangent * grad_student, cotangent * grad_u, None, None, None
 
 
 _chunked_bound.defvjp(_chunked_bound_fwd, _chunked_bound_bwd)

@@ -143,7 +143,7 @@ def _squared_distance_bwd(axes, normalize_student, eps, ddof, residuals, cotange
                       / divisor)
         grad = scale_s * (grad - scale_s * (student - m.mean_s) * projection)
     grad = jnp.where(valid, cotangent * grad, 0.0)
-    return grad, jnp.zeros_like(teacher), None
+    return grad, None, None
 
 
 _squared_distance.defvjp(_squared_distance_fwd, _squared_distance_bwd)

@@ -117,6 +117,11 @@ def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / scale)
 
 
+def dot_count(fn: Callable, *args) -> int:
+    """Matrix products (``dot_general``) in the lowered program of ``jax.jit(fn)(*args)``."""
+    return jax.jit(fn).lower(*args).as_text().count("dot_general")
+
+
 def assert_matches_reference(loss: Callable, reference: Callable, inputs: Inputs,
                              wrt: tuple[str, ...], rtol: float = 1e-5, **options) -> None:
     """Value and gradient of the float32 ``loss`` match the float64 NumPy ``reference``.

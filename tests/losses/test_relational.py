@@ -8,7 +8,7 @@ import pytest
 
 from kdjax.losses.relational import cirkd_minibatch, pixel_feature_similarity, skd_pairwise
 from tests.losses.contract import (LossCase, LossContract, assert_matches_reference,
-                                   numeric_grad, relative_error, to_jax)
+                                   dot_count, numeric_grad, relative_error, to_jax)
 from tests.references import relational_ref
 
 LOSSES = {
@@ -165,10 +165,6 @@ def test_blockwise_equals_dense(name, options, block_size, masks):
         np.testing.assert_allclose(float(blocked), float(dense), rtol=1e-5)
         assert relative_error(blocked_grad, dense_grad) < 1e-5
         assert np.any(np.asarray(dense_grad) != 0)
-
-
-def dot_count(fn, *args):
-    return jax.jit(fn).lower(*args).as_text().count("dot_general")
 
 
 @pytest.mark.parametrize("block_size", [None, 8])
