@@ -111,7 +111,7 @@ def unit_pixels_detached(x: Array) -> Array:
 # The shared engine: sums of per-row terms of affinity maps, dense or in blocks of rows.
 
 def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid: Array | None,
-                     block_size: int | None) -> Array:
+                     block_size: int | None, *, symmetric: bool = False) -> Array:
     """Σ of ``pair_term`` over every valid row of every within-group affinity map.
 
     For every group g, every image i and every image j of the group (i = j included), the affinity
@@ -123,7 +123,8 @@ def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid:
     Differentiable in ``student`` only; the teacher is a constant (callers pass it frozen). Under
     differentiation each block of rows forms its gradient w.r.t. its A^S rows in the forward pass
     and turns it at once into the gradient w.r.t. X^S (rows and columns), so the backward pass only
-    scales that: four matrix products per block, where a rematerialised autodiff needs six.
+    scales that: four matrix products per block, where a rematerialised autodiff needs six. A
+    symmetric ``pair_term`` needs three (see ``symmetric``).
 
     Args:
       pair_term: ``(a_s, a_t, col_valid) -> terms``. ``a_s``, ``a_t``: (G, B, k, B, P) rows of the
@@ -135,10 +136,15 @@ def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid:
       valid: bool (G, B, P) or None (every pixel valid). Invalid pixels must hold finite values.
       block_size: None for the dense form; an int k scans over row blocks of k rows, so that peak
         memory is O(P·k) instead of O(P²). P need not be a multiple of k: padded rows are masked.
+      symmetric: whether the sum is symmetric in the pairs, i.e. its gradient w.r.t. the map is
+        G with ``G_{gij}[r, q] = G_{gji}[q, r]`` (a term of the entries alone, such as a squared
+        difference, with symmetric masks). The gradient w.r.t. X^S then is ``(G + Gᵀ)X^S = 2 G X^S``
+        and the columns' share need not be formed: three products per block. A softmax over the
+        columns is not symmetric.
     Returns:
       float32 scalar.
     """
-    return _row_sum(pair_term, block_size, student, teacher, valid)
+    return _row_sum(pair_term, block_size, symmetric, student, teacher, valid)
 
 
 def _blocks(block_size: int | None, student: Array, teacher: Array,
@@ -178,9 +184,9 @@ def _block_functions(pair_term: PairTerm, student: Array, teacher: Array, valid:
     return maps, kept_sum
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _row_sum(pair_term: PairTerm, block_size: int | None, student: Array, teacher: Array,
-             valid: Array | None) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _row_sum(pair_term: PairTerm, block_size: int | None, symmetric: bool, student: Array,
+             teacher: Array, valid: Array | None) -> Array:
     """:func:`pairwise_row_sum` (value only: no gradient is formed)."""
     maps, kept_sum = _block_functions(pair_term, student, teacher, valid)
 
@@ -193,9 +199,11 @@ def _row_sum(pair_term: PairTerm, block_size: int | None, student: Array, teache
     return total
 
 
-def _row_sum_fwd(pair_term, block_size, student, teacher, valid):
+def _row_sum_fwd(pair_term, block_size, symmetric, student, teacher, valid):
     maps, kept_sum = _block_functions(pair_term, student, teacher, valid)
     g, b, p, c = student.shape
+    # A symmetric sum's columns' share equals its rows' share, and is not carried.
+    columns_start = None if symmetric else jnp.zeros((g, c, b, p), jnp.float32)
 
     def body(carry, block):
         total, grad_columns = carry
@@ -206,17 +214,20 @@ def _row_sum_fwd(pair_term, block_size, student, teacher, valid):
         # contraction then runs over the leading axes of the block's rows and of grad_a, which
         # the matrix product reads in place, where (G, B, P, C) would copy grad_a transposed.
         grad_rows = jnp.einsum("gikjq,gjqc->gikc", grad_a, student, precision=_PRECISION)
-        grad_columns += jnp.einsum("gikc,gikjq->gcjq", rows_s, grad_a, precision=_PRECISION)
+        if not symmetric:
+            grad_columns += jnp.einsum("gikc,gikjq->gcjq", rows_s, grad_a, precision=_PRECISION)
         return (total + value, grad_columns), grad_rows
 
     (total, grad_columns), grad_rows = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), jnp.zeros((g, c, b, p), jnp.float32)),
+        body, (jnp.zeros((), jnp.float32), columns_start),
         _blocks(block_size, student, teacher, valid))
     grad_rows = jnp.moveaxis(grad_rows, 0, 2).reshape(g, b, -1, c)[:, :, :p]
+    if symmetric:
+        return total, 2.0 * grad_rows
     return total, jnp.einsum("gcjq->gjqc", grad_columns) + grad_rows
 
 
-def _row_sum_bwd(pair_term, block_size, grad_student, cotangent):
+def _row_sum_bwd(pair_term, block_size, symmetric, grad_student, cotangent):
     return cotangent * grad_student, None, None
 
 
@@ -298,7 +309,8 @@ def _self_affinity_mse(student: Array, teacher: Array, valid: Array | None, form
         total = gram_squared_difference(_flatten(student), _flatten(teacher))
     else:
         total = pairwise_row_sum(_squared_difference_rows, _flatten(student)[:, None],
-                                 _flatten(teacher)[:, None], flat_valid, block_size)
+                                 _flatten(teacher)[:, None], flat_valid, block_size,
+                                 symmetric=True)
     if valid is None:
         return total / (n * (h * w) ** 2)
     pixels = jnp.sum(flat_valid, axis=-1, dtype=jnp.float32)

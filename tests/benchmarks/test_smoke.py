@@ -60,7 +60,7 @@ def test_losses_quick_small(tmp_path):
                                 "--losses", "pixel_kd,pixel_feature_similarity")
     check_loss_rows(result, [("pixel_kd", ""), ("pixel_feature_similarity", "gram"),
                              ("pixel_feature_similarity", "dense"),
-                             ("pixel_feature_similarity", "block 512")])
+                             ("pixel_feature_similarity", "block 256")])
     assert result["sizes"] == ["small"] and result["quick"]
     for row in result["cases"]:
         assert row["torch_compile"]["status"].startswith("skipped")

@@ -121,6 +121,21 @@ def test_matches_reference(layout, masked):
                              ("student_embed",), **SMALL)
 
 
+def test_anchor_rows_in_blocks_with_a_padded_last_block_match_reference():
+    # 2 images of 3×4 pixels in blocks of 5 rows: five blocks, the last one padded with 1 row.
+    rng = np.random.default_rng(1)
+    inputs = make_inputs(rng, 2)
+    pixel_index, region_index = indices_for(inputs, **SMALL)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cm, "_ROWS_PER_STEP", 5)
+            jax.clear_caches()  # the row count is read when the jitted loss is traced
+            assert_matches_reference(loss_from_arrays, reference_with(pixel_index, region_index),
+                                     inputs, ("student_embed",), **SMALL)
+    finally:
+        jax.clear_caches()
+
+
 @pytest.mark.parametrize("options", [
     {"tau": 0.5, "kd_tau": 2.0, **SMALL},
     # default pixel_contrast: all 12 slots of the tiny queue; a single region slot per class;

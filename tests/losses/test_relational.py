@@ -168,17 +168,22 @@ def test_blockwise_equals_dense(name, options, block_size, masks):
 
 
 @pytest.mark.parametrize("block_size", [None, 8])
-def test_gradient_costs_two_products_beyond_the_maps(block_size):
-    # The maps A^S and A^T are two products per block; the gradient w.r.t. X^S (rows and columns)
-    # two more, formed beside them, and the value alone forms none of them.
+@pytest.mark.parametrize("name, options, gradient_products", [
+    ("cirkd", {}, 2),                     # a row softmax: the rows' and the columns' shares
+    ("pfs", {"form": "pairs"}, 1),        # symmetric: twice the rows' share
+    ("skd", {"pool": 1, "form": "pairs"}, 1)])
+def test_gradient_products_beyond_the_maps(block_size, name, options, gradient_products):
+    # The maps A^S and A^T are two products per block; the gradient w.r.t. X^S is formed beside
+    # them, and the value alone forms none of it.
+    loss_fn, _ = LOSSES[name]
     arrays = to_jax(make_inputs(np.random.default_rng(6), 2, size=(5, 7)))
     student, teacher = arrays["student_feat"], arrays["teacher_feat"]
 
     def loss(s):
-        return cirkd_minibatch(s, teacher, block_size=block_size)
+        return loss_fn(s, teacher, block_size=block_size, **options)
 
     assert dot_count(loss, student) == 2
-    assert dot_count(jax.value_and_grad(loss), student) == 4
+    assert dot_count(jax.value_and_grad(loss), student) == 2 + gradient_products
 
 
 def temp_bytes(loss, side, **options):
