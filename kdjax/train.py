@@ -157,6 +157,7 @@ class Experiment:
     _init: Any = None
     _compiled_init: Any = None
     _step: Any = None
+    _updated: Any = None
     logits_fn: Any = None
 
     # --- the pure functions -------------------------------------------------------------------
@@ -198,7 +199,10 @@ class Experiment:
         rest = nnx.state(trainables, nnx.BatchStat)
         return total, (metrics, rest, term_states, student)
 
-    def train_step(self, state: TrainState, teacher_state, batch: dict) -> tuple[TrainState, dict]:
+    def updated_state(self, state: TrainState, teacher_state,
+                      batch: dict) -> tuple[TrainState, dict[str, Array]]:
+        """One optimizer step of ``state``, finite or not, and its float32 metrics;
+        ``step``, ``bad_step`` and ``bad_metrics`` are left to :meth:`train_step`."""
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         teacher = self.teacher_tensors(teacher_state, batch["image"])
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
@@ -222,21 +226,26 @@ class Experiment:
             disc_params = optax.apply_updates(state.disc_params, d_updates)
             metrics.update(d_metrics)
 
-        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
-        healthy = state.bad_step < 0
-        advance = finite & healthy
         new = state.replace(params=params, rest=rest, opt_state=opt_state,
                             disc_params=disc_params, disc_rest=disc_rest,
                             disc_opt_state=disc_opt_state, term_states=term_states)
-        new = _select(advance, new, state)
+        return new, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    def train_step(self, state: TrainState, teacher_state, batch: dict) -> tuple[TrainState, dict]:
+        """:meth:`updated_state` if its metrics are finite and no earlier step went non-finite;
+        else ``state`` unchanged, with the first bad step and its metrics recorded."""
+        # The jitted updated_state that setup() traced for the metric names: tracing the step
+        # again with the same shapes reuses that trace.
+        new, metrics = self._updated(state.replace(bad_metrics={}), teacher_state, batch)
+        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+        healthy = state.bad_step < 0
+        advance = finite & healthy
         first_bad = healthy & ~finite
+        new = _select(advance, new.replace(bad_metrics=state.bad_metrics), state)
         new = new.replace(
             step=jnp.where(advance, state.step + 1, state.step),
             bad_step=jnp.where(first_bad, state.step + 1, state.bad_step),
-            # Empty only while setup() traces the step to learn the metric names.
-            bad_metrics=(_select(first_bad, metrics, state.bad_metrics) if state.bad_metrics
-                         else state.bad_metrics))
+            bad_metrics=_select(first_bad, metrics, state.bad_metrics))
         return new, metrics
 
     def merge(self, state: TrainState) -> Trainables:
@@ -266,10 +275,11 @@ class Experiment:
         """The initial state, created directly with its (replicated) sharding; the student's
         weights come from ``student.checkpoint`` (a model dir) when the config names one."""
         if self._compiled_init is None:
-            repl = sharding.replicated(self.mesh)
-            self._compiled_init = compile_unoptimized(
-                self._init, out_shardings=jax.tree.map(lambda _: repl, self.abstract_state))
-        state = self._compiled_init()
+            self._compiled_init = compile_unoptimized(self._init)
+        state, _ = self._compiled_init()
+        state = state.replace(bad_metrics=jax.device_put(
+            {name: np.float32(0.0) for name in self.abstract_state.bad_metrics},
+            sharding.replicated(self.mesh)))
         if self.student_checkpoint:
             weights = load_student_weights(self.student_checkpoint, self.student_spec, self.mesh)
             params, stats = nnx.split_state(weights, nnx.Param, nnx.BatchStat)
@@ -285,10 +295,13 @@ class Experiment:
 
 
 def _metric_names(exp: Experiment, abstract_state, teacher_state, batch_shapes) -> list[str]:
-    def metrics_only(state, teacher_state, batch):
-        _, metrics = exp.train_step(state, teacher_state, batch)
-        return metrics
-    return sorted(jax.eval_shape(metrics_only, abstract_state, teacher_state, batch_shapes))
+    # With the step's own input shardings, so that compiling the step reuses this trace.
+    repl, data = sharding.replicated(exp.mesh), sharding.batch_sharded(exp.mesh)
+    with_sharding = lambda tree, spec: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec), tree)
+    _, metrics = jax.eval_shape(exp._updated, with_sharding(abstract_state, repl),
+                                teacher_state, with_sharding(batch_shapes, data))
+    return sorted(metrics)
 
 
 def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None,
@@ -330,7 +343,7 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
         "image": jax.ShapeDtypeStruct((config.train.batch_size, *crop, 3), jnp.float32),
         "label": jax.ShapeDtypeStruct((config.train.batch_size, *crop), jnp.int32)}
 
-    def init(metric_names=()):
+    def init():
         rngs = nnx.Rngs(params=seed, dropout=seed + 1)
         student = build_model(student_config, num_classes=num_classes, rngs=rngs)
         if config.train.bn_stats == "per_device":
@@ -351,19 +364,24 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
             step=jnp.int32(0), rng=jax.random.key_data(jax.random.key(seed + 3)), params=params,
             rest=rest, opt_state=tx.init(params), disc_params=disc_params, disc_rest=disc_rest,
             disc_opt_state=disc_tx.init(disc_params), term_states=term_states,
-            bad_step=jnp.int32(-1), bad_metrics={k: jnp.float32(0.0) for k in metric_names})
+            bad_step=jnp.int32(-1), bad_metrics={})
         exp.graphdef, exp.disc_graphdef = graphdef, disc_graphdef
         return state, (rng_vars, disc_rng_vars)
 
-    first, _ = jax.eval_shape(init)
+    # One jitted function for the experiment's lifetime: init_state() compiles the trace that
+    # eval_shape makes here. Its state has no bad_metrics yet: their names come from the step.
+    exp._init = jax.jit(init, out_shardings=sharding.replicated(mesh))
+    first, _ = jax.eval_shape(exp._init)
     # The rng variables only seed dropout and are reseeded every step: constants of the step.
     # Only the rng variables survive XLA's dead-code elimination here: a cheap compilation.
     exp.rng_vars, exp.disc_rng_vars = compile_unoptimized(lambda: init()[1])()
+    exp._updated = jax.jit(exp.updated_state)
     names = _metric_names(exp, first, exp.teacher_inputs(), batch_shapes)
-    exp._init = lambda: init(tuple(names))[0]
+    exp.abstract_state = first.replace(bad_metrics={
+        name: jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+        for name in names})
     # One function object for the experiment's lifetime: evaluate() compiles once per function.
     exp.logits_fn = lambda weights, images: exp.eval_logits(weights, images)
-    exp.abstract_state = jax.eval_shape(exp._init)
     return exp
 
 
