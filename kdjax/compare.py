@@ -11,11 +11,13 @@ Layout of WORKDIR::
     results.json, results.md, results.png
     overlays/                image | label | teacher | student alone | best method on the first
                              validation images (overlay_*.png), and the prediction panels alone
-                             (predictions_*.png, free of dataset pixels)
+                             (predictions_*.png, free of dataset pixels); sources.json names the
+                             result rows and settings they were drawn from
     compile_cache/           XLA executables, shared by the runs (seeds repeat the same programs)
 
 Finished runs (those with ``result.json``) are not repeated, so an interrupted comparison resumes
-where it stopped; an unfinished run resumes from its last checkpoint.
+where it stopped; an unfinished run resumes from its last checkpoint. The overlays are drawn again
+only if the rows they show, the data or the evaluation settings changed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from kdjax.networks import load_teacher
 
 RESULT_FILE = "result.json"
 OVERLAY_DIR = "overlays"
+OVERLAY_SOURCES = "sources.json"
 MODEL_DIR = "model"
 COMPILE_CACHE_DIR = "compile_cache"
 
@@ -97,19 +100,50 @@ def write_comparison_overlays(config: ml_collections.ConfigDict, rows: list[repo
     seed = config.seeds[0]
     shown = [report.TEACHER, report.STUDENT_ALONE, best_method(rows)]
     num_classes = dataset_info(config.data.name).num_classes
-    predictors = {}
+    panels = {}
     for method in shown:
         row = next((r for r in rows if r.method == method and
                     (method == report.TEACHER or r.seed == seed)), None)
         if row is None or row.checkpoint_path is None:
             continue
-        model = config.teacher if method == report.TEACHER else config.student
+        label = method if method in (report.TEACHER, report.STUDENT_ALONE) else f"best: {method}"
+        panels[label] = row
+    sources = overlay_sources(config, panels)
+    if (drawn := drawn_overlays(out_dir, sources)) is not None:
+        return drawn
+    predictors = {}
+    for label, row in panels.items():
+        model = config.teacher if row.method == report.TEACHER else config.student
         model = ml_collections.ConfigDict({**model.to_dict(), "checkpoint": row.checkpoint_path})
         network = load_teacher(model, num_classes=num_classes, mesh=mesh, seed=config.seed)
-        label = method if method in (report.TEACHER, report.STUDENT_ALONE) else f"best: {method}"
         predictors[label] = network_predictor(network, config, num_classes)
-    return write_prediction_overlays(config, predictors, out_dir, config.eval.overlays,
-                                     prediction_only_copies=True)
+    (out_dir / OVERLAY_SOURCES).unlink(missing_ok=True)
+    paths = write_prediction_overlays(config, predictors, out_dir, config.eval.overlays,
+                                      prediction_only_copies=True)
+    (out_dir / OVERLAY_SOURCES).write_text(json.dumps(
+        {"sources": sources, "files": [p.name for p in paths]}, indent=1))
+    return paths
+
+
+def overlay_sources(config: ml_collections.ConfigDict,
+                    panels: dict[str, report.ResultRow]) -> dict:
+    """What the overlays are drawn from: the shown rows by panel label, and the data and
+    evaluation settings (as JSON reads them back)."""
+    return json.loads(json.dumps(
+        {"panels": {label: row.to_dict() for label, row in panels.items()},
+         "data": config.data.to_dict(), "eval": config.eval.to_dict()}))
+
+
+def drawn_overlays(out_dir: Path, sources: dict) -> list[Path] | None:
+    """The overlay files in ``out_dir`` if they were all drawn from ``sources``, else None."""
+    try:
+        saved = json.loads((out_dir / OVERLAY_SOURCES).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    paths = [out_dir / name for name in saved.get("files", [])]
+    if saved.get("sources") != sources or not all(p.exists() for p in paths):
+        return None
+    return paths
 
 
 def use_compile_cache(workdir: Path) -> None:

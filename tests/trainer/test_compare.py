@@ -50,11 +50,38 @@ def test_compare_trains_reports_and_resumes(tmp_path, capsys):
     assert bare.shape[1] == 3 * width + 2 * PANEL_GAP
     assert compare.best_method(rows) == "kd"
 
-    # Finished runs are reused as they are ...
+    # Finished runs are reused as they are, and so are overlays drawn from the same rows ...
+    drawn = {p: p.stat().st_mtime_ns for p in overlays + copies}
     again = compare.run_compare(_config(), tmp_path)
     assert [r.miou for r in again] == [r.miou for r in rows]
+    assert {p: p.stat().st_mtime_ns for p in drawn} == drawn
     # ... unless the recipe changed, which would mix two experiments in one table.
     changed = _config()
     changed.train.learning_rate = 0.5
     with pytest.raises(ConfigError, match=r"another recipe \(changed: .*train\.learning_rate"):
         compare.run_compare(changed, tmp_path)
+
+
+def test_overlays_are_drawn_again_unless_their_sources_and_files_are_unchanged(tmp_path):
+    config = _config()
+    row = report.ResultRow(method=report.TEACHER, seed=0, miou=50.0, per_class_iou={"road": 50.0},
+                           eval_mode="whole", checkpoint="last", checkpoint_path="/m")
+    sources = compare.overlay_sources(config, {report.TEACHER: row})
+    assert compare.drawn_overlays(tmp_path, sources) is None  # nothing drawn yet
+    files = [tmp_path / "overlay_000.png", tmp_path / "overlay_001.png"]
+    for path in files:
+        path.write_bytes(b"png")
+    (tmp_path / compare.OVERLAY_SOURCES).write_text(json.dumps(
+        {"sources": sources, "files": [p.name for p in files]}))
+    assert compare.drawn_overlays(tmp_path, sources) == files
+
+    retrained = compare.overlay_sources(
+        config, {report.TEACHER: report.ResultRow(**{**row.to_dict(), "miou": 51.0})})
+    assert compare.drawn_overlays(tmp_path, retrained) is None
+    config.eval.overlays = 1
+    assert compare.drawn_overlays(tmp_path, compare.overlay_sources(
+        config, {report.TEACHER: row})) is None
+    files[1].unlink()
+    assert compare.drawn_overlays(tmp_path, sources) is None
+    (tmp_path / compare.OVERLAY_SOURCES).write_text("{")  # killed while writing it
+    assert compare.drawn_overlays(tmp_path, sources) is None
