@@ -296,11 +296,12 @@ class Experiment:
 
 def _metric_names(exp: Experiment, abstract_state, teacher_state, batch_shapes) -> list[str]:
     # With the step's own input shardings, so that compiling the step reuses this trace.
-    repl, data = sharding.replicated(exp.mesh), sharding.batch_sharded(exp.mesh)
-    with_sharding = lambda tree, spec: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec), tree)
-    _, metrics = jax.eval_shape(exp._updated, with_sharding(abstract_state, repl),
-                                teacher_state, with_sharding(batch_shapes, data))
+    def placed(tree, spec):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec), tree)
+
+    _, metrics = jax.eval_shape(
+        exp._updated, placed(abstract_state, sharding.replicated(exp.mesh)), teacher_state,
+        placed(batch_shapes, sharding.batch_sharded(exp.mesh)))
     return sorted(metrics)
 
 
