@@ -104,11 +104,14 @@ def machine_info(threads: int, with_torch: bool = True) -> dict:
         import torch
 
         torch_version, torch_threads = torch.__version__, torch.get_num_threads()
-    model = "unknown CPU"
+    model, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if model != "unknown CPU" and flags:
                 break
     except OSError:
         pass
@@ -117,13 +120,37 @@ def machine_info(threads: int, with_torch: bool = True) -> dict:
     except (OSError, AttributeError):
         mem_kb = 0
     return {
-        "cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
+        "cpu": model, "vector_isa": vector_isa(flags), "machine": platform.machine(),
+        "cores": os.cpu_count(),
         "ram_gb": round(mem_kb / 2**20, 1), "python": platform.python_version(),
         "jax": jax.__version__, "torch": torch_version, "threads": threads,
         "torch_threads": torch_threads, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "load_average": round(os.getloadavg()[0], 2),
     }
+
+
+def vector_isa(flags: set[str]) -> str:
+    """The widest x86 vector extension in /proc/cpuinfo's flags, and its bfloat16 instructions.
+
+    Both libraries pick their kernels by it (a host with AVX-512 BF16 or AMX computes bfloat16
+    natively, one with AVX2 only converts), so runs on different hosts compare only with it named.
+    """
+    if "avx512f" in flags:
+        widest = "AVX-512"
+    elif "avx2" in flags:
+        widest = "AVX2"
+    else:
+        return ""
+    bf16 = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX BF16"))
+            if flag in flags]
+    return f"{widest}, " + (" and ".join(bf16) if bf16 else "no bfloat16 arithmetic")
+
+
+def cpu_description(m: dict) -> str:
+    """'<model> (<arch>[, <vector ISA>])' of a machine_info record."""
+    isa = f", {m['vector_isa']}" if m.get("vector_isa") else ""
+    return f"{m['cpu']} ({m['machine']}{isa})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -548,7 +575,7 @@ def table(result: dict) -> str:
     m = result["machine"]
     lines = [
         BEGIN,
-        f"Machine: {m['cpu']} ({m['machine']}), {m['cores']} cores, {m['ram_gb']:g} GB RAM; Python "
+        f"Machine: {cpu_description(m)}, {m['cores']} cores, {m['ram_gb']:g} GB RAM; Python "
         f"{m['python']}, jax {m['jax']}, torch {m['torch']}. Threads: {m['threads']} for both "
         f"(CPU affinity {m['threads']} core{'s' if m['threads'] > 1 else ''}, XLA's thread pool sized from it, "
         f"`torch.set_num_threads({m['torch_threads']})`, OMP/MKL_NUM_THREADS={m['threads']}"

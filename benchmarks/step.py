@@ -496,7 +496,7 @@ def machine_line(m: dict) -> str:
                   if with_torch else "")
                + (f", OMP_WAIT_POLICY={m['omp_wait_policy']}" if with_torch and m.get("omp_wait_policy") else "")
                + (f", XLA_FLAGS `{m['xla_flags']}`" if m["xla_flags"] else "") + ")")
-    return (f"Machine: {m['cpu']} ({m['machine']}), {m['cores']} cores, {m['ram_gb']:g} GB RAM; Python "
+    return (f"Machine: {losses.cpu_description(m)}, {m['cores']} cores, {m['ram_gb']:g} GB RAM; Python "
             f"{m['python']}, jax {m['jax']}{torch_part}. {threads}. Load average "
             f"{m['load_average']:.1f} when the run started (the machine may be shared).")
 

@@ -10,9 +10,9 @@ and teacher may have different channel counts (only N, H, W must match):
 
 Memory (methods.md §9.1). ``block_size=None`` materialises the affinity maps: O(P²) memory, which is
 ~270 MB per map for a 64×128 feature. An int ``block_size`` scans over blocks of that many rows
-of A, and each block turns its rows of the maps into its share of the gradient before the next
-block starts, so no map outlives its block: peak memory O(P·block_size), same value and gradient
-as the dense form.
+of one image's (or one group's) maps, and each block turns its rows of the maps into its share of
+the gradient before the next block starts, so no map outlives its block: peak memory
+O(P·block_size) per block whatever the batch size, same value and gradient as the dense form.
 
 PFS and SKD need no P×P map at all (``form='gram'``). With X (P×C) the normalised features of one
 image, ``Σ_ij (A^S − A^T)²_ij = ‖X_SᵀX_S‖² − 2‖X_SᵀX_T‖² + ‖X_TᵀX_T‖²`` (Frobenius norms of C×C
@@ -127,15 +127,16 @@ def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid:
     symmetric ``pair_term`` needs three (see ``symmetric``).
 
     Args:
-      pair_term: ``(a_s, a_t, col_valid) -> terms``. ``a_s``, ``a_t``: (G, B, k, B, P) rows of the
-        maps (group, image i, k rows of image i, image j, column); ``col_valid``: bool broadcastable
-        to them, or None when every column is valid. Returns (G, B, k, B). It must not let invalid
-        columns change the value (use ``where``, not multiplication).
+      pair_term: ``(a_s, a_t, col_valid) -> terms``. ``a_s``, ``a_t``: (B, k, B, P) rows of one
+        group's maps (image i, k rows of image i, image j, column); ``col_valid``: bool
+        broadcastable to them, or None when every column is valid. Returns (B, k, B). It must not
+        let invalid columns change the value (use ``where``, not multiplication).
       student: (G, B, P, C_s) per-pixel features, already normalised.
       teacher: (G, B, P, C_t) likewise.
       valid: bool (G, B, P) or None (every pixel valid). Invalid pixels must hold finite values.
-      block_size: None for the dense form; an int k scans over row blocks of k rows, so that peak
-        memory is O(P·k) instead of O(P²). P need not be a multiple of k: padded rows are masked.
+      block_size: None for the dense form; an int k scans over blocks of k rows of one group, so
+        that peak memory is O(B·P·k) instead of O(B²·P²), whatever the number of groups. P need
+        not be a multiple of k: padded rows are masked.
       symmetric: whether the sum is symmetric in the pairs, i.e. its gradient w.r.t. the map is
         G with ``G_{gij}[r, q] = G_{gji}[q, r]`` (a term of the entries alone, such as a squared
         difference, with symmetric masks). The gradient w.r.t. X^S then is ``(G + Gᵀ)X^S = 2 G X^S``
@@ -149,31 +150,38 @@ def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid:
 
 def _blocks(block_size: int | None, student: Array, teacher: Array,
             valid: Array | None) -> tuple[Array, Array, Array]:
-    """Rows of X^S, X^T and their validity, (blocks, G, B, k, ...); padded rows are invalid."""
-    g, b, p, _ = student.shape
-    rows_valid = jnp.ones((g, b, p), bool) if valid is None else valid
+    """One group's rows of X^S, X^T and their validity, (blocks, B, k, ...); padded rows are
+    invalid."""
+    b, p, _ = student.shape
+    rows_valid = jnp.ones((b, p), bool) if valid is None else valid
     k = p if block_size is None else block_size
     blocks = -(-p // k)
 
     def split_rows(x: Array) -> Array:
-        x = jnp.pad(x, [(0, 0), (0, 0), (0, blocks * k - p)] + [(0, 0)] * (x.ndim - 3))
-        return jnp.moveaxis(x.reshape(g, b, blocks, k, *x.shape[3:]), 2, 0)
+        x = jnp.pad(x, [(0, 0), (0, blocks * k - p)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, blocks, k, *x.shape[2:]), 1, 0)
 
     return split_rows(student), split_rows(teacher), split_rows(rows_valid)
 
 
 def _block_functions(pair_term: PairTerm, student: Array, teacher: Array, valid: Array | None):
-    """``maps(rows_s, rows_t) -> (A^S, A^T)`` rows of one block, (G, B, k, B, P) each, and
+    """For one group (``student`` (B, P, C_s), ``teacher`` (B, P, C_t), ``valid`` (B, P) or None):
+    ``maps(rows_s, rows_t) -> (A^S, A^T)`` rows of one block, (B, k, B, P) each, and
     ``kept_sum(a_s, a_t, rows_valid) -> Σ`` of ``pair_term`` over the kept rows of the block."""
     if valid is None:
         col_valid = image_has_valid = None
     else:
-        col_valid = valid[:, None, None, :, :]
-        image_has_valid = jnp.any(valid, axis=-1)[:, None, None, :]
+        col_valid = valid[None, None, :, :]
+        image_has_valid = jnp.any(valid, axis=-1)[None, None, :]
+
+    # The columns channel-major, (C, B, P), formed once per group: a product with (B, P, C)
+    # columns got a transposed copy of them in every block, where XLA's CPU backend left it.
+    columns_s = jnp.einsum("jqc->cjq", student)
+    columns_t = jnp.einsum("jqc->cjq", teacher)
 
     def maps(rows_s: Array, rows_t: Array) -> tuple[Array, Array]:
-        return (jnp.einsum("gikc,gjqc->gikjq", rows_s, student, precision=_PRECISION),
-                jnp.einsum("gikc,gjqc->gikjq", rows_t, teacher, precision=_PRECISION))
+        return (jnp.einsum("ikc,cjq->ikjq", rows_s, columns_s, precision=_PRECISION),
+                jnp.einsum("ikc,cjq->ikjq", rows_t, columns_t, precision=_PRECISION))
 
     def kept_sum(a_s: Array, a_t: Array, rows_valid: Array) -> Array:
         keep = rows_valid[..., None]
@@ -184,47 +192,70 @@ def _block_functions(pair_term: PairTerm, student: Array, teacher: Array, valid:
     return maps, kept_sum
 
 
+def _per_group(group_fn, student: Array, teacher: Array, valid: Array | None):
+    """``group_fn(student_g, teacher_g, valid_g)`` for every group in turn, results stacked.
+
+    The groups run one after another rather than batched, so that a block holds k rows of one
+    group, (B, k, B, P) per map: its memory does not grow with the number of groups, and at
+    ``block_size=256`` it stays within the CPU's last-level cache (benchmarks/RESULTS.md, 'One
+    group per block').
+    """
+    _, stacked = jax.lax.scan(lambda _, group: (None, group_fn(*group)), None,
+                              (student, teacher, valid))
+    return stacked
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _row_sum(pair_term: PairTerm, block_size: int | None, symmetric: bool, student: Array,
              teacher: Array, valid: Array | None) -> Array:
     """:func:`pairwise_row_sum` (value only: no gradient is formed)."""
-    maps, kept_sum = _block_functions(pair_term, student, teacher, valid)
 
-    def body(total, block):
-        rows_s, rows_t, rows_valid = block
-        return total + kept_sum(*maps(rows_s, rows_t), rows_valid), None
+    def group_total(student_g, teacher_g, valid_g):
+        maps, kept_sum = _block_functions(pair_term, student_g, teacher_g, valid_g)
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            _blocks(block_size, student, teacher, valid))
-    return total
+        def body(total, block):
+            rows_s, rows_t, rows_valid = block
+            return total + kept_sum(*maps(rows_s, rows_t), rows_valid), None
+
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                                _blocks(block_size, student_g, teacher_g, valid_g))
+        return total
+
+    return jnp.sum(_per_group(group_total, student, teacher, valid))
 
 
 def _row_sum_fwd(pair_term, block_size, symmetric, student, teacher, valid):
-    maps, kept_sum = _block_functions(pair_term, student, teacher, valid)
-    g, b, p, c = student.shape
-    # A symmetric sum's columns' share equals its rows' share, and is not carried.
-    columns_start = None if symmetric else jnp.zeros((g, c, b, p), jnp.float32)
 
-    def body(carry, block):
-        total, grad_columns = carry
-        rows_s, rows_t, rows_valid = block
-        a_s, a_t = maps(rows_s, rows_t)
-        value, grad_a = jax.value_and_grad(kept_sum)(a_s, a_t, rows_valid)
-        # A^S = X^S_rows · X^Sᵀ. The columns' share is formed transposed, (G, C, B, P): the
-        # contraction then runs over the leading axes of the block's rows and of grad_a, which
-        # the matrix product reads in place, where (G, B, P, C) would copy grad_a transposed.
-        grad_rows = jnp.einsum("gikjq,gjqc->gikc", grad_a, student, precision=_PRECISION)
-        if not symmetric:
-            grad_columns += jnp.einsum("gikc,gikjq->gcjq", rows_s, grad_a, precision=_PRECISION)
-        return (total + value, grad_columns), grad_rows
+    def group_total_and_grad(student_g, teacher_g, valid_g):
+        maps, kept_sum = _block_functions(pair_term, student_g, teacher_g, valid_g)
+        b, p, c = student_g.shape
+        # A symmetric sum's columns' share equals its rows' share, and is not carried.
+        columns_start = None if symmetric else jnp.zeros((c, b, p), jnp.float32)
 
-    (total, grad_columns), grad_rows = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), columns_start),
-        _blocks(block_size, student, teacher, valid))
-    grad_rows = jnp.moveaxis(grad_rows, 0, 2).reshape(g, b, -1, c)[:, :, :p]
-    if symmetric:
-        return total, 2.0 * grad_rows
-    return total, jnp.einsum("gcjq->gjqc", grad_columns) + grad_rows
+        def body(carry, block):
+            total, grad_columns = carry
+            rows_s, rows_t, rows_valid = block
+            a_s, a_t = maps(rows_s, rows_t)
+            value, grad_a = jax.value_and_grad(kept_sum)(a_s, a_t, rows_valid)
+            # A^S = X^S_rows · X^Sᵀ. The columns' share is formed transposed, (C, B, P): the
+            # contraction then runs over the leading axes of the block's rows and of grad_a,
+            # which the matrix product reads in place, where (B, P, C) would copy grad_a
+            # transposed.
+            grad_rows = jnp.einsum("ikjq,jqc->ikc", grad_a, student_g, precision=_PRECISION)
+            if not symmetric:
+                grad_columns += jnp.einsum("ikc,ikjq->cjq", rows_s, grad_a, precision=_PRECISION)
+            return (total + value, grad_columns), grad_rows
+
+        (total, grad_columns), grad_rows = jax.lax.scan(
+            body, (jnp.zeros((), jnp.float32), columns_start),
+            _blocks(block_size, student_g, teacher_g, valid_g))
+        grad_rows = jnp.moveaxis(grad_rows, 0, 1).reshape(b, -1, c)[:, :p]
+        if symmetric:
+            return total, 2.0 * grad_rows
+        return total, jnp.einsum("cjq->jqc", grad_columns) + grad_rows
+
+    totals, grad_student = _per_group(group_total_and_grad, student, teacher, valid)
+    return jnp.sum(totals), grad_student
 
 
 def _row_sum_bwd(pair_term, block_size, symmetric, grad_student, cotangent):
@@ -239,7 +270,9 @@ def _squared_difference_rows(a_s: Array, a_t: Array, col_valid: Array | None) ->
     squared = jnp.square(a_s - a_t)
     if col_valid is not None:
         squared = jnp.where(col_valid, squared, 0.0)
-    return jnp.sum(squared, axis=-1)
+    # Summed as a (rows, P) matrix: inside the block loop, XLA's CPU backend kept the unit axes of
+    # a (B, k, B) result (B = 1 for PFS and SKD) in a reduction that ran 30× slower than this one.
+    return jnp.sum(squared.reshape(-1, squared.shape[-1]), axis=-1).reshape(squared.shape[:-1])
 
 
 def _kl_rows(tau: float) -> PairTerm:

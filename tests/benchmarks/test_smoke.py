@@ -170,6 +170,19 @@ def test_machine_info_without_torch_leaves_later_imports_working():
     run_python(code)
 
 
+def test_machine_line_names_the_vector_isa_and_its_bfloat16_arithmetic():
+    losses = load_module("losses")
+    assert losses.vector_isa({"avx2", "fma"}) == "AVX2, no bfloat16 arithmetic"
+    assert losses.vector_isa({"avx2", "avx512f", "avx512_bf16"}) == "AVX-512, AVX-512 BF16"
+    assert (losses.vector_isa({"avx512f", "avx512_bf16", "amx_bf16"})
+            == "AVX-512, AVX-512 BF16 and AMX BF16")
+    assert losses.vector_isa({"neon"}) == ""
+    record = {"cpu": "AMD EPYC", "machine": "x86_64", "vector_isa": "AVX2, no bfloat16 arithmetic"}
+    assert losses.cpu_description(record) == "AMD EPYC (x86_64, AVX2, no bfloat16 arithmetic)"
+    # Records saved before the field existed still render.
+    assert losses.cpu_description({"cpu": "AMD EPYC", "machine": "x86_64"}) == "AMD EPYC (x86_64)"
+
+
 def test_compare_throughput_reads_every_run(tmp_path):
     def write(run, rates):
         run.mkdir(parents=True)

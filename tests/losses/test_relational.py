@@ -186,9 +186,9 @@ def test_gradient_products_beyond_the_maps(block_size, name, options, gradient_p
     assert dot_count(jax.value_and_grad(loss), student) == 2 + gradient_products
 
 
-def temp_bytes(loss, side, **options):
-    """Compiled temporary memory of the student gradient for a (2, side, side, 4) feature."""
-    feat = jax.ShapeDtypeStruct((2, side, side, 4), jnp.float32)
+def temp_bytes(loss, side, batch=2, **options):
+    """Compiled temporary memory of the student gradient for a (batch, side, side, 4) feature."""
+    feat = jax.ShapeDtypeStruct((batch, side, side, 4), jnp.float32)
     step = jax.jit(jax.grad(lambda s, t: loss(s, t, **options)))
     return step.lower(feat, feat).compile().memory_analysis().temp_size_in_bytes
 
@@ -205,6 +205,15 @@ def test_blockwise_memory_grows_linearly_with_pixels(name, options):
         assert large / small < 6, blocked
     assert dense[1] / dense[0] > 12, dense
     assert dense[1] > 10 * blocked[2], (dense, blocked)
+
+
+@pytest.mark.parametrize("name, options", [("pfs", {"form": "pairs"}), ("cirkd", {})])
+def test_blockwise_memory_does_not_grow_with_the_number_of_groups(name, options):
+    loss, _ = LOSSES[name]
+    # P = 1024: a block's maps hold 64 × 1024 entries per image pair, the features 4 per pixel.
+    one, eight = (temp_bytes(loss, 32, batch=batch, block_size=64, **options) for batch in (2, 16))
+    # The groups take turns: 8× the groups adds their features and gradients, not 8× the maps.
+    assert eight < 2 * one, (one, eight)
 
 
 def test_gram_form_memory_grows_linearly_with_pixels():
