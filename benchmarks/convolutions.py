@@ -3,6 +3,7 @@ forward + backward, in XLA against PyTorch (oneDNN) on the same shapes.
 
     python benchmarks/convolutions.py [--model NAME] [--size H W] [--batch N] [--reps R]
                                       [--threads N] [--json FILE] [--write]
+    python benchmarks/convolutions.py --from_json FILE [--write]     # the table of a saved run
 
 The convolutions are read off the PyTorch model (``tests/torch_reference``'s CIRKD networks, the
 ones ``step.py`` times) with forward hooks during one train-mode forward: input shape, kernel,
@@ -212,7 +213,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
+    if args.from_json:
+        return results_file.replay(
+            args.from_json, table,
+            (lambda text: results_file.write_generated(SECTION, BEGIN, END, text)) if args.write else None)
     result = measure(args)
     results_file.emit(result, table(result), json_path=args.json, write=args.write,
                       section=SECTION, begin=BEGIN, end=END)

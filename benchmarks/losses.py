@@ -677,16 +677,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--process", choices=("per_case", "shared"), default="per_case",
                         help="run each (loss, size) case in a fresh process (default) or all in this one")
     parser.add_argument("--cases_json", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--from_json", default=None,
-                        help="measure nothing: print (and with --write record) the table of a saved --json run")
+    parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
-        text = table(result)
-        print(text)
-        if args.write:
-            write_section(text)
-        return result
+        return results_file.replay(args.from_json, table, write_section if args.write else None)
     args.compile = args.compile or ("off" if args.quick else "on")
     args.budget = args.budget if args.budget is not None else (0.5 if args.quick else 4.0)
     args.min_reps = args.min_reps or (2 if args.quick else 3)

@@ -29,3 +29,17 @@ def emit(result: dict, text: str, *, json_path: str | None, write: bool,
         Path(json_path).write_text(json.dumps(result, indent=1))
     if write:
         write_generated(section, begin, end, text)
+
+
+FROM_JSON_HELP = "measure nothing: print (and with --write record) the table of a saved --json run"
+
+
+def replay(json_path: str, table, write_section=None) -> dict:
+    """The result a ``--json`` run saved: its ``table`` printed, and passed to ``write_section``
+    when given (``--from_json FILE [--write]``), so a finished run's table can be recorded later."""
+    result = json.loads(Path(json_path).read_text())
+    text = table(result)
+    print(text)
+    if write_section is not None:
+        write_section(text)
+    return result

@@ -4,6 +4,7 @@ and resolution.
     python benchmarks/step.py [--quick] [--size H W] [--batch N] [--reps R] [--student NAME]
                               [--teacher NAME] [--dtypes float32,bfloat16] [--threads N]
                               [--json FILE] [--write] [--no-torch]
+    python benchmarks/step.py --from_json FILE [--write]     # the table of a saved run
 
 Three cases, each timed as one full call:
 
@@ -597,7 +598,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     parser.add_argument("--no-torch", dest="torch", action="store_false",
                         help="kdjax only (for machines without PyTorch)")
+    parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
+    if args.from_json:
+        return results_file.replay(args.from_json, table, write_section if args.write else None)
     defaults = QUICK if args.quick else {"size": (256, 256), "batch": 8, "reps": 5,
                                          "student": "deeplabv3_resnet18", "teacher": "deeplabv3_resnet101"}
     for name, value in defaults.items():

@@ -160,6 +160,12 @@ def test_step_quick_without_torch(tmp_path):
         assert row["kdjax"]["median_ms"] > 0 and set(row) == {"kdjax"}
     assert block["step_target_met"] is None
     assert "not measured (no PyTorch)" in stdout
+    # A saved run's table, printed again without measuring.
+    replay = subprocess.run([sys.executable, str(BENCHMARKS / "step.py"), "--from_json",
+                             str(tmp_path / "step.json")], cwd=ROOT, env=plain_cpu_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    assert replay.stdout.strip() == stdout.strip()
 
 
 def test_machine_info_without_torch_leaves_later_imports_working():
