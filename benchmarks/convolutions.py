@@ -216,9 +216,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
     if args.from_json:
-        return results_file.replay(
-            args.from_json, table,
-            (lambda text: results_file.write_generated(SECTION, BEGIN, END, text)) if args.write else None)
+        writer = results_file.section_writer(SECTION, BEGIN, END) if args.write else None
+        return results_file.replay(args.from_json, table, writer)
     result = measure(args)
     results_file.emit(result, table(result), json_path=args.json, write=args.write,
                       section=SECTION, begin=BEGIN, end=END)

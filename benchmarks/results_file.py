@@ -31,6 +31,12 @@ def emit(result: dict, text: str, *, json_path: str | None, write: bool,
         write_generated(section, begin, end, text)
 
 
+def section_writer(section: str, begin: str, end: str):
+    """``text -> None`` writing a generated table between ``begin`` and ``end`` (see
+    :func:`write_generated`)."""
+    return lambda text: write_generated(section, begin, end, text)
+
+
 FROM_JSON_HELP = "measure nothing: print (and with --write record) the table of a saved --json run"
 
 

@@ -3,6 +3,7 @@ the step faster on this machine.
 
     python benchmarks/xla_flags.py [--size H W] [--batch N] [--steps K] [--rounds R]
                                    [--variants NAME,...] [--json FILE] [--write]
+    python benchmarks/xla_flags.py --from_json FILE [--write]     # the table of a saved run
 
 Each variant is a set of ``XLA_FLAGS`` (and optionally the compute dtype) applied to a fresh
 process, since XLA reads its flags once at start-up. The process builds the student-alone train
@@ -152,7 +153,11 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
+    if args.from_json:
+        writer = results_file.section_writer(SECTION, BEGIN, END) if args.write else None
+        return results_file.replay(args.from_json, table, writer)
     if args.child:
         print(json.dumps(child(args)))
         return None
