@@ -120,8 +120,7 @@ def write_comparison_overlays(config: ml_collections.ConfigDict, rows: list[repo
     (out_dir / OVERLAY_SOURCES).unlink(missing_ok=True)
     paths = write_prediction_overlays(config, predictors, out_dir, config.eval.overlays,
                                       prediction_only_copies=True)
-    (out_dir / OVERLAY_SOURCES).write_text(json.dumps(
-        {"sources": sources, "files": [p.name for p in paths]}, indent=1))
+    record_overlays(out_dir, sources, paths)
     return paths
 
 
@@ -132,6 +131,13 @@ def overlay_sources(config: ml_collections.ConfigDict,
     return json.loads(json.dumps(
         {"panels": {label: row.to_dict() for label, row in panels.items()},
          "data": config.data.to_dict(), "eval": config.eval.to_dict()}))
+
+
+def record_overlays(out_dir: Path, sources: dict, paths: list[Path]) -> None:
+    """Names the overlay files in ``out_dir`` and what they were drawn from, for
+    :func:`drawn_overlays`."""
+    (out_dir / OVERLAY_SOURCES).write_text(json.dumps(
+        {"sources": sources, "files": [p.name for p in paths]}, indent=1))
 
 
 def drawn_overlays(out_dir: Path, sources: dict) -> list[Path] | None:

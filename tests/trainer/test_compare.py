@@ -71,8 +71,7 @@ def test_overlays_are_drawn_again_unless_their_sources_and_files_are_unchanged(t
     files = [tmp_path / "overlay_000.png", tmp_path / "overlay_001.png"]
     for path in files:
         path.write_bytes(b"png")
-    (tmp_path / compare.OVERLAY_SOURCES).write_text(json.dumps(
-        {"sources": sources, "files": [p.name for p in files]}))
+    compare.record_overlays(tmp_path, sources, files)
     assert compare.drawn_overlays(tmp_path, sources) == files
 
     retrained = compare.overlay_sources(
