@@ -46,6 +46,9 @@ Method:
   cost of the distillation losses with the teacher's forward taken out; the target is ≤ 5 %.
 - XLA flags: the environment's ``XLA_FLAGS`` plus ``kdjax.cpu_flags.CPU_FLAGS``, which the ``kdjax``
   command sets too.
+- Host memory: freed memory is kept for reuse (``kdjax.host_memory``), as the ``kdjax`` command has
+  it, for both libraries (they share the process). ``--default-allocator`` keeps glibc's defaults,
+  under which every step's fresh buffers fault their pages in again.
 - ``--dtypes float32,bfloat16`` adds a bfloat16 block: the kdjax networks compute in bfloat16
   (parameters stay float32), PyTorch runs under ``torch.autocast('cpu', dtype=torch.bfloat16)``.
 
@@ -70,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import losses  # noqa: E402
 from kdjax.cpu_flags import add_cpu_flags  # noqa: E402
+from kdjax.host_memory import keep_freed_memory  # noqa: E402
 import results_file  # noqa: E402
 
 SECTION = "## Train step"
@@ -508,6 +512,14 @@ def machine_line(m: dict) -> str:
             f"{m['load_average']:.1f} when the run started (the machine may be shared).")
 
 
+HOST_MEMORY = {
+    "kept": "Host memory: freed memory kept for reuse in both libraries' process (`kdjax.host_memory`, "
+            "as the `kdjax` command has it).",
+    "glibc default": "Host memory: glibc's defaults (`--default-allocator`): each step's fresh "
+                     "buffers fault their pages in again.",
+}
+
+
 def table(result: dict) -> str:
     s = result["settings"]
     h, w = s["size"]
@@ -527,7 +539,8 @@ def table(result: dict) -> str:
         "PyTorch from `FlopCounterMode` with convolutions counted over the kernel taps inside the "
         "input, as XLA counts them; % of peak = GFLOP / time / the CPU's peak, the faster "
         "library's float32 matmul rate. MB: kdjax = XLA buffer assignment (arguments + outputs + temporaries − donated); "
-        "PyTorch = tensors held at the start + allocator peak during the step (torch.profiler).",
+        "PyTorch = tensors held at the start + allocator peak during the step (torch.profiler). "
+        + HOST_MEMORY[s.get("host_memory", "glibc default")],
         "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]
     cpu_peak = max(result["matmul_peak_gflops"].values())
@@ -605,6 +618,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     parser.add_argument("--no-torch", dest="torch", action="store_false",
                         help="kdjax only (for machines without PyTorch)")
+    parser.add_argument("--default-allocator", dest="keep_freed_memory", action="store_false",
+                        help="keep glibc's allocator defaults (default: freed memory kept for reuse, "
+                             "as the kdjax command has it)")
     parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
     if args.from_json:
@@ -620,6 +636,7 @@ def main(argv=None) -> dict:
 
     threads = losses.configure_threads(args.threads)
     add_cpu_flags()  # as the kdjax command does: the train step compiled as training compiles it
+    host_memory = "kept" if args.keep_freed_memory and keep_freed_memory() else "glibc default"
     if args.torch:
         import torch
 
@@ -634,7 +651,7 @@ def main(argv=None) -> dict:
                            "student": args.student, "teacher": args.teacher, "classes": CLASSES,
                            "dtypes": dtypes, "torch": args.torch, "learning_rate": LR,
                            "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "aux_weight": AUX_WEIGHT,
-                           "cwd_weight": CWD_WEIGHT, "cwd_tau": CWD_TAU},
+                           "cwd_weight": CWD_WEIGHT, "cwd_tau": CWD_TAU, "host_memory": host_memory},
               "overhead_target_percent": OVERHEAD_TARGET, "step_target_ratio": STEP_TARGET}
     # The peaks first, before the networks take memory; the same number of rounds as the steps.
     result["matmul_peak_gflops"] = matmul_peaks(max(args.reps, 3), args.torch)

@@ -16,6 +16,7 @@ import os
 import sys
 
 from kdjax.cpu_flags import add_cpu_flags
+from kdjax.host_memory import keep_freed_memory
 
 CONFIG_PREFIX = "--config."
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     # TensorFlow (the input pipeline only) would otherwise print C++ start-up notices.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     add_cpu_flags()
+    keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = split_overrides(argv)
     args = build_parser().parse_args(rest)

@@ -151,12 +151,14 @@ def test_step_quick(tmp_path):
         assert isinstance(block["overhead_target_met"][side], bool)
     assert isinstance(block["step_target_met"], bool)
     assert "<!-- step.py: begin -->" in stdout and "| distill | float32 |" in stdout
+    assert result["settings"]["host_memory"] == "kept" and "freed memory kept for reuse" in stdout
 
 
 @pytest.mark.slow
 def test_step_quick_without_torch(tmp_path):
-    result, stdout = run_script("step.py", tmp_path, "--quick", "--no-torch")
+    result, stdout = run_script("step.py", tmp_path, "--quick", "--no-torch", "--default-allocator")
     assert result["machine"]["torch"] == "" and set(result["matmul_peak_gflops"]) == {"kdjax"}
+    assert result["settings"]["host_memory"] == "glibc default" and "glibc's defaults" in stdout
     [block] = result["blocks"]
     for row in block["cases"].values():
         assert row["kdjax"]["median_ms"] > 0 and set(row) == {"kdjax"}
