@@ -5,10 +5,11 @@ An XLA CPU program allocates its temporaries and outputs afresh on every call: a
 DeepLabV3-ResNet18 train step at 256×256, batch 8. glibc serves a large block with a fresh
 ``mmap`` and unmaps it when it is freed; a worker thread's arena grows in 64 MB heaps and falls
 back to ``mmap`` above that whatever the thresholds say. So every 4 KB page of those 2 GB faults
-and is zeroed by the kernel again on every step, 1.3–2 s of a 5–7 s step on a 2-core CPU
-(benchmarks/RESULTS.md, 'Train step', item 29). With one arena, no ``mmap`` for allocations and no
-trimming, the step's buffers come from one heap that is reused from the second step on, and the
-faults stop.
+and is zeroed by the kernel again on every step: 1–2 s of a 6–7 s step on a 2-core CPU
+(benchmarks/RESULTS.md, 'Closing the gap', item 29). With one arena, no ``mmap`` for allocations
+and no trimming, the step's buffers come from one heap that is reused from the second step on,
+and the faults stop. The input pipeline's tf.data threads, which then share that arena, delivered
+the same images/s.
 
 The price: the process keeps the peak of its heap until it exits, which for a training process
 is what it needs again at the next step. The setting is glibc's (``mallopt``); elsewhere, or when
