@@ -517,6 +517,8 @@ HOST_MEMORY = {
             "as the `kdjax` command has it).",
     "glibc default": "Host memory: glibc's defaults (`--default-allocator`): each step's fresh "
                      "buffers fault their pages in again.",
+    "environment": "Host memory: the allocator as the environment sets it (an allocator setting "
+                   "of its own, or a C library other than glibc, so `kdjax.host_memory` left it).",
 }
 
 
@@ -636,7 +638,8 @@ def main(argv=None) -> dict:
 
     threads = losses.configure_threads(args.threads)
     add_cpu_flags()  # as the kdjax command does: the train step compiled as training compiles it
-    host_memory = "kept" if args.keep_freed_memory and keep_freed_memory() else "glibc default"
+    host_memory = (("kept" if keep_freed_memory() else "environment") if args.keep_freed_memory
+                   else "glibc default")
     if args.torch:
         import torch
 

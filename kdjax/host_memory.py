@@ -20,7 +20,6 @@ the user has chosen an allocator setting of their own through ``GLIBC_TUNABLES``
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Mapping
 
@@ -45,14 +44,12 @@ def users_own_setting(environ: Mapping[str, str]) -> bool:
 
 
 def _glibc():
-    """The process's C library when it is glibc (it has ``mallopt``), else None."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The process's own symbols when its C library is glibc (which has ``mallopt``), else None.
+    Read from the running process rather than looked up by name, which would start ``ldconfig``."""
     try:
-        libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # noqa: B018 (present in glibc only)
-        return libc
+        process = ctypes.CDLL(None)
+        process.gnu_get_libc_version  # noqa: B018 (present in glibc only)
+        return process
     except (OSError, AttributeError):
         return None
 
