@@ -646,9 +646,8 @@ def verdict(result: dict) -> tuple[list[str], list[str]]:
     return meets, misses
 
 
-def write_section(text: str) -> None:
-    """Replaces the generated part of the 'Losses' section (or appends the section)."""
-    results_file.write_generated(SECTION, BEGIN, END, text)
+# Replaces the generated part of the 'Losses' section (or appends the section).
+write_section = results_file.section_writer(SECTION, BEGIN, END)
 
 
 # --------------------------------------------------------------------------------------------------

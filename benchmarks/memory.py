@@ -138,9 +138,8 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replaces the generated part of the 'Memory' section (or appends the section)."""
-    results_file.write_generated(SECTION, BEGIN, END, text)
+# Replaces the generated part of the 'Memory' section (or appends the section).
+write_section = results_file.section_writer(SECTION, BEGIN, END)
 
 
 def main(argv=None) -> dict:
