@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kdjax.models import convolution
+from kdjax.models import convolution, winograd
 from kdjax.models.convolution import Geometry, conv2d, touching_taps
 
 # (size (H, W), C_in, C_out, kernel, stride, padding, dilation, groups)
@@ -82,12 +82,16 @@ def _case(name, seed=0):
     return x, kernel, options
 
 
-@pytest.fixture(params=["as configured", "tap form everywhere"])
-def tap_form(request, monkeypatch):
-    """Runs a test with the CPU's tap form as configured (XLA's convolution for these small
-    cases) and with it taken wherever TAP_FORM_FRACTION allows, whatever the size."""
-    if request.param == "tap form everywhere":
+@pytest.fixture(params=["as configured", "tap form everywhere", "winograd everywhere"])
+def cpu_form(request, monkeypatch):
+    """Runs a test with the CPU's forms as configured (XLA's convolution for these small cases);
+    with the tap form taken wherever TAP_FORM_FRACTION allows, whatever the size; and with
+    Winograd's form taken for every float32 stride-1 3×3 convolution, the rest as before."""
+    if request.param != "as configured":
         monkeypatch.setattr(convolution, "TAP_FORM_MIN_FLOP", 0)
+    if request.param == "winograd everywhere":
+        monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 0)
+        monkeypatch.setattr(convolution, "WINOGRAD_MIN_VALID_FRACTION", 0.0)
     return request.param
 
 
@@ -96,7 +100,7 @@ def _f32(*arrays):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_value_and_gradients_match_the_float64_reference(name, tap_form):
+def test_value_and_gradients_match_the_float64_reference(name, cpu_form):
     x, kernel, options = _case(name)
     expected = reference_forward(x, kernel, **options)
     cotangent = np.random.default_rng(1).standard_normal(expected.shape)
@@ -116,9 +120,12 @@ def _geometry(x, kernel, options):
 
 
 STRIDE_1 = [name for name, case in CASES.items() if case[4] == (1, 1)]
+WINOGRAD = [name for name, case in CASES.items()
+            if case[3] == (3, 3) and case[4] == (1, 1) and case[7] == 1]
 BACKWARDS = [(backward, name) for backward, names in
              [(convolution.tap_backward, CASES), (convolution.xla_backward, CASES),
-              (convolution.block_backward, STRIDE_1)] for name in names]
+              (convolution.block_backward, STRIDE_1), (convolution.winograd_backward, WINOGRAD)]
+             for name in names]
 
 
 @pytest.mark.parametrize("backward, name", BACKWARDS,
@@ -200,7 +207,7 @@ def test_pruned_taps_get_exactly_zero_gradient():
 
 @pytest.mark.parametrize("name", ["3x3 stride 2", "depthwise", "dilation partly past the map",
                                   "groups 3, multiplier 2"])
-def test_bfloat16_stays_bfloat16_and_close_to_float32(name, tap_form):
+def test_bfloat16_stays_bfloat16_and_close_to_float32(name, cpu_form):
     x, kernel, options = _case(name, seed=5)
     x32, k32 = _f32(x, kernel)
 
@@ -222,7 +229,7 @@ def test_bfloat16_stays_bfloat16_and_close_to_float32(name, tap_form):
 
 
 @pytest.mark.parametrize("name", ["strided and dilated", "dilation partly past the map"])
-def test_vmap_equals_a_loop(name, tap_form):
+def test_vmap_equals_a_loop(name, cpu_form):
     x, kernel, options = _case(name, seed=6)
     x, kernel = _f32(x, kernel)
     stacked = jnp.stack([x, 2.0 * x, -x])
@@ -240,7 +247,7 @@ def test_vmap_equals_a_loop(name, tap_form):
         np.testing.assert_allclose(dks[index], dk, rtol=1e-5, atol=1e-4)
 
 
-def test_batch_sharded_over_devices_equals_one_device(tap_form):
+def test_batch_sharded_over_devices_equals_one_device(cpu_form):
     devices = np.array(jax.devices())
     if devices.size < 2:
         pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
@@ -312,3 +319,53 @@ def test_other_convolutions_run_as_xla_convolution_on_cpu(name, min_flop, monkey
     assert not convolution.runs_in_tap_form(x.shape, kernel.shape, _geometry(x, kernel, options))
     for text in _cpu_programs(name):
         assert "convolution" in text
+
+
+def test_winograd_form_with_uneven_padding_and_dilation_matches_the_reference():
+    """Different pads on each side and a different dilation per axis, on sizes that the 2·d-output
+    tiles do not divide: the reference runs on the input padded the same way, unpadded."""
+    rng = np.random.default_rng(8)
+    x, kernel = rng.standard_normal((2, 9, 7, 3)), rng.standard_normal((3, 3, 3, 4))
+    padding, dilation = ((2, 0), (1, 3)), (1, 2)
+    padded = np.pad(x, ((0, 0), *padding, (0, 0)))
+    options = dict(stride=(1, 1), padding=(0, 0), dilation=dilation, groups=1)
+    expected = reference_forward(padded, kernel, **options)
+    cotangent = rng.standard_normal(expected.shape)
+    expected_dx, expected_dk = reference_gradients(padded, kernel, cotangent, **options)
+    expected_dx = expected_dx[:, 2:11, 1:8]
+
+    out, vjp = jax.vjp(jax.jit(lambda x, k: winograd.winograd_convolution(x, k, padding, dilation)),
+                       *_f32(x, kernel))
+    dx, dk = vjp(jnp.asarray(cotangent, jnp.float32))
+    np.testing.assert_allclose(out, expected, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(dx, expected_dx, atol=1e-5 * np.abs(expected_dx).max())
+    np.testing.assert_allclose(dk, expected_dk, atol=1e-5 * np.abs(expected_dk).max())
+
+
+def _student_convolution(c_in, c_out, size, dilation, dtype=jnp.float32, stride=1):
+    x = jax.ShapeDtypeStruct((8, size, size, c_in), dtype)
+    kernel = jax.ShapeDtypeStruct((3, 3, c_in, c_out), dtype)
+    return x, kernel, Geometry((stride, stride), ((dilation, dilation),) * 2, (dilation, dilation), 1)
+
+
+@pytest.mark.parametrize("c_in, c_out, size, dilation", [(512, 512, 32, 4), (256, 256, 32, 2),
+                                                        (128, 128, 32, 1), (256, 512, 32, 2)])
+def test_wide_student_convolutions_run_in_winograd_form_on_cpu(c_in, c_out, size, dilation):
+    """DeepLabV3-R18's 3×3 convolutions of 128 channels and more (output stride 8, 256×256 crops):
+    no convolution op forward or backward, 16 products forward. Lowered only."""
+    x, kernel, geometry = _student_convolution(c_in, c_out, size, dilation)
+    assert convolution.runs_in_winograd_form(x, kernel, geometry)
+    forward = jax.jit(lambda x, k: convolution.cpu_forward(x, k, geometry)).lower(x, kernel).as_text()
+    cotangent = jax.ShapeDtypeStruct((8, size, size, c_out), jnp.float32)
+    backward = jax.jit(lambda x, k, g: convolution.cpu_backward(x, k, g, geometry)).lower(
+        x, kernel, cotangent).as_text()
+    assert "convolution" not in forward and "convolution" not in backward
+    assert "16x8x" in forward and "dot_general" in forward
+
+
+@pytest.mark.parametrize("case", [
+    (64, 64, 64, 1, jnp.float32, 1), (512, 512, 32, 12, jnp.float32, 1),
+    (512, 512, 32, 4, jnp.bfloat16, 1), (128, 128, 64, 1, jnp.float32, 2)],
+    ids=["64 channels", "mostly padding (ASPP rate 12)", "bfloat16", "stride 2"])
+def test_other_convolutions_keep_their_forms(case):
+    assert not convolution.runs_in_winograd_form(*_student_convolution(*case))
