@@ -2,7 +2,7 @@
 forward + backward, in XLA against PyTorch (oneDNN) on the same shapes.
 
     python benchmarks/convolutions.py [--model NAME] [--size H W] [--batch N] [--reps R]
-                                      [--threads N] [--json FILE] [--write]
+                                      [--threads N] [--default-allocator] [--json FILE] [--write]
     python benchmarks/convolutions.py --from_json FILE [--write]     # the table of a saved run
 
 The convolutions are read off the PyTorch model (``tests/torch_reference``'s CIRKD networks, the
@@ -25,6 +25,9 @@ kdjax faster). The totals weigh each row by its count, which is the convolution 
 student train step (forward + backward) or teacher forward. ``XLA_FLAGS`` from the environment
 apply (the table names them), so ``XLA_FLAGS=--xla_cpu_use_onednn=true python ...`` measures
 XLA's oneDNN path on the same rows.
+
+Freed host memory is kept for reuse, as in ``step.py`` and the ``kdjax`` command, unless
+``--default-allocator``: Winograd's transformed tiles are fresh buffers of 4× the input on every call.
 
 ``--write`` puts the table into the 'Convolutions' section of benchmarks/RESULTS.md.
 """
@@ -146,6 +149,7 @@ def torch_calls(config):
 
 def measure(args) -> dict:
     threads = losses.configure_threads(args.threads)
+    host_memory = step.set_host_memory(args)
     configs = model_convolutions(args.model, tuple(args.size), args.batch)
     rows = []
     for config, count in sorted(configs.items(), key=lambda item: -forward_gflop(item[0]) * item[1]):
@@ -165,7 +169,8 @@ def measure(args) -> dict:
     return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "model": args.model,
             "size": list(args.size), "batch": args.batch, "reps": args.reps, "threads": threads,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "load_average": round(os.getloadavg()[0], 2), "rows": rows, "totals": totals}
+            "load_average": round(os.getloadavg()[0], 2), "host_memory": host_memory, "rows": rows,
+            "totals": totals}
 
 
 def describe(config) -> str:
@@ -187,7 +192,8 @@ def table(result: dict) -> str:
              f"Every distinct convolution of {result['model']} in a train-mode forward at {h}×{w}, "
              f"batch {result['batch']}; {flags}, {result['threads']} threads, median of "
              f"{result['reps']} interleaved repetitions; load average {result['load_average']} at "
-             "the end. Times in ms; ratio = PyTorch / kdjax (> 1: kdjax faster).", "",
+             "the end. Times in ms; ratio = PyTorch / kdjax (> 1: kdjax faster). "
+             + step.HOST_MEMORY[result.get("host_memory", "glibc default")], "",
              f"    python benchmarks/{result['command']}", "",
              "| convolution | count | GFLOP fwd | kdjax fwd | PyTorch fwd | ratio | kdjax fwd+bwd | "
              "PyTorch fwd+bwd | ratio | XLA autodiff fwd+bwd | ratio |",
@@ -213,6 +219,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json")
     parser.add_argument("--write", action="store_true")
+    step.add_allocator_option(parser)
     parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
     if args.from_json:

@@ -522,6 +522,21 @@ HOST_MEMORY = {
 }
 
 
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    """``--default-allocator``, read by :func:`set_host_memory`."""
+    parser.add_argument("--default-allocator", dest="keep_freed_memory", action="store_false",
+                        help="keep glibc's allocator defaults (default: freed memory kept for reuse, "
+                             "as the kdjax command has it)")
+
+
+def set_host_memory(args) -> str:
+    """Keeps freed memory for reuse unless ``--default-allocator``; the ``HOST_MEMORY`` key of what
+    the process got."""
+    if not args.keep_freed_memory:
+        return "glibc default"
+    return "kept" if keep_freed_memory() else "environment"
+
+
 def table(result: dict) -> str:
     s = result["settings"]
     h, w = s["size"]
@@ -620,9 +635,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     parser.add_argument("--no-torch", dest="torch", action="store_false",
                         help="kdjax only (for machines without PyTorch)")
-    parser.add_argument("--default-allocator", dest="keep_freed_memory", action="store_false",
-                        help="keep glibc's allocator defaults (default: freed memory kept for reuse, "
-                             "as the kdjax command has it)")
+    add_allocator_option(parser)
     parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
     if args.from_json:
@@ -638,8 +651,7 @@ def main(argv=None) -> dict:
 
     threads = losses.configure_threads(args.threads)
     add_cpu_flags()  # as the kdjax command does: the train step compiled as training compiles it
-    host_memory = (("kept" if keep_freed_memory() else "environment") if args.keep_freed_memory
-                   else "glibc default")
+    host_memory = set_host_memory(args)
     if args.torch:
         import torch
 

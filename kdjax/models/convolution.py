@@ -15,8 +15,8 @@ maths and remove wasted work.
    shifts (:func:`row_shifted_kernel_gradient`), which write 3 + 3 copies for a 3×3 kernel
    instead of 9. The input gradient stays XLA's.
 3. **On CPU, stride-1 3×3 convolutions of at least ``WINOGRAD_MIN_CHANNELS`` channels run by
-   Winograd's F(2×2, 3×3)** (:mod:`kdjax.models.winograd`), forward and, by autodiff of the same
-   form, backward: 2.25× fewer products, for the students' 128–512-channel convolutions 1.2–1.8×
+   Winograd's F(2×2, 3×3)** (:mod:`kdjax.models.winograd`), forward and
+   backward: 2.25× fewer products, for the students' 128–512-channel convolutions 1.2–1.8×
    faster forward + backward than the forms below (benchmarks/RESULTS.md, item 32).
 4. **On CPU, 1×1 convolutions and those whose products mostly read padding run in the tap form**
    (:func:`runs_in_tap_form`): forward as a sum of per-tap matrix products over the outputs each
@@ -39,7 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kdjax.models.winograd import winograd_convolution
+from kdjax.models.winograd import winograd_convolution, winograd_gradients
 
 Array = jax.Array
 
@@ -445,25 +445,17 @@ def block_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     return dx.astype(x.dtype), d_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
-def _autodiff_backward(forward, x: Array, kernel: Array, cotangent: Array, geometry: Geometry
-                       ) -> tuple[Array, Array]:
-    """(dx, dK) of ``forward(x, kernel, geometry)`` by JAX's autodiff. Inside the compiled step
-    the forward's own output is unused, and XLA removes it."""
-    _, vjp = jax.vjp(functools.partial(forward, geometry=geometry), x, kernel)
-    return vjp(cotangent)
-
-
 def xla_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
                  ) -> tuple[Array, Array]:
     """(dx, dK) of the convolution as XLA differentiates it."""
-    return _autodiff_backward(xla_convolution, x, kernel, cotangent, geometry)
+    _, vjp = jax.vjp(functools.partial(xla_convolution, geometry=geometry), x, kernel)
+    return vjp(cotangent)
 
 
 def winograd_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
                       ) -> tuple[Array, Array]:
-    """(dx, dK) of :func:`winograd_form`: its transforms recomputed from x, and two more sets of
-    16 products (the input gradient's and the kernel gradient's)."""
-    return _autodiff_backward(winograd_form, x, kernel, cotangent, geometry)
+    """(dx, dK) of :func:`winograd_form` (:func:`kdjax.models.winograd.winograd_gradients`)."""
+    return winograd_gradients(x, kernel, cotangent, geometry.padding, geometry.dilation)
 
 
 def cpu_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry

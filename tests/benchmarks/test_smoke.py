@@ -228,3 +228,4 @@ def test_convolutions_smallest(tmp_path):
                                                     "torch_both", "xla_both"))
     assert result["totals"]["gflop"] == pytest.approx(sum(r["gflop"] * r["count"] for r in rows))
     assert "<!-- convolutions.py: begin -->" in stdout and "**all × count**" in stdout
+    assert result["host_memory"] == "kept" and "freed memory kept for reuse" in stdout
