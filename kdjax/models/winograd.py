@@ -1,21 +1,21 @@
 """Stride-1 3×3 convolutions by Winograd's minimal filtering F(2×2, 3×3), for the CPU path of
 :mod:`kdjax.models.convolution`.
 
-Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016), eq. 8: each 2×2
-block of outputs is ``Y = Aᵀ [Σ_c (G g_c Gᵀ) ⊙ (Bᵀ d_c B)] A`` with d_c the 4×4 input tile and
-g_c the 3×3 kernel of input channel c. Over all tiles and channels this is 16 matrix products
-(tiles × C_in)·(C_in × C_out), one per element of the 4×4 transformed tile: 16 multiplications
-per 2×2 outputs where the direct convolution takes 36, so 2.25× fewer products, bought with
-three elementwise transforms that XLA fuses. The input and output transforms use only ±1, the
-kernel transform ±½, so the float32 error stays near the direct sum's (about 1e-6 relative for
-512 channels). With dilation d, output rows ``o ≡ r (mod d)`` read only input rows of the same
+Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016), the nested 2-D
+F(2×2, 3×3): each 2×2 block of outputs is ``Y = Aᵀ [Σ_c (G g_c Gᵀ) ⊙ (Bᵀ d_c B)] A``, with d_c the
+4×4 input tile and g_c the 3×3 kernel of input channel c. Over all tiles and channels this is 16
+matrix products (tiles × C_in)·(C_in × C_out), one per element of the 4×4 transformed tile: 16
+multiplications per 2×2 outputs where the direct convolution takes 36, so 2.25× fewer products,
+bought with three elementwise transforms that XLA fuses. The input and output transforms use only
+±1, the kernel transform ±½, so the float32 error stays near the direct sum's (about 1e-6 relative
+for 512 channels). With dilation d, output rows ``o ≡ r (mod d)`` read only input rows of the same
 residue, so every tile spans ``2·d`` outputs and its taps step by d.
 
-The gradients are Winograd-shaped too (:func:`winograd_gradients`): with ``dM`` the cotangent
-taken back through the output transform, ``dx`` is the input transform's transpose applied to
-``dM·Uᵀ`` and ``dU = Vᵀ·dM``, 16 products each. They are written out rather than left to autodiff,
-whose transpose of the tile slicing pads every tap to the full tile tensor and adds the copies:
-1 GB more scratch in DeepLabV3-R18's train step. Shapes as :func:`kdjax.models.convolution.conv2d`.
+The gradients are Winograd-shaped too (:func:`winograd_gradients`): with ``dM`` the cotangent taken
+back through the output transform, ``dx`` is the input transform's transpose applied to ``dM·Uᵀ``
+and ``dU = Vᵀ·dM``, 16 products each. They are written out rather than left to autodiff, whose
+transpose of the tile slicing pads every tap to the full tile tensor and adds the copies: 1.5 GB
+more scratch in DeepLabV3-R18's train step. Shapes as :func:`kdjax.models.convolution.conv2d`.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def _untile_taps(taps: Sequence[Array], axis: int, dilation: int, tiles: int) ->
     odd = padded(taps[1], 0) + padded(taps[3], 1)
     pairs = jnp.stack([even, odd], axis=axis + 1)                   # (tiles + 1, 2, dilation)
     shape = pairs.shape
-    return pairs.reshape(*shape[:axis], (OUTPUTS * tiles + TILE - OUTPUTS) * dilation, *shape[axis + 3:])
+    length = (OUTPUTS * tiles + TILE - OUTPUTS) * dilation
+    return pairs.reshape(*shape[:axis], length, *shape[axis + 3:])
 
 
 class _Tiling:
@@ -125,7 +126,7 @@ class _Tiling:
         m = products.reshape(TILE, TILE, self.n, rows, dh, cols, dw, -1)
         out_rows = _combine([m[a] for a in range(TILE)], OUTPUT_TRANSFORM)
         y = jnp.stack([jnp.stack(_combine([part[b] for b in range(TILE)], OUTPUT_TRANSFORM), axis=4)
-                       for part in out_rows], axis=2)                      # (N, A, 2, d, B, 2, d, C)
+                       for part in out_rows], axis=2)                  # (N, A, 2, d, B, 2, d, C)
         y = y.reshape(self.n, OUTPUTS * rows * dh, OUTPUTS * cols * dw, -1)
         return y[:, :self.out[0], :self.out[1]]
 
@@ -139,7 +140,8 @@ class _Tiling:
                      for i in range(OUTPUTS)]
         per_column = [_combine([col_parts[i][b] for i in range(OUTPUTS)], OUTPUT_TRANSFORM.T)
                       for b in range(TILE)]
-        d_products = jnp.stack([jnp.stack([per_column[b][a] for b in range(TILE)]) for a in range(TILE)])
+        d_products = jnp.stack([jnp.stack([per_column[b][a] for b in range(TILE)])
+                                for a in range(TILE)])
         return d_products.reshape(TILE * TILE, self.n, -1, cotangent.shape[3])
 
 
@@ -179,5 +181,6 @@ def winograd_gradients(x: Array, kernel: Array, cotangent: Array,
     d_kernel_tiles = jnp.einsum("knpc,knpo->kco", tiling.input_tiles(x), d_products,
                                 preferred_element_type=jnp.float32)
     g = jnp.asarray(KERNEL_TRANSFORM, jnp.float32)
-    d_kernel = jnp.einsum("ai,abco,bj->ijco", g, d_kernel_tiles.reshape(TILE, TILE, *kernel.shape[2:]), g)
+    d_kernel_tiles = d_kernel_tiles.reshape(TILE, TILE, *kernel.shape[2:])
+    d_kernel = jnp.einsum("ai,abco,bj->ijco", g, d_kernel_tiles, g)
     return (tiling.input_tiles_transpose(d_tiles).astype(x.dtype), d_kernel.astype(kernel.dtype))
