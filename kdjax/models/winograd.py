@@ -38,15 +38,16 @@ OUTPUTS = 2     # outputs per tile and axis
 
 
 def _combine(parts: Sequence[Array], matrix: np.ndarray) -> list[Array]:
-    """``[Σ_t matrix[k, t] · parts[t] for each row k]`` as adds and subtractions, which XLA fuses
-    into one elementwise pass (a dot with a 4×4 matrix would run as a product of its own)."""
+    """``[Σ_t matrix[k, t] · parts[t] for each row k]`` for a matrix of 0 and ±1 (the input and
+    output transforms), as adds and subtractions, which XLA fuses into one elementwise pass (a dot
+    with a 4×4 matrix would run as a product of its own)."""
     rows = []
     for coefficients in matrix:
         total = None
         for coefficient, part in zip(coefficients, parts):
             if coefficient == 0:
                 continue
-            term = part if coefficient == 1 else -part if coefficient == -1 else coefficient * part
+            term = part if coefficient == 1 else -part
             total = term if total is None else total + term
         rows.append(total)
     return rows
