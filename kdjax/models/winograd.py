@@ -15,10 +15,10 @@ The gradients are Winograd-shaped too (:func:`winograd_gradients`): with ``dM`` 
 back through the output transform, ``dx`` is the input transform's transpose applied to ``dM·Uᵀ``
 and ``dU = Vᵀ·dM``, 16 products each. They are written out rather than left to autodiff, whose
 transpose of the tile slicing pads every tap to the full tile tensor and adds the copies: 1.5 GB
-more scratch in DeepLabV3-R18's train step. Two data dependencies (:func:`_after`) keep the
-backward's scratch to one layer's at a time: the input's tiles are formed again from x tied to the
-cotangent, and dx is tied to dK. Without them the R18 step needs 2.4 GB instead of 1.6 GB.
-Shapes as :func:`kdjax.models.convolution.conv2d`.
+more scratch in DeepLabV3-R18's train step. Two data dependencies (:mod:`kdjax.models.ordering`)
+keep the backward's scratch to one layer's at a time: the input's tiles are formed again from x
+tied to the cotangent, and dx is tied to dK. Without them the R18 step needs 2.4 GB instead of
+1.6 GB. Shapes as :func:`kdjax.models.convolution.conv2d`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kdjax.models.ordering import after
 
 Array = jax.Array
 
@@ -149,15 +151,6 @@ class _Tiling:
         return d_products.reshape(TILE * TILE, self.n, -1, cotangent.shape[3])
 
 
-def _after(value: Array, marker: Array) -> Array:
-    """``value`` unchanged, but computed from ``marker`` (a slice of another array that broadcasts
-    to it; made finite, times zero), so that XLA neither takes it for an equal value computed
-    earlier nor runs its consumers before the marker's array exists. XLA's CPU backend drops
-    optimisation barriers without ordering anything. Callers slice the marker along the batch
-    axis, or from a replicated array, so that it adds no transfer between devices."""
-    return value + 0.0 * jnp.where(jnp.isfinite(marker), marker, 0.0).astype(value.dtype)
-
-
 def _kernel_tiles(kernel: Array) -> Array:
     """``G g Gᵀ`` per channel pair: (3, 3, C_in, C_out) → (16, C_in, C_out)."""
     g = jnp.asarray(KERNEL_TRANSFORM, kernel.dtype)
@@ -191,7 +184,7 @@ def winograd_gradients(x: Array, kernel: Array, cotangent: Array,
     # The input's tiles are formed again from x tied to the cotangent, and the kernel's from its
     # transpose: XLA would take the same computations for the forward pass's and keep those tiles
     # (4× the input, 16/9× the kernel) alive in between.
-    x = _after(x, cotangent[:, :1, :1, :1])
+    x = after(x, cotangent[:, :1, :1, :1])
     d_products = tiling.output_transpose(cotangent.astype(jnp.float32))
     d_tiles = jnp.einsum("knpo,koc->knpc", d_products, _kernel_tiles(kernel.transpose(0, 1, 3, 2)),
                          preferred_element_type=jnp.float32)
@@ -202,5 +195,5 @@ def winograd_gradients(x: Array, kernel: Array, cotangent: Array,
     d_kernel = jnp.einsum("ai,abco,bj->ijco", g, d_kernel_tiles, g)
     # dx tied to dK: else the scheduler delays the kernel's products to the end of the backward
     # pass, where the optimiser reads dK, and keeps every layer's tiles alive until then.
-    dx = _after(tiling.input_tiles_transpose(d_tiles), d_kernel[:1, :1, :1, :1])
+    dx = after(tiling.input_tiles_transpose(d_tiles), d_kernel[:1, :1, :1, :1])
     return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from kdjax.models import layers
 from kdjax.models.layers import (BatchNorm2d, Conv2d, ConvBNReLU, adaptive_avg_pool,
                                  max_pool_torch, residual_relu, resize_bilinear_align_corners)
 
@@ -165,6 +166,66 @@ def test_batchnorm_bf16_computes_stats_in_float32():
     np.testing.assert_allclose(bn.mean[...], 0.1 * np.asarray(x).mean(axis=(0, 1, 2)), rtol=1e-2)
 
 
+def _batch_norm_reference(x, scale, bias, groups):
+    """float64 (y, per-group mean, biased variance) of train-mode BN over (N/G, H, W) per group."""
+    xs = np.asarray(x, np.float64).reshape(groups, -1, *x.shape[1:])
+    mean = xs.mean(axis=(1, 2, 3), keepdims=True)
+    var = ((xs - mean) ** 2).mean(axis=(1, 2, 3), keepdims=True)
+    y = (xs - mean) / np.sqrt(var + 1e-5) * scale + bias
+    return y.reshape(x.shape), mean.reshape(groups, -1), var.reshape(groups, -1)
+
+
+def _central_difference(f, x, step=1e-6):
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        shifted = [x.copy(), x.copy()]
+        shifted[0][index] += step
+        shifted[1][index] -= step
+        grad[index] = (f(shifted[0]) - f(shifted[1])) / (2 * step)
+    return grad
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batchnorm_gradients_match_a_float64_reference(groups):
+    """The written-out backward of train-mode BN, against central differences of the float64
+    formula: the output's cotangent and the statistics' own (the running statistics read them
+    through stop_gradient, but the function is differentiable in them too)."""
+    x = _randn(40, 4, 3, 2, 3).astype(np.float64) * 2.0 + 1.5
+    scale, bias = _randn(41, 3).astype(np.float64), _randn(42, 3).astype(np.float64)
+    w_y = _randn(43, 4, 3, 2, 3).astype(np.float64)
+    w_mean, w_var = _randn(44, groups, 3).astype(np.float64), _randn(45, groups, 3).astype(np.float64)
+
+    def objective(x, scale, bias):
+        y, mean, var = _batch_norm_reference(x, scale, bias, groups)
+        return (y * w_y).sum() + (mean * w_mean).sum() + (var * w_var).sum()
+
+    def kdjax_objective(x, scale, bias):
+        y, mean, var = layers._batch_normalize(x, scale, bias, groups, jnp.float32)
+        return (jnp.sum(y * w_y.astype(np.float32)) + jnp.sum(mean * w_mean.astype(np.float32))
+                + jnp.sum(var * w_var.astype(np.float32)))
+
+    value, grads = jax.jit(jax.value_and_grad(kdjax_objective, argnums=(0, 1, 2)))(
+        *(jnp.asarray(a, jnp.float32) for a in (x, scale, bias)))
+    np.testing.assert_allclose(value, objective(x, scale, bias), rtol=1e-5)
+    expected = [_central_difference(lambda x: objective(x, scale, bias), x),
+                _central_difference(lambda s: objective(x, s, bias), scale),
+                _central_difference(lambda b: objective(x, scale, b), bias)]
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_batchnorm_gradient_keeps_the_input_dtype_and_is_zero_for_a_shift():
+    """bfloat16 in, bfloat16 gradient out; and a constant added to the input changes nothing, so
+    the gradient of any loss is orthogonal to it (it sums to 0 over each channel)."""
+    x = jnp.asarray(_randn(46, 4, 3, 5, 2), jnp.bfloat16)
+    w = jnp.asarray(_randn(47, 4, 3, 5, 2))
+    ones = jnp.ones((2,), jnp.float32)
+    loss = lambda x: jnp.sum(layers._batch_normalize(x, ones, 0 * ones, 1, jnp.float32)[0] * w)
+    grad = jax.grad(loss)(x)
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_allclose(jnp.sum(grad.astype(jnp.float32), axis=(0, 1, 2)), 0.0, atol=0.05)
+
+
 def test_batchnorm_rejects_a_single_value_per_channel_in_train_mode():
     with pytest.raises(ValueError, match="more than one value"):
         BatchNorm2d(2, rngs=nnx.Rngs(0))(jnp.ones((1, 1, 1, 2)), train=True)
@@ -299,6 +360,27 @@ def test_batchnorm_matches_torch_over_train_and_eval_steps():
     x = _randn(30, 2, 3, 5, 4)
     np.testing.assert_allclose(bn(jnp.asarray(x), train=False), _nhwc(ref.eval()(_nchw(x))),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.torch
+def test_batchnorm_gradients_match_torch():
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.BatchNorm2d(4).train()
+    weight, bias = _randn(13, 4), _randn(14, 4)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(weight))
+        ref.bias.copy_(torch.from_numpy(bias))
+    x, w = _randn(31, 3, 4, 5, 4) * 3.0 - 1.0, _randn(32, 3, 4, 5, 4)
+    x_torch = _nchw(x).requires_grad_(True)
+    (ref(x_torch) * _nchw(w)).sum().backward()
+
+    def loss(x, scale, bias):
+        return jnp.sum(layers._batch_normalize(x, scale, bias, 1, jnp.float32)[0] * w)
+
+    dx, d_scale, d_bias = jax.grad(loss, argnums=(0, 1, 2))(*map(jnp.asarray, (x, weight, bias)))
+    np.testing.assert_allclose(dx, _nhwc(x_torch.grad), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_scale, ref.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_bias, ref.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.torch
