@@ -217,6 +217,7 @@ def _batch_normalize(x: Array, scale: Array, bias: Array, groups: int, dtype: Dt
 
 
 def _normalize(x, scale, bias, groups, dtype):
+    """:func:`_batch_normalize`'s (y, mean (G, C), variance (G, C)) and 1/σ, (G, 1, 1, 1, C)."""
     xs = _grouped(x, groups, dtype)
     mean = _group_mean(xs)
     var = _group_mean(jnp.square(xs - mean))
