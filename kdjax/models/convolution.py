@@ -16,8 +16,8 @@ maths and remove wasted work.
    instead of 9. The input gradient stays XLA's.
 3. **On CPU, stride-1 3×3 convolutions of at least ``WINOGRAD_MIN_CHANNELS`` channels run by
    Winograd's F(2×2, 3×3)** (:mod:`kdjax.models.winograd`), forward and
-   backward: 2.25× fewer products, for the students' 128–512-channel convolutions 1.1–1.6×
-   faster forward + backward than the forms below (benchmarks/RESULTS.md, item 32).
+   backward: 2.25× fewer products, for the students' 128–512-channel convolutions 1.1–1.4×
+   faster forward + backward than the forms below (benchmarks/RESULTS.md, items 32–33).
 4. **On CPU, 1×1 convolutions and those whose products mostly read padding run in the tap form**
    (:func:`runs_in_tap_form`): forward as a sum of per-tap matrix products over the outputs each
    tap reads inside the input (:func:`tap_convolution`); backward, at stride 1, block by block
@@ -55,11 +55,12 @@ TAP_FORM_FRACTION = 0.9
 # distillation step compiled in 51 s with every small convolution in tap form, 21 s without.
 TAP_FORM_MIN_FLOP = 1e8
 # Winograd's form pays where the products dominate its three memory-bound transforms: at 128
-# channels and more it is 1.1–1.6× faster forward + backward (3×3 on 32×32 maps, batch 8); at 64
-# channels on 64×64 and 128×128 maps its input transform makes it 0.6–0.9×.
+# channels and more it is 1.1–1.4× faster forward + backward (3×3 on 32×32 maps, batch 8, the
+# backward forming its tiles again); at 64 channels on 64×64 and 128×128 maps its input transform
+# makes it 0.6–0.9×.
 WINOGRAD_MIN_CHANNELS = 128
 # It multiplies the padding too, so convolutions of which much is padding keep the tap form: it
-# wins at rate 4 on 32×32 (0.84 of the products read the input, 1.5× faster forward + backward
+# wins at rate 4 on 32×32 (0.84 of the products read the input, 1.4× faster forward + backward
 # than the tap form).
 WINOGRAD_MIN_VALID_FRACTION = 0.8
 

@@ -11,6 +11,7 @@ from flax import nnx
 from kdjax.models import layers
 from kdjax.models.layers import (BatchNorm2d, Conv2d, ConvBNReLU, adaptive_avg_pool,
                                  max_pool_torch, residual_relu, resize_bilinear_align_corners)
+from tests.losses.contract import numeric_grad
 
 
 def _randn(seed, *shape):
@@ -175,16 +176,6 @@ def _batch_norm_reference(x, scale, bias, groups):
     return y.reshape(x.shape), mean.reshape(groups, -1), var.reshape(groups, -1)
 
 
-def _central_difference(f, x, step=1e-6):
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        shifted = [x.copy(), x.copy()]
-        shifted[0][index] += step
-        shifted[1][index] -= step
-        grad[index] = (f(shifted[0]) - f(shifted[1])) / (2 * step)
-    return grad
-
-
 @pytest.mark.parametrize("groups", [1, 2])
 def test_batchnorm_gradients_match_a_float64_reference(groups):
     """The written-out backward of train-mode BN, against central differences of the float64
@@ -207,9 +198,9 @@ def test_batchnorm_gradients_match_a_float64_reference(groups):
     value, grads = jax.jit(jax.value_and_grad(kdjax_objective, argnums=(0, 1, 2)))(
         *(jnp.asarray(a, jnp.float32) for a in (x, scale, bias)))
     np.testing.assert_allclose(value, objective(x, scale, bias), rtol=1e-5)
-    expected = [_central_difference(lambda x: objective(x, scale, bias), x),
-                _central_difference(lambda s: objective(x, s, bias), scale),
-                _central_difference(lambda b: objective(x, scale, b), bias)]
+    expected = [numeric_grad(lambda x: objective(x, scale, bias), x),
+                numeric_grad(lambda s: objective(x, s, bias), scale),
+                numeric_grad(lambda b: objective(x, scale, b), bias)]
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
