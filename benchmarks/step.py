@@ -53,8 +53,9 @@ Method:
   (parameters stay float32), PyTorch runs under ``torch.autocast('cpu', dtype=torch.bfloat16)``.
 
 ``--quick``: 64×64, batch 2, 2 repetitions, DeepLabV3-ResNet18 as student and teacher (a smoke run).
-``--no-torch``: kdjax only. ``--write`` puts the table into the 'Train step' section of
-benchmarks/RESULTS.md (the part between its markers).
+``--no-torch``: kdjax only. ``--write`` puts each dtype's table into benchmarks/RESULTS.md, between
+its own markers: float32 in the 'Train step' section, bfloat16 in its 'bfloat16 compute'
+subsection. A run of one dtype leaves the other's table as it was.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ import results_file  # noqa: E402
 
 SECTION = "## Train step"
 BEGIN, END = "<!-- step.py: begin -->", "<!-- step.py: end -->"
+# Each dtype's table has its own place in RESULTS.md, so that a run of one dtype leaves the other's
+# table as it was: float32 in 'Train step', bfloat16 in its subsection.
+BFLOAT16_SECTION = "### bfloat16 compute"
+MARKERS = {"float32": (BEGIN, END),
+           "bfloat16": ("<!-- step.py bfloat16: begin -->", "<!-- step.py bfloat16: end -->")}
 
 CASES = ("teacher_forward", "student_alone", "distill")
 SIDES = ("kdjax", "torch")
@@ -538,13 +544,20 @@ def set_host_memory(args) -> str:
 
 
 def table(result: dict) -> str:
+    """One table per dtype block of ``result``, each between that dtype's ``MARKERS``."""
+    return "\n".join(dtype_table(result, block) for block in result["blocks"])
+
+
+def dtype_table(result: dict, block: dict) -> str:
+    """The table, notes and targets of one dtype block, between the dtype's ``MARKERS``."""
+    begin, end = MARKERS[block["dtype"]]
     s = result["settings"]
     h, w = s["size"]
     header = ["case", "dtype", "kdjax ms", "PyTorch ms", "kdjax img/s", "PyTorch img/s", "ratio",
               "kdjax GFLOP", "PyTorch GFLOP", "kdjax % of peak", "PyTorch % of peak", "kdjax MB",
               "PyTorch MB"]
     lines = [
-        BEGIN, machine_line(result["machine"]), "", f"    {result['command']}", "",
+        begin, machine_line(result["machine"]), "", f"    {result['command']}", "",
         f"Teacher {s['teacher']}, student {s['student']}, {s['classes']} classes, batch {s['batch']} "
         f"of {h}×{w}, random weights and inputs. kdjax: jitted (the experiment's compiled train step; "
         "the teacher forward jitted alone). PyTorch: eager, the same CIRKD networks. "
@@ -561,47 +574,54 @@ def table(result: dict) -> str:
         "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]
     cpu_peak = max(result["matmul_peak_gflops"].values())
-    for block in result["blocks"]:
-        for case in CASES:
-            row = block["cases"][case]
-            k, t = row["kdjax"], row.get("torch")
-            ratio = row.get("ratio")
-            cells = [case, block["dtype"], timing(k), timing(t), fmt(k["images_per_s"]),
-                     fmt(t["images_per_s"]) if t else "–", f"{ratio:.2f}" if ratio else "–",
-                     fmt(k["gflop"]), fmt(t["gflop"]) if t else "–", fmt(peak_percent(k, cpu_peak)),
-                     fmt(peak_percent(t, cpu_peak)) if t else "–", fmt(k["peak_mb"]),
-                     fmt(t["peak_mb"]) if t else "–"]
-            lines.append("| " + " | ".join(cells) + " |")
+    cases, dtype = block["cases"], block["dtype"]
+    for case in CASES:
+        k, t = cases[case]["kdjax"], cases[case].get("torch")
+        ratio = cases[case].get("ratio")
+        cells = [case, dtype, timing(k), timing(t), fmt(k["images_per_s"]),
+                 fmt(t["images_per_s"]) if t else "–", f"{ratio:.2f}" if ratio else "–",
+                 fmt(k["gflop"]), fmt(t["gflop"]) if t else "–", fmt(peak_percent(k, cpu_peak)),
+                 fmt(peak_percent(t, cpu_peak)) if t else "–", fmt(k["peak_mb"]),
+                 fmt(t["peak_mb"]) if t else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    for block in result["blocks"]:
-        compile_s = ", ".join(f"{case} {block['cases'][case]['kdjax']['compile_s']:.0f} s" for case in CASES)
-        lines.append(f"- kdjax setup + compile ({block['dtype']}, not in the timings): {compile_s} "
-                     "(teacher_forward: compile only).")
-    for block in result["blocks"]:
-        if "torch" in block["cases"]["distill"]:
-            padded = ", ".join(f"{case} {fmt(block['cases'][case]['torch']['gflop_with_padding'])}"
-                               for case in CASES)
-            lines.append(f"- PyTorch GFLOP with the taps on the zero padding counted too "
-                         f"(FlopCounterMode's default, {block['dtype']}): {padded}.")
+    compile_s = ", ".join(f"{case} {cases[case]['kdjax']['compile_s']:.0f} s" for case in CASES)
+    lines.append(f"- kdjax setup + compile ({dtype}, not in the timings): {compile_s} "
+                 "(teacher_forward: compile only).")
+    if "torch" in cases["distill"]:
+        padded = ", ".join(f"{case} {fmt(cases[case]['torch']['gflop_with_padding'])}" for case in CASES)
+        lines.append(f"- PyTorch GFLOP with the taps on the zero padding counted too "
+                     f"(FlopCounterMode's default, {dtype}): {padded}.")
     peaks = result["matmul_peak_gflops"]
     lines.append(f"- float32 {MATMUL_N}×{MATMUL_N} matmul peak: "
                  + ", ".join(f"{'PyTorch' if side == 'torch' else side} {fmt(v)} GFLOP/s"
                              for side, v in peaks.items()) + ".")
-    for block in result["blocks"]:
-        parts = [f"{'PyTorch' if side == 'torch' else side} {pct:+.1f}% "
-                 f"({'met' if block['overhead_target_met'][side] else 'missed'})"
-                 for side, pct in block["overhead_percent"].items()]
-        lines.append(f"- Distillation overhead ({block['dtype']}), (distill − teacher_forward − "
-                     f"student_alone) / student_alone, target ≤ {OVERHEAD_TARGET:g}%: {', '.join(parts)}.")
-        met = block["step_target_met"]
-        verdict = "not measured (no PyTorch)" if met is None else (
-            f"{'met' if met else 'missed'} (ratio {block['cases']['distill']['ratio']:.2f})")
-        lines.append(f"- Step target ({block['dtype']}), distill ratio ≥ {STEP_TARGET:g}: {verdict}.")
-    lines.append(END)
+    parts = [f"{'PyTorch' if side == 'torch' else side} {pct:+.1f}% "
+             f"({'met' if block['overhead_target_met'][side] else 'missed'})"
+             for side, pct in block["overhead_percent"].items()]
+    lines.append(f"- Distillation overhead ({dtype}), (distill − teacher_forward − "
+                 f"student_alone) / student_alone, target ≤ {OVERHEAD_TARGET:g}%: {', '.join(parts)}.")
+    met = block["step_target_met"]
+    verdict = "not measured (no PyTorch)" if met is None else (
+        f"{'met' if met else 'missed'} (ratio {cases['distill']['ratio']:.2f})")
+    lines.append(f"- Step target ({dtype}), distill ratio ≥ {STEP_TARGET:g}: {verdict}.")
+    lines.append(end)
     return "\n".join(lines) + "\n"
 
 
 def write_section(text: str) -> None:
+    """Writes each dtype's table of ``text`` (the output of :func:`table`) between its markers in
+    RESULTS.md and leaves the rest of the file, the other dtype's table included, as it was."""
+    for dtype, (begin, end) in MARKERS.items():
+        if begin in text:
+            part = text[text.index(begin):text.index(end) + len(end)] + "\n"
+            if dtype == "float32":
+                _write_float32(part)
+            else:
+                results_file.write_generated(BFLOAT16_SECTION, begin, end, part)
+
+
+def _write_float32(text: str) -> None:
     """Replaces the generated part of the 'Train step' section. A section written before the markers
     existed gives its whole body to the markers; without the section it is appended."""
     import re
@@ -632,7 +652,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="threads for both (default: all cores)")
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--write", action="store_true",
+                        help="write each dtype's table into benchmarks/RESULTS.md")
     parser.add_argument("--no-torch", dest="torch", action="store_false",
                         help="kdjax only (for machines without PyTorch)")
     add_allocator_option(parser)

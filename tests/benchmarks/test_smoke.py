@@ -112,6 +112,50 @@ def test_write_replaces_only_the_generated_part(tmp_path, monkeypatch):
         assert text.count(module.SECTION) == 1
 
 
+def step_result(dtypes, median_ms):
+    """A ``benchmarks/step.py`` result with one block per dtype, every case at ``median_ms``."""
+    side = {"median_ms": median_ms, "min_ms": median_ms, "max_ms": median_ms, "reps": 3,
+            "images_per_s": 1.0, "gflop": 100.0, "peak_mb": 10.0, "compile_s": 1.0,
+            "gflop_with_padding": 120.0}
+    cases = {case: {"kdjax": side, "torch": side, "ratio": 1.0}
+             for case in ("teacher_forward", "student_alone", "distill")}
+    machine = {"cpu": "CPU", "machine": "x86_64", "cores": 2, "ram_gb": 1, "python": "3.11",
+               "jax": "0", "torch": "0", "threads": 2, "torch_threads": 2, "xla_flags": "",
+               "load_average": 0.0}
+    blocks = [{"dtype": dtype, "cases": cases, "overhead_percent": {"kdjax": -100.0, "torch": -100.0},
+               "overhead_target_met": {"kdjax": True, "torch": True}, "step_target_met": True}
+              for dtype in dtypes]
+    return {"machine": machine, "command": "python benchmarks/step.py", "blocks": blocks,
+            "settings": {"size": [64, 64], "batch": 2, "reps": 3, "student": "s", "teacher": "t",
+                         "classes": 19, "host_memory": "kept"},
+            "matmul_peak_gflops": {"kdjax": 100.0, "torch": 100.0}}
+
+
+def test_step_writes_each_dtype_between_its_own_markers(tmp_path, monkeypatch):
+    step = load_module("step")
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(step.results_file, "RESULTS", results)
+    before = ("# Benchmark results\n\n## Train step\n\n<!-- step.py: begin -->\nold float32\n"
+              "<!-- step.py: end -->\n\nfloat32 notes\n\n### bfloat16 compute\n\nbfloat16 notes\n\n"
+              "<!-- step.py bfloat16: begin -->\nold bfloat16\n<!-- step.py bfloat16: end -->\n\n"
+              "more bfloat16 notes\n\n## Convolutions\n\nconvolution table\n")
+    results.write_text(before)
+    step.write_section(step.table(step_result(["float32", "bfloat16"], 1234.0)))
+    text = results.read_text()
+    assert "old float32" not in text and "old bfloat16" not in text
+    float32_part = text[text.index("## Train step"):text.index("float32 notes")]
+    bfloat16_part = text[text.index("bfloat16 notes"):text.index("more bfloat16 notes")]
+    assert "| distill | float32 | 1,234" in float32_part and "bfloat16 |" not in float32_part
+    assert "| distill | bfloat16 | 1,234" in bfloat16_part and "float32 |" not in bfloat16_part
+    assert text.endswith("more bfloat16 notes\n\n## Convolutions\n\nconvolution table\n")
+    # A bfloat16-only run replaces the bfloat16 table and leaves the float32 one.
+    step.write_section(step.table(step_result(["bfloat16"], 5678.0)))
+    text = results.read_text()
+    assert "| distill | float32 | 1,234" in text and "| distill | bfloat16 | 5,678" in text
+    assert "| distill | bfloat16 | 1,234" not in text
+    assert text.count("<!-- step.py: begin -->") == text.count("<!-- step.py bfloat16: begin -->") == 1
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_losses_quick_every_loss(tmp_path):
