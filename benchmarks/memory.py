@@ -1,7 +1,11 @@
-"""Peak memory of the relational losses, dense against blockwise and Gram, as the pixels grow.
+"""Peak memory as the pixels grow: of the relational losses, dense against blockwise and Gram, and
+of the train step.
 
     python benchmarks/memory.py [--quick] [--sides 32,64,96,128] [--losses NAME,...]
                                 [--block_size 256] [--json FILE] [--write]
+    python benchmarks/memory.py --train_step [--quick] [--sides 128,256,384,512] [--batch 8]
+                                [--torch] [--json FILE] [--write]
+    python benchmarks/memory.py --from_json FILE [--write]     # the table of a saved run
 
 ``pixel_feature_similarity``, ``skd_pairwise`` and ``cirkd_minibatch`` compare P×P affinity maps
 (P = H·W pixels). With ``block_size=None`` they materialise the maps, O(P²) memory; with an int
@@ -16,8 +20,19 @@ whose dense maps would not fit in RAM can be measured too.
 
 The growth exponent is the slope of log(temp) against log(P), fitted by least squares over all sizes,
 and between the two largest sizes: ~2 for the dense form (quadratic), ~1 for the blockwise one
-(linear). ``skd_pairwise`` max-pools 2×2 first, so its maps have P/4 cells. ``--write`` puts the table
-into the 'Memory' section of benchmarks/RESULTS.md (the part between its markers).
+(linear). ``skd_pairwise`` max-pools 2×2 first, so its maps have P/4 cells.
+
+``--train_step``: the compiled float32 train steps of ``benchmarks/step.py`` (DeepLabV3-ResNet18
+alone, and distilled from DeepLabV3-ResNet101 with CWD), batch ``--batch`` (8), for square crops
+of each side, compiled under the XLA flags that the ``kdjax`` command sets, as ``step.py`` does.
+Reported: XLA's peak, arguments + outputs + temporaries − donated (the MB column of
+``step.py``'s table), and the exponent of the temporaries against the pixels. This is the CPU
+program, with its CPU forms (Winograd's convolutions, the schedule ties); TPU and GPU compile
+their own. ``--torch`` adds PyTorch's peak for the same steps, measured as ``step.py`` measures
+it (this runs them). ``--quick``: 64 and 96 pixels a side, batch 2, ResNet-18 as the teacher.
+
+``--write`` puts each table into the 'Memory' section of benchmarks/RESULTS.md, between its own
+markers.
 """
 
 from __future__ import annotations
@@ -36,10 +51,14 @@ import results_file  # noqa: E402
 
 SECTION = "## Memory"
 BEGIN, END = "<!-- memory.py: begin -->", "<!-- memory.py: end -->"
+STEP_BEGIN, STEP_END = "<!-- memory.py train step: begin -->", "<!-- memory.py train step: end -->"
 
 BATCH, CHANNELS = 2, 128
 SIDES, QUICK_SIDES = (32, 64, 96, 128), (16, 32, 48)
 LOSSES = ("pixel_feature_similarity", "skd_pairwise", "cirkd_minibatch")
+STEP_SIDES, QUICK_STEP_SIDES = (128, 256, 384, 512), (64, 96)
+STEP_BATCH, QUICK_STEP_BATCH = 8, 2
+STEP_CASES = {"student_alone": False, "distill": True}     # case -> with the distillation terms
 
 
 def forms(loss: str, block_size: int) -> dict[str, dict]:
@@ -77,6 +96,13 @@ def slope(pixels: list[int], values: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
 
 
+def exponents(pixels: list[int], values: list[float]) -> tuple[float, float]:
+    """Growth exponent of ``values`` against ``pixels``: least squares over all, and between the
+    two largest."""
+    last = math.log(values[-1] / values[-2]) / math.log(pixels[-1] / pixels[-2])
+    return slope(pixels, values), last
+
+
 def measure(losses: list[str], sides: list[int], block_size: int) -> list[dict]:
     rows = []
     pixels = [s * s for s in sides]
@@ -84,16 +110,47 @@ def measure(losses: list[str], sides: list[int], block_size: int) -> list[dict]:
         for form, options in forms(loss, block_size).items():
             stats = [step_memory(loss, side, options) for side in sides]
             temps = [s["temp"] for s in stats]
+            fit, last = exponents(pixels, temps)
             row = {"loss": loss, "form": form, "options": options, "sides": sides, "pixels": pixels,
                    "temp_bytes": temps, "argument_bytes": [s["argument"] for s in stats],
                    "output_bytes": [s["output"] for s in stats],
-                   "exponent_fit": slope(pixels, temps),
-                   "exponent_last": (math.log(temps[-1] / temps[-2]) / math.log(pixels[-1] / pixels[-2])
-                                     if len(sides) > 1 else None)}
+                   "exponent_fit": fit, "exponent_last": last}
             rows.append(row)
             print(f"{loss:26s} {form:10s} " + " ".join(f"{t / 2**20:10.1f}" for t in temps)
                   + f"  exponent {row['exponent_fit']:.2f}", file=sys.stderr, flush=True)
     return rows
+
+
+def train_step_memory(sides: list[int], batch: int, student: str, teacher: str,
+                      with_torch: bool) -> list[dict]:
+    """XLA's memory analysis of each compiled train step of ``step.py`` at each crop side, and with
+    ``with_torch`` the peak of the same step in PyTorch (run three times per crop: ``step.py``'s
+    warm-up, FLOP count and memory calls)."""
+    import step
+
+    pixels = [side * side for side in sides]
+    rows = {case: {"case": case, "sides": sides, "pixels": pixels, "peak_bytes": [],
+                   "memory_analysis": [], **({"torch_peak_bytes": []} if with_torch else {})}
+            for case in STEP_CASES}
+    for side in sides:
+        args = argparse.Namespace(size=(side, side), batch=batch, student=student, teacher=teacher)
+        batch_arrays = step.make_batch(args)
+        for case, distill in STEP_CASES.items():
+            impl, _, _ = step.kdjax_train_step(args, "float32", distill, batch_arrays)
+            rows[case]["peak_bytes"].append(impl.peak_bytes)
+            rows[case]["memory_analysis"].append(impl.extra["memory_analysis"])
+        if with_torch:
+            torch_cases, _ = step.torch_impls(args, "float32", batch_arrays)
+            for case in STEP_CASES:
+                rows[case]["torch_peak_bytes"].append(torch_cases[case].peak_bytes)
+        for case, row in rows.items():
+            torch_part = (f", PyTorch {mb(row['torch_peak_bytes'][-1])} MB" if with_torch else "")
+            print(f"{case:14s} {side}×{side}: peak {mb(row['peak_bytes'][-1])} MB, temporaries "
+                  f"{mb(row['memory_analysis'][-1]['temp'])} MB{torch_part}", file=sys.stderr, flush=True)
+    for row in rows.values():
+        row["temp_exponent_fit"], row["temp_exponent_last"] = exponents(
+            pixels, [a["temp"] for a in row["memory_analysis"]])
+    return list(rows.values())
 
 
 def mb(x: float) -> str:
@@ -118,9 +175,8 @@ def table(result: dict) -> str:
         "|---|---|" + "---|" * len(sides) + "---|",
     ]
     for r in result["rows"]:
-        last = f"{r['exponent_last']:.2f}" if r["exponent_last"] is not None else "–"
         lines.append(f"| {r['loss']} | {r['form']} | " + " | ".join(mb(t) for t in r["temp_bytes"])
-                     + f" | {r['exponent_fit']:.2f} / {last} |")
+                     + f" | {r['exponent_fit']:.2f} / {r['exponent_last']:.2f} |")
     by_key = {(r["loss"], r["form"].split()[0]): r for r in result["rows"]}
     block_notes, gram_notes = [], []
     for loss in result["losses"]:
@@ -138,34 +194,103 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Replaces the generated part of the 'Memory' section (or appends the section).
-write_section = results_file.section_writer(SECTION, BEGIN, END)
+def step_table(result: dict) -> str:
+    sides = result["sides"]
+    lines = [
+        STEP_BEGIN,
+        f"Compiled float32 train steps of `benchmarks/step.py` ({result['student']} alone, and "
+        f"distilled from {result['teacher']} with CWD), batch {result['batch']}, square crops, on "
+        f"{result['machine']['machine']} (jax {result['machine']['jax']}), under the `kdjax` "
+        "command's XLA flags. Peak in MB: XLA's buffer assignment, arguments + outputs + "
+        "temporaries − donated (compiled, not executed). Exponent: slope of log(temporaries) "
+        "against log(P), least squares over all sizes / between the two largest. The CPU "
+        "program; TPU and GPU compile their own.",
+        "",
+        f"    {result['command']}",
+        "",
+        "| step | " + " | ".join(f"{s}×{s}" for s in sides) + " | temporaries exponent (fit / last) |",
+        "|---|" + "---|" * len(sides) + "---|",
+    ]
+    for r in result["rows"]:
+        peaks = [mb(p) for p in r["peak_bytes"]]
+        if "torch_peak_bytes" in r:
+            peaks = [f"{k} / {mb(t)}" for k, t in zip(peaks, r["torch_peak_bytes"])]
+        lines.append(f"| {r['case']} | " + " | ".join(peaks)
+                     + f" | {r['temp_exponent_fit']:.2f} / {r['temp_exponent_last']:.2f} |")
+    if any("torch_peak_bytes" in r for r in result["rows"]):
+        lines += ["", "Each cell: kdjax / PyTorch eager (`step.py`'s measure: the tensors held at the "
+                  "start plus the allocator's peak during the step, from torch.profiler)."]
+    lines.append(STEP_END)
+    return "\n".join(lines) + "\n"
+
+
+def any_table(result: dict) -> str:
+    """The table of a saved result of either mode."""
+    return step_table(result) if "student" in result else table(result)
+
+
+def write_section(text: str) -> None:
+    """Replaces the generated part of the 'Memory' section that ``text`` carries the markers of (or
+    appends the section)."""
+    begin, end = (STEP_BEGIN, STEP_END) if STEP_BEGIN in text else (BEGIN, END)
+    results_file.write_generated(SECTION, begin, end, text)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"sides {QUICK_SIDES}: a smoke run")
-    parser.add_argument("--sides", default=None, help=f"comma list of H = W (default {SIDES})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"sides {QUICK_SIDES} ({QUICK_STEP_SIDES} with --train_step): a smoke run")
+    parser.add_argument("--sides", default=None,
+                        help=f"comma list of H = W (default {SIDES}; {STEP_SIDES} with --train_step)")
     parser.add_argument("--losses", default=",".join(LOSSES), help="comma list of loss names")
     parser.add_argument("--block_size", type=int, default=256, help="rows per block of the blockwise form")
+    parser.add_argument("--train_step", action="store_true",
+                        help="the train steps' memory instead of the relational losses'")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"images per train step (default {STEP_BATCH}, quick {QUICK_STEP_BATCH})")
+    parser.add_argument("--torch", action="store_true",
+                        help="with --train_step: PyTorch's peak for the same steps (runs them)")
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
-    sides = ([int(s) for s in args.sides.split(",") if s] if args.sides
-             else list(QUICK_SIDES if args.quick else SIDES))
+    if args.from_json:
+        return results_file.replay(args.from_json, any_table, write_section if args.write else None)
+    defaults = ((QUICK_STEP_SIDES if args.quick else STEP_SIDES) if args.train_step
+                else (QUICK_SIDES if args.quick else SIDES))
+    sides = [int(s) for s in args.sides.split(",") if s] if args.sides else list(defaults)
     losses = [s for s in args.losses.split(",") if s]
     if unknown := set(losses) - set(LOSSES):
         parser.error(f"unknown losses {sorted(unknown)}; choose from {list(LOSSES)}")
     if len(sides) < 2:
         parser.error("--sides needs at least two sizes to fit an exponent")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.train_step:
+        # The train step compiled as the kdjax command compiles it; the flags must precede JAX.
+        sys.path.insert(0, str(Path(__file__).parents[1]))
+        from kdjax.cpu_flags import add_cpu_flags
+
+        add_cpu_flags()
     import jax
 
     command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"machine": {"machine": platform.machine(), "jax": jax.__version__},
-              "command": command.strip(), "batch": BATCH, "channels": CHANNELS, "sides": sides,
-              "block_size": args.block_size, "losses": losses,
-              "rows": measure(losses, sides, args.block_size)}
+              "command": command.strip(), "sides": sides}
+    if args.train_step:
+        import step
+
+        batch = args.batch or (QUICK_STEP_BATCH if args.quick else STEP_BATCH)
+        names = step.QUICK if args.quick else {"student": "deeplabv3_resnet18",
+                                               "teacher": "deeplabv3_resnet101"}
+        result.update(batch=batch, student=names["student"], teacher=names["teacher"],
+                      xla_flags=os.environ.get("XLA_FLAGS", ""),
+                      rows=train_step_memory(sides, batch, names["student"], names["teacher"],
+                                             args.torch))
+        results_file.emit(result, step_table(result), json_path=args.json, write=args.write,
+                          section=SECTION, begin=STEP_BEGIN, end=STEP_END)
+        return result
+    result.update(batch=BATCH, channels=CHANNELS, block_size=args.block_size, losses=losses,
+                  rows=measure(losses, sides, args.block_size))
     results_file.emit(result, table(result), json_path=args.json, write=args.write,
                       section=SECTION, begin=BEGIN, end=END)
     return result

@@ -95,6 +95,42 @@ def test_memory_quick(tmp_path):
     assert "dense / Gram: pixel_feature_similarity" in stdout
 
 
+@pytest.mark.slow
+def test_memory_train_step_quick(tmp_path):
+    result, stdout = run_script("memory.py", tmp_path, "--train_step", "--quick")
+    assert result["sides"] == [64, 96] and result["batch"] == 2
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in result["xla_flags"]
+    rows = {r["case"]: r for r in result["rows"]}
+    assert set(rows) == {"student_alone", "distill"}
+    for row in rows.values():
+        for peak, analysis in zip(row["peak_bytes"], row["memory_analysis"]):
+            assert peak == (analysis["argument"] + analysis["output"] + analysis["temp"]
+                            - analysis["alias"])
+            assert analysis["temp"] > 0 and analysis["argument"] > 0
+    # The distillation step also takes the teacher's weights.
+    assert all(d > s for d, s in zip(rows["distill"]["peak_bytes"], rows["student_alone"]["peak_bytes"]))
+    assert "<!-- memory.py train step: begin -->" in stdout and "| distill |" in stdout
+    replay = subprocess.run([sys.executable, str(BENCHMARKS / "memory.py"), "--from_json",
+                             str(tmp_path / "memory.json")], cwd=ROOT, env=plain_cpu_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    assert replay.stdout == stdout
+
+
+def test_memory_writes_each_table_between_its_own_markers(tmp_path, monkeypatch):
+    memory = load_module("memory")
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(memory.results_file, "RESULTS", results)
+    results.write_text(f"# Benchmark results\n\n{memory.SECTION}\n\n{memory.BEGIN}\nlosses 1\n"
+                       f"{memory.END}\n\nprose\n\n{memory.STEP_BEGIN}\nstep 1\n{memory.STEP_END}\n"
+                       "\n## Train step\n")
+    memory.write_section(f"{memory.STEP_BEGIN}\nstep 2\n{memory.STEP_END}\n")
+    memory.write_section(f"{memory.BEGIN}\nlosses 2\n{memory.END}\n")
+    assert results.read_text() == (
+        f"# Benchmark results\n\n{memory.SECTION}\n\n{memory.BEGIN}\nlosses 2\n{memory.END}\n\n"
+        f"prose\n\n{memory.STEP_BEGIN}\nstep 2\n{memory.STEP_END}\n\n## Train step\n")
+
+
 def test_write_replaces_only_the_generated_part(tmp_path, monkeypatch):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n## Input pipeline\n\npipeline table\n")
