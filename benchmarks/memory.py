@@ -158,9 +158,16 @@ def mb(x: float) -> str:
     return f"{x:.3g}" if x < 1000 else f"{x:,.0f}"
 
 
+def table_head(begin: str, description: str, command: str, columns: list[str]) -> list[str]:
+    """The lines of a generated table before its rows: the begin marker, what was measured, the
+    command, and the header of a table with these columns."""
+    return [begin, description, "", f"    {command}", "", "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns)]
+
+
 def table(result: dict) -> str:
     sides = result["sides"]
-    lines = [
+    lines = table_head(
         BEGIN,
         f"Compiled forward + backward (loss and gradient w.r.t. the student feature) of the relational "
         f"losses for N = {BATCH}, C = {CHANNELS} (student and teacher), default options, on "
@@ -168,12 +175,8 @@ def table(result: dict) -> str:
         f"`temp_size_in_bytes` in MB: the step's scratch memory besides its inputs and outputs "
         f"(compiled, not executed). Exponent: slope of log(temp) against log(P), least squares over all "
         f"sizes / between the two largest.",
-        "",
-        f"    {result['command']}",
-        "",
-        "| loss | form | " + " | ".join(f"{s}×{s} (P = {s * s})" for s in sides) + " | exponent (fit / last) |",
-        "|---|---|" + "---|" * len(sides) + "---|",
-    ]
+        result["command"],
+        ["loss", "form", *(f"{s}×{s} (P = {s * s})" for s in sides), "exponent (fit / last)"])
     for r in result["rows"]:
         lines.append(f"| {r['loss']} | {r['form']} | " + " | ".join(mb(t) for t in r["temp_bytes"])
                      + f" | {r['exponent_fit']:.2f} / {r['exponent_last']:.2f} |")
@@ -195,8 +198,7 @@ def table(result: dict) -> str:
 
 
 def step_table(result: dict) -> str:
-    sides = result["sides"]
-    lines = [
+    lines = table_head(
         STEP_BEGIN,
         f"Compiled float32 train steps of `benchmarks/step.py` ({result['student']} alone, and "
         f"distilled from {result['teacher']} with CWD), batch {result['batch']}, square crops, on "
@@ -205,12 +207,8 @@ def step_table(result: dict) -> str:
         "temporaries − donated (compiled, not executed). Exponent: slope of log(temporaries) "
         "against log(P), least squares over all sizes / between the two largest. The CPU "
         "program; TPU and GPU compile their own.",
-        "",
-        f"    {result['command']}",
-        "",
-        "| step | " + " | ".join(f"{s}×{s}" for s in sides) + " | temporaries exponent (fit / last) |",
-        "|---|" + "---|" * len(sides) + "---|",
-    ]
+        result["command"],
+        ["step", *(f"{s}×{s}" for s in result["sides"]), "temporaries exponent (fit / last)"])
     for r in result["rows"]:
         peaks = [mb(p) for p in r["peak_bytes"]]
         if "torch_peak_bytes" in r:
