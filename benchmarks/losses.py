@@ -34,6 +34,11 @@ CPU affinity): the affinity mask is narrowed to that many cores (XLA sizes its C
 it), ``torch.set_num_threads`` and OMP/MKL get the same count, and with one thread XLA's Eigen
 multithreading is switched off.
 
+XLA flags: ``kdjax.cpu_flags.CPU_FLAGS``, which the ``kdjax`` command sets and code that calls the
+losses can set with ``kdjax.cpu_flags.add_cpu_flags()`` (512-bit vectors for XLA's own loops, which
+the softmax losses' exponentials gain from), plus the environment's ``XLA_FLAGS``, whose options win.
+The table names them.
+
 Sizes: 'cityscapes' is a 512×1024 Cityscapes crop at output stride 8 (N = 8, 64×128, 19-class logits,
 128-channel student and 256-channel teacher features); 'small' is N = 2, 32×64. ``--write`` puts the
 table into the 'Losses' section of benchmarks/RESULTS.md (the part between its markers).
@@ -61,6 +66,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import results_file  # noqa: E402
 
+from kdjax.cpu_flags import add_cpu_flags  # noqa: E402
+
 SECTION = "## Losses"
 BEGIN, END = "<!-- losses.py: begin -->", "<!-- losses.py: end -->"
 
@@ -87,6 +94,7 @@ def configure_threads(threads: int | None) -> int:
     # libgomp's default spin-waiting turns every PyTorch parallel region into a ~100 ms stall when
     # another process holds one of the cores; sleeping waits keep shared-machine timings sane.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    add_cpu_flags(os.environ)  # the losses compiled as the kdjax command compiles them
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if threads == 1:

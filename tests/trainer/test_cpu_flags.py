@@ -17,10 +17,13 @@ def test_flags_are_appended_to_the_existing_ones():
 
 
 def test_a_users_own_setting_wins():
-    mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
-    environ = {"XLA_FLAGS": mine}
-    add_cpu_flags(environ)
-    assert environ["XLA_FLAGS"] == mine
+    for mine in ("--xla_cpu_enable_concurrency_optimized_scheduler=true",
+                 "--xla_cpu_prefer_vector_width=256"):
+        environ = {"XLA_FLAGS": mine}
+        add_cpu_flags(environ)
+        option = mine.split("=")[0]
+        assert environ["XLA_FLAGS"].split() == [mine] + [
+            flag for flag in CPU_FLAGS if not flag.startswith(option + "=")]
 
 
 def test_the_kdjax_command_sets_them():
