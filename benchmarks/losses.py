@@ -1,7 +1,7 @@
 """Loss speed and memory: every kdjax loss, forward + backward, against PyTorch on the same inputs.
 
     python benchmarks/losses.py [--quick] [--sizes small,cityscapes] [--losses NAME,...] [--threads N]
-                                [--process per_case|shared] [--json FILE] [--write]
+                                [--process per_case|shared] [--runs K] [--json FILE] [--write]
     python benchmarks/losses.py --from_json FILE [--write]     # the table of a saved run
 
 For every loss of ``kdjax.losses`` the benchmark times one jitted step that returns the loss and its
@@ -18,6 +18,11 @@ gradient with respect to the student input, against the same formula in PyTorch
    come from glibc, whose choice between its heap and a fresh ``mmap`` (a page fault per page)
    depends on what was freed before, so in a shared process one case changes the next one's time.
 3. The ratio is torch time / kdjax time: above 1 kdjax is faster.
+   ``--runs K`` measures every case K times, the runs one after another (each case in a fresh
+   process every time), and reports the median of the runs' medians, the min–max over all their
+   repetitions and the median of the runs' ratios, with each run's ratio. On a shared machine
+   whose speed drifts over minutes, one run's ratio can move by ±20 % for the same code; the runs'
+   ratios show how far.
 4. Peak memory. kdjax: XLA's buffer assignment of the compiled step, arguments + outputs +
    temporaries − aliased (donated) buffers (``Compiled.memory_analysis()``; jax reports no device
    memory statistics on CPU). PyTorch eager: the input tensors plus the peak of the bytes the CPU
@@ -542,6 +547,39 @@ def run_case(case: Case, size: str, args) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # Report.
 
+def combine_runs(runs: list[list[dict]]) -> list[dict]:
+    """One row per case from the rows of several runs of the same cases, in the same order.
+
+    Times: the median of the runs' medians, the min and max over all of them, the repetitions
+    summed. Ratios: the median of the runs' ratios, which are kept in ``ratios_eager``. Checks: the
+    largest differences. A case that was not measured in every run keeps the first such run's row.
+    """
+    combined = []
+    for rows in zip(*runs):
+        failed = [r for r in rows if "ratio_eager" not in r]
+        if failed:
+            combined.append(failed[0])
+            continue
+        row = {**rows[0], "ratios_eager": [r["ratio_eager"] for r in rows],
+               "ratio_eager": statistics.median(r["ratio_eager"] for r in rows)}
+        for side in ("kdjax", "torch_eager", "torch_compile"):
+            sides = [r[side] for r in rows]
+            if all("median_ms" in x for x in sides):
+                row[side] = {**sides[0], "median_ms": statistics.median(x["median_ms"] for x in sides),
+                             "min_ms": min(x["min_ms"] for x in sides),
+                             "max_ms": max(x["max_ms"] for x in sides),
+                             "reps": sum(x["reps"] for x in sides)}
+        if all("ratio_compile" in r for r in rows):
+            row["ratio_compile"] = statistics.median(r["ratio_compile"] for r in rows)
+        else:
+            row.pop("ratio_compile", None)
+        row["check"] = {**rows[0]["check"],
+                        **{key: max(r["check"][key] for r in rows)
+                           for key in ("value_rel_diff", "grad_rel_diff")}}
+        combined.append(row)
+    return combined
+
+
 def run_case_in_child(loss: str, size: str, args) -> list[dict]:
     """One (loss, size) case in a fresh interpreter, with this run's settings; returns its rows.
 
@@ -609,7 +647,11 @@ def table(result: dict) -> str:
         f"{result['settings']['max_reps']}. "
         + ("Each (loss, size) case ran in a fresh process."
            if result["settings"].get("process") == "per_case"
-           else "All cases ran in one process, one after another."),
+           else "All cases ran in one process, one after another.")
+        + (f" Every case ran {runs} times, the runs one after another: times are the median of the "
+           "runs' medians (min–max over all their repetitions), the ratio is the median of the runs' "
+           "ratios, each run's ratio in brackets, and 'reps' counts all runs' repetitions."
+           if (runs := result["settings"].get("runs", 1)) > 1 else ""),
     ]
     header = ["loss", "kdjax ms", "PyTorch eager ms", "ratio", "torch.compile ms", "compiled", "kdjax MB",
               "PyTorch MB", "grad diff", "reps"]
@@ -630,6 +672,8 @@ def table(result: dict) -> str:
             else:
                 ratio, comp = r["ratio_eager"], r.get("ratio_compile")
                 mark = " ✓" if ratio >= TARGET else ""
+                if "ratios_eager" in r:
+                    mark += " (" + ", ".join(f"{x:.2f}" for x in r["ratios_eager"]) + ")"
                 cells = [name, timing(r["kdjax"]), timing(eager), f"{ratio:.2f}{mark}",
                          timing(r["torch_compile"]), f"{comp:.2f}" if comp else "–", fmt(r["kdjax"]["peak_mb"]),
                          torch_mb, f"{r['check']['grad_rel_diff']:.0e}", str(r["kdjax"]["reps"])]
@@ -683,6 +727,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative value agreement required")
     parser.add_argument("--process", choices=("per_case", "shared"), default="per_case",
                         help="run each (loss, size) case in a fresh process (default) or all in this one")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="measure every case this many times, one run after another (default 1)")
     parser.add_argument("--cases_json", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
@@ -695,6 +741,8 @@ def main(argv=None) -> dict:
     sizes = [s for s in (args.sizes or ("small" if args.quick else ",".join(SIZES))).split(",") if s]
     if unknown := set(sizes) - set(SIZES):
         parser.error(f"unknown sizes {sorted(unknown)}; choose from {list(SIZES)}")
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
 
     threads = configure_threads(args.threads)
     import torch
@@ -712,14 +760,23 @@ def main(argv=None) -> dict:
               "settings": {"compile": args.compile, "compile_max_step": args.compile_max_step,
                            "budget_s": args.budget, "min_reps": args.min_reps,
                            "max_reps": args.max_reps, "max_gb": args.max_gb, "block_size": BLOCK_SIZE,
-                           "fakd_strength": FAKD_STRENGTH, "process": args.process},
+                           "fakd_strength": FAKD_STRENGTH, "process": args.process,
+                           "runs": args.runs},
               "cases": []}
-    for size in sizes:
-        for case in selected:
-            if args.process == "per_case":
-                result["cases"] += run_case_in_child(case.loss, size, args)
-            else:
-                result["cases"] += run_case(case, size, args)
+    runs = []
+    for _ in range(args.runs):
+        rows = []
+        for size in sizes:
+            for case in selected:
+                if args.process == "per_case":
+                    rows += run_case_in_child(case.loss, size, args)
+                else:
+                    rows += run_case(case, size, args)
+        runs.append(rows)
+    if args.runs == 1:
+        result["cases"] = runs[0]
+    else:
+        result["runs"], result["cases"] = runs, combine_runs(runs)
     if args.cases_json:
         Path(args.cases_json).write_text(json.dumps(result["cases"]))
         return result

@@ -261,6 +261,44 @@ def test_machine_info_without_torch_leaves_later_imports_working():
     run_python(code)
 
 
+def loss_row(kdjax_ms, torch_ms, grad_diff=1e-7, loss="pixel_kd"):
+    """A measured ``benchmarks/losses.py`` row of the small size, min and max 1 ms around the median."""
+    def side(ms):
+        return {"median_ms": ms, "min_ms": ms - 1.0, "max_ms": ms + 1.0, "reps": 10}
+
+    return {"loss": loss, "variant": "", "size": "small", "status": "ok",
+            "kdjax": {**side(kdjax_ms), "peak_mb": 1.0}, "torch_eager": {**side(torch_ms), "peak_mb": 2.0},
+            "torch_compile": {"status": "skipped (--compile off)"},
+            "check": {"kdjax": 1.0, "torch": 1.0, "value_rel_diff": 0.0, "grad_rel_diff": grad_diff},
+            "ratio_eager": torch_ms / kdjax_ms}
+
+
+def test_losses_runs_combine_into_medians_and_each_runs_ratio():
+    losses = load_module("losses")
+    skipped = {"loss": "fitnet", "variant": "", "size": "small", "status": "skipped: too big",
+               "kdjax": {"peak_mb": 5000.0}}
+    runs = [[loss_row(10.0, 30.0), skipped],
+            [loss_row(20.0, 30.0, grad_diff=1e-5), skipped],
+            [loss_row(12.0, 18.0), skipped]]
+    row, second = losses.combine_runs(runs)
+    assert second == skipped
+    assert row["kdjax"]["median_ms"] == 12.0 and row["torch_eager"]["median_ms"] == 30.0
+    assert (row["kdjax"]["min_ms"], row["kdjax"]["max_ms"], row["kdjax"]["reps"]) == (9.0, 21.0, 30)
+    assert row["ratios_eager"] == [3.0, 1.5, 1.5] and row["ratio_eager"] == 1.5
+    assert row["check"]["grad_rel_diff"] == 1e-5 and "ratio_compile" not in row
+    assert runs[0][0]["ratio_eager"] == 3.0  # the runs' own rows are left as they were
+
+    machine = {"cpu": "CPU", "machine": "x86_64", "cores": 2, "ram_gb": 1, "python": "3.11",
+               "jax": "0", "torch": "0", "threads": 2, "torch_threads": 2, "xla_flags": "",
+               "load_average": 0.0}
+    result = {"machine": machine, "command": "python benchmarks/losses.py --runs 3",
+              "sizes": ["small"], "rtol": 1e-4, "cases": [row],
+              "settings": {"max_gb": 4.0, "budget_s": 4.0, "min_reps": 3, "max_reps": 30,
+                           "process": "per_case", "runs": 3}}
+    text = losses.table(result)
+    assert "| 1.50 (3.00, 1.50, 1.50) |" in text and "Every case ran 3 times" in text
+    assert "Missed by: pixel_kd (1.50×)." in text
+
 def test_machine_line_names_the_vector_isa_and_its_bfloat16_arithmetic():
     losses = load_module("losses")
     assert losses.vector_isa({"avx2", "fma"}) == "AVX2, no bfloat16 arithmetic"
