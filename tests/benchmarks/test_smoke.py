@@ -149,6 +149,11 @@ def test_write_replaces_only_the_generated_part(tmp_path, monkeypatch):
         assert text.count(module.SECTION) == 1
 
 
+# The machine record of a benchmark result, for the tests that render tables from made-up results.
+MACHINE = {"cpu": "CPU", "machine": "x86_64", "cores": 2, "ram_gb": 1, "python": "3.11", "jax": "0",
+           "torch": "0", "threads": 2, "torch_threads": 2, "xla_flags": "", "load_average": 0.0}
+
+
 def step_result(dtypes, median_ms):
     """A ``benchmarks/step.py`` result with one block per dtype, every case at ``median_ms``."""
     side = {"median_ms": median_ms, "min_ms": median_ms, "max_ms": median_ms, "reps": 3,
@@ -156,13 +161,10 @@ def step_result(dtypes, median_ms):
             "gflop_with_padding": 120.0}
     cases = {case: {"kdjax": side, "torch": side, "ratio": 1.0}
              for case in ("teacher_forward", "student_alone", "distill")}
-    machine = {"cpu": "CPU", "machine": "x86_64", "cores": 2, "ram_gb": 1, "python": "3.11",
-               "jax": "0", "torch": "0", "threads": 2, "torch_threads": 2, "xla_flags": "",
-               "load_average": 0.0}
     blocks = [{"dtype": dtype, "cases": cases, "overhead_percent": {"kdjax": -100.0, "torch": -100.0},
                "overhead_target_met": {"kdjax": True, "torch": True}, "step_target_met": True}
               for dtype in dtypes]
-    return {"machine": machine, "command": "python benchmarks/step.py", "blocks": blocks,
+    return {"machine": MACHINE, "command": "python benchmarks/step.py", "blocks": blocks,
             "settings": {"size": [64, 64], "batch": 2, "reps": 3, "student": "s", "teacher": "t",
                          "classes": 19, "host_memory": "kept"},
             "matmul_peak_gflops": {"kdjax": 100.0, "torch": 100.0}}
@@ -261,12 +263,12 @@ def test_machine_info_without_torch_leaves_later_imports_working():
     run_python(code)
 
 
-def loss_row(kdjax_ms, torch_ms, grad_diff=1e-7, loss="pixel_kd"):
+def loss_row(kdjax_ms, torch_ms, grad_diff=1e-7):
     """A measured ``benchmarks/losses.py`` row of the small size, min and max 1 ms around the median."""
     def side(ms):
         return {"median_ms": ms, "min_ms": ms - 1.0, "max_ms": ms + 1.0, "reps": 10}
 
-    return {"loss": loss, "variant": "", "size": "small", "status": "ok",
+    return {"loss": "pixel_kd", "variant": "", "size": "small", "status": "ok",
             "kdjax": {**side(kdjax_ms), "peak_mb": 1.0}, "torch_eager": {**side(torch_ms), "peak_mb": 2.0},
             "torch_compile": {"status": "skipped (--compile off)"},
             "check": {"kdjax": 1.0, "torch": 1.0, "value_rel_diff": 0.0, "grad_rel_diff": grad_diff},
@@ -288,16 +290,14 @@ def test_losses_runs_combine_into_medians_and_each_runs_ratio():
     assert row["check"]["grad_rel_diff"] == 1e-5 and "ratio_compile" not in row
     assert runs[0][0]["ratio_eager"] == 3.0  # the runs' own rows are left as they were
 
-    machine = {"cpu": "CPU", "machine": "x86_64", "cores": 2, "ram_gb": 1, "python": "3.11",
-               "jax": "0", "torch": "0", "threads": 2, "torch_threads": 2, "xla_flags": "",
-               "load_average": 0.0}
-    result = {"machine": machine, "command": "python benchmarks/losses.py --runs 3",
+    result = {"machine": MACHINE, "command": "python benchmarks/losses.py --runs 3",
               "sizes": ["small"], "rtol": 1e-4, "cases": [row],
               "settings": {"max_gb": 4.0, "budget_s": 4.0, "min_reps": 3, "max_reps": 30,
                            "process": "per_case", "runs": 3}}
     text = losses.table(result)
     assert "| 1.50 (3.00, 1.50, 1.50) |" in text and "Every case ran 3 times" in text
     assert "Missed by: pixel_kd (1.50×)." in text
+
 
 def test_machine_line_names_the_vector_isa_and_its_bfloat16_arithmetic():
     losses = load_module("losses")
