@@ -99,7 +99,6 @@ def configure_threads(threads: int | None) -> int:
     # libgomp's default spin-waiting turns every PyTorch parallel region into a ~100 ms stall when
     # another process holds one of the cores; sleeping waits keep shared-machine timings sane.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    add_cpu_flags(os.environ)  # the losses compiled as the kdjax command compiles them
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if threads == 1:
@@ -745,6 +744,7 @@ def main(argv=None) -> dict:
         parser.error(f"--runs must be at least 1, got {args.runs}")
 
     threads = configure_threads(args.threads)
+    add_cpu_flags()  # the losses compiled as the kdjax command compiles them
     import torch
 
     torch.set_num_threads(threads)

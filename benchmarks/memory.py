@@ -49,6 +49,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import results_file  # noqa: E402
 
+from kdjax.cpu_flags import add_cpu_flags  # noqa: E402
+
 SECTION = "## Memory"
 BEGIN, END = "<!-- memory.py: begin -->", "<!-- memory.py: end -->"
 STEP_BEGIN, STEP_END = "<!-- memory.py train step: begin -->", "<!-- memory.py train step: end -->"
@@ -264,11 +266,7 @@ def main(argv=None) -> dict:
         parser.error("--sides needs at least two sizes to fit an exponent")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.train_step:
-        # The train step compiled as the kdjax command compiles it; the flags must precede JAX.
-        sys.path.insert(0, str(Path(__file__).parents[1]))
-        from kdjax.cpu_flags import add_cpu_flags
-
-        add_cpu_flags()
+        add_cpu_flags()  # the train step compiled as the kdjax command compiles it; before JAX starts
     import jax
 
     command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
