@@ -1,5 +1,7 @@
 """AT, FitNets and the SKD adversarial (hinge) losses."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -126,3 +128,30 @@ def test_bad_input_raises():
         fitnet(arrays["student_feat"], arrays["teacher_feat"])
     with pytest.raises(ValueError, match="non-empty"):
         skd_adversarial_losses(np.zeros((0,)), np.zeros((1,)))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fitnet_gradient_overwrites_the_difference_in_place(masked):
+    # The tests run under the `kdjax` command's CPU flags (conftest), whose memory-saving scheduler
+    # formed the gradient before the value's sum and kept a second feature-sized map.
+    rng = np.random.default_rng(4)
+    s = jnp.asarray(rng.normal(0, 1, (2, 16, 16, 32)), jnp.float32)
+    t = jnp.asarray(rng.normal(0, 1, (2, 16, 16, 32)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 16, 16)) > 0.3) if masked else None
+    step = jax.jit(jax.value_and_grad(lambda s, t, mask: fitnet(s, t, mask=mask)))
+    memory = step.lower(s, t, mask).compile().memory_analysis()
+    assert memory.temp_size_in_bytes < s.nbytes
+
+
+def test_fitnet_ignores_masked_non_finite_values():
+    rng = np.random.default_rng(5)
+    s = rng.normal(0, 1, (1, 3, 4, 2)).astype(np.float32)
+    t = rng.normal(0, 1, (1, 3, 4, 2)).astype(np.float32)
+    mask = np.ones((1, 3, 4), bool)
+    mask[0, 1, 2] = mask[0, 2, 3] = False
+    s[0, 1, 2, 0], t[0, 2, 3, 1] = np.nan, np.inf
+    value, grad = jax.value_and_grad(fitnet)(jnp.asarray(s), jnp.asarray(t), mask=jnp.asarray(mask))
+    valid = mask[..., None]
+    np.testing.assert_allclose(float(value), np.sum(np.where(valid, (s - t) ** 2, 0)) / (10 * 2),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), np.where(valid, 2 * (s - t) / 20, 0), rtol=1e-6)
