@@ -16,7 +16,9 @@ feature size H = W = side (N = 2 images, C = 128 channels for student and teache
 default options) the script compiles the jitted forward + backward step (loss and gradient with
 respect to the student feature) and reads XLA's compiled memory analysis: ``temp_size_in_bytes``,
 the scratch memory the step needs besides its inputs and outputs. Nothing is executed, so sizes
-whose dense maps would not fit in RAM can be measured too.
+whose dense maps would not fit in RAM can be measured too. Both modes compile under the XLA flags
+that the ``kdjax`` command sets (``kdjax.cpu_flags``), whose memory-saving scheduler decides
+which buffers the programs can share.
 
 The growth exponent is the slope of log(temp) against log(P), fitted by least squares over all sizes,
 and between the two largest sizes: ~2 for the dense form (quadratic), ~1 for the blockwise one
@@ -24,7 +26,7 @@ and between the two largest sizes: ~2 for the dense form (quadratic), ~1 for the
 
 ``--train_step``: the compiled float32 train steps of ``benchmarks/step.py`` (DeepLabV3-ResNet18
 alone, and distilled from DeepLabV3-ResNet101 with CWD), batch ``--batch`` (8), for square crops
-of each side, compiled under the XLA flags that the ``kdjax`` command sets, as ``step.py`` does.
+of each side, compiled as ``step.py`` compiles them.
 Reported: XLA's peak, arguments + outputs + temporaries − donated (the MB column of
 ``step.py``'s table), and the exponent of the temporaries against the pixels. This is the CPU
 program, with its CPU forms (Winograd's convolutions, the schedule ties); TPU and GPU compile
@@ -173,7 +175,10 @@ def table(result: dict) -> str:
         BEGIN,
         f"Compiled forward + backward (loss and gradient w.r.t. the student feature) of the relational "
         f"losses for N = {BATCH}, C = {CHANNELS} (student and teacher), default options, on "
-        f"{result['machine']['machine']} (jax {result['machine']['jax']}). XLA's compiled memory analysis, "
+        f"{result['machine']['machine']} (jax {result['machine']['jax']}), "
+        + (f"XLA_FLAGS `{result['xla_flags']}` (the `kdjax` command's). " if "xla_flags" in result
+           else "XLA's default flags. ")
+        + "XLA's compiled memory analysis, "
         f"`temp_size_in_bytes` in MB: the step's scratch memory besides its inputs and outputs "
         f"(compiled, not executed). Exponent: slope of log(temp) against log(P), least squares over all "
         f"sizes / between the two largest.",
@@ -265,13 +270,13 @@ def main(argv=None) -> dict:
     if len(sides) < 2:
         parser.error("--sides needs at least two sizes to fit an exponent")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if args.train_step:
-        add_cpu_flags()  # the train step compiled as the kdjax command compiles it; before JAX starts
+    add_cpu_flags()  # the programs compiled as the kdjax command compiles them; before JAX starts
     import jax
 
     command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"machine": {"machine": platform.machine(), "jax": jax.__version__},
-              "command": command.strip(), "sides": sides}
+              "command": command.strip(), "sides": sides,
+              "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.train_step:
         import step
 
@@ -279,7 +284,6 @@ def main(argv=None) -> dict:
         names = step.QUICK if args.quick else {"student": "deeplabv3_resnet18",
                                                "teacher": "deeplabv3_resnet101"}
         result.update(batch=batch, student=names["student"], teacher=names["teacher"],
-                      xla_flags=os.environ.get("XLA_FLAGS", ""),
                       rows=train_step_memory(sides, batch, names["student"], names["teacher"],
                                              args.torch))
         results_file.emit(result, step_table(result), json_path=args.json, write=args.write,

@@ -77,7 +77,9 @@ def test_losses_quick_small(tmp_path):
 
 def test_memory_quick(tmp_path):
     result, stdout = run_script("memory.py", tmp_path, "--quick")
-    assert set(result) >= {"machine", "command", "sides", "block_size", "losses", "rows"}
+    assert set(result) >= {"machine", "command", "sides", "block_size", "losses", "rows", "xla_flags"}
+    assert set(CPU_FLAGS) <= set(result["xla_flags"].split())
+    assert f"XLA_FLAGS `{result['xla_flags']}`" in stdout
     forms = [(r["loss"], r["form"]) for r in result["rows"]]
     assert forms == ([(loss, form) for loss in ("pixel_feature_similarity", "skd_pairwise")
                       for form in ("gram", "dense", "block 256")]
