@@ -28,13 +28,13 @@ def fitnet(adapted_student_feat: Array, teacher_feat: Array, *, mask: Array | No
     return _mean_squared_difference(as_float32(adapted_student_feat), frozen(teacher_feat), valid)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _mean_squared_difference(student: Array, teacher: Array, valid: Array | None) -> Array:
-    """``Σ_valid (s − t)² / max(count_valid, 1)``, with the gradient ``2(s − t)/count`` at valid
+    """``Σ_valid (s − t)² / max(count_valid, 1)``, with the derivative ``2(s − t)/count`` at valid
     elements and 0 elsewhere (also where a masked element is NaN or infinite).
 
-    Written out so that the gradient follows the value's sum
-    (:func:`_mean_squared_difference_bwd`).
+    Its derivative is written out so that the gradient follows the value's sum
+    (:func:`_mean_squared_difference_jvp`); forward and reverse mode both apply.
 
     Args:
       student, teacher: float32 (N, H, W, C).
@@ -42,10 +42,11 @@ def _mean_squared_difference(student: Array, teacher: Array, valid: Array | None
     Returns:
       float32 scalar.
     """
-    return _mean_squared_difference_fwd(student, teacher, valid)[0]
+    return _difference_and_value(student, teacher, valid)[1]
 
 
-def _mean_squared_difference_fwd(student, teacher, valid):
+def _difference_and_value(student, teacher, valid):
+    """The difference (0 at masked elements), the mean of its squares, and their count."""
     difference = student - teacher
     if valid is None:
         count = float(difference.size)
@@ -53,20 +54,19 @@ def _mean_squared_difference_fwd(student, teacher, valid):
         # where() rather than a product: a masked NaN or inf must leave the sum and the gradient.
         difference = jnp.where(valid, difference, 0.0)
         count = jnp.maximum(jnp.sum(valid, dtype=jnp.float32) * difference.shape[-1], 1.0)
-    value = jnp.sum(difference * difference) / count
-    return value, (difference, count, value)
+    return difference, jnp.sum(difference * difference) / count, count
 
 
-def _mean_squared_difference_bwd(residuals, cotangent):
-    difference, count, value = residuals
+@_mean_squared_difference.defjvp
+def _mean_squared_difference_jvp(primals, tangents):
+    student, teacher, valid = primals
+    student_tangent, teacher_tangent, _ = tangents
+    difference, value, count = _difference_and_value(student, teacher, valid)
     # The value is a sum of squares, never below 0, so the added term is always 0. It makes the
-    # gradient depend on the value: XLA then finishes the value's sum, which reads the stored
-    # difference, before it forms the gradient, which can overwrite that buffer in place. Without
-    # it, under the memory-saving scheduler of the `kdjax` command, XLA forms the gradient first
-    # and keeps a second map of the feature's size (benchmarks/RESULTS.md, 'Closing the gap',
-    # item 39).
-    scale = 2.0 * cotangent / count + jnp.where(value < 0.0, value, 0.0)
-    return scale * difference, None, None
-
-
-_mean_squared_difference.defvjp(_mean_squared_difference_fwd, _mean_squared_difference_bwd)
+    # derivative, and so the gradient, depend on the value: XLA then finishes the value's sum,
+    # which reads the stored difference, before it forms the gradient, which can overwrite that
+    # buffer in place. Without it, under the memory-saving scheduler of the `kdjax` command, XLA
+    # forms the gradient first and keeps a second map of the feature's size
+    # (benchmarks/RESULTS.md, 'Closing the gap', item 39).
+    derivative = (2.0 / count + jnp.where(value < 0.0, value, 0.0)) * difference
+    return value, jnp.sum(derivative * (student_tangent - teacher_tangent))

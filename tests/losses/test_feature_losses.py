@@ -155,3 +155,15 @@ def test_fitnet_ignores_masked_non_finite_values():
     np.testing.assert_allclose(float(value), np.sum(np.where(valid, (s - t) ** 2, 0)) / (10 * 2),
                                rtol=1e-6)
     np.testing.assert_allclose(np.asarray(grad), np.where(valid, 2 * (s - t) / 20, 0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fitnet_forward_mode_matches_its_gradient(masked):
+    inputs = to_jax(make_fitnet_inputs(np.random.default_rng(6), 2))
+    s, t = inputs["adapted_student_feat"], inputs["teacher_feat"]
+    mask = inputs["mask"] if masked else None
+    direction = jnp.asarray(np.random.default_rng(7).normal(0, 1, s.shape), jnp.float32)
+    value, tangent = jax.jvp(lambda x: fitnet(x, t, mask=mask), (s,), (direction,))
+    grad = jax.grad(lambda x: fitnet(x, t, mask=mask))(s)
+    np.testing.assert_allclose(float(value), float(fitnet(s, t, mask=mask)), rtol=1e-6)
+    np.testing.assert_allclose(float(tangent), float(jnp.vdot(grad, direction)), rtol=1e-5)
