@@ -33,8 +33,8 @@ def _mean_squared_difference(student: Array, teacher: Array, valid: Array | None
     """``Σ_valid (s − t)² / max(count_valid, 1)``, with the derivative ``2(s − t)/count`` at valid
     elements and 0 elsewhere (also where a masked element is NaN or infinite).
 
-    Its derivative is written out so that the gradient follows the value's sum
-    (:func:`_mean_squared_difference_jvp`); forward and reverse mode both apply.
+    The value is computed from the gradient: :func:`_gradient_and_value`. Its derivative is
+    written out so that reverse mode returns that same map; forward mode applies too.
 
     Args:
       student, teacher: float32 (N, H, W, C).
@@ -42,11 +42,23 @@ def _mean_squared_difference(student: Array, teacher: Array, valid: Array | None
     Returns:
       float32 scalar.
     """
-    return _difference_and_value(student, teacher, valid)[1]
+    return _gradient_and_value(student, teacher, valid)[1]
 
 
-def _difference_and_value(student, teacher, valid):
-    """The difference (0 at masked elements), the mean of its squares, and their count."""
+def _gradient_and_value(student: Array, teacher: Array, valid: Array | None) -> tuple[Array, Array]:
+    """The gradient ``g = 2(s − t)/count`` (0 at masked elements) and the value ``Σ g² · count/4``.
+
+    Two passes, where the value's own sum of ``(s − t)²`` made three: the sum runs in YNNPACK,
+    which cannot take a fused producer, so the difference was written out, summed, and read
+    again for the gradient. The sum of ``g²`` reads the gradient itself, which is an output
+    anyway (benchmarks/RESULTS.md, 'Closing the gap', item 40).
+
+    ``g²`` is smaller than ``(s − t)²`` by ``count²/4``, so squares of tiny differences can fall
+    below float32's normal range and be flushed to 0. Each such square loses less than 2⁻¹²⁶,
+    the value at most ``count² · 2⁻¹²⁸``; below ``count² · 2⁻¹⁰⁴`` that could exceed float32's
+    rounding, and the value is summed again from ``g · count/2 = s − t``. That branch runs only
+    then (a ``lax.cond``), and reads the gradient again.
+    """
     difference = student - teacher
     if valid is None:
         count = float(difference.size)
@@ -54,19 +66,20 @@ def _difference_and_value(student, teacher, valid):
         # where() rather than a product: a masked NaN or inf must leave the sum and the gradient.
         difference = jnp.where(valid, difference, 0.0)
         count = jnp.maximum(jnp.sum(valid, dtype=jnp.float32) * difference.shape[-1], 1.0)
-    return difference, jnp.sum(difference * difference) / count, count
+    gradient = difference * (2.0 / count)
+    value = jnp.sum(gradient * gradient) * (count / 4.0)
+
+    def from_differences(gradient: Array) -> Array:
+        return jnp.sum(jnp.square(gradient * (count / 2.0))) / count
+
+    value = jax.lax.cond(value < count * count * 2.0 ** -104, from_differences,
+                         lambda _: value, gradient)
+    return gradient, value
 
 
 @_mean_squared_difference.defjvp
 def _mean_squared_difference_jvp(primals, tangents):
     student, teacher, valid = primals
     student_tangent, teacher_tangent, _ = tangents
-    difference, value, count = _difference_and_value(student, teacher, valid)
-    # The value is a sum of squares, never below 0, so the added term is always 0. It makes the
-    # derivative, and so the gradient, depend on the value: XLA then finishes the value's sum,
-    # which reads the stored difference, before it forms the gradient, which can overwrite that
-    # buffer in place. Without it, under the memory-saving scheduler of the `kdjax` command, XLA
-    # forms the gradient first and keeps a second map of the feature's size
-    # (benchmarks/RESULTS.md, 'Closing the gap', item 39).
-    derivative = (2.0 / count + jnp.where(value < 0.0, value, 0.0)) * difference
-    return value, jnp.sum(derivative * (student_tangent - teacher_tangent))
+    gradient, value = _gradient_and_value(student, teacher, valid)
+    return value, jnp.sum(gradient * (student_tangent - teacher_tangent))
