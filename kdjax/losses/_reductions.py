@@ -1,11 +1,16 @@
-"""Several sums or maxima along one axis, read in a single pass where that pays.
+"""Several sums along one axis, read in a single pass where that pays, and the shifts of softmaxes.
 
-A softmax loss reduces a handful of element-wise expressions of the same logits along the same
-axis: the maxima of student and teacher, the sums of their exponentials, the cross term of a KL. As
-separate reductions, XLA's CPU backend hands each float32 sum to YNNPACK, which cannot take a fused
-producer, so every sum's element-wise input is first written out in full and read back. One
-reduction with several outputs stays in XLA's own loop emitter, which fuses the element-wise
-producers into it and reads the logits once (on GPU and TPU it is one fused kernel as well).
+A softmax loss sums a handful of element-wise expressions of the same logits along the same axis:
+the exponentials of student and teacher, the cross term of a KL. As separate reductions, XLA's CPU
+backend hands each float32 sum to YNNPACK, which cannot take a fused producer, so every sum's
+element-wise input is first written out in full and read back. One reduction with several outputs
+stays in XLA's own loop emitter, which fuses the element-wise producers into it and reads the
+logits once (on GPU and TPU it is one fused kernel as well).
+
+The maxima that shift the softmaxes read the logits themselves, with no producer to fuse, and
+YNNPACK takes them faster one by one than XLA's loop takes them together: 0.38 against 0.79 ms
+for pixel KD's two maxima at the Cityscapes size (benchmarks/RESULTS.md, 'Closing the gap',
+item 42). So :func:`softmax_shifts` takes one reduction per operand.
 
 That loop walks the reduced axis innermost, which is fast when the axis is the last (contiguous)
 one, as the class axis of NHWC logits is. Along another axis, such as the positions of (N, P, C)
@@ -27,16 +32,12 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _one_pass(operands: tuple[Array, ...], init: float, combine, axis: int) -> tuple[Array, ...]:
-    """One variadic ``lax.reduce`` of same-shape operands, each with its own accumulator."""
-    inits = tuple(jnp.asarray(init, o.dtype) for o in operands)
-    return tuple(jax.lax.reduce(
-        operands, inits, lambda a, b: tuple(combine(x, y) for x, y in zip(a, b)), (axis,)))
-
-
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _sums_one_pass(axis: int, *operands: Array) -> tuple[Array, ...]:
-    return _one_pass(operands, 0.0, jax.lax.add, axis)
+    """One variadic ``lax.reduce`` of same-shape operands, each with its own accumulator."""
+    zeros = tuple(jnp.zeros((), o.dtype) for o in operands)
+    return tuple(jax.lax.reduce(
+        operands, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (axis,)))
 
 
 @_sums_one_pass.defjvp
@@ -94,29 +95,11 @@ def sums(*operands: Array, axis: int) -> tuple[Array, ...]:
     return tuple(jnp.sum(x, axis=axis) for x in operands)
 
 
-def maxes(*operands: Array, axis: int) -> tuple[Array, ...]:
-    """``tuple(jnp.max(x, axis) for x in operands)`` without gradient, for the shifts of softmaxes.
-
-    One pass over all operands along the last axis, as :func:`sums`.
-
-    Args:
-      operands: float arrays of one shape and dtype.
-      axis: the axis to take the maximum over (removed from the results).
-    Returns:
-      one array per operand, the operands' shape without ``axis``; a gradient stops here.
-    """
-    axis, last = _normalize_axis(operands, axis)
-    operands = tuple(jax.lax.stop_gradient(x) for x in operands)
-    if last and len(operands) > 1:
-        return _one_pass(operands, -jnp.inf, jax.lax.max, axis)
-    return tuple(jnp.max(x, axis=axis) for x in operands)
-
-
 def softmax_shifts(*operands: Array, axis: int) -> tuple[Array, ...]:
     """The shift of a stable softmax for each operand: its maximum along ``axis`` (kept, size 1),
     0 where that maximum is not finite (a slice of −inf, as :func:`jax.nn.logsumexp` does).
 
-    Computed by :func:`maxes`, so one pass along the last axis and no gradient.
+    One reduction per operand, and no gradient: a softmax does not depend on its shift.
 
     Args:
       operands: float arrays of one shape and dtype (masked entries already −inf).
@@ -124,5 +107,6 @@ def softmax_shifts(*operands: Array, axis: int) -> tuple[Array, ...]:
     Returns:
       one array per operand, the operands' shape with ``axis`` of size 1.
     """
-    return tuple(jnp.expand_dims(jnp.where(jnp.isfinite(m), m, 0.0), axis)
-                 for m in maxes(*operands, axis=axis))
+    axis, _ = _normalize_axis(operands, axis)
+    maxima = (jnp.max(jax.lax.stop_gradient(x), axis=axis, keepdims=True) for x in operands)
+    return tuple(jnp.where(jnp.isfinite(m), m, 0.0) for m in maxima)

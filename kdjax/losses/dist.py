@@ -128,7 +128,7 @@ def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gam
         # Masked pixels become uniform distributions: nothing (not even a NaN) reaches the gradient.
         z_s = jnp.where(mask[..., None], z_s, 0.0)
         z_t = jnp.where(mask[..., None], z_t, 0.0)
-    # Both softmaxes share their passes over the logits (kdjax.losses._reductions).
+    # Both softmaxes share the pass of their sums over the logits (kdjax.losses._reductions).
     e_s, e_t = (jnp.exp(z - m) for z, m in zip((z_s, z_t), softmax_shifts(z_s, z_t, axis=-1)))
     total_s, total_t = sums(e_s, e_t, axis=-1)
     y_s = e_s / total_s[..., None]
