@@ -337,9 +337,9 @@ def _gather_contrast(queue: Array, index: Array) -> Array:
 def _rows_kl_sum(z_s: Array, z_t: Array, valid: Array, temperature: Array) -> Array:
     """``Σ_{valid a} KL(softmax(z_t,a/T) ‖ softmax(z_s,a/T))`` over (R, M) similarity rows.
 
-    :func:`softmax_kl` takes the row maxima and sums in single passes of XLA's own reduction
-    emitter; a plain log-softmax's maximum would be fused into the similarity product, which then
-    ran at about half the speed of the product alone on CPU.
+    :func:`softmax_kl` takes the row maxima and sums in reductions apart from the similarity
+    product; a plain log-softmax's maximum would be fused into the product, which then ran at
+    about half the speed of the product alone on CPU.
     """
     kl = softmax_kl(z_s, z_t, axis=-1, temperature=temperature)
     return jnp.sum(jnp.where(valid, kl, 0.0))

@@ -278,9 +278,9 @@ def _squared_difference_rows(a_s: Array, a_t: Array, col_valid: Array | None) ->
 def _kl_rows(tau: float) -> PairTerm:
     """Per row: KL(softmax(A^T_i/τ) ‖ softmax(A^S_i/τ)), softmax over the valid columns.
 
-    By :func:`softmax_kl`, whose row maxima and sums are single passes of XLA's own reduction
-    emitter: a log-softmax's maximum would be fused into the affinity product on CPU, which then
-    ran at about half the speed of the product alone.
+    By :func:`softmax_kl`, whose row maxima and sums are reductions apart from the affinity
+    product: a log-softmax's maximum would be fused into the product on CPU, which then ran at
+    about half the speed of the product alone.
     """
 
     def term(a_s: Array, a_t: Array, col_valid: Array | None) -> Array:
