@@ -7,11 +7,6 @@ element-wise input is first written out in full and read back. One reduction wit
 stays in XLA's own loop emitter, which fuses the element-wise producers into it and reads the
 logits once (on GPU and TPU it is one fused kernel as well).
 
-The maxima that shift the softmaxes read the logits themselves, with no producer to fuse, and
-YNNPACK takes them faster one by one than XLA's loop takes them together: 0.38 against 0.79 ms
-for pixel KD's two maxima at the Cityscapes size (benchmarks/RESULTS.md, 'Closing the gap',
-item 42). So :func:`softmax_shifts` takes one reduction per operand.
-
 That loop walks the reduced axis innermost, which is fast when the axis is the last (contiguous)
 one, as the class axis of NHWC logits is. Along another axis, such as the positions of (N, P, C)
 maps, one long pass reads with a stride of the trailing size and was no faster than YNNPACK's
@@ -20,6 +15,11 @@ separate reductions (benchmarks/RESULTS.md, 'Losses', 'Several sums in one reduc
 the few block sums: 1.2–1.3× faster than separate sums for CWD's logits and 1.4× for NFD's
 features ('CWD and NFD in blocks of positions'). An axis the block does not divide falls back to
 one reduction per operand.
+
+The maxima that shift the softmaxes read the logits themselves, with no producer to fuse, and
+YNNPACK takes them faster one by one than XLA's loop takes them together: 0.38 against 0.79 ms
+for pixel KD's two maxima at the Cityscapes size (benchmarks/RESULTS.md, 'Closing the gap',
+item 42). So :func:`softmax_shifts` takes one reduction per operand.
 """
 
 from __future__ import annotations
