@@ -10,7 +10,7 @@ ones ``step.py`` times) with forward hooks during one train-mode forward: input 
 stride, padding, dilation and groups. Equal configurations are merged and counted. Each one is then
 timed in isolation:
 
-- ``fwd``: the convolution alone. kdjax: ``kdjax.models.convolution.conv2d`` in NHWC/HWIO, jitted,
+- ``fwd``: the convolution alone. kdjax: ``kdjax.ops.cpu.convolution.conv2d`` in NHWC/HWIO, jitted,
   as ``layers.Conv2d`` calls it. PyTorch: ``F.conv2d`` in NCHW, eager, under ``torch.no_grad``.
 - ``fwd+bwd``: the convolution and its gradients with respect to input and kernel for a random
   output cotangent (the stem would need the kernel gradient only, but both sides compute both).
@@ -88,7 +88,7 @@ def kdjax_calls(config):
     import jax
     import numpy as np
 
-    from kdjax.models.convolution import conv2d
+    from kdjax.ops.cpu.convolution import conv2d
 
     n, c, h, w, o, kh, kw, stride, pad, dilation, groups = config
     rng = np.random.default_rng(0)

@@ -39,8 +39,8 @@ CPU affinity): the affinity mask is narrowed to that many cores (XLA sizes its C
 it), ``torch.set_num_threads`` and OMP/MKL get the same count, and with one thread XLA's Eigen
 multithreading is switched off.
 
-XLA flags: ``kdjax.cpu_flags.CPU_FLAGS``, which the ``kdjax`` command sets and code that calls the
-losses can set with ``kdjax.cpu_flags.add_cpu_flags()`` (512-bit vectors for XLA's own loops, which
+XLA flags: ``kdjax.runtime.cpu_flags.CPU_FLAGS``, which the ``kdjax`` command sets and code that calls the
+losses can set with ``kdjax.runtime.cpu_flags.add_cpu_flags()`` (512-bit vectors for XLA's own loops, which
 the softmax losses' exponentials gain from), plus the environment's ``XLA_FLAGS``, whose options win.
 The table names them.
 
@@ -71,7 +71,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import results_file  # noqa: E402
 
-from kdjax.cpu_flags import add_cpu_flags  # noqa: E402
+from kdjax.runtime.cpu_flags import add_cpu_flags  # noqa: E402
 
 SECTION = "## Losses"
 BEGIN, END = "<!-- losses.py: begin -->", "<!-- losses.py: end -->"

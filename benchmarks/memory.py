@@ -17,7 +17,7 @@ default options) the script compiles the jitted forward + backward step (loss an
 respect to the student feature) and reads XLA's compiled memory analysis: ``temp_size_in_bytes``,
 the scratch memory the step needs besides its inputs and outputs. Nothing is executed, so sizes
 whose dense maps would not fit in RAM can be measured too. Both modes compile under the XLA flags
-that the ``kdjax`` command sets (``kdjax.cpu_flags``), whose memory-saving scheduler decides
+that the ``kdjax`` command sets (``kdjax.runtime.cpu_flags``), whose memory-saving scheduler decides
 which buffers the programs can share.
 
 The growth exponent is the slope of log(temp) against log(P), fitted by least squares over all sizes,
@@ -51,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import results_file  # noqa: E402
 
-from kdjax.cpu_flags import add_cpu_flags  # noqa: E402
+from kdjax.runtime.cpu_flags import add_cpu_flags  # noqa: E402
 
 SECTION = "## Memory"
 BEGIN, END = "<!-- memory.py: begin -->", "<!-- memory.py: end -->"

@@ -9,7 +9,7 @@ and resolution.
 Three cases, each timed as one full call:
 
 1. ``teacher_forward``: the frozen teacher (default DeepLabV3-ResNet101) on the batch in inference
-   mode. kdjax: a jitted forward of the experiment's teacher (``Experiment.teacher_tensors``, as the
+   mode. kdjax: a jitted forward of the experiment's teacher (``training.experiment.teacher_tensors``, as the
    train step calls it), returning logits, aux logits and the head feature. PyTorch: ``eval()`` and
    ``torch.inference_mode()``, the same three outputs.
 2. ``student_alone``: the student's (default DeepLabV3-ResNet18) train step: forward in train mode,
@@ -44,9 +44,9 @@ Method:
   the allocator's peak above that during the call (``torch.profiler`` allocation events).
 - Distillation overhead per side: (distill − teacher_forward − student_alone) / student_alone, the
   cost of the distillation losses with the teacher's forward taken out; the target is ≤ 5 %.
-- XLA flags: the environment's ``XLA_FLAGS`` plus ``kdjax.cpu_flags.CPU_FLAGS``, which the ``kdjax``
+- XLA flags: the environment's ``XLA_FLAGS`` plus ``kdjax.runtime.cpu_flags.CPU_FLAGS``, which the ``kdjax``
   command sets too.
-- Host memory: freed memory is kept for reuse (``kdjax.host_memory``), as the ``kdjax`` command has
+- Host memory: freed memory is kept for reuse (``kdjax.runtime.host_memory``), as the ``kdjax`` command has
   it, for both libraries (they share the process). ``--default-allocator`` keeps glibc's defaults,
   under which every step's fresh buffers fault their pages in again.
 - ``--dtypes float32,bfloat16`` adds a bfloat16 block: the kdjax networks compute in bfloat16
@@ -73,8 +73,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import losses  # noqa: E402
-from kdjax.cpu_flags import add_cpu_flags  # noqa: E402
-from kdjax.host_memory import keep_freed_memory  # noqa: E402
+from kdjax.runtime.cpu_flags import add_cpu_flags  # noqa: E402
+from kdjax.runtime.host_memory import keep_freed_memory  # noqa: E402
 import results_file  # noqa: E402
 
 SECTION = "## Train step"
@@ -131,8 +131,8 @@ def make_batch(args, seed: int = 0) -> dict:
 # kdjax side.
 
 def kdjax_config(args, dtype: str, distill: bool):
-    from kdjax.defaults import base_config
-    from kdjax.recipes import method_terms
+    from kdjax.config.defaults import base_config
+    from kdjax.config.recipes import method_terms
 
     config = base_config()
     config.data.name = "cityscapes"          # 19 classes; only its metadata is read
@@ -166,7 +166,8 @@ def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):
     """The compiled train step of a kdjax experiment; (Impl, experiment, student parameter count)."""
     import jax
 
-    from kdjax import sharding, train
+    from kdjax import training as train
+    from kdjax.runtime import sharding
 
     mesh = sharding.make_mesh(jax.devices()[:1])
     start = time.perf_counter()
@@ -177,7 +178,7 @@ def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):
     teacher = exp.teacher_inputs()
     # The experiment's own jitted step, compiled once here so its costs can be read; the state is
     # donated, as in training.
-    compiled = exp.compiled_step().lower(state, teacher, batch).compile()
+    compiled = exp.train_step.lower(state, teacher, batch).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
@@ -195,10 +196,11 @@ def kdjax_teacher_forward(exp, batch: dict) -> Impl:
     """A jitted inference forward of the experiment's frozen teacher."""
     import jax
 
-    from kdjax import sharding
+    from kdjax.runtime import sharding
+    from kdjax.training.experiment import teacher_tensors
 
     def forward(variables, images):
-        tensors = exp.teacher_tensors(variables, images)
+        tensors = teacher_tensors(exp.teacher, variables, images)
         return {name: tensors[name] for name in TEACHER_OUTPUTS if name in tensors}
 
     images = sharding.global_batch({"image": batch["image"]}, exp.mesh)["image"]
@@ -233,7 +235,7 @@ def kdjax_impls(args, dtype: str, batch: dict) -> tuple[dict, dict]:
 # PyTorch side.
 
 def torch_task_loss(logits, aux_logits, labels):
-    """CE + 0.4·aux CE on the logits upsampled to the label size, as kdjax.distill.task_loss."""
+    """CE + 0.4·aux CE on the logits upsampled to the label size, as kdjax.distill.objective.task_loss."""
     import torch.nn.functional as F
 
     size = labels.shape[1:]
@@ -519,12 +521,12 @@ def machine_line(m: dict) -> str:
 
 
 HOST_MEMORY = {
-    "kept": "Host memory: freed memory kept for reuse in both libraries' process (`kdjax.host_memory`, "
+    "kept": "Host memory: freed memory kept for reuse in both libraries' process (`kdjax.runtime.host_memory`, "
             "as the `kdjax` command has it).",
     "glibc default": "Host memory: glibc's defaults (`--default-allocator`): each step's fresh "
                      "buffers fault their pages in again.",
     "environment": "Host memory: the allocator as the environment sets it (an allocator setting "
-                   "of its own, or a C library other than glibc, so `kdjax.host_memory` left it).",
+                   "of its own, or a C library other than glibc, so `kdjax.runtime.host_memory` left it).",
 }
 
 

@@ -12,13 +12,17 @@ of that gap at this tiny scale varies with the seed (run more with --config.seed
 
 import ml_collections
 
-from kdjax.defaults import base_config, local_run
-from kdjax.recipes import method_terms
+from kdjax.config.defaults import base_config
+from kdjax.config.recipes import from_arg, method_terms
 
 DEMO_METHODS = ("student_alone", "cwd_logits", "nfd", "pfs_wpi", "fakd_kd")
 
 
 def get_config(arg=None):
+    return from_arg(arg, _demo)
+
+
+def _demo():
     config = base_config()
     config.data.name = "synthetic"
     config.data.synthetic.num_train = 512
@@ -48,8 +52,4 @@ def get_config(arg=None):
     config.methods = ml_collections.ConfigDict(
         {name: method_terms(name, aux_logits=False) for name in DEMO_METHODS})
     config.seeds = (0,)
-    if arg == "local":
-        local_run(config)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; the only one is 'local'.")
     return config

@@ -2,6 +2,6 @@
 
 import sys
 
-from kdjax.cli import main
+from kdjax.commands.main import main
 
 sys.exit(main())

@@ -15,8 +15,9 @@ Protocol:
   half width (head 64), 800 steps; student DeepLabV3-ResNet18 at quarter width (head 32), about a
   quarter of the teacher's parameters and FLOPs, 120 steps. Both at output stride 8 with the FCN aux
   head, SGD lr 0.05, momentum 0.9, wd 1e-4, poly 0.9, gradient norm clipped at 10, batch 8.
-- Methods and loss weights: methods.md §5 and §9 through ``kdjax.recipes.method_terms``; CWD is the
-  CWD paper's logits-only recipe (weight 3, τ 4), and FAKD-CWD augments that one.
+- Methods and loss weights: docs/methods.md §5 and §9 through
+  ``kdjax.config.recipes.method_terms``; CWD is the CWD paper's logits-only recipe (weight 3, τ 4),
+  and FAKD-CWD augments that one.
 - Every student run uses the same trained teacher; the last checkpoint is reported (no selection on
   the validation set).
 
@@ -25,14 +26,18 @@ Protocol:
 
 import ml_collections
 
-from kdjax.defaults import base_config, local_run
-from kdjax.recipes import method_terms
+from kdjax.config.defaults import base_config
+from kdjax.config.recipes import from_arg, method_terms
 
 CAMVID_METHODS = ("student_alone", "kd", "cwd_logits", "nfd", "pfs_wpi", "fakd_kd", "fakd_cwd",
                   "dist", "cirkd")
 
 
 def get_config(arg=None):
+    return from_arg(arg, _camvid)
+
+
+def _camvid():
     config = base_config()
     config.data.name = "camvid"
     config.data.manual_dir = "../shared/data/camvid"
@@ -65,10 +70,4 @@ def get_config(arg=None):
     config.methods = ml_collections.ConfigDict(
         {name: method_terms(name, aux_logits=True) for name in CAMVID_METHODS})
     config.seeds = (0, 1, 2)
-    if arg == "local":
-        local_run(config)
-        config.data.manual_dir = None
-        config.data.base_size = None
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; the only one is 'local'.")
     return config

@@ -31,7 +31,7 @@ from kdjax.models.layers import BatchNorm2d, Conv2d
 from kdjax.models.mobilenet import MobileNetV2
 from kdjax.models.resnet import ResNet
 from kdjax.models.segmentor import build_segmentor
-from kdjax.unoptimized import compile_unoptimized
+from kdjax.runtime.compilation import compile_unoptimized
 
 BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenetv2")
 SEGMENTOR_SOURCES = tuple(f"{head}_{b}" for head in ("deeplabv3", "pspnet") for b in BACKBONES)

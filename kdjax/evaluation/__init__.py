@@ -1,6 +1,20 @@
-"""The pieces of evaluation, one job per module; ``kdjax.evaluate`` is the public entry.
+"""Evaluation, one job per module, with the public names re-exported here.
 
 - ``metrics``: confusion matrix, its host-side int64 accumulation, mIoU / IoU / accuracies.
 - ``inference``: ``EvalMode`` and whole / sliding-window / multi-scale + flip class probabilities.
+- ``loop``: ``evaluate``, a model over an eval set.
 - ``overlays``: colour-coded label maps and PNG rows image | label | predictions.
+- ``report``: result rows of runs and the comparison tables, JSON and plot.
 """
+
+from kdjax.evaluation.inference import EvalMode, infer_probabilities, predict_classes
+from kdjax.evaluation.loop import batch_confusion, evaluate
+from kdjax.evaluation.metrics import (ConfusionAccumulator, SegmentationMetrics, confusion_matrix,
+                                      segmentation_metrics)
+from kdjax.evaluation.overlays import colorize, write_overlays
+
+__all__ = [
+    "ConfusionAccumulator", "EvalMode", "SegmentationMetrics", "batch_confusion", "colorize",
+    "confusion_matrix", "evaluate", "infer_probabilities", "predict_classes",
+    "segmentation_metrics", "write_overlays",
+]

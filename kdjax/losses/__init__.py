@@ -5,6 +5,7 @@ returns float32 scalars. None of them holds parameters or state: trainable piece
 ``kdjax.models`` and stateful methods pass their state in and out explicitly.
 """
 
+from kdjax.losses._common import nearest_resize_labels
 from kdjax.losses.adversarial import skd_adversarial_losses
 from kdjax.losses.attention import attention_transfer
 from kdjax.losses.channel_wise import channel_wise_divergence
@@ -37,6 +38,7 @@ __all__ = [
     "ifvd",
     "init_class_covariance",
     "init_cirkd_memory",
+    "nearest_resize_labels",
     "normalized_feature_distillation",
     "pixel_feature_similarity",
     "pixel_kd",

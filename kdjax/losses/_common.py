@@ -138,6 +138,19 @@ def safe_norm(x: Array) -> Array:
     return safe_sqrt(jnp.sum(jnp.square(x)))
 
 
+def check_labels(labels: Array, other: Array, other_name: str) -> None:
+    """Raises ValueError unless ``labels`` is an integer (N, H, W) map with ``other``'s batch N."""
+    check_rank("labels", labels, 3, "N,H,W")
+    batch = jnp.shape(other)[0]
+    if jnp.shape(labels)[0] != batch:
+        raise ValueError(
+            f"labels and {other_name} must have the same batch size {batch}, got "
+            f"{tuple(jnp.shape(labels))} and {tuple(jnp.shape(other))}.")
+    if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
+        raise ValueError(f"labels must be an integer array (class indices as integers), got dtype "
+                         f"{jnp.asarray(labels).dtype} and shape {tuple(jnp.shape(labels))}.")
+
+
 def nearest_resize_labels(labels: Array, height: int, width: int) -> Array:
     """Nearest-neighbour label resize with PyTorch's legacy rule ``src = floor(dst * in / out)``.
 

@@ -10,7 +10,7 @@ logits once (on GPU and TPU it is one fused kernel as well).
 That loop walks the reduced axis innermost, which is fast when the axis is the last (contiguous)
 one, as the class axis of NHWC logits is. Along another axis, such as the positions of (N, P, C)
 maps, one long pass reads with a stride of the trailing size and was no faster than YNNPACK's
-separate reductions (benchmarks/RESULTS.md, 'Losses', 'Several sums in one reduction'). There
+separate reductions (benchmarks/NOTES.md, 'Several sums in one reduction'). There
 :func:`sums` splits the axis into blocks, sums the entries of every block in one pass and then
 the few block sums: 1.2–1.3× faster than separate sums for CWD's logits and 1.4× for NFD's
 features ('CWD and NFD in blocks of positions'). An axis the block does not divide falls back to
@@ -18,8 +18,8 @@ one reduction per operand.
 
 The maxima that shift the softmaxes read the logits themselves, with no producer to fuse, and
 YNNPACK takes them faster one by one than XLA's loop takes them together: 0.38 against 0.79 ms
-for pixel KD's two maxima at the Cityscapes size (benchmarks/RESULTS.md, 'Closing the gap',
-item 42). So :func:`softmax_shifts` takes one reduction per operand.
+for pixel KD's two maxima at the Cityscapes size (``benchmarks/losses.py``). So
+:func:`softmax_shifts` takes one reduction per operand.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._common import (as_float32, check_choice, check_mask, check_positive, check_rank,
+from kdjax.losses._common import (as_float32, check_choice, check_labels, check_mask, check_positive, check_rank,
                                   check_same_shape, combine_masks, frozen, l2_normalize,
                                   nearest_resize_labels, softmax_kl, valid_label_mask)
 
@@ -97,16 +97,6 @@ def _check_memory(memory: CirkdMemory, dim: int | None = None) -> None:
         raise ValueError(
             f"the embeddings have {dim} channels but the memory queues hold {c} "
             f"(memory.pixel_queue shape {tuple(memory.pixel_queue.shape)}).")
-
-
-def _check_labels(labels: Array, embed: Array, embed_name: str) -> None:
-    check_rank("labels", labels, 3, "N,H,W")
-    if jnp.shape(labels)[0] != jnp.shape(embed)[0]:
-        raise ValueError(
-            f"labels and {embed_name} must have the same batch size, got "
-            f"{tuple(jnp.shape(labels))} and {tuple(jnp.shape(embed))}.")
-    if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-        raise ValueError(f"labels must be integers, got dtype {jnp.asarray(labels).dtype}.")
 
 
 def init_cirkd_memory(key: Array, num_classes: int, dim: int, *, pixel_size: int = 20000,
@@ -212,7 +202,7 @@ def _check_update(memory: CirkdMemory, teacher_feat: Array, labels: Array, pixel
                   pixel_pool: str) -> int:
     """Validates the update arguments; returns the static number of pixels drawn per class."""
     check_rank("teacher_feat", teacher_feat, 4, "N,H,W,C")
-    _check_labels(labels, teacher_feat, "teacher_feat")
+    check_labels(labels, teacher_feat, "teacher_feat")
     _check_memory(memory, teacher_feat.shape[-1])
     check_choice("pixel_pool", pixel_pool, PIXEL_POOLS)
     _check_count("pixels_per_class", pixels_per_class, 1)
@@ -491,7 +481,7 @@ def cirkd_memory(student_embed: Array, teacher_embed: Array, labels: Array, memo
     """
     check_rank("student_embed", student_embed, 4, "N,H,W,C")
     check_same_shape("student_embed", student_embed, "teacher_embed", teacher_embed)
-    _check_labels(labels, student_embed, "student_embed")
+    check_labels(labels, student_embed, "student_embed")
     _check_memory(memory, student_embed.shape[-1])
     check_mask(mask, student_embed)
     check_positive("tau", tau)

@@ -141,7 +141,7 @@ def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gam
     # Each class's column laid out as a row (groups, K, pixels): the five sums of the correlation
     # then run along the last axis in two passes (kdjax.losses._reductions), and the transposing
     # copy fuses into the softmax that produces it (1.4× faster forward + backward at the
-    # Cityscapes size than reducing the pixel axis in place; benchmarks/RESULTS.md, 'Losses').
+    # Cityscapes size than reducing the pixel axis in place; benchmarks/NOTES.md, 'Several sums in one reduction').
     cols_s = jnp.swapaxes(y_s.reshape(groups, group * h * w, k), 1, 2)
     cols_t = jnp.swapaxes(y_t.reshape(groups, group * h * w, k), 1, 2)
     if mask is None:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._common import (as_float32, check_mask, check_optional_positive_int,
+from kdjax.losses._common import (as_float32, check_labels, check_mask, check_optional_positive_int,
                                   check_positive, check_rank, check_same_shape, combine_masks,
                                   frozen, masked_mean, nearest_resize_labels, valid_label_mask)
 from kdjax.losses._reductions import softmax_shifts, sums
@@ -58,15 +58,6 @@ def init_class_covariance(num_classes: int, dim: int) -> ClassCovariance:
     return ClassCovariance(mean=jnp.zeros((num_classes, dim), jnp.float32),
                            var=jnp.zeros((num_classes, dim), jnp.float32),
                            count=jnp.zeros((num_classes,), jnp.float32))
-
-
-def _check_labels(labels: Array, spatial_of: Array) -> None:
-    """Raises ValueError unless ``labels`` is (N, H_l, W_l) with the batch of ``spatial_of``."""
-    check_rank("labels", labels, 3, "N,H,W")
-    if jnp.shape(labels)[0] != jnp.shape(spatial_of)[0]:
-        raise ValueError(
-            f"labels must have the batch size {jnp.shape(spatial_of)[0]} of the "
-            f"{tuple(jnp.shape(spatial_of))} tensor, got shape {tuple(jnp.shape(labels))}.")
 
 
 def _pixel_classes(labels: Array, spatial_of: Array, num_classes: int,
@@ -117,7 +108,7 @@ def update_class_covariance(state: ClassCovariance, features: Array, labels: Arr
         raise ValueError(f"features must have A = {mean_shape[1]} channels like the state mean "
                          f"{mean_shape}, got shape {tuple(features.shape)}.")
     check_mask(mask, features)
-    _check_labels(labels, features)
+    check_labels(labels, features, "features")
     return _update_class_covariance(ClassCovariance(*state), features, labels, mask,
                                     ignore_label=ignore_label)
 
@@ -279,7 +270,7 @@ def fakd_kd(student_logits: Array, teacher_logits: Array, classifier_kernel: Arr
     check_positive("temperature", temperature)
     kernel = _classifier_matrix(classifier_kernel, student_logits.shape[-1])
     _check_variance(variance, kernel)
-    _check_labels(labels, student_logits)
+    check_labels(labels, student_logits, "student_logits")
     _check_strength(strength)
     plain = pixel_kd(student_logits, teacher_logits, temperature=temperature, mask=mask)
     return plain + _kd_augmentation(student_logits, teacher_logits, kernel, variance, labels,
@@ -304,7 +295,7 @@ def _kd_augmentation(student_logits, teacher_logits, kernel, variance, labels, s
 # On the CPU backend FAKD-CWD's default chunk of images keeps its scratch near this many bytes. A
 # call's scratch there is one fresh allocation, and glibc serves allocations above 32 MB with mmap,
 # so their pages fault in again on every call; below that the allocator reuses them
-# (benchmarks/RESULTS.md, 'FAKD-CWD in chunks of images'). Other backends take the batch in one
+# (benchmarks/NOTES.md, 'FAKD-CWD in chunks of images'). Other backends take the batch in one
 # step: a loop over a batch that is sharded across devices would gather it.
 _CPU_CHUNK_SCRATCH_BYTES = 16 * 2**20
 
@@ -476,7 +467,7 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     check_positive("c_norm", c_norm)
     kernel = _classifier_matrix(classifier_kernel, student_logits.shape[-1])
     _check_variance(variance, kernel)
-    _check_labels(labels, student_logits)
+    check_labels(labels, student_logits, "student_logits")
     _check_strength(strength)
     n, h, w, num_classes = student_logits.shape
     images_per_chunk = _chunk_of_images(images_per_chunk, n,

@@ -51,7 +51,7 @@ def _gradient_and_value(student: Array, teacher: Array, valid: Array | None) -> 
     Two passes, where the value's own sum of ``(s − t)²`` made three: the sum runs in YNNPACK,
     which cannot take a fused producer, so the difference was written out, summed, and read
     again for the gradient. The sum of ``g²`` reads the gradient itself, which is an output
-    anyway (benchmarks/RESULTS.md, 'Closing the gap', item 40).
+    anyway (``benchmarks/losses.py``).
 
     ``g²`` is smaller than ``(s − t)²`` by ``count²/4``, so squares of tiny differences can fall
     below float32's normal range and be flushed to 0. Each such square loses less than 2⁻¹²⁶,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._common import (as_float32, check_mask, check_rank, check_same_spatial, frozen,
+from kdjax.losses._common import (as_float32, check_labels, check_mask, check_rank, check_same_spatial, frozen,
                                   masked_mean, nearest_resize_labels, safe_sqrt, valid_label_mask)
 
 Array = jax.Array
@@ -17,14 +17,7 @@ COUNT_EPS = 1e-6
 
 
 def _check_labels(labels: Array, feat: Array, num_classes: int) -> None:
-    check_rank("labels", labels, 3, "N,H,W")
-    if jnp.shape(labels)[0] != jnp.shape(feat)[0]:
-        raise ValueError(
-            f"labels and student_feat must have the same batch size, got "
-            f"{tuple(jnp.shape(labels))} and {tuple(jnp.shape(feat))}.")
-    if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-        raise ValueError(f"labels must be an integer array, got dtype {jnp.asarray(labels).dtype} "
-                         f"and shape {tuple(jnp.shape(labels))}.")
+    check_labels(labels, feat, "student_feat")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
 

@@ -198,7 +198,7 @@ def _per_group(group_fn, student: Array, teacher: Array, valid: Array | None):
     The groups run one after another rather than batched, so that a block holds k rows of one
     group, (B, k, B, P) per map: its memory does not grow with the number of groups (PFS in
     blocks at the Cityscapes size: 190 MB of scratch instead of 482, and 0.8× the time;
-    benchmarks/RESULTS.md, 'One group per block').
+    benchmarks/NOTES.md, 'One group per block').
     """
     _, stacked = jax.lax.scan(lambda _, group: (None, group_fn(*group)), None,
                               (student, teacher, valid))

@@ -5,7 +5,7 @@ that their outputs depend on, so a converted checkpoint gives the same numbers:
 
 - ``Conv2d``: symmetric integer padding, dilation and groups as ``torch.nn.Conv2d``; the kernel is
   stored HWIO, ``(kh, kw, in/groups, out)``, so a PyTorch OIHW weight maps by a transpose. It computes
-  with ``convolution.conv2d``.
+  with :func:`kdjax.ops.convolution.conv2d`.
 - ``BatchNorm2d``: eps 1e-5, running statistics updated with momentum 0.1 and the *unbiased* batch
   variance (as ``torch.nn.BatchNorm2d``); normalisation uses the biased batch variance.
 - ``resize_bilinear_align_corners``: ``F.interpolate(mode='bilinear', align_corners=True)``, the
@@ -19,7 +19,6 @@ All tensors are (N, H, W, C).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,15 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax.models.convolution import conv2d
-from kdjax.models.ordering import after_on_cpu
+from kdjax.ops.batch_norm import batch_normalize
+from kdjax.ops.convolution import conv2d
+from kdjax.ops.kernels import resolve_kernels
+from kdjax.ops.xla import BN_EPS
 
 Array = jax.Array
 Dtype = Any
 IntPair = int | Sequence[int]
 
-# PyTorch's BatchNorm2d defaults; `momentum` is the weight of the *new* statistic.
-BN_EPS = 1e-5
+# PyTorch's BatchNorm2d momentum: the weight of the *new* statistic.
 BN_MOMENTUM = 0.1
 
 # He-normal on fan-out, the initialisation of torchvision's and CIRKD's ResNets and MobileNetV2.
@@ -77,7 +77,7 @@ def residual_relu(x: Array) -> Array:
     XLA's CPU fusion copies an operation it counts as unary, such as ``maximum(x, 0)``, into every
     consumer. A block's output feeds the next block's convolution and its residual sum, so each
     block's fused sum recomputed every earlier block of its stage: in DeepLabV3-ResNet101's 23-block
-    layer3, one fusion read 23 full-size tensors (benchmarks/RESULTS.md, item 24). A select has two
+    layer3, one fusion read 23 full-size tensors (``benchmarks/memory.py --train_step``). A select has two
     full-size operands, so the output is written once and read from memory.
     """
     return jnp.where(x < 0, jnp.zeros_like(x), x)
@@ -107,6 +107,7 @@ class Conv2d(nnx.Module):
         self.padding = _pair("padding", padding, 0)
         self.dilation = _pair("dilation", dilation, 1)
         self.dtype = dtype
+        self.kernels = resolve_kernels("auto")
         shape = (*self.kernel_size, in_ch // groups, out_ch)
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_ch,), param_dtype)) if use_bias else None
@@ -116,7 +117,8 @@ class Conv2d(nnx.Module):
         if x.shape[-1] != self.in_ch:
             raise ValueError(f"x must have {self.in_ch} channels; got shape {x.shape}")
         y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), stride=self.stride,
-                   padding=self.padding, dilation=self.dilation, groups=self.groups)
+                   padding=self.padding, dilation=self.dilation, groups=self.groups,
+                   kernels=self.kernels)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -152,6 +154,7 @@ class BatchNorm2d(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((ch,), param_dtype))
         self.var = nnx.BatchStat(jnp.ones((ch,), param_dtype))
         self.batch_groups = 1
+        self.kernels = resolve_kernels("auto")
 
     def __call__(self, x: Array, train: bool) -> Array:
         check_nhwc("x", x)
@@ -169,7 +172,8 @@ class BatchNorm2d(nnx.Module):
             if count < 2:
                 raise ValueError(f"train-mode BatchNorm2d needs more than one value per channel; "
                                  f"got x of shape {x.shape} in {groups} group(s)")
-            y, mean, var = _batch_normalize(x, scale, bias, groups, stat_dtype)
+            y, mean, var = batch_normalize(x, scale, bias, groups=groups, dtype=stat_dtype,
+                                           kernels=self.kernels)
             unbiased = jax.lax.stop_gradient(jnp.mean(var, axis=0) * (count / (count - 1)))
             batch_mean = jax.lax.stop_gradient(jnp.mean(mean, axis=0))
             new_mean = (1 - BN_MOMENTUM) * self.mean[...] + BN_MOMENTUM * batch_mean
@@ -185,76 +189,21 @@ class BatchNorm2d(nnx.Module):
         return y.astype(self.dtype)
 
 
-def _grouped(x: Array, groups: int, dtype: Dtype) -> Array:
-    """(N, H, W, C) → (G, N/G, H, W, C) in ``dtype``."""
-    return x.astype(dtype).reshape(groups, -1, *x.shape[1:])
+def set_kernels(module: nnx.Module, kernels: str) -> None:
+    """Makes every ``Conv2d`` and ``BatchNorm2d`` of ``module`` compute with ``kernels``: 'xla',
+    'cpu' or 'auto' (:func:`kdjax.ops.kernels.resolve_kernels`; the layers' default)."""
+    resolved = resolve_kernels(kernels)
+    for _, sub in module.iter_modules():
+        if isinstance(sub, (Conv2d, BatchNorm2d)):
+            sub.kernels = resolved
 
 
-def _group_mean(x: Array) -> Array:
-    """Mean over the (N/G, H, W) axes of (G, N/G, H, W, C), kept as (G, 1, 1, 1, C)."""
-    return jnp.mean(x, axis=(1, 2, 3), keepdims=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batch_normalize(x: Array, scale: Array, bias: Array, groups: int, dtype: Dtype
-                     ) -> tuple[Array, Array, Array]:
-    """Train-mode batch normalisation of each of ``groups`` consecutive slices of the batch with
-    its own statistics (Ioffe & Szegedy 2015, Algorithm 1), computed in ``dtype``.
-
-    Args:
-      x: (N, H, W, C).
-      scale, bias: (C,) in ``dtype``.
-    Returns:
-      y (N, H, W, C) in ``dtype``; each group's mean and biased variance, (G, C).
-
-    The gradient is written out (:func:`_batch_normalize_backward`), from x rather than the
-    centred input that autodiff keeps (XLA's fusions recomputed it from x as well, so both stayed
-    alive), and with dx tied to dγ and dβ on CPU. DeepLabV3-R18's train step at 256×256, batch 8
-    then needs 1.16 GB instead of 1.58 GB (benchmarks/RESULTS.md, item 34).
-    """
-    y, mean, var, _ = _normalize(x, scale, bias, groups, dtype)
-    return y, mean, var
-
-
-def _normalize(x, scale, bias, groups, dtype):
-    """:func:`_batch_normalize`'s (y, mean (G, C), variance (G, C)) and 1/σ, (G, 1, 1, 1, C)."""
-    xs = _grouped(x, groups, dtype)
-    mean = _group_mean(xs)
-    var = _group_mean(jnp.square(xs - mean))
-    inv_std = jax.lax.rsqrt(var + BN_EPS)
-    y = ((xs - mean) * (scale * inv_std) + bias).reshape(x.shape)
-    return y, mean.reshape(groups, -1), var.reshape(groups, -1), inv_std
-
-
-def _batch_normalize_forward(x, scale, bias, groups, dtype):
-    y, mean, var, inv_std = _normalize(x, scale, bias, groups, dtype)
-    return (y, mean, var), (x, scale, mean, inv_std)
-
-
-def _batch_normalize_backward(groups, dtype, residuals, cotangents):
-    """With x̂ = (x − μ)/σ and the group means ⟨·⟩: ``dx = (γ/σ)·(g − ⟨g⟩ − x̂·⟨g·x̂⟩)`` for the
-    output's cotangent g, plus the terms of the statistics' own cotangents, ``dμ/n`` and
-    ``dv·2(x − μ)/n``; ``dγ = Σ g·x̂``, ``dβ = Σ g``."""
-    x, scale, mean, inv_std = residuals
-    d_y, d_mean, d_var = cotangents
-    xs = _grouped(x, groups, dtype)
-    centred = xs - mean.reshape(groups, 1, 1, 1, -1)
-    normalized = centred * inv_std
-    g = _grouped(d_y, groups, dtype)
-    d_scale = jnp.sum(g * normalized, axis=(0, 1, 2, 3))
-    d_bias = jnp.sum(g, axis=(0, 1, 2, 3))
-    g_mean, g_normalized_mean = _group_mean(g), _group_mean(g * normalized)
-    d_xs = (scale * inv_std) * (g - g_mean - normalized * g_normalized_mean)
-    count = xs.shape[1] * xs.shape[2] * xs.shape[3]
-    d_xs = (d_xs + d_mean.reshape(groups, 1, 1, 1, -1) / count
-            + d_var.reshape(groups, 1, 1, 1, -1) * (2.0 / count) * centred)
-    # dx tied to dγ and dβ (kdjax.models.ordering): else their sums wait for the end of the
-    # backward pass, and every layer's g·x̂ with them.
-    d_x = after_on_cpu(d_xs.reshape(x.shape), (d_scale + d_bias)[:1])
-    return d_x.astype(x.dtype), d_scale, d_bias
-
-
-_batch_normalize.defvjp(_batch_normalize_forward, _batch_normalize_backward)
+def set_batch_norm_groups(module: nnx.Module, groups: int) -> None:
+    """Per-device BN statistics: every BatchNorm2d of ``module`` normalises ``groups`` batch
+    slices separately (see :class:`BatchNorm2d`)."""
+    for _, sub in module.iter_modules():
+        if isinstance(sub, BatchNorm2d):
+            sub.batch_groups = groups
 
 
 class ConvBNReLU(nnx.Module):

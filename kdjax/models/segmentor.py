@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.models.heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, PSPHead, aspp_rates
-from kdjax.models.layers import Dtype, resize_bilinear_align_corners
+from kdjax.models.layers import Dtype, resize_bilinear_align_corners, set_kernels
 from kdjax.models.mobilenet import MobileNetV2
 from kdjax.models.resnet import VARIANTS, ResNet
 
@@ -29,6 +29,10 @@ RESNET_DEPTHS = {"resnet18": 18, "resnet50": 50, "resnet101": 101}
 BACKBONES = (*RESNET_DEPTHS, "mobilenetv2")
 HEADS = ("deeplabv3", "deeplabv3plus", "pspnet")
 MODEL_NAMES = tuple(f"{head}_{backbone}" for head in HEADS for backbone in BACKBONES)
+# The build_segmentor arguments that fix a segmentor's structure: what ``Segmentor.spec`` records
+# and a model directory stores.
+SPEC_KEYS = ("name", "num_classes", "variant", "output_stride", "head_width", "aux",
+             "width_multiplier")
 
 # CIRKD HEAD-layout head widths (cirkd-models.md §3.3, §3.4). DeepLabV3+ is not in CIRKD; it takes
 # the DeepLabV3 widths since it shares the ASPP.
@@ -63,12 +67,17 @@ class Segmentor(nnx.Module):
     ``model(images, train)`` with NHWC images (N, H, W, 3) → :class:`SegmentorOutput`.
     ``train=True`` normalises with batch statistics, updates the BN running statistics and applies
     dropout (rng stream 'dropout'); ``train=False`` changes nothing.
+
+    ``spec`` holds the :func:`build_segmentor` arguments (``SPEC_KEYS``) that rebuild its
+    structure, with the head width and aux head resolved, so paper-era layouts round-trip.
     """
 
-    def __init__(self, backbone: nnx.Module, head: nnx.Module, aux_head: nnx.Module | None = None):
+    def __init__(self, backbone: nnx.Module, head: nnx.Module, aux_head: nnx.Module | None = None,
+                 *, spec: dict | None = None):
         self.backbone = backbone
         self.head = head
         self.aux_head = aux_head
+        self.spec = spec
 
     def __call__(self, images: Array, train: bool) -> SegmentorOutput:
         if images.ndim != 4:
@@ -86,7 +95,7 @@ class Segmentor(nnx.Module):
 
 def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", output_stride: int = 8,
                     head_width: int | None = None, aux: bool | None = None,
-                    width_multiplier: float = 1.0,
+                    width_multiplier: float = 1.0, kernels: str = "auto",
                     dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                     rngs: nnx.Rngs) -> Segmentor:
     """Builds a segmentor by name, e.g. ``'deeplabv3_resnet101'`` or ``'pspnet_resnet18'``.
@@ -100,6 +109,8 @@ def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", outp
       head_width: the head's width C; None takes CIRKD's HEAD layout (``DEFAULT_HEAD_WIDTHS``).
       aux: add the FCN aux head on c3; None means yes for ResNets, no for MobileNetV2 (as CIRKD).
       width_multiplier: scales the backbone's channel widths (1.0 = the published backbone).
+      kernels: 'auto', 'xla' or 'cpu': the convolution and batch-norm forms
+        (:mod:`kdjax.ops.kernels`).
       dtype, param_dtype: compute and parameter dtypes.
       rngs: parameter initialisation (and dropout) streams.
     """
@@ -131,7 +142,13 @@ def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", outp
     if aux is None:
         aux = backbone_name in RESNET_DEPTHS
     aux_head = FCNHead(c3, num_classes, **kw) if aux else None
-    return Segmentor(backbone, head, aux_head)
+    spec = dict(name=name, num_classes=num_classes,
+                variant=variant if backbone_name in RESNET_DEPTHS else "cirkd",
+                output_stride=output_stride, head_width=width, aux=bool(aux),
+                width_multiplier=width_multiplier)
+    model = Segmentor(backbone, head, aux_head, spec=spec)
+    set_kernels(model, kernels)
+    return model
 
 
 def predict(model: Segmentor, images: Array) -> Array:

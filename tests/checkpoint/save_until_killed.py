@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 
-from kdjax.checkpoint import TrainCheckpointer
+from kdjax.io.checkpoints import TrainCheckpointer
 
 SIZE = 8 * 2**20  # float32 elements; random, so the writes do not compress away
 

@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from kdjax.checkpoint import CheckpointError
-from kdjax.model_store import (SPEC_FILE, WEIGHTS, WEIGHTS_DIR, load_model, load_model_state,
-                               read_spec, save_model, segmentor_spec)
+from kdjax.io.checkpoints import CheckpointError
+from kdjax.io.model_dir import (SPEC_FILE, WEIGHTS, WEIGHTS_DIR, load_model, load_model_state,
+                               read_spec, save_model)
 from kdjax.models.segmentor import build_segmentor
 from tests.models.random_state import random_module
 
@@ -49,7 +49,7 @@ def test_spec_is_read_from_the_model():
     spec = dict(name="deeplabv3plus_resnet18", num_classes=5, variant="torchvision",
                 output_stride=16, head_width=16, aux=True, width_multiplier=0.5)
     model = nnx.eval_shape(lambda: build_segmentor(**spec, rngs=nnx.Rngs(0)))
-    assert segmentor_spec(model) == spec
+    assert model.spec == spec
 
 
 def test_round_trip_keeps_every_weight_and_the_spec(model, model_dir):

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kdjax
-from kdjax.checkpoint import CheckpointError, TrainCheckpointer
+from kdjax.io.checkpoints import CheckpointError, TrainCheckpointer
 from tests.checkpoint.save_until_killed import abstract_train_state, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kdjax.convert.command import add_convert_parser, run_convert  # noqa: E402
-from kdjax.model_store import load_model, read_spec  # noqa: E402
+from kdjax.commands.convert import add_convert_parser, run_convert  # noqa: E402
+from kdjax.io.model_dir import load_model, read_spec  # noqa: E402
 from tests.convert.parity import (  # noqa: E402
     assert_outputs_match,
     kdjax_segmentor_outputs,

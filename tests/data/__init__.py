@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from kdjax.data import default_data_config
+from kdjax.config.data_defaults import default_data_config
 from kdjax.data.metadata import DatasetInfo
 from kdjax.data.sources import EncodedExample, EncodedSource
 

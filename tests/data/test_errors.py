@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from kdjax.config.data_defaults import default_data_config
 from kdjax.data import (CorruptExampleError, DataError, EmptySplitError, ImageTooLargeError, SizeMismatchError,
-                        default_data_config, make_eval_iterator, make_train_iterator)
+                        make_eval_iterator, make_train_iterator)
 from tests.data import numbered_examples, plain_config, png, source_of
 
 GOOD = numbered_examples(5)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kdjax.data import default_data_config, make_eval_iterator, make_train_iterator, sources
+from kdjax.config.data_defaults import default_data_config
+from kdjax.data import make_eval_iterator, make_train_iterator, sources
 from kdjax.data.order import shard_bounds
 from tests.data import example_numbers, numbered_examples, plain_config, source_of
 

@@ -4,7 +4,7 @@ import matplotlib.image
 import ml_collections
 import numpy as np
 
-from kdjax.data import default_data_config
+from kdjax.config.data_defaults import default_data_config
 from kdjax.data.show import colour_labels, show_command
 
 

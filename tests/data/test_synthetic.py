@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from kdjax.data import dataset_info, default_data_config, make_eval_iterator
+from kdjax.config.data_defaults import default_data_config
+from kdjax.data import dataset_info, make_eval_iterator
 from kdjax.data.synthetic import CLASS_NAMES, SYNTHETIC_INFO, render_scene, scene_seed
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdjax.data import DataError, default_data_config, make_eval_iterator, make_train_iterator
+from kdjax.config.data_defaults import default_data_config
+from kdjax.data import DataError, make_eval_iterator, make_train_iterator
 
 FAKE_CAMVID = Path(__file__).parents[2] / "datasets" / "camvid" / "dummy_data"
 pytestmark = pytest.mark.skipif(not FAKE_CAMVID.is_dir(), reason="the CamVid builder's fake data is absent")

@@ -1,4 +1,4 @@
-"""Tests of kdjax.evaluate, kdjax.evaluation and kdjax.report."""
+"""Tests of kdjax.evaluation.loop, kdjax.evaluation and kdjax.evaluation.report."""
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec

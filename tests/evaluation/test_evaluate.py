@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.evaluate import EvalMode, evaluate, segmentation_metrics
+from kdjax.evaluation import EvalMode, evaluate, segmentation_metrics
 from tests.evaluation import MESH_AXIS_TYPES, batch_sharding
 
 K = 3

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.evaluate import EvalMode, infer_probabilities, predict_classes
+from kdjax.evaluation import EvalMode, infer_probabilities, predict_classes
 from kdjax.evaluation.inference import window_starts
 from tests.evaluation import MESH_AXIS_TYPES, batch_sharding
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.evaluate import ConfusionAccumulator, confusion_matrix, segmentation_metrics
+from kdjax.evaluation import ConfusionAccumulator, confusion_matrix, segmentation_metrics
 from tests.evaluation import MESH_AXIS_TYPES, batch_sharding
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdjax.evaluate import colorize, write_overlays
+from kdjax.evaluation import colorize, write_overlays
 from kdjax.evaluation.overlays import PANEL_GAP, TITLE_HEIGHT
 
 PALETTE = np.array([[128, 64, 128], [220, 20, 60], [0, 0, 142]], np.uint8)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdjax.evaluate import EvalMode, segmentation_metrics
-from kdjax.report import (STUDENT_ALONE, TEACHER, ResultRow, load_results, metrics_table,
+from kdjax.evaluation import EvalMode, segmentation_metrics
+from kdjax.evaluation.report import (STUDENT_ALONE, TEACHER, ResultRow, load_results, metrics_table,
                           write_results)
 
 CLASSES = ["road", "car"]
@@ -107,7 +107,7 @@ def test_row_and_table_from_metrics():
     assert row == ResultRow(method="cwd", seed=3, miou=62.5,
                             per_class_iou={"road": 75.0, "car": 50.0},
                             eval_mode="slide 4x4 stride 2x2, scale 1.0, flip", checkpoint="last")
-    table = metrics_table(metrics, CLASSES, eval_mode=mode, checkpoint="last")
+    table = metrics_table(metrics.to_dict(CLASSES), eval_mode=mode, checkpoint="last")
     assert table.splitlines()[0] == ("Evaluation: slide 4x4 stride 2x2, scale 1.0, flip. "
                                      "Checkpoint: last (final step). Values in %.")
     assert "| road | 75.00 |" in table and "| **mIoU** | 62.50 |" in table

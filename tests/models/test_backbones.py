@@ -289,7 +289,7 @@ def _largest_fusion_operand_count(compiled_text: str) -> int:
 def test_residual_stream_is_not_recomputed_block_after_block(train):
     # ResNet-101's layer3 chains 23 blocks. Had XLA copied each block's output ReLU into the next
     # block's residual sum, the last block's fusion would read every earlier block's convolution
-    # output and BatchNorm parameters (over 100 operands; benchmarks/RESULTS.md, item 24).
+    # output and BatchNorm parameters (over 100 operands; see ``benchmarks/memory.py --train_step``).
     model = ResNet(101, width_multiplier=0.125, rngs=nnx.Rngs(0))
     graph, state = nnx.split(model)
 

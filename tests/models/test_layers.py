@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdjax.models import layers
 from kdjax.models.layers import (BatchNorm2d, Conv2d, ConvBNReLU, adaptive_avg_pool,
                                  max_pool_torch, residual_relu, resize_bilinear_align_corners)
+from kdjax.ops.batch_norm import batch_normalize
 from tests.losses.contract import numeric_grad
 
 
@@ -176,8 +176,9 @@ def _batch_norm_reference(x, scale, bias, groups):
     return y.reshape(x.shape), mean.reshape(groups, -1), var.reshape(groups, -1)
 
 
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_batchnorm_gradients_match_a_float64_reference(groups):
+def test_batchnorm_gradients_match_a_float64_reference(groups, kernels):
     """The written-out backward of train-mode BN, against central differences of the float64
     formula: the output's cotangent and the statistics' own (the running statistics read them
     through stop_gradient, but the function is differentiable in them too)."""
@@ -191,7 +192,8 @@ def test_batchnorm_gradients_match_a_float64_reference(groups):
         return (y * w_y).sum() + (mean * w_mean).sum() + (var * w_var).sum()
 
     def kdjax_objective(x, scale, bias):
-        y, mean, var = layers._batch_normalize(x, scale, bias, groups, jnp.float32)
+        y, mean, var = batch_normalize(x, scale, bias, groups=groups, dtype=jnp.float32,
+                                       kernels=kernels)
         return (jnp.sum(y * w_y.astype(np.float32)) + jnp.sum(mean * w_mean.astype(np.float32))
                 + jnp.sum(var * w_var.astype(np.float32)))
 
@@ -205,13 +207,15 @@ def test_batchnorm_gradients_match_a_float64_reference(groups):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_batchnorm_gradient_keeps_the_input_dtype_and_is_zero_for_a_shift():
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
+def test_batchnorm_gradient_keeps_the_input_dtype_and_is_zero_for_a_shift(kernels):
     """bfloat16 in, bfloat16 gradient out; and a constant added to the input changes nothing, so
     the gradient of any loss is orthogonal to it (it sums to 0 over each channel)."""
     x = jnp.asarray(_randn(46, 4, 3, 5, 2), jnp.bfloat16)
     w = jnp.asarray(_randn(47, 4, 3, 5, 2))
     ones = jnp.ones((2,), jnp.float32)
-    loss = lambda x: jnp.sum(layers._batch_normalize(x, ones, 0 * ones, 1, jnp.float32)[0] * w)
+    loss = lambda x: jnp.sum(batch_normalize(x, ones, 0 * ones, groups=1, dtype=jnp.float32,
+                                             kernels=kernels)[0] * w)
     grad = jax.grad(loss)(x)
     assert grad.dtype == jnp.bfloat16
     np.testing.assert_allclose(jnp.sum(grad.astype(jnp.float32), axis=(0, 1, 2)), 0.0, atol=0.05)
@@ -354,7 +358,8 @@ def test_batchnorm_matches_torch_over_train_and_eval_steps():
 
 
 @pytest.mark.torch
-def test_batchnorm_gradients_match_torch():
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
+def test_batchnorm_gradients_match_torch(kernels):
     torch = pytest.importorskip("torch")
     ref = torch.nn.BatchNorm2d(4).train()
     weight, bias = _randn(13, 4), _randn(14, 4)
@@ -366,7 +371,8 @@ def test_batchnorm_gradients_match_torch():
     (ref(x_torch) * _nchw(w)).sum().backward()
 
     def loss(x, scale, bias):
-        return jnp.sum(layers._batch_normalize(x, scale, bias, 1, jnp.float32)[0] * w)
+        return jnp.sum(batch_normalize(x, scale, bias, groups=1, dtype=jnp.float32,
+                                       kernels=kernels)[0] * w)
 
     dx, d_scale, d_bias = jax.grad(loss, argnums=(0, 1, 2))(*map(jnp.asarray, (x, weight, bias)))
     np.testing.assert_allclose(dx, _nhwc(x_torch.grad), rtol=1e-4, atol=1e-5)

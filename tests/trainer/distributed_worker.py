@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from kdjax import sharding, train
-    from kdjax.config import load_config
+    from kdjax.runtime import sharding
+    from kdjax import training as train
+    from kdjax.config.loading import load_config
     from kdjax.data import make_train_iterator
     from tests.trainer.test_train import tie_free
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     mine = slice(args.process_id * rows, (args.process_id + 1) * rows)
 
     state = exp.init_state()
-    step = exp.compiled_step()
+    step = exp.train_step
     teacher = exp.teacher_inputs()
     history = []
     for seed in range(STEPS):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kdjax import cli
+from kdjax.commands import main as cli
 from tests.trainer.test_train import CONFIG
 
 

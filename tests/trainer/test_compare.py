@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdjax import compare, report
-from kdjax.config import ConfigError, load_config
+from kdjax.commands import compare
+from kdjax.evaluation import report
+from kdjax.config.loading import ConfigError, load_config
 from kdjax.evaluation.overlays import PANEL_GAP
-from kdjax.recipes import method_terms
+from kdjax.config.recipes import method_terms
 from tests.trainer.test_train import CONFIG
 
 

@@ -1,7 +1,7 @@
-"""kdjax.cpu_flags: the CPU flags are appended to XLA_FLAGS, a user's own setting wins, and the
+"""kdjax.runtime.cpu_flags: the CPU flags are appended to XLA_FLAGS, a user's own setting wins, and the
 `kdjax` command sets them."""
 
-from kdjax.cpu_flags import CPU_FLAGS, add_cpu_flags
+from kdjax.runtime.cpu_flags import CPU_FLAGS, add_cpu_flags
 from tests.python_process import run_python
 
 
@@ -29,7 +29,7 @@ def test_a_users_own_setting_wins():
 def test_the_kdjax_command_sets_them():
     # A command that fails at once (no such config): the flags are set first, whatever follows.
     stdout = run_python("import os\n"
-                        "from kdjax import cli\n"
+                        "from kdjax.commands import main as cli\n"
                         "cli.main(['train', '--config=/nonexistent/config.py', '--workdir=/nonexistent'])\n"
                         "print(os.environ['XLA_FLAGS'])\n")
     assert stdout.split()[-len(CPU_FLAGS):] == list(CPU_FLAGS)

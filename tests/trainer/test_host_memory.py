@@ -1,12 +1,12 @@
-"""kdjax.host_memory: with freed memory kept, a worker thread's large blocks are reused instead of
+"""kdjax.runtime.host_memory: with freed memory kept, a worker thread's large blocks are reused instead of
 faulting their pages in afresh; a user's own allocator setting wins; the `kdjax` command applies
-it. (The effect on a compiled train step is measured in benchmarks/RESULTS.md, item 29.)"""
+it. (The effect on a compiled train step is measured by benchmarks/step.py.)"""
 
 import sys
 
 import pytest
 
-from kdjax.host_memory import keep_freed_memory, users_own_setting
+from kdjax.runtime.host_memory import keep_freed_memory, users_own_setting
 from tests.python_process import run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -39,7 +39,7 @@ print(shares[-1])
 
 
 def faulted_share(keep: bool) -> float:
-    setup = "from kdjax.host_memory import keep_freed_memory\nassert keep_freed_memory()\n"
+    setup = "from kdjax.runtime.host_memory import keep_freed_memory\nassert keep_freed_memory()\n"
     return float(run_python((setup if keep else "") + FAULTED_SHARE).split()[-1])
 
 
@@ -62,7 +62,7 @@ def test_other_tunables_are_not_an_allocator_setting():
 def test_the_kdjax_command_applies_it():
     # A command that fails at once (no such config): the setting is made first, whatever follows.
     stdout = run_python("from unittest import mock\n"
-                        "from kdjax import cli\n"
+                        "from kdjax.commands import main as cli\n"
                         "with mock.patch.object(cli, 'keep_freed_memory') as keep:\n"
                         "    cli.main(['train', '--config=/nonexistent/config.py', "
                         "'--workdir=/nonexistent'])\n"

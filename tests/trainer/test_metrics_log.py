@@ -2,7 +2,7 @@
 
 import json
 
-from kdjax.metrics_log import MetricsLog
+from kdjax.training.metrics_log import MetricsLog
 
 
 def test_intervals_after_evaluation_are_not_marked_as_compiling(tmp_path, capsys):

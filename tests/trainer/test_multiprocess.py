@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import sharding, train
+from kdjax.runtime import sharding
+from kdjax import training as train
 from tests.trainer.distributed_worker import GLOBAL_DEVICES, STEPS, flat_state
 from tests.trainer.test_train import _config, _run_steps, tie_free_batches
 

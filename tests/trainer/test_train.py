@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdjax import evaluate_run, sharding, train
-from kdjax.checkpoint import TrainCheckpointer
-from kdjax.config import load_config
-from kdjax.data import make_train_iterator
+from kdjax import training as train
+from kdjax.commands import evaluate as evaluate_run
+from kdjax.config.loading import load_config
+from kdjax.data import pipeline
+from kdjax.data.pipeline import make_train_iterator
+from kdjax.io.checkpoints import TrainCheckpointer
 from kdjax.models import ResNet
+from kdjax.runtime import sharding
 
 CONFIG = str(Path(__file__).with_name("tiny_config.py"))
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +61,7 @@ def tie_free_batches(config, count):
 
 def _run_steps(exp, batches):
     state = exp.init_state()
-    step = exp.compiled_step()
+    step = exp.train_step
     teacher = exp.teacher_inputs()
     history = []
     for batch in batches:
@@ -92,7 +95,7 @@ def test_eight_devices_match_one_device(tiny):
     batches = tie_free_batches(config, 3)
     one = train.setup(config, mesh=sharding.make_mesh(jax.devices()[:1]))
     assert tiny.mesh.devices.size == 8
-    step1, step8 = one.compiled_step(), tiny.compiled_step()
+    step1, step8 = one.train_step, tiny.train_step
     teacher1, teacher8 = one.teacher_inputs(), tiny.teacher_inputs()
     # Each step starts both meshes from the same state (the single-device trajectory's), so
     # differences cannot compound over steps.
@@ -184,7 +187,7 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tiny, uninterrupted, t
 
 def test_non_finite_loss_stops_naming_the_terms_and_keeps_the_good_checkpoint(
         tiny, tmp_path, monkeypatch):
-    real_iterator = train.make_train_iterator
+    real_iterator = pipeline.make_train_iterator
 
     def poisoned(*args, **kwargs):
         for index, batch in enumerate(real_iterator(*args, **kwargs)):
@@ -192,17 +195,14 @@ def test_non_finite_loss_stops_naming_the_terms_and_keeps_the_good_checkpoint(
                 batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
             yield batch
 
-    monkeypatch.setattr(train, "make_train_iterator", poisoned)
+    monkeypatch.setattr(pipeline, "make_train_iterator", poisoned)
     with pytest.raises(train.NonFiniteLossError,
                        match=r"non-finite at step 3: .*kd/cwd=nan.*last good checkpoint"):
         train.run_training(tiny, tmp_path)
     # Step 2 was checkpointed; nothing after the bad step was.
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
-    repl = sharding.replicated(tiny.mesh)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          tiny.abstract_state)
     with TrainCheckpointer(tmp_path, async_save=False) as checkpointer:
-        good, _ = checkpointer.restore(target)
+        good, _ = checkpointer.restore(tiny.abstract_state)
     assert int(good.step) == 2 and int(good.bad_step) == -1
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
 
@@ -213,10 +213,10 @@ def _student_only(**overrides):
 
 
 def test_student_starts_from_a_model_dir(tiny, tmp_path):
-    from kdjax.networks import NetworkError
+    from kdjax.io.networks import NetworkError
     source = tiny.init_state()
     source = source.replace(params=jax.tree.map(lambda x: x + 1.0, source.params))
-    model_dir = train.export_model(tiny, source, tmp_path / "model")
+    model_dir = tiny.export(source, tmp_path / "model")
     config = _student_only(**{"student.checkpoint": str(model_dir)})
     exp = train.setup(config)
     state = exp.init_state()
@@ -232,7 +232,7 @@ def test_student_backbone_starts_from_an_imagenet_state_dict(tiny, tmp_path):
     torch = pytest.importorskip("torch")
     from kdjax.convert.importer import _slots
     from kdjax.convert.layouts import backbone_layers
-    from kdjax.networks import NetworkError
+    from kdjax.io.networks import NetworkError
     from tests.models.random_state import random_module
 
     spec = tiny.student_spec

@@ -1,0 +1,210 @@
+"""``kdjax compare``: one teacher, then every listed student method under the identical recipe and
+seeds, all evaluated the same way, reported as ``results.json``, ``results.md`` and
+``results.png``.
+
+Layout of WORKDIR::
+
+    teacher/                 the teacher's training run (unless teacher.checkpoint is given)
+    teacher/model/           the trained teacher as a model dir (what the students load)
+    <method>/seed_<k>/       one student run: checkpoints/, best/, metrics.jsonl, tensorboard/,
+                             model/ (the reported student) and result.json
+    results.json, results.md, results.png
+    overlays/                image | label | teacher | student alone | best method on the first
+                             validation images (overlay_*.png), and the prediction panels alone
+                             (predictions_*.png, free of dataset pixels); sources.json names the
+                             result rows and settings they were drawn from
+    compile_cache/           XLA executables, shared by the runs (seeds repeat the same programs)
+
+Finished runs (those with ``result.json``) are not repeated, so an interrupted comparison resumes
+where it stopped; an unfinished run resumes from its last checkpoint. The overlays are drawn again
+only if the rows they show, the data or the evaluation settings changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from kdjax import training
+from kdjax.data.metadata import dataset_info
+from kdjax.evaluation import report
+from kdjax.evaluation.predictions import network_predictor, write_prediction_overlays
+from kdjax.evaluation.validation import validate
+from kdjax.io.networks import Network, load_teacher
+from kdjax.runtime.sharding import make_mesh
+from kdjax.training.resume import check_same_recipe, recipe_fingerprint
+
+RESULT_FILE = "result.json"
+OVERLAY_DIR = "overlays"
+OVERLAY_SOURCES = "sources.json"
+MODEL_DIR = "model"
+COMPILE_CACHE_DIR = "compile_cache"
+
+
+def _run_name(method: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
+
+
+def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method: str, seed: int,
+                     student_config: ml_collections.ConfigDict,
+                     terms: ml_collections.ConfigDict, mesh) -> report.ResultRow:
+    """Trains one model (or reads its finished result) and returns its result row."""
+    result_path = workdir / RESULT_FILE
+    run_config = ml_collections.ConfigDict(config.to_dict())
+    run_config.seed = seed
+    run_config.student = student_config
+    run_config.distill.terms = terms
+    if result_path.exists():
+        saved = json.loads(result_path.read_text())
+        check_same_recipe(saved["recipe"], run_config, workdir)
+        return report.ResultRow(**saved["row"])
+    exp = training.setup(run_config, mesh=mesh)
+    result = training.run_training(exp, workdir, label=f"{method} seed {seed} ")
+    model_dir = exp.export(result.state, workdir / MODEL_DIR)
+    evaluation = result.eval
+    row = report.ResultRow(
+        method=method, seed=seed, miou=evaluation["miou"],
+        per_class_iou=evaluation["per_class_iou"], eval_mode=evaluation["eval_mode"],
+        checkpoint=evaluation["checkpoint"], checkpoint_path=str(model_dir))
+    if jax.process_index() == 0:
+        result_path.write_text(json.dumps(
+            {"row": row.to_dict(), "recipe": recipe_fingerprint(run_config)}, indent=1))
+    return row
+
+
+def _teacher_row(config: ml_collections.ConfigDict, mesh) -> report.ResultRow:
+    """The given (e.g. converted) teacher, evaluated like the students."""
+    network = load_teacher(config.teacher, num_classes=dataset_info(config.data.name).num_classes,
+                           mesh=mesh, seed=config.seed)
+    evaluation = validate(functools.partial(Network.logits, network), network.variables, config,
+                          mesh)
+    return report.ResultRow(
+        method=report.TEACHER, seed=config.seed, miou=evaluation["miou"],
+        per_class_iou=evaluation["per_class_iou"], eval_mode=evaluation["eval_mode"],
+        checkpoint="last", checkpoint_path=str(config.teacher.checkpoint))
+
+
+def best_method(rows: list[report.ResultRow]) -> str | None:
+    """The distillation method with the highest mean mIoU over its seeds (None if there is none)."""
+    means: dict[str, list[float]] = {}
+    for row in rows:
+        if row.method not in (report.TEACHER, report.STUDENT_ALONE):
+            means.setdefault(row.method, []).append(row.miou)
+    return max(means, key=lambda m: np.mean(means[m])) if means else None
+
+
+def write_comparison_overlays(config: ml_collections.ConfigDict, rows: list[report.ResultRow],
+                              out_dir: Path, mesh) -> list[Path]:
+    """Predictions of the teacher, the student alone and the best method side by side, the
+    students of the first seed (``config.eval.overlays`` validation images)."""
+    seed = config.seeds[0]
+    shown = [report.TEACHER, report.STUDENT_ALONE, best_method(rows)]
+    num_classes = dataset_info(config.data.name).num_classes
+    panels = {}
+    for method in shown:
+        row = next((r for r in rows if r.method == method and
+                    (method == report.TEACHER or r.seed == seed)), None)
+        if row is None or row.checkpoint_path is None:
+            continue
+        label = method if method in (report.TEACHER, report.STUDENT_ALONE) else f"best: {method}"
+        panels[label] = row
+    sources = overlay_sources(config, panels)
+    if (drawn := drawn_overlays(out_dir, sources)) is not None:
+        return drawn
+    predictors = {}
+    for label, row in panels.items():
+        model = config.teacher if row.method == report.TEACHER else config.student
+        model = ml_collections.ConfigDict({**model.to_dict(), "checkpoint": row.checkpoint_path})
+        network = load_teacher(model, num_classes=num_classes, mesh=mesh, seed=config.seed)
+        predictors[label] = network_predictor(network, config, num_classes)
+    (out_dir / OVERLAY_SOURCES).unlink(missing_ok=True)
+    paths = write_prediction_overlays(config, predictors, out_dir, config.eval.overlays,
+                                      prediction_only_copies=True)
+    record_overlays(out_dir, sources, paths)
+    return paths
+
+
+def overlay_sources(config: ml_collections.ConfigDict,
+                    panels: dict[str, report.ResultRow]) -> dict:
+    """What the overlays are drawn from: the shown rows by panel label, and the data and
+    evaluation settings (as JSON reads them back)."""
+    return json.loads(json.dumps(
+        {"panels": {label: row.to_dict() for label, row in panels.items()},
+         "data": config.data.to_dict(), "eval": config.eval.to_dict()}))
+
+
+def record_overlays(out_dir: Path, sources: dict, paths: list[Path]) -> None:
+    """Names the overlay files in ``out_dir`` and what they were drawn from, for
+    :func:`drawn_overlays`."""
+    (out_dir / OVERLAY_SOURCES).write_text(json.dumps(
+        {"sources": sources, "files": [p.name for p in paths]}, indent=1))
+
+
+def drawn_overlays(out_dir: Path, sources: dict) -> list[Path] | None:
+    """The overlay files in ``out_dir`` if they were all drawn from ``sources``, else None."""
+    try:
+        saved = json.loads((out_dir / OVERLAY_SOURCES).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    paths = [out_dir / name for name in saved.get("files", [])]
+    if saved.get("sources") != sources or not all(p.exists() for p in paths):
+        return None
+    return paths
+
+
+def use_compile_cache(workdir: Path) -> None:
+    """Every seed of a method compiles the same train and eval programs; JAX's persistent cache
+    (in ``workdir`` unless one is configured, e.g. by JAX_COMPILATION_CACHE_DIR) compiles them
+    once. It has to be set before the first compilation of the process."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(workdir / COMPILE_CACHE_DIR))
+
+
+def run_compare(config: ml_collections.ConfigDict, workdir: str | Path) -> list[report.ResultRow]:
+    """Runs the whole comparison of ``config`` in ``workdir`` and writes the reports."""
+    workdir = Path(workdir)
+    use_compile_cache(workdir)
+    mesh = make_mesh()
+    info = dataset_info(config.data.name)
+    rows = []
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.teacher.checkpoint is None:
+        teacher_config = ml_collections.ConfigDict(config.to_dict())
+        if config.teacher_steps:
+            teacher_config.train.steps = config.teacher_steps
+        row = train_and_report(teacher_config, workdir / "teacher", method=report.TEACHER,
+                               seed=config.seed, student_config=config.teacher,
+                               terms=ml_collections.ConfigDict(), mesh=mesh)
+        rows.append(row)
+        config.teacher.checkpoint = str(workdir / "teacher" / MODEL_DIR)
+    else:
+        rows.append(_teacher_row(config, mesh))
+    methods = dict(config.methods)
+    if not methods:
+        raise ValueError("config.methods is empty: list the student methods to compare, e.g. "
+                         "methods.student_alone = ConfigDict() and methods.cwd = <terms>.")
+    # The baseline first, then the methods in name order (ConfigDict keeps keys sorted).
+    order = sorted(methods, key=lambda m: (m != "student_alone", m))
+    for method in order:
+        terms = methods[method]
+        name = report.STUDENT_ALONE if method == "student_alone" else method
+        for seed in config.seeds:
+            rows.append(train_and_report(config, workdir / _run_name(method) / f"seed_{seed}",
+                                         method=name, seed=seed, student_config=config.student,
+                                         terms=terms, mesh=mesh))
+    if jax.process_index() == 0:
+        table = report.write_results(workdir, rows, info.class_names)
+        print(table)
+        overlays = []
+        if config.eval.overlays:
+            overlays = write_comparison_overlays(config, rows, workdir / OVERLAY_DIR, mesh)
+        print(f"\nresults: {workdir / 'results.md'}, {workdir / 'results.json'}; "
+              f"plot: {workdir / 'results.png'}; {len(overlays)} overlays in "
+              f"{workdir / OVERLAY_DIR}")
+    return rows

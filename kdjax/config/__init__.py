@@ -1,0 +1,8 @@
+"""Experiment configuration: every field with its default (``defaults``, ``data_defaults``),
+loading ``get_config()`` files with their arguments and ``--config.key=value`` overrides
+(``loading``), and the benchmark recipes and method terms that config files combine
+(``recipes``)."""
+
+from kdjax.config.loading import ConfigError, load_config
+
+__all__ = ["ConfigError", "load_config"]

@@ -1,0 +1,232 @@
+"""One adapter per loss kind: how the objective calls a loss of :mod:`kdjax.losses`.
+
+An adapter says which tensors the loss reads (the student and teacher tensors of its term, the
+labels, the student's classifier), which state it threads through the train state (CIRKD's
+queues, FAKD's class covariance), which options configure that state rather than the call, what
+parts it reports as metrics, and whether it trains a discriminator of its own. ``ADAPTERS``
+holds every kind by the name a config's ``loss`` field uses.
+
+Adding a loss: write the pure function in ``kdjax/losses/``, register an adapter here (a plain
+``pair_adapter(name)`` when it is called as ``f(student, teacher, **options)``), and give the
+method its terms in ``kdjax/config/recipes.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+from kdjax import losses
+from kdjax.models import SaganDiscriminator
+
+Array = jax.Array
+
+# Arguments the objective supplies itself; a term's options may not set them.
+SUPPLIED = frozenset({
+    "student", "teacher", "student_logits", "teacher_logits", "student_feat", "teacher_feat",
+    "adapted_student_feat", "student_embed", "teacher_embed", "labels", "mask", "num_classes",
+    "ignore_label", "classifier_kernel", "variance", "strength", "memory", "key", "d_student",
+    "d_teacher"})
+
+
+@dataclasses.dataclass(frozen=True)
+class TermInputs:
+    """Everything a term may read in one step."""
+
+    student: Mapping[str, Array]   # every named student tensor (before connectors)
+    teacher: Mapping[str, Array]   # every named teacher tensor
+    labels: Array                  # (N, H, W) int
+    step: Array
+    key: Array                     # this step's key; each term folds in its index
+    classifier_kernel: Array       # the student classifier's (1, 1, C, K) kernel
+    num_classes: int
+    ignore_label: int
+    total_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TermCall:
+    """One term's call in one step: its tensors (the student's after its connector), the options
+    of the loss call (``mask`` included when the term masks), its state and its key."""
+
+    term: Any                      # kdjax.distill.terms.Term
+    student: Array
+    teacher: Array
+    student_channels: int          # the student tensor's channels before the connector
+    options: dict[str, Any]
+    inputs: TermInputs
+    state: Any
+    discriminator: nnx.Module | None
+    key: Array
+
+
+# (value, {part: value}, new state)
+Computed = tuple[Array, dict[str, Array], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossAdapter:
+    """How the objective calls one loss kind.
+
+    Attributes:
+      name: the config's ``loss`` value.
+      compute: ``compute(call) -> (value, parts, new_state)``.
+      signatures: the functions whose keyword arguments (less ``SUPPLIED``) a term may set as
+        options.
+      state_options: options that configure the state, the parts or the discriminator, with their
+        defaults; they are not passed to the loss call.
+      parts: names of the parts ``compute`` reports (metrics ``kd/<term>/<part>``).
+      init_state: ``init_state(term, student_shapes, teacher_shapes, num_classes, key)``, the
+        initial state of a stateful loss; None for a stateless one.
+      discriminator: ``discriminator(term, channels, rngs)``, a module trained by its own optimizer
+        on ``discriminator_loss``; None when the loss has none.
+      discriminator_loss: ``(discriminator(student), discriminator(teacher)) -> loss``.
+    """
+
+    name: str
+    compute: Callable[[TermCall], Computed]
+    signatures: tuple[Callable, ...]
+    state_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    parts: tuple[str, ...] = ()
+    init_state: Callable[..., Any] | None = None
+    discriminator: Callable[..., nnx.Module] | None = None
+    discriminator_loss: Callable[[Array, Array], Array] | None = None
+
+    def accepted_options(self) -> set[str]:
+        params = set()
+        for fn in self.signatures:
+            params |= set(inspect.signature(fn).parameters)
+        return (params - SUPPLIED) | set(self.state_options)
+
+
+ADAPTERS: dict[str, LossAdapter] = {}
+
+
+def register(adapter: LossAdapter) -> LossAdapter:
+    """Adds ``adapter`` to ``ADAPTERS`` under its name."""
+    if adapter.name in ADAPTERS:
+        raise ValueError(f"a loss adapter named {adapter.name!r} is registered already.")
+    ADAPTERS[adapter.name] = adapter
+    return adapter
+
+
+def pair_adapter(name: str) -> LossAdapter:
+    """The adapter of ``kdjax.losses.<name>``, called as ``f(student, teacher, **options)``."""
+    fn = getattr(losses, name)
+    return LossAdapter(name=name, signatures=(fn,),
+                       compute=lambda call: (fn(call.student, call.teacher, **call.options), {},
+                                             call.state))
+
+
+for _name in ("pixel_kd", "normalized_feature_distillation", "pixel_feature_similarity",
+              "weighted_pixel_imitation", "skd_pairwise", "cirkd_minibatch", "dist",
+              "attention_transfer", "fitnet"):
+    register(pair_adapter(_name))
+
+
+def _channel_wise(call: TermCall) -> Computed:
+    # c_norm='student': divide by the student's own channels before its connector, as CIRKD
+    # does for feature CWD (docs/methods.md §1.3).
+    options = dict(call.options)
+    if options.get("c_norm") == "student":
+        options["c_norm"] = call.student_channels
+    return losses.channel_wise_divergence(call.student, call.teacher, **options), {}, call.state
+
+
+register(LossAdapter(name="channel_wise_divergence", compute=_channel_wise,
+                     signatures=(losses.channel_wise_divergence,)))
+
+
+def _ifvd(call: TermCall) -> Computed:
+    value = losses.ifvd(call.student, call.teacher, call.inputs.labels,
+                        num_classes=call.inputs.num_classes,
+                        ignore_label=call.inputs.ignore_label, **call.options)
+    return value, {}, call.state
+
+
+register(LossAdapter(name="ifvd", compute=_ifvd, signatures=(losses.ifvd,)))
+
+
+def _fakd_adapter(name: str) -> LossAdapter:
+    """FAKD (docs/methods.md §4, §9.4): the class covariance of the student's pre-classifier
+    feature is updated first, then the loss reads it with the student's classifier."""
+    fn = getattr(losses, name)
+
+    def compute(call: TermCall) -> Computed:
+        inputs = call.inputs
+        state = losses.update_class_covariance(call.state, inputs.student["pre_classifier"],
+                                               inputs.labels, ignore_label=inputs.ignore_label)
+        strength = losses.fakd_strength(inputs.step, inputs.total_steps,
+                                        call.term.state_options["lam0"])
+        value = fn(call.student, call.teacher, inputs.classifier_kernel, state.var, inputs.labels,
+                   strength=strength, ignore_label=inputs.ignore_label, **call.options)
+        return value, {"strength": strength}, state
+
+    def init_state(term, student_shapes, teacher_shapes, num_classes, key):
+        del term, teacher_shapes, key
+        return losses.init_class_covariance(num_classes, student_shapes["pre_classifier"].shape[-1])
+
+    return LossAdapter(name=name, compute=compute, signatures=(fn,),
+                       state_options={"lam0": 7.5}, parts=("strength",), init_state=init_state)
+
+
+register(_fakd_adapter("fakd_kd"))
+register(_fakd_adapter("fakd_cwd"))
+
+_MEMORY_UPDATE_OPTIONS = frozenset(inspect.signature(losses.update_cirkd_memory).parameters)
+
+
+def _cirkd_memory(call: TermCall) -> Computed:
+    """CIRKD's memory term (docs/methods.md §5.4): the queues take this batch's teacher pixels
+    and regions, then the student contrasts against them."""
+    inputs, state_options = call.inputs, call.term.state_options
+    update = {k: v for k, v in call.options.items() if k in _MEMORY_UPDATE_OPTIONS}
+    contrast = {k: v for k, v in call.options.items() if k not in _MEMORY_UPDATE_OPTIONS}
+    update_key, contrast_key = jax.random.split(call.key)
+    state = losses.update_cirkd_memory(
+        call.state, call.teacher, inputs.labels, update_key, ignore_label=inputs.ignore_label,
+        pixels_per_class=state_options["pixels_per_class"],
+        pixel_pool=state_options["pixel_pool"], **update)
+    pixel, region = losses.cirkd_memory(call.student, call.teacher, inputs.labels, state,
+                                        contrast_key, ignore_label=inputs.ignore_label, **contrast)
+    value = pixel + state_options["region_weight"] * region
+    return value, {"pixel": pixel, "region": region}, state
+
+
+def _init_cirkd_memory(term, student_shapes, teacher_shapes, num_classes, key):
+    del student_shapes
+    return losses.init_cirkd_memory(key, num_classes, teacher_shapes[term.teacher].shape[-1],
+                                    pixel_size=term.state_options["pixel_size"],
+                                    region_size=term.state_options["region_size"])
+
+
+register(LossAdapter(
+    name="cirkd_memory", compute=_cirkd_memory,
+    signatures=(losses.cirkd_memory, losses.update_cirkd_memory),
+    state_options={"pixel_size": 20000, "region_size": 2000, "pixels_per_class": 16,
+                   "pixel_pool": "first_n", "region_weight": 1.0},
+    parts=("pixel", "region"), init_state=_init_cirkd_memory))
+
+
+def _adversarial(call: TermCall) -> Computed:
+    # The generator side. The discriminator's own batch statistics are not updated by the
+    # student's pass: they move in the discriminator step.
+    generator_loss, _ = losses.skd_adversarial_losses(call.discriminator(call.student, train=False),
+                                                      call.discriminator(call.teacher, train=False))
+    return generator_loss, {}, call.state
+
+
+register(LossAdapter(
+    name="skd_adversarial", compute=_adversarial, signatures=(losses.skd_adversarial_losses,),
+    # The discriminator's own optimizer (Adam, as SKD's) and the weight λ_d of its hinge loss.
+    state_options={"conv_dim": 64, "learning_rate": 4e-4, "b1": 0.9, "b2": 0.99, "d_weight": 0.1},
+    parts=("discriminator",),
+    discriminator=lambda term, channels, rngs: SaganDiscriminator(
+        channels, conv_dim=term.state_options["conv_dim"], rngs=rngs),
+    discriminator_loss=lambda d_student, d_teacher: losses.skd_adversarial_losses(
+        d_student, d_teacher)[1]))

@@ -1,0 +1,93 @@
+"""Device mesh, shardings, multi-process start-up and host-local → global batches.
+
+kdjax is data-parallel over one mesh axis ``'data'`` that spans every device of every process.
+Batches are sharded along their first axis, parameters and optimizer state are replicated, and
+``jax.jit`` with explicit shardings does the rest (no ``pmap``). Under this global view BatchNorm
+statistics are those of the global batch (synchronised BN).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+log = logging.getLogger(__name__)
+
+
+def launched_multi_process() -> bool:
+    """True when the launch environment asks for several JAX processes (SLURM with more than one
+    task, a multi-worker TPU VM slice, or an explicit coordinator)."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([w for w in workers.split(",") if w]) > 1:
+        return True
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Calls ``jax.distributed.initialize`` when needed; returns whether it did.
+
+    Explicit arguments (from the config's ``distributed`` group) win; otherwise the call is made
+    without arguments when :func:`launched_multi_process` detects a multi-process launch, and JAX
+    reads the cluster from the environment (SLURM, TPU VM metadata).
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if coordinator_address:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    elif launched_multi_process():
+        jax.distributed.initialize()
+    else:
+        return False
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh ``('data',)`` over ``devices`` (default: all devices of all processes)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def placed(tree, sharding: NamedSharding):
+    """``tree``'s leaves (arrays or ``jax.ShapeDtypeStruct``) as ``ShapeDtypeStruct`` carrying
+    ``sharding``: the target of a restore or the abstract argument of a compilation."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``'data'``, other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    devices = mesh.devices.size
+    if global_batch_size % devices:
+        raise ValueError(
+            f"the global batch size {global_batch_size} must be a multiple of the number of devices "
+            f"({devices}); set train.batch_size (and eval.batch_size) to a multiple of {devices}.")
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles this process's share of a batch into global arrays sharded over ``'data'``.
+
+    Every process passes its own rows (``global_batch_size / process_count`` of them); the result
+    has the global batch size on every process.
+    """
+    sharding = batch_sharded(mesh)
+    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for name, value in local_batch.items()}

@@ -1,0 +1,265 @@
+"""An experiment: everything static about a run, built from a config without running anything,
+and its compiled entry points.
+
+    exp = setup(config)                 # checks every term can pair its tensors
+    state = exp.init_state()            # born with its sharding
+    state, metrics = exp.step(state, batch)
+    exp.evaluate(state)                 # mIoU on the config's validation set
+    exp.export(state, "runs/x/model")   # a model directory
+
+``setup`` builds the modules abstractly (``nnx.eval_shape``), so the graph definitions, the
+abstract state and the metric names are known before anything is traced; ``init_state`` and
+``step`` each compile once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kdjax import distill
+from kdjax.data.metadata import DatasetInfo, dataset_info
+from kdjax.evaluation.validation import validate
+from kdjax.io.model_dir import WEIGHTS, save_model
+from kdjax.io.networks import (Network, build_model, load_backbone_weights, load_student_weights,
+                               load_teacher, model_spec)
+from kdjax.models.layers import set_batch_norm_groups
+from kdjax.runtime import sharding
+from kdjax.runtime.compilation import UNOPTIMIZED
+from kdjax.training.optimizer import make_discriminator_optimizer, make_optimizer
+from kdjax.training.state import Trainables, TrainState
+from kdjax.training.step import StepParts, fresh_rng_vars, make_train_step
+
+Array = jax.Array
+
+
+def teacher_tensors(network: Network, variables, images: Array) -> dict[str, Array]:
+    """The frozen teacher's named tensors (inference mode, no gradient) for (N, H, W, 3) images."""
+    out = network.merge(variables)(images.astype(network.dtype), train=False)
+    return jax.tree.map(jax.lax.stop_gradient, distill.named_tensors(out))
+
+
+def _replace_student(tree, new, part: str | None = None):
+    """``tree`` with ``new`` (same structure and shapes) in place of the student or its ``part``."""
+    parent, key = (tree, "student") if part is None else (tree["student"], part)
+    old_leaves, new_leaves = jax.tree.leaves(parent[key]), jax.tree.leaves(new)
+    if [x.shape for x in old_leaves] != [x.shape for x in new_leaves]:
+        raise ValueError("the given student weights do not fit the configured student; build "
+                         "them for the same model spec (name, widths, classes).")
+    parent[key] = jax.tree.unflatten(jax.tree.structure(parent[key]), new_leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """The static side of a run and its compiled entry points; build it with :func:`setup`.
+
+    Attributes:
+      config: the run's config.
+      mesh: the ``('data',)`` device mesh.
+      dataset: the dataset's metadata (classes, ignore label, names).
+      terms: the parsed distillation terms.
+      teacher: the frozen teacher (None without terms).
+      student_spec: the student's ``build_segmentor`` arguments, plus its compute ``dtype``.
+      abstract_state: the :class:`TrainState` as ``jax.ShapeDtypeStruct`` with shardings.
+      metric_names: the names of the metrics :meth:`step` returns.
+      train_step: the jitted step ``(state, teacher variables, global batch) -> (state,
+        metrics)`` with explicit shardings; ``state`` is donated
+        (:func:`kdjax.training.step.make_train_step`).
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    dataset: DatasetInfo
+    terms: tuple[distill.Term, ...]
+    teacher: Network | None
+    student_spec: dict
+    abstract_state: TrainState
+    metric_names: tuple[str, ...]
+    step_parts: StepParts
+    train_step: Any
+    _init: Any
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.dataset.class_names)
+
+    def teacher_inputs(self):
+        """The teacher variables :meth:`train_step` takes (None without a teacher)."""
+        return self.teacher.variables if self.teacher is not None else None
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, Array]]:
+        """One train step on ``batch``: ``'image'`` (N, H, W, 3) float32 and ``'label'``
+        (N, H, W) int32, N the global batch size; NumPy arrays are this process's rows and are
+        assembled into global arrays. ``state`` is donated: use the returned one."""
+        if not isinstance(batch["image"], jax.Array):
+            batch = sharding.global_batch(batch, self.mesh)
+        return self.train_step(state, self.teacher_inputs(), batch)
+
+    def init_state(self, *, student: nnx.Module | None = None) -> TrainState:
+        """The initial state, created directly with its (replicated) sharding.
+
+        The student's weights come from ``student`` (a segmentor of the configured spec, e.g.
+        from :func:`kdjax.convert.from_torch`) if given, else from ``student.checkpoint`` (a model
+        dir) or ``student.backbone_checkpoint`` when the config names one, else from the seed.
+        """
+        state = self._init()
+        state = state.replace(bad_metrics=jax.device_put(
+            {name: np.float32(0.0) for name in self.metric_names}, sharding.replicated(self.mesh)))
+        student_config = self.config.student
+        part, weights = None, None
+        if student is not None:
+            weights = jax.device_put(nnx.state(student, WEIGHTS), sharding.replicated(self.mesh))
+        elif student_config.checkpoint:
+            weights = load_student_weights(student_config.checkpoint, self.student_spec, self.mesh)
+        elif student_config.backbone_checkpoint:
+            part = "backbone"
+            weights = load_backbone_weights(student_config.backbone_checkpoint,
+                                            student_config.backbone_source, self.student_spec,
+                                            self.mesh)
+        if weights is not None:
+            params, stats = nnx.split_state(weights, nnx.Param, nnx.BatchStat)
+            _replace_student(state.params, params, part)
+            _replace_student(state.rest, stats, part)
+        return state
+
+    def merge(self, state: TrainState) -> Trainables:
+        """The student and connectors of ``state`` as modules."""
+        parts = self.step_parts
+        return nnx.merge(parts.graphdef, state.params, state.rest, fresh_rng_vars(parts.rng_vars))
+
+    def eval_logits(self, weights, images: Array) -> Array:
+        """Eval-mode student logits; ``weights`` = (params, rest) of a :class:`TrainState`."""
+        parts = self.step_parts
+        trainables = nnx.merge(parts.graphdef, *weights, fresh_rng_vars(parts.rng_vars))
+        return trainables.student(images.astype(self.student_spec["dtype"]), train=False).logits
+
+    def evaluate(self, state: TrainState, batches: Iterable[dict] | None = None) -> dict[str, Any]:
+        """Metrics of ``state``'s student in percent (``miou``, ``pixel_accuracy``,
+        ``mean_class_accuracy``, ``per_class_iou``, ``eval_mode``), on ``batches`` (dicts of
+        global arrays: ``'image'``, ``'label'``, optional ``'valid'``) or on the config's
+        validation set."""
+        return validate(self._logits_fn, (state.params, state.rest), self.config, self.mesh,
+                        batches)
+
+    @functools.cached_property
+    def _logits_fn(self):
+        # One function object for the experiment's lifetime: evaluation compiles per function.
+        return lambda weights, images: self.eval_logits(weights, images)
+
+    def export(self, state: TrainState, directory) -> Any:
+        """Writes the student of ``state`` as a model dir (a teacher for later runs, or ``eval``);
+        returns its path."""
+        save_model(directory, self.merge(state).student, overwrite=True)
+        return directory
+
+
+def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None,
+          student_config: ml_collections.ConfigDict | None = None,
+          terms_config: ml_collections.ConfigDict | None = None,
+          seed: int | None = None, materialize: bool = True) -> Experiment:
+    """Builds the experiment of ``config`` and checks, without running anything, that every
+    distillation term can pair its tensors (a bad pairing fails here, not at step 1,000).
+
+    ``student_config``/``terms_config``/``seed`` override ``config.student``,
+    ``config.distill.terms`` and ``config.seed``. ``materialize=False`` leaves the teacher
+    abstract (shapes only): the experiment can then be checked and inspected, but not run.
+    """
+    mesh = mesh or sharding.make_mesh()
+    seed = config.seed if seed is None else seed
+    info = dataset_info(config.data.name)
+    student_config = student_config or config.student
+    terms_config = config.distill.terms if terms_config is None else terms_config
+    sharding.check_batch_size(config.train.batch_size, mesh)
+    terms = distill.parse_terms(terms_config, train_steps=config.train.steps)
+    teacher = (load_teacher(config.teacher, num_classes=info.num_classes, mesh=mesh, seed=seed,
+                            materialize=materialize) if terms else None)
+    tx = make_optimizer(config.train)
+    disc_tx = make_discriminator_optimizer(terms)
+    images = jax.ShapeDtypeStruct((config.train.batch_size, *config.data.crop_size, 3),
+                                  jnp.float32)
+
+    def modules():
+        """Every module the state holds, from the seed: (trainables, discriminators, states)."""
+        rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+        student = build_model(student_config, num_classes=info.num_classes, rngs=rngs)
+        if config.train.bn_stats == "per_device":
+            set_batch_norm_groups(student, mesh.devices.size)
+        student_out = jax.eval_shape(lambda x: distill.named_tensors(student(x, train=False)),
+                                     images)
+        teacher_out = (jax.eval_shape(functools.partial(teacher_tensors, teacher),
+                                      teacher.variables, images) if teacher is not None else {})
+        connectors, discs = distill.build_term_modules(terms, student_out, teacher_out,
+                                                       rngs=rngs)
+        states = distill.init_term_states(terms, student_out, teacher_out,
+                                          num_classes=info.num_classes,
+                                          key=jax.random.key(seed + 2))
+        return Trainables(student, connectors), discs, states, student_out
+
+    abstract_trainables, abstract_discs, _, student_out = nnx.eval_shape(modules)
+    graphdef, _, _, abstract_rng = nnx.split(abstract_trainables, nnx.Param, nnx.BatchStat, ...)
+    disc_graphdef, _, _, abstract_disc_rng = nnx.split(abstract_discs, nnx.Param, nnx.BatchStat,
+                                                       ...)
+
+    def init() -> TrainState:
+        trainables, discs, states, _ = modules()
+        _, params, rest, _ = nnx.split(trainables, nnx.Param, nnx.BatchStat, ...)
+        _, disc_params, disc_rest, _ = nnx.split(discs, nnx.Param, nnx.BatchStat, ...)
+        return TrainState(
+            step=jnp.int32(0), rng=jax.random.key_data(jax.random.key(seed + 3)), params=params,
+            rest=rest, opt_state=tx.init(params), disc_params=disc_params, disc_rest=disc_rest,
+            disc_opt_state=disc_tx.init(disc_params), term_states=states,
+            bad_step=jnp.int32(-1), bad_metrics={})
+
+    repl = sharding.replicated(mesh)
+    # One jitted init for the experiment's lifetime: compiling it reuses the trace that
+    # eval_shape makes here.
+    init_jit = jax.jit(init, out_shardings=repl)
+    has_aux_ce = "aux_logits" in student_out and bool(config.train.aux_weight)
+    names = tuple(distill.metric_names(terms, aux_ce=has_aux_ce))
+    abstract_state = init_jit.eval_shape().replace(
+        bad_metrics=sharding.placed({n: jax.ShapeDtypeStruct((), jnp.float32) for n in names},
+                                    repl))
+    parts = StepParts(
+        graphdef=graphdef, rng_vars=abstract_rng, disc_graphdef=disc_graphdef,
+        disc_rng_vars=abstract_disc_rng, tx=tx, disc_tx=disc_tx, terms=terms,
+        teacher=functools.partial(teacher_tensors, teacher) if teacher is not None else None,
+        student_dtype=jnp.dtype(student_config.dtype), num_classes=info.num_classes,
+        ignore_label=info.ignore_label, aux_weight=config.train.aux_weight,
+        total_steps=config.train.steps)
+    state_sh = jax.tree.map(lambda s: s.sharding, abstract_state)
+    teacher_sh = jax.tree.map(lambda _: repl, teacher.variables) if teacher is not None else None
+    step = jax.jit(make_train_step(parts), donate_argnums=(0,),
+                   in_shardings=(state_sh, teacher_sh, sharding.batch_sharded(mesh)),
+                   out_shardings=(state_sh, repl))
+    return Experiment(
+        config=config, mesh=mesh, dataset=info, terms=terms, teacher=teacher,
+        student_spec={**model_spec(student_config, info.num_classes),
+                      "dtype": jnp.dtype(student_config.dtype)},
+        abstract_state=abstract_state, metric_names=names, step_parts=parts,
+        train_step=step, _init=_CompiledOnce(init_jit))
+
+
+class _CompiledOnce:
+    """Runs a jitted function of no arguments, compiled without optimisation (it runs once per
+    experiment; see :mod:`kdjax.runtime.compilation`) on the first call only."""
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+        self._compiled = None
+
+    def __call__(self):
+        if self._compiled is None:
+            self._compiled = self._jitted.lower().compile(UNOPTIMIZED)
+        return self._compiled()

@@ -1,0 +1,110 @@
+"""The training loop: from the latest checkpoint in a workdir (or from scratch) to
+``train.steps``, with logging, validation, checkpoints and the non-finite guard.
+
+The host dispatches steps without waiting for them; it waits on the device only when it logs,
+evaluates or saves. Logged train metrics are means over the logging window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from kdjax.config.loading import config_to_json
+from kdjax.io.checkpoints import TrainCheckpointer
+from kdjax.runtime import sharding
+from kdjax.training.experiment import Experiment
+from kdjax.training.metrics_log import MetricsLog, MetricWindow
+from kdjax.training.resume import check_same_recipe, recipe_fingerprint, restore_reported
+from kdjax.training.state import TrainState
+from kdjax.training.step import check_finite
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished training run reports."""
+
+    step: int
+    metrics: dict[str, float]        # the last logged train metrics
+    eval: dict[str, Any]             # the reported evaluation (Experiment.evaluate's record),
+                                     # with its 'checkpoint' rule ('best'/'last') and
+                                     # 'checkpoint_step'
+    state: TrainState                # the state of the reported checkpoint
+    workdir: Path
+
+
+def _json_spec(spec: dict) -> dict:
+    return {k: str(v) if k == "dtype" else v for k, v in spec.items()}
+
+
+def run_training(exp: Experiment, workdir: str | Path, *, label: str = "") -> RunResult:
+    """Trains from the latest checkpoint in ``workdir`` (or from scratch) to ``train.steps``.
+
+    A run killed at any point and started again with the same arguments resumes from its last
+    checkpoint, sees the same batches from there on and ends in the same state.
+    """
+    from kdjax.data.pipeline import make_train_iterator  # tf.data: imported when a pipeline is built
+
+    config = exp.config
+    workdir = Path(workdir)
+    steps = config.train.steps
+    checkpointer = TrainCheckpointer(workdir, keep_last=config.train.keep_checkpoints,
+                                     async_save=config.train.async_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, saved_meta = checkpointer.restore(exp.abstract_state)
+        check_same_recipe(saved_meta.get("recipe"), config, workdir)
+        log.info("resumed %s at step %d", workdir, int(state.step))
+    else:
+        state = exp.init_state()
+    start = int(jax.device_get(state.step))
+    teacher_variables = exp.teacher_inputs()
+    batches = make_train_iterator(config.data, global_batch_size=config.train.batch_size,
+                                  seed=config.seed, start_step=start)
+    logger = MetricsLog(workdir, total_steps=steps, global_batch_size=config.train.batch_size,
+                        label=label)
+    logger.start(start)
+    window = MetricWindow()
+    meta = {"config": config_to_json(config), "recipe": recipe_fingerprint(config),
+            "student": _json_spec(exp.student_spec)}
+    checkpoints = workdir / "checkpoints"
+    last_metrics: dict[str, float] = {}
+    try:
+        for step in range(start + 1, steps + 1):
+            batch = sharding.global_batch(next(batches), exp.mesh)
+            state, metrics = exp.train_step(state, teacher_variables, batch)
+            window.add(metrics)
+            final = step == steps
+            if step % config.train.log_every == 0 or final:
+                check_finite(state, checkpoints)
+                last_metrics = window.means()
+                logger.write(step, last_metrics)
+            if step % config.train.eval_every == 0 or final:
+                check_finite(state, checkpoints)
+                result = exp.evaluate(state)
+                logger.write(step, {"miou": result["miou"],
+                                    "pixel_accuracy": result["pixel_accuracy"]}, prefix="val")
+                checkpointer.save_best(step, state, meta={**meta, "data_step": step,
+                                                          "eval": result},
+                                       metric_value=result["miou"])
+                logger.start(step, compiles=False)  # evaluation time is not training throughput
+            if step % config.train.checkpoint_every == 0 or final:
+                check_finite(state, checkpoints)
+                checkpointer.save(step, state, meta={**meta, "data_step": step,
+                                                     "metrics": last_metrics}, force=True)
+        checkpointer.wait_until_finished()
+        reported, saved_meta, rule = restore_reported(checkpointer, exp.abstract_state,
+                                                      config.eval.checkpoint)
+        evaluation = saved_meta["eval"] if rule == "best" else exp.evaluate(reported)
+    finally:
+        checkpointer.close()
+        logger.close()
+    return RunResult(step=int(jax.device_get(state.step)), metrics=last_metrics,
+                     eval={**evaluation, "checkpoint": rule,
+                           "checkpoint_step": int(jax.device_get(reported.step))},
+                     state=reported, workdir=workdir)

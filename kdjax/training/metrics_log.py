@@ -1,0 +1,115 @@
+"""Run logs: a progress line with the loss terms, images/s and ETA; ``metrics.jsonl`` (one JSON
+object per logged step); TensorBoard event files. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+
+def _format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricWindow:
+    """Train metrics summed on the device over a logging window, as (sum, count) pairs: a logged
+    value is the mean over the window's steps, not the last step's value. Adding dispatches a
+    small computation and does not wait for the device; :meth:`means` does."""
+
+    def __init__(self):
+        self._sums = None
+        self._count = 0
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self._sums = metrics if self._sums is None else _add(self._sums, metrics)
+        self._count += 1
+
+    def means(self) -> dict[str, float]:
+        """The window's means as floats, then starts a new window."""
+        sums = jax.device_get(self._sums) if self._sums is not None else {}
+        means = {k: float(v) / self._count for k, v in sums.items()}
+        self._sums, self._count = None, 0
+        return means
+
+
+_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+
+class MetricsLog:
+    """Writes ``WORKDIR/metrics.jsonl`` and TensorBoard events, and prints progress.
+
+    Each :meth:`write` gets the step and a flat dict of floats; ``images_per_second`` and ``eta``
+    are added from the wall time between calls (the first interval includes compilation and is
+    marked as such).
+    """
+
+    def __init__(self, workdir: str | Path, *, total_steps: int, global_batch_size: int,
+                 label: str = "", tensorboard: bool = True):
+        self.workdir = Path(workdir)
+        self.total_steps = total_steps
+        self.batch = global_batch_size
+        self.label = label
+        self.active = jax.process_index() == 0
+        self._last = None
+        self._writer = None
+        if self.active:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+            if tensorboard:
+                import tensorflow as tf
+                self._writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+
+    def start(self, step: int, *, compiles: bool = True) -> None:
+        """Marks the wall-clock origin of the next interval: at the start of a run or after
+        resuming (the interval then includes compilation), or after an evaluation
+        (``compiles=False``: the step is compiled already)."""
+        self._last = (step, time.perf_counter(), compiles)
+
+    def write(self, step: int, metrics: dict[str, float], *, prefix: str = "train") -> None:
+        now = time.perf_counter()
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        if prefix == "train" and self._last is not None:
+            last_step, last_time, includes_compile = self._last
+            if step > last_step:
+                rate = (step - last_step) * self.batch / max(now - last_time, 1e-9)
+                record["images_per_second"] = rate
+                eta = (self.total_steps - step) * self.batch / rate
+                self._print(step, metrics, rate, eta, includes_compile)
+            self._last = (step, now, False)
+        if not self.active:
+            return
+        self._jsonl.write(json.dumps({"split": prefix, **record}) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            import tensorflow as tf
+            with self._writer.as_default(step=int(step)):
+                for key, value in record.items():
+                    if key != "step" and math.isfinite(value):
+                        tf.summary.scalar(f"{prefix}/{key}", value)
+            self._writer.flush()
+
+    def _print(self, step, metrics, rate, eta, includes_compile) -> None:
+        if not self.active:
+            return
+        terms = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("/weight"))
+        note = " (incl. compile)" if includes_compile else ""
+        width = 20
+        done = int(width * step / max(self.total_steps, 1))
+        bar = "#" * done + "." * (width - done)
+        print(f"{self.label}[{bar}] {step}/{self.total_steps} {terms} | {rate:.2f} img/s{note} | "
+              f"ETA {_format_seconds(eta)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.active:
+            self._jsonl.close()
+            if self._writer is not None:
+                self._writer.close()

@@ -1,0 +1,177 @@
+"""The pure train step: one optimizer step of the student (and of the discriminators), guarded
+against non-finite values.
+
+``make_train_step`` closes over the static side of a run (graph definitions, optimizers, terms)
+and returns ``train_step(state, teacher_variables, batch) -> (state, metrics)``, a pure function
+for ``jax.jit``. The teacher runs in inference mode outside the gradient; its outputs are
+constants of the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from kdjax import distill
+from kdjax.training.state import TrainState
+
+Array = jax.Array
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A train step produced a non-finite loss or gradient; the message names the terms."""
+
+
+def _fresh(tree):
+    """A copy of an NNX variable tree owned by the current trace: NNX only lets a module update
+    (BN statistics, rng counters) variables created in the trace it runs in, and states that
+    enter through an outer ``jit`` belong to that trace."""
+    return jax.tree.map(lambda x: x, tree)
+
+
+def _placeholder(leaf):
+    """A concrete value of an abstract rng variable (the dropout stream is reseeded every step,
+    so its value does not matter)."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.split(jax.random.key(0), leaf.shape) if leaf.shape else jax.random.key(0)
+    return jnp.zeros(leaf.shape, leaf.dtype)
+
+
+def fresh_rng_vars(abstract_rng_vars):
+    """Placeholders for the rng variables of a split module (see :func:`_placeholder`)."""
+    return jax.tree.map(_placeholder, abstract_rng_vars)
+
+
+def _select(keep_new: Array, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """The static pieces a train step closes over.
+
+    ``graphdef``/``rng_vars`` rebuild :class:`~kdjax.training.state.Trainables` (the student and
+    connectors) from a state's ``params`` and ``rest``; ``disc_*`` the discriminators. ``teacher``
+    maps (teacher variables, images) to the teacher's named tensors, or is None.
+    """
+
+    graphdef: Any
+    rng_vars: Any
+    disc_graphdef: Any
+    disc_rng_vars: Any
+    tx: optax.GradientTransformation
+    disc_tx: optax.GradientTransformation
+    terms: tuple[distill.Term, ...]
+    teacher: Any
+    student_dtype: Any
+    num_classes: int
+    ignore_label: int
+    aux_weight: float
+    total_steps: int
+
+
+def _loss(parts: StepParts, params, state: TrainState, teacher: dict, batch: dict, key: Array):
+    trainables = nnx.merge(parts.graphdef, params, _fresh(state.rest),
+                           fresh_rng_vars(parts.rng_vars))
+    nnx.reseed(trainables, dropout=key)
+    discs = nnx.merge(parts.disc_graphdef, *_fresh((state.disc_params, state.disc_rest)),
+                      fresh_rng_vars(parts.disc_rng_vars))
+    images, labels = batch["image"], batch["label"]
+    out = trainables.student(images.astype(parts.student_dtype), train=True)
+    total, metrics = distill.task_loss(out, labels, ignore_label=parts.ignore_label,
+                                       aux_weight=parts.aux_weight)
+    student = distill.named_tensors(out)
+    term_states = state.term_states
+    if parts.terms:
+        inputs = distill.TermInputs(
+            student=student, teacher=teacher, labels=labels, step=state.step, key=key,
+            classifier_kernel=trainables.student.head.classifier.kernel[...],
+            num_classes=parts.num_classes, ignore_label=parts.ignore_label,
+            total_steps=parts.total_steps)
+        kd, kd_metrics, term_states = distill.distillation_loss(
+            parts.terms, inputs, trainables.connectors, discs, state.term_states, train=True)
+        total = total + kd
+        metrics.update(kd_metrics)
+    metrics["loss"] = total
+    rest = nnx.state(trainables, nnx.BatchStat)
+    return total, (metrics, rest, term_states, student)
+
+
+def _discriminator_update(parts: StepParts, state: TrainState, student: dict, teacher: dict):
+    def loss(disc_params):
+        discs = nnx.merge(parts.disc_graphdef, disc_params, _fresh(state.disc_rest),
+                          fresh_rng_vars(parts.disc_rng_vars))
+        value, metrics = distill.discriminator_loss(parts.terms, student, teacher, discs)
+        return value, (metrics, nnx.state(discs, nnx.BatchStat))
+
+    (_, (metrics, disc_rest)), grads = jax.value_and_grad(loss, has_aux=True)(state.disc_params)
+    updates, disc_opt_state = parts.disc_tx.update(grads, state.disc_opt_state, state.disc_params)
+    return optax.apply_updates(state.disc_params, updates), disc_rest, disc_opt_state, metrics
+
+
+def updated_state(parts: StepParts, state: TrainState, teacher_variables,
+                  batch: dict) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer step of ``state``, finite or not, and its float32 metrics; ``step``,
+    ``bad_step`` and ``bad_metrics`` are left to the guard of :func:`make_train_step`."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    teacher = parts.teacher(teacher_variables, batch["image"]) if parts.teacher else {}
+    grad_fn = jax.value_and_grad(_loss, argnums=1, has_aux=True)
+    (_, (metrics, rest, term_states, student)), grads = grad_fn(parts, state.params, state,
+                                                                teacher, batch, key)
+    updates, opt_state = parts.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    disc = (state.disc_params, state.disc_rest, state.disc_opt_state)
+    if jax.tree.leaves(state.disc_params):
+        *disc, d_metrics = _discriminator_update(parts, state, student, teacher)
+        metrics.update(d_metrics)
+    new = state.replace(params=params, rest=rest, opt_state=opt_state, disc_params=disc[0],
+                        disc_rest=disc[1], disc_opt_state=disc[2], term_states=term_states)
+    return new, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def make_train_step(parts: StepParts):
+    """``train_step(state, teacher_variables, batch) -> (state, metrics)``, pure.
+
+    The step is :func:`updated_state` if its metrics are finite and no earlier step went
+    non-finite; otherwise ``state`` is returned unchanged, with the first bad step and its metrics
+    recorded (``bad_step``, ``bad_metrics``), so that the host need not look at every step: it
+    checks ``bad_step`` when it logs, evaluates or saves (:func:`check_finite`).
+
+    ``batch``: ``'image'`` (N, H, W, 3) float32 and ``'label'`` (N, H, W) int32.
+    """
+    def train_step(state: TrainState, teacher_variables, batch: dict):
+        new, metrics = updated_state(parts, state, teacher_variables, batch)
+        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+        healthy = state.bad_step < 0
+        advance = finite & healthy
+        first_bad = healthy & ~finite
+        new = _select(advance, new.replace(bad_metrics=state.bad_metrics), state)
+        new = new.replace(
+            step=jnp.where(advance, state.step + 1, state.step),
+            bad_step=jnp.where(first_bad, state.step + 1, state.bad_step),
+            bad_metrics=_select(first_bad, metrics, state.bad_metrics))
+        return new, metrics
+
+    return train_step
+
+
+def check_finite(state: TrainState, checkpoint_dir) -> None:
+    """Raises :class:`NonFiniteLossError` if any step so far went non-finite (this waits for
+    the device)."""
+    bad_step = int(jax.device_get(state.bad_step))
+    if bad_step < 0:
+        return
+    metrics = jax.device_get(state.bad_metrics)
+    bad = ", ".join(f"{k}={float(v)}" for k, v in sorted(metrics.items())
+                    if not jnp.isfinite(v)) or "a gradient"
+    raise NonFiniteLossError(
+        f"the loss went non-finite at step {bad_step}: {bad}. The state was not updated from "
+        f"that step on, and the last good checkpoint in {checkpoint_dir} is kept. Lower the "
+        f"learning rate or the weight of the named term, or enable train.grad_clip, then rerun "
+        f"the same command to resume from that checkpoint.")
