@@ -185,12 +185,13 @@ def parse_arg(arg: str | None, **choices: Iterable[str]) -> tuple[dict[str, str]
         elif key not in accepted or key in values:
             raise ValueError(f"config argument {item!r} is not accepted: this config takes {usage}.")
         elif value not in accepted[key]:
-            raise ValueError(f"{item!r}: {key} is one of {', '.join(accepted[key])}.")
+            raise ValueError(f"config argument {item!r} is not accepted: {key} is one of "
+                             f"{', '.join(accepted[key])}.")
         else:
             values[key] = value
     missing = [f"{key}=" for key in accepted if key not in values]
     if missing:
-        raise ValueError(f"config argument {arg!r} lacks {', '.join(missing)}: this config takes "
+        raise ValueError(f"the config argument lacks {', '.join(missing)}: this config takes "
                          f"{usage}.")
     return values, local
 

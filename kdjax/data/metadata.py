@@ -191,15 +191,16 @@ ADE20K_CLASSES = (
     "flag",
 )
 
-ADE20K = DatasetInfo(
-    name="ade20k",
-    class_names=ADE20K_CLASSES,
-    palette=bit_palette(150, first=1),
-    # Stored 0 is "other objects" (ignored), 1..150 are the classes.
-    label_map=_reduce_zero_label(),
-    splits=dict(_TRAIN_VAL),
-    tfds_name="ade20k",
-)
+def _zero_ignored(name: str, class_names: tuple[str, ...], tfds_name: str) -> DatasetInfo:
+    """A dataset whose stored 0 is ignored and 1..K are its K classes (reduce-zero-label)."""
+    return DatasetInfo(name=name, class_names=class_names,
+                       palette=bit_palette(len(class_names), first=1),
+                       label_map=_reduce_zero_label(), splits=dict(_TRAIN_VAL),
+                       tfds_name=tfds_name)
+
+
+# Stored 0 is "other objects" (ignored), 1..150 are the classes.
+ADE20K = _zero_ignored("ade20k", ADE20K_CLASSES, "ade20k")
 
 # The 59 frequent Pascal Context classes, in the order of their stored values 1..59.
 PASCAL_CONTEXT_CLASSES = (
@@ -212,14 +213,8 @@ PASCAL_CONTEXT_CLASSES = (
 )
 
 # Both configs of the pascal_context builder store 0 = background (everything else) and 1..59.
-PASCAL_CONTEXT_59 = DatasetInfo(
-    name="pascal_context_59",
-    class_names=PASCAL_CONTEXT_CLASSES,
-    palette=bit_palette(59, first=1),
-    label_map=_reduce_zero_label(),
-    splits=dict(_TRAIN_VAL),
-    tfds_name="pascal_context/59",
-)
+PASCAL_CONTEXT_59 = _zero_ignored("pascal_context_59", PASCAL_CONTEXT_CLASSES,
+                                  "pascal_context/59")
 
 PASCAL_CONTEXT_60 = DatasetInfo(
     name="pascal_context_60",

@@ -138,6 +138,16 @@ def safe_norm(x: Array) -> Array:
     return safe_sqrt(jnp.sum(jnp.square(x)))
 
 
+def check_pair(student: Array, teacher: Array, mask: Array | None, *,
+               names: tuple[str, str] = ("student_logits", "teacher_logits"),
+               axes: str = "N,H,W,K") -> None:
+    """Raises ValueError unless ``student`` and ``teacher`` are two rank-4 arrays of one shape and
+    ``mask`` is None or a bool (N, H, W); the message uses ``names`` and ``axes``."""
+    check_rank(names[0], student, 4, axes)
+    check_same_shape(names[0], student, names[1], teacher)
+    check_mask(mask, student)
+
+
 def check_labels(labels: Array, other: Array, other_name: str) -> None:
     """Raises ValueError unless ``labels`` is an integer (N, H, W) map with ``other``'s batch N."""
     check_rank("labels", labels, 3, "N,H,W")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._common import (as_float32, check_mask, check_positive, check_rank,
-                                  check_same_shape, frozen, masked_log_softmax,
-                                  softmax_kl)
+from kdjax.losses._common import (as_float32, check_pair, check_positive, frozen,
+                                  masked_log_softmax, softmax_kl)
 
 Array = jax.Array
 
@@ -47,9 +46,7 @@ def channel_wise_divergence(student: Array, teacher: Array, *, tau: float = 4.0,
     Returns:
       float32 scalar.
     """
-    check_rank("student", student, 4, "N,H,W,C")
-    check_same_shape("student", student, "teacher", teacher)
-    check_mask(mask, student)
+    check_pair(student, teacher, mask, names=("student", "teacher"), axes="N,H,W,C")
     check_positive("tau", tau)
     n, h, w, c = student.shape
     if c_norm is None:

@@ -7,8 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._common import (as_float32, check_group_size, check_mask, check_positive,
-                                  check_rank, check_same_shape, frozen, masked_mean, safe_sqrt)
+from kdjax.losses._common import (as_float32, check_group_size, check_pair, check_positive, frozen,
+                                  masked_mean, safe_sqrt)
 from kdjax.losses._reductions import softmax_shifts, sums
 
 Array = jax.Array
@@ -113,9 +113,7 @@ def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gam
     Returns:
       float32 scalar.
     """
-    check_rank("student_logits", student_logits, 4, "N,H,W,K")
-    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    check_mask(mask, student_logits)
+    check_pair(student_logits, teacher_logits, mask)
     check_positive("tau", tau)
     _check_weight("beta", beta)
     _check_weight("gamma", gamma)

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_labels, check_mask, check_optional_positive_int,
-                                  check_positive, check_rank, check_same_shape, combine_masks,
-                                  frozen, masked_mean, nearest_resize_labels, valid_label_mask)
+                                  check_pair, check_positive, check_rank, combine_masks, frozen,
+                                  masked_mean, nearest_resize_labels, valid_label_mask)
 from kdjax.losses._reductions import softmax_shifts, sums
 from kdjax.losses.channel_wise import channel_wise_divergence, spatial_log_softmax
 from kdjax.losses.pixel_kd import pixel_kd
@@ -264,9 +264,7 @@ def fakd_kd(student_logits: Array, teacher_logits: Array, classifier_kernel: Arr
     Returns:
       float32 scalar.
     """
-    check_rank("student_logits", student_logits, 4, "N,H,W,K")
-    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    check_mask(mask, student_logits)
+    check_pair(student_logits, teacher_logits, mask)
     check_positive("temperature", temperature)
     kernel = _classifier_matrix(classifier_kernel, student_logits.shape[-1])
     _check_variance(variance, kernel)
@@ -458,9 +456,7 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     Returns:
       float32 scalar.
     """
-    check_rank("student_logits", student_logits, 4, "N,H,W,K")
-    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    check_mask(mask, student_logits)
+    check_pair(student_logits, teacher_logits, mask)
     check_positive("tau", tau)
     if c_norm is None:
         c_norm = student_logits.shape[-1]

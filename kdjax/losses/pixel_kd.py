@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax
 
-from kdjax.losses._common import (as_float32, check_choice, check_mask, check_positive, check_rank,
-                                  check_same_shape, frozen, masked_mean, softmax_kl)
+from kdjax.losses._common import (as_float32, check_choice, check_pair, check_positive, frozen,
+                                  masked_mean, softmax_kl)
 
 Array = jax.Array
 
@@ -40,9 +40,7 @@ def pixel_kd(student_logits: Array, teacher_logits: Array, *, temperature: float
     Returns:
       float32 scalar.
     """
-    check_rank("student_logits", student_logits, 4, "N,H,W,K")
-    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    check_mask(mask, student_logits)
+    check_pair(student_logits, teacher_logits, mask)
     check_positive("temperature", temperature)
     check_choice("normalize", normalize, ("pixel_mean", "element_mean"))
     kl = pixel_kl(student_logits, teacher_logits, temperature)

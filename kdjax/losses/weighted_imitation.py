@@ -7,8 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._common import (check_mask, check_positive, check_rank, check_same_shape,
-                                  masked_mean, valid_weights)
+from kdjax.losses._common import check_pair, check_positive, masked_mean, valid_weights
 from kdjax.losses.pixel_kd import pixel_kl
 
 Array = jax.Array
@@ -51,9 +50,7 @@ def weighted_pixel_imitation(student_logits: Array, teacher_logits: Array, *,
     Returns:
       float32 scalar.
     """
-    check_rank("student_logits", student_logits, 4, "N,H,W,K")
-    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    check_mask(mask, student_logits)
+    check_pair(student_logits, teacher_logits, mask)
     check_positive("temperature", temperature)
     weight_fn = relative_gap_weight if gap_weight is None else gap_weight
     gap = temperature**2 * pixel_kl(student_logits, teacher_logits, temperature)
