@@ -1,4 +1,4 @@
-"""CamVid on 2 CPU cores: one teacher, the student alone and eight distillation methods, 3 seeds each.
+"""CamVid on 2 CPU cores: a teacher, the student alone and eight distillation methods, 3 seeds each.
 
 A CPU-sized protocol on the real CamVid data (367 train / 101 val images, 480×360, 11 classes,
 label 11 = void), just under two hours on a 2-core x86 machine; results and their discussion are

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 
 from kdjax.runtime import platform
+from kdjax.runtime.preemption import StopRequested
 
 CONFIG_PREFIX = "--config."
 
@@ -128,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args, overrides)
+    except StopRequested as stop:
+        resume = shlex.join(["kdjax", *argv])
+        print(f"kdjax {args.command}: {stop}. Resume with the same command:\n  {resume}",
+              file=sys.stderr)
+        return 128 + signal.Signals[stop.signal_name]
     except KeyboardInterrupt:
         if os.environ.get(DEBUG_ENV):
             raise

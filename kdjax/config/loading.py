@@ -72,7 +72,8 @@ def load_config(spec: str) -> ConfigDict:
     module = _load_module(Path(path_text), arg)
     takes_arg = bool(inspect.signature(module.get_config).parameters)
     if arg and not takes_arg:
-        raise ConfigError(f"{path_text}: get_config() takes no argument, so ':{arg}' cannot be used.")
+        raise ConfigError(f"{path_text}: get_config() takes no argument, so ':{arg}' cannot be "
+                          f"used.")
     config = module.get_config(arg or None) if takes_arg else module.get_config()
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"{path_text}: get_config() must return an ml_collections.ConfigDict.")

@@ -42,8 +42,8 @@ def _gan(weight: float = 0.001, d_weight: float = 0.1) -> dict:
 
 
 def method_terms(method: str, *, aux_logits: bool = True) -> ConfigDict:
-    """The terms of ``method`` under the CIRKD benchmark (docs/methods.md §5 weights; §9 for NFD, PFS,
-    FAKD). Feature terms read the head feature (CIRKD's ``outputs[-1]``).
+    """The terms of ``method`` under the CIRKD benchmark (docs/methods.md §5 weights; §9 for NFD,
+    PFS, FAKD). Feature terms read the head feature (CIRKD's ``outputs[-1]``).
 
     Methods: :data:`METHODS`; ``cwd_logits`` is the official CWD-only recipe. ``aux_logits``:
     whether the student has an aux head (DIST then also distils the aux logits, weight 0.4).
@@ -183,7 +183,8 @@ def parse_arg(arg: str | None, **choices: Iterable[str]) -> tuple[dict[str, str]
         if item == "local":
             local = True
         elif key not in accepted or key in values:
-            raise ValueError(f"config argument {item!r} is not accepted: this config takes {usage}.")
+            raise ValueError(f"config argument {item!r} is not accepted: this config takes "
+                             f"{usage}.")
         elif value not in accepted[key]:
             raise ValueError(f"config argument {item!r} is not accepted: {key} is one of "
                              f"{', '.join(accepted[key])}.")

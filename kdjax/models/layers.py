@@ -193,7 +193,7 @@ def set_kernels(module: nnx.Module, kernels: str) -> None:
     """Makes every ``Conv2d`` and ``BatchNorm2d`` of ``module`` compute with ``kernels``: 'xla',
     'cpu' or 'auto' (:func:`kdjax.ops.kernels.resolve_kernels`; the layers' default)."""
     resolved = resolve_kernels(kernels)
-    for _, sub in module.iter_modules():
+    for _, sub in nnx.iter_modules(module):
         if isinstance(sub, (Conv2d, BatchNorm2d)):
             sub.kernels = resolved
 
@@ -201,7 +201,7 @@ def set_kernels(module: nnx.Module, kernels: str) -> None:
 def set_batch_norm_groups(module: nnx.Module, groups: int) -> None:
     """Per-device BN statistics: every BatchNorm2d of ``module`` normalises ``groups`` batch
     slices separately (see :class:`BatchNorm2d`)."""
-    for _, sub in module.iter_modules():
+    for _, sub in nnx.iter_modules(module):
         if isinstance(sub, BatchNorm2d):
             sub.batch_groups = groups
 

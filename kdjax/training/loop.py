@@ -2,7 +2,8 @@
 ``train.steps``, with logging, validation, checkpoints and the non-finite guard.
 
 The host dispatches steps without waiting for them; it waits on the device only when it logs,
-evaluates or saves. Logged train metrics are means over the logging window.
+evaluates or saves. Logged train metrics are means over the logging window. SIGTERM and SIGINT
+save the current step and stop the run (:mod:`kdjax.runtime.preemption`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 from kdjax.config.loading import config_to_json
 from kdjax.io.checkpoints import TrainCheckpointer
 from kdjax.runtime import sharding
+from kdjax.runtime.preemption import StopRequested, StopRequests
 from kdjax.training.experiment import Experiment
 from kdjax.training.metrics_log import MetricsLog, MetricWindow
 from kdjax.training.resume import check_same_recipe, recipe_fingerprint, restore_reported
@@ -74,29 +76,38 @@ def run_training(exp: Experiment, workdir: str | Path, *, label: str = "") -> Ru
             "student": _json_spec(exp.student_spec)}
     checkpoints = workdir / "checkpoints"
     last_metrics: dict[str, float] = {}
+
+    def save(step: int) -> None:
+        check_finite(state, checkpoints)
+        checkpointer.save(step, state, meta={**meta, "data_step": step, "metrics": last_metrics},
+                          force=True)
+
     try:
-        for step in range(start + 1, steps + 1):
-            batch = sharding.global_batch(next(batches), exp.mesh)
-            state, metrics = exp.train_step(state, teacher_variables, batch)
-            window.add(metrics)
-            final = step == steps
-            if step % config.train.log_every == 0 or final:
-                check_finite(state, checkpoints)
-                last_metrics = window.means()
-                logger.write(step, last_metrics)
-            if step % config.train.eval_every == 0 or final:
-                check_finite(state, checkpoints)
-                result = exp.evaluate(state)
-                logger.write(step, {"miou": result["miou"],
-                                    "pixel_accuracy": result["pixel_accuracy"]}, prefix="val")
-                checkpointer.save_best(step, state, meta={**meta, "data_step": step,
-                                                          "eval": result},
-                                       metric_value=result["miou"])
-                logger.start(step, compiles=False)  # evaluation time is not training throughput
-            if step % config.train.checkpoint_every == 0 or final:
-                check_finite(state, checkpoints)
-                checkpointer.save(step, state, meta={**meta, "data_step": step,
-                                                     "metrics": last_metrics}, force=True)
+        with StopRequests() as stops:
+            for step in range(start + 1, steps + 1):
+                batch = sharding.global_batch(next(batches), exp.mesh)
+                state, metrics = exp.train_step(state, teacher_variables, batch)
+                window.add(metrics)
+                final = step == steps
+                if step % config.train.log_every == 0 or final:
+                    check_finite(state, checkpoints)
+                    last_metrics = window.means()
+                    logger.write(step, last_metrics)
+                if step % config.train.eval_every == 0 or final:
+                    check_finite(state, checkpoints)
+                    result = exp.evaluate(state)
+                    logger.write(step, {"miou": result["miou"],
+                                        "pixel_accuracy": result["pixel_accuracy"]}, prefix="val")
+                    checkpointer.save_best(step, state, meta={**meta, "data_step": step,
+                                                              "eval": result},
+                                           metric_value=result["miou"])
+                    logger.start(step, compiles=False)  # evaluation is not training throughput
+                if step % config.train.checkpoint_every == 0 or final:
+                    save(step)
+                if not final and stops.reached(step):
+                    save(step)
+                    checkpointer.wait_until_finished()
+                    raise StopRequested(stops.signal_name, step, str(checkpoints / str(step)))
         checkpointer.wait_until_finished()
         reported, saved_meta, rule = restore_reported(checkpointer, exp.abstract_state,
                                                       config.eval.checkpoint)

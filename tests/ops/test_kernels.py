@@ -92,5 +92,5 @@ def test_forward_mode_runs_through_a_whole_model_on_the_xla_path():
 def test_set_kernels_switches_every_layer():
     model = _model("cpu")
     set_kernels(model, "xla")
-    kinds = {sub.kernels for _, sub in model.iter_modules() if hasattr(sub, "kernels")}
+    kinds = {sub.kernels for _, sub in nnx.iter_modules(model) if hasattr(sub, "kernels")}
     assert kinds == {"xla"}

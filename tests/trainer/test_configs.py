@@ -1,42 +1,53 @@
-"""Every config in configs/ is valid under its `:local` switch; under ``-m slow`` all build and
-run a step, one of them in bf16 (their ResNet-101 teachers take one to two minutes each to trace
-and compile on a CPU)."""
+"""Every config in configs/ (each paper row of each family file's ROWS, and the other files) is
+valid under ``local``; under ``-m slow`` all build and run a step, one of them in bf16 (their
+ResNet-101 teachers take one to two minutes each to trace and compile on a CPU)."""
 
+import runpy
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from kdjax import sharding, train
-from kdjax.config import check_known_keys, load_config
+from kdjax import training as train
+from kdjax.config.defaults import base_config
+from kdjax.config.loading import check_known_keys, load_config
+from kdjax.config.recipes import METHODS, STUDENTS
 from kdjax.data import dataset_info, make_train_iterator
-from kdjax.defaults import base_config
 from kdjax.distill import parse_terms
 from kdjax.models import MODEL_NAMES
+from kdjax.runtime import sharding
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ALL = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.py"))
+README = (CONFIGS / "README.md").read_text()
+FILES = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.py"))
+# Family file → its table of paper rows; the other files take no argument but `local`.
+FAMILIES = {name: rows for name in FILES
+            if (rows := runpy.run_path(str(CONFIGS / name)).get("ROWS")) is not None}
+ROWS = {f"{name}:{row.arg}": row for name, rows in FAMILIES.items() for row in rows}
+ALL = [*ROWS, *(name for name in FILES if name not in FAMILIES)]
 # Runs its step in bf16; the others in float32.
-BF16 = ("cityscapes/deeplabv3_r101_r18_cirkd.py",)
+BF16 = ("cityscapes.py:student=r18,method=cirkd",)
 
 
-def _local(name):
-    config = load_config(f"{CONFIGS / name}:local")
+def _local(spec):
+    config = load_config(f"{CONFIGS / spec}{',local' if ':' in spec else ':local'}")
     check_known_keys(config, base_config())
     if config.teacher.checkpoint is None:  # `compare` trains it first; a step needs weights
         config.teacher.checkpoint = "random"
     return config
 
 
-def test_there_is_a_config_per_paper_row():
-    rows = [n for n in ALL if n.startswith("cityscapes/deeplabv3")]
+def test_there_is_a_row_per_paper_row():
+    def rows(name):
+        return {(row.student, row.method) for row in FAMILIES[name]}
+
     methods = ("kd", "cwd", "nfd", "pfs_wpi", "fakd_kd", "fakd_cwd", "skd", "ifvd", "cirkd",
                "dist", "at", "fitnet")
-    for student in ("r18", "mbv2"):
-        assert {f"cityscapes/deeplabv3_r101_{student}_{m}.py" for m in methods} <= set(rows)
-    assert {"cityscapes/pspnet_r101_r18_cwd.py", "voc_aug/deeplabv3_r101_r18_cirkd.py",
-            "ade20k/deeplabv3_r101_r18_cirkd.py", "demo.py"} <= set(ALL)
+    assert {(student, m) for student in ("r18", "mbv2") for m in methods} <= rows("cityscapes.py")
+    assert ("r18", "cwd_logits") in rows("cityscapes_pspnet.py")
+    assert ("r18", "cirkd") in rows("voc_aug.py") and ("r18", "cirkd") in rows("ade20k.py")
+    assert {"demo.py", "camvid/compare.py"} <= set(ALL)
 
 
 def test_camvid_protocol_compares_every_method_over_seeds():
@@ -51,50 +62,74 @@ def test_camvid_protocol_compares_every_method_over_seeds():
         parse_terms(terms, train_steps=config.train.steps)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_config_is_valid_and_documents_its_command(name):
+@pytest.mark.parametrize("spec", ALL)
+def test_config_is_valid_and_documents_its_command(spec):
+    name = spec.partition(":")[0]
     text = (CONFIGS / name).read_text()
-    assert f"--config=configs/{name}" in text, "the docstring gives the exact command"
-    config = _local(name)
+    assert f"kdjax compare --config=configs/{name}" in text, "the docstring gives the command"
+    config = _local(spec)
     dataset_info(config.data.name)
     for model in (config.student, config.teacher):
         assert model.name in MODEL_NAMES
     for terms in (config.distill.terms, *config.methods.values()):
         parse_terms(terms, train_steps=config.train.steps)
+    if spec in ROWS:
+        row = ROWS[spec]
+        assert config.student.name.endswith(STUDENTS[row.student])
+        assert set(config.methods) == {"student_alone", row.method}
+        assert config.distill.terms == config.methods[row.method]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_family_takes_every_student_and_method(name):
+    for student in STUDENTS:
+        for method in METHODS:
+            config = _local(f"{name}:student={student},method={method}")
+            assert config.student.name.endswith(STUDENTS[student])
+            assert set(config.methods) == {"student_alone", method}
+            parse_terms(config.distill.terms, train_steps=config.train.steps)
+
+
+@pytest.mark.parametrize("spec", ROWS)
+def test_readme_lists_the_row_with_its_numbers(spec):
+    row = ROWS[spec]
+    [line] = [line for line in README.splitlines() if line.startswith(f"| `configs/{spec}` |")]
+    expected = "not published" if row.expected is None else f"{row.expected:.2f}"
+    assert f"| {expected} | {row.alone:.2f} | {row.teacher:.2f} |" in line
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ALL)
-def test_config_builds_for_every_method(name):
-    config = _local(name)
+@pytest.mark.parametrize("spec", ALL)
+def test_config_builds_for_every_method(spec):
+    config = _local(spec)
     for terms in config.methods.values():
         exp = train.setup(config, terms_config=terms, materialize=False)
         assert exp.abstract_state.step.shape == ()
 
 
-def _one_step(name, dtype="float32"):
-    config = _local(name)
+def _one_step(spec, dtype="float32"):
+    config = _local(spec)
     config.student.dtype = config.teacher.dtype = dtype
     exp = train.setup(config)
     batch = next(make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                      seed=config.seed))
-    state, metrics = exp.compiled_step()(exp.init_state(), exp.teacher_inputs(),
-                                         sharding.global_batch(batch, exp.mesh))
+    state, metrics = exp.train_step(exp.init_state(), exp.teacher_inputs(),
+                                    sharding.global_batch(batch, exp.mesh))
     metrics = jax.device_get(metrics)
     assert int(state.step) == 1 and int(state.bad_step) == -1, metrics
     return state
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", BF16)
-def test_config_runs_one_step_in_bf16(name):
+@pytest.mark.parametrize("spec", BF16)
+def test_config_runs_one_step_in_bf16(spec):
     # bf16 compute for both networks; parameters, optimizer state and losses stay float32.
-    state = _one_step(name, dtype="bfloat16")
+    state = _one_step(spec, dtype="bfloat16")
     assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} <= {
         np.dtype("float32"), np.dtype("int32")}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in ALL if n not in BF16])
-def test_config_runs_one_step(name):
-    _one_step(name)
+@pytest.mark.parametrize("spec", [s for s in ALL if s not in BF16])
+def test_config_runs_one_step(spec):
+    _one_step(spec)

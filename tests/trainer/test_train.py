@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -262,3 +263,69 @@ def test_student_backbone_starts_from_an_imagenet_state_dict(tiny, tmp_path):
                              "student.backbone_source": "torchvision"})
     with pytest.raises(NetworkError, match="backbone_source is 'torchvision'"):
         train.setup(wrong).init_state()
+
+
+def _wait_for_train_lines(path: Path, count: int, timeout: float = 300.0) -> None:
+    start = time.monotonic()
+    while not (path.exists() and path.read_text().count('"split": "train"') >= count):
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{path} did not reach {count} train lines")
+        time.sleep(0.01)
+
+
+def _train_process(workdir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "kdjax", "train", f"--config={CONFIG}", f"--workdir={workdir}"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.parametrize("signum, after_step", [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
+def test_a_stop_signal_saves_the_next_step_and_a_rerun_ends_like_an_uninterrupted_run(
+        tiny, uninterrupted, tmp_path, signum, after_step):
+    stopped = tmp_path / "stopped"
+    proc = _train_process(stopped)
+    try:
+        _wait_for_train_lines(stopped / "metrics.jsonl", after_step)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    saved = sorted(int(s) for s in os.listdir(stopped / "checkpoints") if s.isdigit())
+    assert saved and after_step <= saved[-1] < 4, (saved, stderr)
+    assert f"stopped by {signal.Signals(signum).name} after step {saved[-1]}" in stderr
+    assert "Resume with the same command" in stderr and f"--workdir={stopped}" in stderr
+    resumed = train.run_training(tiny, stopped)
+    _, reference = uninterrupted
+    assert resumed.step == reference.step == 4
+    assert resumed.metrics == pytest.approx(reference.metrics, rel=1e-5, abs=1e-6)
+    for a, b in zip(_leaves(jax.device_get(resumed.state)),
+                    _leaves(jax.device_get(reference.state))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_second_signal_exits_at_once_and_keeps_the_previous_checkpoint(tiny, tmp_path):
+    stopped = tmp_path / "stopped"
+    proc = _train_process(stopped)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        _wait_for(stopped / "checkpoints" / "2" / "_CHECKPOINT_METADATA")
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        while not any("SIGTERM received" in line for line in lines):
+            assert time.monotonic() - start < 60 and proc.poll() is None, "".join(lines)
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+        reader.join(timeout=60)
+    finally:
+        proc.kill()
+    stderr = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "second signal (SIGINT): exiting now" in stderr
+    with TrainCheckpointer(stopped, async_save=False) as checkpointer:
+        state, meta = checkpointer.restore(tiny.abstract_state)
+    assert int(state.step) == meta["step"] >= 2
