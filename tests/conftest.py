@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 
-from kdjax.cpu_flags import add_cpu_flags
+from kdjax.runtime.cpu_flags import add_cpu_flags
 
 # Must be set before jax is imported anywhere in the test process. The tests' programs are tiny
 # and run for milliseconds, while XLA's backend optimisation (LLVM codegen) of each takes seconds:

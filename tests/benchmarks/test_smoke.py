@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdjax.cpu_flags import CPU_FLAGS
+from kdjax.runtime.cpu_flags import CPU_FLAGS
 from tests.python_process import plain_cpu_env, run_python
 
 ROOT = Path(__file__).parents[2]

@@ -5,7 +5,7 @@ import textwrap
 import ml_collections
 import pytest
 
-from kdjax.config import ConfigError, apply_overrides, check_known_keys, load_config
+from kdjax.config.loading import ConfigError, apply_overrides, check_known_keys, load_config
 
 
 def _config():

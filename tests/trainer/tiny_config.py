@@ -1,8 +1,8 @@
 """A distillation run small enough for tests: quarter/eighth-width ResNet-18 DeepLabV3 teacher and
 student on 32×32 synthetic crops, CWD on logits plus an NFD feature term with a connector."""
 
-from kdjax.defaults import base_config
-from kdjax.recipes import term
+from kdjax.config.defaults import base_config
+from kdjax.config.recipes import term
 
 
 def get_config(arg=None):
