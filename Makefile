@@ -2,19 +2,28 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Set WITH_TORCH=1 to install the optional PyTorch parity dependency as well; it has its own
-# stamp, so asking for it later installs it into an existing environment.
+# ACCEL picks JAX's build: cpu, cuda (NVIDIA GPUs) or tpu (Cloud TPU VMs). The cuda and tpu sets
+# add JAX's plugin for the same jax release as requirements.txt. A .venv keeps every build installed
+# into it: `make clean` first to go back to cpu.
+ACCEL ?= cpu
+ifeq ($(filter cpu cuda tpu,$(ACCEL)),)
+$(error ACCEL=$(ACCEL) is not one of cpu, cuda, tpu)
+endif
+REQ := $(if $(filter cpu,$(ACCEL)),requirements.txt,requirements-$(ACCEL).txt)
+# Set WITH_TORCH=1 to install the optional PyTorch parity dependency as well.
 WITH_TORCH ?= 0
 TORCH_REQ := $(if $(filter 1,$(WITH_TORCH)),-r requirements-torch.txt,)
-STAMP := $(VENV)/.installed$(if $(filter 1,$(WITH_TORCH)),-torch,)
+# One stamp per ACCEL and WITH_TORCH, so asking for another build or for PyTorch later installs it
+# into an existing environment.
+STAMP := $(VENV)/.installed-$(ACCEL)$(if $(filter 1,$(WITH_TORCH)),-torch,)
 
 .PHONY: demo test install camvid clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python requirements.txt requirements-torch.txt pyproject.toml
-	$(BIN)/python -m pip install -r requirements.txt $(TORCH_REQ)
+$(STAMP): $(BIN)/python requirements.txt $(REQ) requirements-torch.txt pyproject.toml
+	$(BIN)/python -m pip install -r $(REQ) $(TORCH_REQ)
 	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 

@@ -17,14 +17,25 @@ quote_words() {
   printf '%s' "${words[*]}"
 }
 
-# run_or_print DRY_RUN COMMAND...: prints the command (DRY_RUN=true) or replaces this shell with it.
+# run_or_print DRY_RUN COMMAND...: prints the command as one line (DRY_RUN=true) or runs it.
 run_or_print() {
   local dry_run="$1"
   shift
   if [[ "$dry_run" == true ]]; then
     quote_words "$@"
     printf '\n'
+  else
+    "$@"
+  fi
+}
+
+# exec_or_print DRY_RUN COMMAND...: the same for a script's last command, which replaces this shell
+# (signals reach it directly); a dry run ends here.
+exec_or_print() {
+  if [[ "$1" == true ]]; then
+    run_or_print "$@"
     exit 0
   fi
+  shift
   exec "$@"
 }

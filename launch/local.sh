@@ -32,4 +32,4 @@ done
 (($#)) || usage
 
 # No cd: relative paths in the arguments stay relative to where the script was called from.
-run_or_print "$dry_run" "${KDJAX_PYTHON:-$repo/.venv/bin/python}" -m kdjax "$@"
+exec_or_print "$dry_run" "${KDJAX_PYTHON:-$repo/.venv/bin/python}" -m kdjax "$@"

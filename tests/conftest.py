@@ -1,11 +1,9 @@
 """Test-wide set-up: eight simulated CPU devices for the sharding tests, quiet TensorFlow, and one
 compilation cache for the whole session."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
+from kdjax.runtime.compilation import CACHE_DIR_ENV, default_cache_dir
 from kdjax.runtime.cpu_flags import add_cpu_flags
 
 # Must be set before jax is imported anywhere in the test process. The tests' programs are tiny
@@ -21,12 +19,9 @@ add_cpu_flags(os.environ)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same tiny train and eval steps, in this process and in the `kdjax`
-# subprocesses they start (which inherit the variable); JAX's persistent cache compiles each once.
-# A fresh directory per session, so no test reads a program compiled by an older checkout; made by
-# the first process (pytest-xdist's workers inherit it) and removed when that process exits.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdjax-tests-xla-")
-    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# subprocesses they start (which inherit the variable); JAX's persistent cache compiles each once,
+# in the same user cache directory as the `kdjax` command's (its keys tell programs apart).
+os.environ.setdefault(CACHE_DIR_ENV, str(default_cache_dir()))
 
 
 def pytest_collection_modifyitems(items):

@@ -13,7 +13,6 @@ Layout of WORKDIR::
                              validation images (overlay_*.png), and the prediction panels alone
                              (predictions_*.png, free of dataset pixels); sources.json names the
                              result rows and settings they were drawn from
-    compile_cache/           XLA executables, shared by the runs (seeds repeat the same programs)
 
 Finished runs (those with ``result.json``) are not repeated, so an interrupted comparison resumes
 where it stopped; an unfinished run resumes from its last checkpoint. The overlays are drawn again
@@ -25,11 +24,11 @@ from __future__ import annotations
 import functools
 import json
 import re
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils.epath import Path
 
 from kdjax import training
 from kdjax.data.metadata import dataset_info
@@ -37,6 +36,7 @@ from kdjax.evaluation import report
 from kdjax.evaluation.predictions import network_predictor, write_prediction_overlays
 from kdjax.evaluation.validation import validate
 from kdjax.io.networks import Network, load_teacher
+from kdjax.io.paths import as_path
 from kdjax.runtime.sharding import make_mesh
 from kdjax.training.resume import check_same_recipe, recipe_fingerprint
 
@@ -44,7 +44,6 @@ RESULT_FILE = "result.json"
 OVERLAY_DIR = "overlays"
 OVERLAY_SOURCES = "sources.json"
 MODEL_DIR = "model"
-COMPILE_CACHE_DIR = "compile_cache"
 
 
 def _run_name(method: str) -> str:
@@ -158,18 +157,9 @@ def drawn_overlays(out_dir: Path, sources: dict) -> list[Path] | None:
     return paths
 
 
-def use_compile_cache(workdir: Path) -> None:
-    """Every seed of a method compiles the same train and eval programs; JAX's persistent cache
-    (in ``workdir`` unless one is configured, e.g. by JAX_COMPILATION_CACHE_DIR) compiles them
-    once. It has to be set before the first compilation of the process."""
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(workdir / COMPILE_CACHE_DIR))
-
-
-def run_compare(config: ml_collections.ConfigDict, workdir: str | Path) -> list[report.ResultRow]:
+def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.ResultRow]:
     """Runs the whole comparison of ``config`` in ``workdir`` and writes the reports."""
-    workdir = Path(workdir)
-    use_compile_cache(workdir)
+    workdir = as_path(workdir)
     mesh = make_mesh()
     info = dataset_info(config.data.name)
     rows = []

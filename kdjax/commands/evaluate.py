@@ -14,7 +14,8 @@ from kdjax import training
 from kdjax.evaluation import predict_classes, report
 from kdjax.evaluation.predictions import network_predictor, write_prediction_overlays
 from kdjax.evaluation.validation import eval_mode
-from kdjax.io.checkpoints import TrainCheckpointer, as_path
+from kdjax.io.checkpoints import TrainCheckpointer
+from kdjax.io.paths import as_path
 from kdjax.training.resume import restore_reported
 
 

@@ -75,6 +75,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def _load(args, overrides):
     from kdjax.config.loading import check_known_keys, parse_config_spec
     from kdjax.config.defaults import base_config
+    from kdjax.runtime.compilation import use_persistent_cache
     from kdjax.runtime.sharding import initialize_distributed
 
     config = parse_config_spec(args.config, overrides)
@@ -82,6 +83,7 @@ def _load(args, overrides):
     d = config.distributed
     initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
     platform.report()
+    use_persistent_cache()
     return config
 
 
@@ -94,6 +96,9 @@ def _run(args, overrides) -> int:
         run_loss_demo(steps=args.steps, seed=args.seed)
         return 0
     config = _load(args, overrides)
+    if getattr(args, "workdir", None):
+        from kdjax.io.paths import ensure_reachable
+        ensure_reachable(args.workdir)
     if args.command == "data":
         from kdjax.data.show import show_command
         show_command(config, args.out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from kdjax import training
-from kdjax.io.checkpoints import as_path
+from kdjax.io.paths import as_path
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> training.RunResult:

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from kdjax.data import augment, pipeline, sources
+from kdjax.io.paths import as_path
 
 
 def colour_labels(label: np.ndarray, palette: np.ndarray, ignore_label: int) -> np.ndarray:
@@ -55,7 +56,8 @@ def write_sample_grid(data_config: ml_collections.ConfigDict, out_path: str | os
     figure.legend(handles=legend, loc="lower center", ncol=min(len(legend), 6), fontsize="small", frameon=False)
     figure.suptitle(f"{info.name}: {num} training crops, seed {seed}")
     figure.tight_layout(rect=(0, 0.06, 1, 0.97))
-    figure.savefig(out_path, dpi=100)
+    with as_path(out_path).open("wb") as file:
+        figure.savefig(file, dpi=100, format="png")
     plt.close(figure)
 
 

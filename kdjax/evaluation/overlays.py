@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Mapping
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
+
+from kdjax.io.paths import as_path
 
 # Layout of an overlay row, in pixels: a title strip above the panels and a white gap between them.
 TITLE_HEIGHT = 16
@@ -75,13 +77,14 @@ def overlay_row(image: np.ndarray, label: np.ndarray, predictions: Mapping[str, 
     return np.asarray(canvas)
 
 
-def write_overlays(path: str | pathlib.Path, image_uint8: np.ndarray, label: np.ndarray,
+def write_overlays(path, image_uint8: np.ndarray, label: np.ndarray,
                    predictions: Mapping[str, np.ndarray], palette: np.ndarray,
-                   ignore_label: int = 255, *, show_inputs: bool = True) -> pathlib.Path:
+                   ignore_label: int = 255, *, show_inputs: bool = True) -> epath.Path:
     """Writes ``overlay_row(...)`` as a PNG (creating parent directories); returns the path."""
-    path = pathlib.Path(path)
+    path = as_path(path)
     row = overlay_row(image_uint8, label, predictions, palette, ignore_label,
                       show_inputs=show_inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(row).save(path, format="PNG")
+    with path.open("wb") as file:
+        Image.fromarray(row).save(file, format="PNG")
     return path

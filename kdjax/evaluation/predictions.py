@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils.epath import Path
 
 from kdjax.data.metadata import dataset_info
 from kdjax.evaluation.inference import predict_classes

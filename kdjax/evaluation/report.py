@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from kdjax.evaluation.inference import EvalMode
 from kdjax.evaluation.metrics import SegmentationMetrics, to_percent
+from kdjax.io.paths import as_path
 
 TEACHER = "teacher"
 STUDENT_ALONE = "student alone"
@@ -188,7 +189,7 @@ def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> s
     return "\n".join(lines) + "\n"
 
 
-def plot_results(path: str | pathlib.Path, rows: Sequence[ResultRow]) -> pathlib.Path:
+def plot_results(path, rows: Sequence[ResultRow]) -> epath.Path:
     """Bar plot of mean mIoU ± sample std per method (teacher as a dashed line, the student alone
     as a dotted line across the bars) saved as a PNG; returns the path."""
     groups = _group_by_method(rows)
@@ -223,19 +224,20 @@ def plot_results(path: str | pathlib.Path, rows: Sequence[ResultRow]) -> pathlib
     if teacher is not None or any(s.method == STUDENT_ALONE for s in bars):
         axes.legend(fontsize=8)
     figure.tight_layout()
-    path = pathlib.Path(path)
-    figure.savefig(path, format="png")
+    path = as_path(path)
+    with path.open("wb") as file:
+        figure.savefig(file, format="png")
     return path
 
 
-def write_results(workdir: str | pathlib.Path, rows: Sequence[ResultRow],
+def write_results(workdir, rows: Sequence[ResultRow],
                   class_names: Sequence[str]) -> str:
     """Writes WORKDIR/results.json (the rows), results.md (the table) and results.png (the plot).
 
     Returns:
       The Markdown of results.md.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     markdown = results_markdown(rows, class_names)
     (workdir / "results.json").write_text(
@@ -245,9 +247,9 @@ def write_results(workdir: str | pathlib.Path, rows: Sequence[ResultRow],
     return markdown
 
 
-def load_results(path: str | pathlib.Path) -> list[ResultRow]:
+def load_results(path) -> list[ResultRow]:
     """The rows of a results.json (or of WORKDIR/results.json when given the directory)."""
-    path = pathlib.Path(path)
+    path = as_path(path)
     if path.is_dir():
         path = path / "results.json"
     return [ResultRow(**row) for row in json.loads(path.read_text())]

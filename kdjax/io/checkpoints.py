@@ -33,6 +33,7 @@ from etils import epath
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 import kdjax
+from kdjax.io.paths import as_path
 
 Shape = tuple[int, ...]
 # Entries listed per section of a mismatch message; a changed backbone can differ in hundreds.
@@ -41,12 +42,6 @@ MAX_LISTED = 12
 
 class CheckpointError(ValueError):
     """A kdjax checkpoint that is missing, unreadable or does not fit what the caller expects."""
-
-
-def as_path(location: str | os.PathLike) -> epath.Path:
-    """A local path made absolute, or a URL such as ``gs://bucket/run`` as it is."""
-    text = os.fspath(location)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def error_summary(error: Exception, limit: int = 240) -> str:

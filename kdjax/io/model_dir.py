@@ -24,8 +24,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import kdjax
-from kdjax.io.checkpoints import (CheckpointError, as_path, describe_mismatch, error_summary, flat_shapes,
+from kdjax.io.checkpoints import (CheckpointError, describe_mismatch, error_summary, flat_shapes,
                               pytree_handler, pytree_restore)
+from kdjax.io.paths import as_path
 from kdjax.models.layers import Dtype
 from kdjax.models.segmentor import SPEC_KEYS, Segmentor, build_segmentor
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from kdjax.config.loading import config_to_json
 from kdjax.io.checkpoints import TrainCheckpointer
+from kdjax.io.paths import as_path
 from kdjax.runtime import sharding
 from kdjax.runtime.preemption import StopRequested, StopRequests
 from kdjax.training.experiment import Experiment
@@ -38,14 +38,14 @@ class RunResult:
                                      # with its 'checkpoint' rule ('best'/'last') and
                                      # 'checkpoint_step'
     state: TrainState                # the state of the reported checkpoint
-    workdir: Path
+    workdir: Any                     # an etils.epath.Path
 
 
 def _json_spec(spec: dict) -> dict:
     return {k: str(v) if k == "dtype" else v for k, v in spec.items()}
 
 
-def run_training(exp: Experiment, workdir: str | Path, *, label: str = "") -> RunResult:
+def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     """Trains from the latest checkpoint in ``workdir`` (or from scratch) to ``train.steps``.
 
     A run killed at any point and started again with the same arguments resumes from its last
@@ -54,7 +54,7 @@ def run_training(exp: Experiment, workdir: str | Path, *, label: str = "") -> Ru
     from kdjax.data.pipeline import make_train_iterator  # tf.data: imported when a pipeline is built
 
     config = exp.config
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     steps = config.train.steps
     checkpointer = TrainCheckpointer(workdir, keep_last=config.train.keep_checkpoints,
                                      async_save=config.train.async_checkpoints)

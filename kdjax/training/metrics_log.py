@@ -1,5 +1,10 @@
 """Run logs: a progress line with the loss terms, images/s and ETA; ``metrics.jsonl`` (one JSON
-object per logged step); TensorBoard event files. Only process 0 writes."""
+object per logged step); TensorBoard event files. Only process 0 writes.
+
+The files are appended to locally and copied whole to the workdir after each write when the
+workdir is in an object store (``gs://``; :class:`kdjax.io.paths.LocalMirror`). The event files are
+written by TensorBoard's own writer, which needs no TensorFlow.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from kdjax.io.paths import LocalMirror
 
 
 def _format_seconds(seconds: float) -> str:
@@ -52,9 +58,8 @@ class MetricsLog:
     marked as such).
     """
 
-    def __init__(self, workdir: str | Path, *, total_steps: int, global_batch_size: int,
-                 label: str = "", tensorboard: bool = True):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir, *, total_steps: int, global_batch_size: int, label: str = "",
+                 tensorboard: bool = True):
         self.total_steps = total_steps
         self.batch = global_batch_size
         self.label = label
@@ -62,11 +67,12 @@ class MetricsLog:
         self._last = None
         self._writer = None
         if self.active:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+            self._mirror = LocalMirror(workdir)
+            self._mirror.pull("metrics.jsonl")
+            self._jsonl = open(self._mirror.local / "metrics.jsonl", "a", encoding="utf-8")
             if tensorboard:
-                import tensorflow as tf
-                self._writer = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+                from tensorboard.summary.writer.event_file_writer import EventFileWriter
+                self._writer = EventFileWriter(str(self._mirror.local / "tensorboard"))
 
     def start(self, step: int, *, compiles: bool = True) -> None:
         """Marks the wall-clock origin of the next interval: at the start of a run or after
@@ -90,12 +96,13 @@ class MetricsLog:
         self._jsonl.write(json.dumps({"split": prefix, **record}) + "\n")
         self._jsonl.flush()
         if self._writer is not None:
-            import tensorflow as tf
-            with self._writer.as_default(step=int(step)):
-                for key, value in record.items():
-                    if key != "step" and math.isfinite(value):
-                        tf.summary.scalar(f"{prefix}/{key}", value)
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            values = [summary_pb2.Summary.Value(tag=f"{prefix}/{key}", simple_value=value)
+                      for key, value in record.items() if key != "step" and math.isfinite(value)]
+            self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                                   summary=summary_pb2.Summary(value=values)))
             self._writer.flush()
+        self._mirror.push()
 
     def _print(self, step, metrics, rate, eta, includes_compile) -> None:
         if not self.active:
@@ -113,3 +120,4 @@ class MetricsLog:
             self._jsonl.close()
             if self._writer is not None:
                 self._writer.close()
+            self._mirror.close()

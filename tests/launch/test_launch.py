@@ -1,4 +1,5 @@
-"""launch/: each script's --dry-run prints the command it would run, arguments intact; shellcheck passes."""
+"""launch/: each script's --dry-run prints the commands it would run, arguments intact, and runs
+them (against stand-ins for gcloud, make and srun); shellcheck passes."""
 
 import os
 import shlex
@@ -17,19 +18,29 @@ KDJAX_ARGS = ["train", "--config=configs/demo.py", "--workdir=runs/my run",
 PYTHON = os.path.join(REPO, ".venv", "bin", "python")
 
 
-def dry_run(script, *args, env=None, cwd=REPO):
+def launch(script, *args, env=None, cwd=REPO):
     result = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=cwd,
                             env={**os.environ, **(env or {})}, capture_output=True, text=True,
                             check=False)
     return result
 
 
-def printed_command(script, *args, **kwargs):
-    result = dry_run(script, "--dry-run", *args, **kwargs)
+def printed_lines(script, *args, **kwargs):
+    result = launch(script, "--dry-run", *args, **kwargs)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 1, result.stdout
+    return result.stdout.splitlines()
+
+
+def printed_command(script, *args, **kwargs):
+    lines = printed_lines(script, *args, **kwargs)
+    assert len(lines) == 1, lines
     return shlex.split(lines[0])
+
+
+def remote(command):
+    """What each worker's shell runs, from a printed `gcloud ... ssh ... --command=...`."""
+    assert command[-1].startswith("--command="), command
+    return shlex.split(command[-1].removeprefix("--command="))
 
 
 def test_local():
@@ -38,54 +49,160 @@ def test_local():
     assert command[0] == "python3"
 
 
-def test_tpu_pod_runs_the_command_on_every_worker():
-    env = {"TPU_NAME": "", "TPU_ZONE": "", "TPU_PROJECT": ""}
-    command = printed_command("tpu_pod.sh", "--tpu=pod-32", "--zone=us-central2-b",
-                              "--project=research", *KDJAX_ARGS, env=env)
-    remote = command.pop()
-    assert command == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-32",
-                       "--zone=us-central2-b", "--project=research", "--worker=all"]
-    assert remote.startswith("--command=")
-    # What each worker's shell runs; the repository path is relative to the home directory when
-    # it lies inside it.
-    repo_dir = os.path.relpath(REPO, os.environ["HOME"]) if REPO.startswith(
-        os.environ["HOME"] + os.sep) else REPO
-    assert shlex.split(remote.removeprefix("--command=")) == [
-        "cd", repo_dir, "&&", ".venv/bin/python", "-m", "kdjax", *KDJAX_ARGS]
+TPU_ENV = {"TPU_NAME": "", "TPU_ZONE": "", "TPU_PROJECT": ""}
+SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+# The repository's default place on the workers: relative to the home directory when inside it.
+REMOTE_REPO = (os.path.relpath(REPO, os.environ["HOME"])
+               if REPO.startswith(os.environ["HOME"] + os.sep) else REPO)
+
+
+# `run` may be left out, as in the script's first form.
+@pytest.mark.parametrize("action", [[], ["run"]])
+def test_tpu_pod_runs_the_command_on_every_worker(action):
+    command = printed_command("tpu_pod.sh", *action, "--tpu=pod-32", "--zone=us-central2-b",
+                              "--project=research", *KDJAX_ARGS, env=TPU_ENV)
+    assert command[:-1] == [*SSH, "pod-32", "--zone=us-central2-b", "--project=research",
+                            "--worker=all"]
+    assert remote(command) == ["cd", REMOTE_REPO, "&&", ".venv/bin/python", "-m", "kdjax",
+                               *KDJAX_ARGS]
 
 
 def test_tpu_pod_reads_the_environment_and_places_the_repository():
     env = {"TPU_NAME": "v5", "TPU_ZONE": "europe-west4-b", "TPU_PROJECT": ""}
     command = printed_command("tpu_pod.sh", "--repo-dir=/opt/k d", "eval", "--x=1", env=env)
     assert command[5:7] == ["v5", "--zone=europe-west4-b"] and "--project=" not in " ".join(command)
-    assert shlex.split(command[-1].removeprefix("--command="))[:2] == ["cd", "/opt/k d"]
+    assert remote(command)[:2] == ["cd", "/opt/k d"]
+
+
+def test_tpu_pod_setup_copies_head_and_installs_the_tpu_build():
+    copy, send, unpack, install = map(shlex.split, printed_lines(
+        "tpu_pod.sh", "setup", "--tpu=pod-32", "--zone=us-central2-b", "--project=research",
+        env=TPU_ENV))
+    flags = ["--zone=us-central2-b", "--project=research", "--worker=all"]
+    archive = copy[-2].removeprefix("--output=")
+    assert copy == ["git", "-C", REPO, "archive", "--format=tar.gz", f"--output={archive}", "HEAD"]
+    assert send == [*SSH[:-1], "scp", archive, "pod-32:kdjax.tar.gz", *flags]
+    assert unpack[:-1] == install[:-1] == [*SSH, "pod-32", *flags]
+    assert remote(unpack) == ["mkdir", "-p", REMOTE_REPO, "&&", "tar", "-xzf", "kdjax.tar.gz",
+                              "-C", REMOTE_REPO, "&&", "rm", "kdjax.tar.gz"]
+    assert remote(install) == ["cd", REMOTE_REPO, "&&", "make", "install", "ACCEL=tpu"]
+
+
+def test_tpu_pod_setup_from_a_repository_url():
+    fetch, install = map(shlex.split, printed_lines(
+        "tpu_pod.sh", "setup", "--tpu=v5", "--zone=z", "--repo-dir=k d",
+        "--repo-url=https://example.org/kd jax.git", "--ref=v1.0", "--python=python3.12",
+        env=TPU_ENV))
+    assert remote(fetch) == ["git", "init", "-q", "k d", "&&", "cd", "k d", "&&", "git", "fetch",
+                             "-q", "--depth=1", "https://example.org/kd jax.git", "v1.0", "&&",
+                             "git", "checkout", "-q", "--force", "FETCH_HEAD"]
+    assert remote(install) == ["cd", "k d", "&&", "make", "install", "ACCEL=tpu",
+                               "PYTHON=python3.12"]
+
+
+# Stand-ins for a slice of one worker whose home directory is $WORKER_HOME: gcloud's scp copies
+# there and its ssh runs the command there; make records what it was asked, where it ran.
+FAKE_GCLOUD = """#!/usr/bin/env bash
+set -euo pipefail
+case "$4" in
+  scp) cp "$5" "$WORKER_HOME/${6#*:}" ;;
+  ssh) command="${*: -1}" && cd "$WORKER_HOME" && exec bash -c "${command#--command=}" ;;
+esac
+"""
+FAKE_MAKE = """#!/usr/bin/env bash
+echo "$*" > make.log
+"""
+# The worker's .venv/bin/python: prints its arguments, one per line.
+FAKE_PYTHON = """#!/usr/bin/env bash
+printf '%s\\n' "$@"
+"""
+
+
+def write_script(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("source", [[], [f"--repo-url=file://{REPO}"]])
+def test_tpu_pod_sets_up_the_worker_and_runs_there(source, tmp_path):
+    home = tmp_path / "worker"
+    home.mkdir()
+    write_script(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
+    write_script(tmp_path / "bin" / "make", FAKE_MAKE)
+    env = {**TPU_ENV, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           "WORKER_HOME": str(home)}
+    where = ["--tpu=pod", "--zone=z", "--repo-dir=kd"]
+    # Twice: a second setup updates the copy in place.
+    for _ in range(2):
+        result = launch("tpu_pod.sh", "setup", *where, *source, env=env)
+        assert result.returncode == 0, result.stderr
+    head = subprocess.run(["git", "-C", REPO, "ls-tree", "-r", "--name-only", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert {"Makefile", "launch/tpu_pod.sh"} <= set(head)
+    for path in head:
+        assert (home / "kd" / path).exists(), path
+    assert not (home / "kd" / ".venv").exists() and not (home / "kdjax.tar.gz").exists()
+    assert (home / "kd" / "make.log").read_text() == "install ACCEL=tpu\n"
+
+    write_script(home / "kd" / ".venv" / "bin" / "python", FAKE_PYTHON)
+    result = launch("tpu_pod.sh", "run", *where, *KDJAX_ARGS, env=env)
+    assert result.stdout.split("\n")[:-1] == ["-m", "kdjax", *KDJAX_ARGS], result.stderr
+
+
+@pytest.mark.parametrize("args", [["setup", "train"], ["setup", "--ref=v1"],
+                                  ["run", "--repo-url=u", "train"], ["--python=python3", "train"]])
+def test_tpu_pod_options_go_with_their_action(args):
+    result = launch("tpu_pod.sh", "--dry-run", "--tpu=x", "--zone=y", *args)
+    assert result.returncode == 2 and "usage:" in result.stderr
 
 
 def test_tpu_pod_needs_a_name_and_zone():
-    result = dry_run("tpu_pod.sh", "--dry-run", "train", env={"TPU_NAME": "", "TPU_ZONE": ""})
+    result = launch("tpu_pod.sh", "--dry-run", "train", env={"TPU_NAME": "", "TPU_ZONE": ""})
     assert result.returncode == 2 and "--tpu=NAME --zone=ZONE" in result.stderr
 
 
 def test_slurm_starts_one_process_per_gpu_with_srun(tmp_path):
-    command = printed_command("slurm.sbatch", *KDJAX_ARGS, env={"SLURM_SUBMIT_DIR": REPO})
-    assert command == ["srun", "--kill-on-bad-exit=1", PYTHON, "-m", "kdjax", *KDJAX_ARGS]
+    hint, command = printed_lines("slurm.sbatch", *KDJAX_ARGS, env={"SLURM_SUBMIT_DIR": REPO})
+    assert hint == f"# once, on a login node: cd {REPO} && make install ACCEL=cuda"
+    assert shlex.split(command) == ["srun", "--kill-on-bad-exit=1", PYTHON, "-m", "kdjax",
+                                    *KDJAX_ARGS]
     with open(os.path.join(LAUNCH, "slurm.sbatch")) as file:
         directives = dict(line.split()[1].lstrip("-").split("=", 1)
                           for line in file if line.startswith("#SBATCH"))
     assert directives["ntasks-per-node"] == directives["gpus-per-node"]
     assert {"nodes", "cpus-per-task", "time"} <= set(directives)
     # Submitted from elsewhere, it says where it looked for the repository.
-    result = dry_run("slurm.sbatch", "--dry-run", "train", env={"SLURM_SUBMIT_DIR": str(tmp_path)},
-                     cwd=tmp_path)
+    result = launch("slurm.sbatch", "--dry-run", "train", env={"SLURM_SUBMIT_DIR": str(tmp_path)},
+                    cwd=tmp_path)
     assert result.returncode == 2 and f"no kdjax repository at {tmp_path}" in result.stderr
+
+
+def test_slurm_needs_the_cuda_build(tmp_path):
+    """Without `make install ACCEL=cuda`'s stamp in the repository's .venv it stops with the
+    install line; with it (or with an interpreter of one's own) srun starts."""
+    repo = tmp_path / "repo"
+    shutil.copytree(LAUNCH, repo / "launch")
+    write_script(tmp_path / "srun", "#!/usr/bin/env bash\necho srun \"$@\"\n")
+    env = {"KDJAX_REPO": str(repo), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    missing = launch("slurm.sbatch", "train", env=env)
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert (f"install it once, on a login node: cd {repo} && make install ACCEL=cuda"
+            in missing.stderr)
+    own = launch("slurm.sbatch", "train", env={**env, "KDJAX_PYTHON": "python3"})
+    assert own.stdout == "srun --kill-on-bad-exit=1 python3 -m kdjax train\n", own.stderr
+    (repo / ".venv").mkdir()
+    (repo / ".venv" / ".installed-cuda-torch").touch()
+    started = launch("slurm.sbatch", "train", env=env)
+    assert started.stdout == f"srun --kill-on-bad-exit=1 {repo}/.venv/bin/python -m kdjax train\n"
 
 
 @pytest.mark.parametrize("script", ["local.sh", "tpu_pod.sh", "slurm.sbatch"])
 def test_usage_errors(script):
     env = {"TPU_NAME": "x", "TPU_ZONE": "y", "SLURM_SUBMIT_DIR": REPO}
-    missing = dry_run(script, "--dry-run", env=env)
+    missing = launch(script, "--dry-run", env=env)
     assert missing.returncode == 2 and "usage:" in missing.stderr
-    unknown = dry_run(script, "--verbose", "train", env=env)
+    unknown = launch(script, "--verbose", "train", env=env)
     assert unknown.returncode == 2 and "unknown option --verbose" in unknown.stderr
 
 
