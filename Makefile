@@ -17,7 +17,7 @@ TORCH_REQ := $(if $(filter 1,$(WITH_TORCH)),-r requirements-torch.txt,)
 # into an existing environment.
 STAMP := $(VENV)/.installed-$(ACCEL)$(if $(filter 1,$(WITH_TORCH)),-torch,)
 
-.PHONY: demo test install camvid clean
+.PHONY: demo test test-newest install camvid clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,5 +45,21 @@ camvid: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto
 
+# The core (losses, models, the trainer's step, checkpoints) on Python 3.12 with the newest JAX,
+# Flax, Optax and Orbax, and without TensorFlow: a second environment, .venv-newest.
+NEWEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+NEWEST := .venv-newest
+NEWEST_TESTS := tests/losses tests/models tests/ops tests/checkpoint tests/runtime \
+	tests/trainer/test_without_tensorflow.py tests/trainer/test_readme_example.py \
+	tests/trainer/test_distill.py
+$(NEWEST)/.installed: requirements-newest.txt pyproject.toml
+	$(NEWEST_PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install -r requirements-newest.txt
+	$(NEWEST)/bin/python -m pip install --no-deps -e .
+	touch $@
+
+test-newest: $(NEWEST)/.installed
+	$(NEWEST)/bin/python -m pytest -q -n auto $(NEWEST_TESTS)
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(NEWEST)

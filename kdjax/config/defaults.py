@@ -61,6 +61,11 @@ def base_config() -> ConfigDict:
     config.train.keep_checkpoints = 3  # last k checkpoints kept, plus the best by val mIoU
     config.train.async_checkpoints = True
     config.train.bn_stats = "global"  # 'global' (synchronised BN) or 'per_device'
+    # 'bfloat16': student and teacher compute in bfloat16 (convolutions, matmuls, activations);
+    # parameters, optimizer state, BN statistics, softmaxes and loss reductions stay float32.
+    # 'float32': each network computes in its own `dtype` (float32 by default).
+    config.train.precision = "float32"
+    config.train.profile_steps = None  # (start, stop): a jax.profiler trace of those steps
 
     config.eval = ConfigDict()
     config.eval.batch_size = 8        # global eval batch size

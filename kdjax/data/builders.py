@@ -1,9 +1,9 @@
-"""The repository's TFDS segmentation builders (``datasets/<name>/``), loaded by file path.
+"""The repository's TFDS segmentation builders (``datasets/<name>/``).
 
-``datasets/`` is not installed with kdjax (and is not importable as ``datasets``, which would clash
-with Hugging Face's package): :func:`load_builder` imports ``datasets/<name>/<name>_dataset_builder.py``
-as the module ``kdjax_datasets.<name>.<name>_dataset_builder``. A dataset that is already prepared
-in ``data_dir`` is opened from its files alone, without the builder sources.
+``datasets/`` is installed with kdjax as the package ``kdjax_datasets`` (not as ``datasets``, which
+is Hugging Face's), and :func:`load_builder` imports ``<name>/<name>_dataset_builder.py`` from it
+as ``kdjax_datasets.<name>.<name>_dataset_builder``. A dataset that is already prepared in
+``data_dir`` is opened from its files alone, without the builder sources.
 
 Typical use::
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-import kdjax
 from kdjax.data.errors import DataError
 
 DATASETS_DIR_ENV = "KDJAX_DATASETS_DIR"
@@ -44,12 +44,18 @@ class DatasetFilesError(FileNotFoundError):
 
 
 def datasets_dir() -> Path:
-    """The folder holding one sub-folder per builder: ``$KDJAX_DATASETS_DIR`` if set, else
-    ``datasets/`` next to the kdjax package (the repository root)."""
+    """The folder holding one sub-folder per builder: ``$KDJAX_DATASETS_DIR`` if set, else where
+    the installed ``kdjax_datasets`` package lies (``datasets/`` itself in an editable install)."""
     override = os.environ.get(DATASETS_DIR_ENV)
     if override:
         return Path(override).expanduser().resolve()
-    return Path(kdjax.__file__).resolve().parents[1] / "datasets"
+    if _PACKAGE in sys.modules:
+        return Path(sys.modules[_PACKAGE].__path__[0])
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None:
+        raise DataError(f"the dataset builders ({_PACKAGE}) are not installed: reinstall kdjax "
+                        f"(`make install`) or set {DATASETS_DIR_ENV} to a datasets/ folder.")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def builder_names() -> tuple[str, ...]:

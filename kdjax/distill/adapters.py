@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from kdjax import losses
@@ -159,8 +160,9 @@ def _fakd_adapter(name: str) -> LossAdapter:
 
     def compute(call: TermCall) -> Computed:
         inputs = call.inputs
-        state = losses.update_class_covariance(call.state, inputs.student["pre_classifier"],
-                                               inputs.labels, ignore_label=inputs.ignore_label)
+        feature = inputs.student["pre_classifier"].astype(jnp.float32)
+        state = losses.update_class_covariance(call.state, feature, inputs.labels,
+                                               ignore_label=inputs.ignore_label)
         strength = losses.fakd_strength(inputs.step, inputs.total_steps,
                                         call.term.state_options["lam0"])
         value = fn(call.student, call.teacher, inputs.classifier_kernel, state.var, inputs.labels,

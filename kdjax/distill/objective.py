@@ -79,16 +79,22 @@ def init_term_states(terms: tuple[Term, ...], student_shapes: Mapping[str, Any],
     return states
 
 
+def _upsampled(logits: Array, size) -> Array:
+    # float32 before the resize: bfloat16 logits would round again after interpolation.
+    return resize_bilinear_align_corners(logits.astype(jnp.float32), size)
+
+
 def task_loss(output, labels: Array, *, ignore_label: int, aux_weight: float,
               class_weights: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """``CE(logits↑) + aux_weight·CE(aux_logits↑)``, logits upsampled to the label size (N, H, W)."""
+    """``CE(logits↑) + aux_weight·CE(aux_logits↑)``, logits upsampled in float32 to the label size
+    (N, H, W)."""
     size = labels.shape[1:3]
-    ce = losses.cross_entropy(resize_bilinear_align_corners(output.logits, size), labels,
+    ce = losses.cross_entropy(_upsampled(output.logits, size), labels,
                               ignore_label=ignore_label, class_weights=class_weights)
     metrics = {"ce": ce}
     total = ce
     if output.aux_logits is not None and aux_weight:
-        aux = losses.cross_entropy(resize_bilinear_align_corners(output.aux_logits, size), labels,
+        aux = losses.cross_entropy(_upsampled(output.aux_logits, size), labels,
                                    ignore_label=ignore_label, class_weights=class_weights)
         metrics["aux_ce"] = aux
         total = total + aux_weight * aux
@@ -117,15 +123,20 @@ def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, connectors: n
 
     Metrics are named ``kd/<term>`` (the unweighted loss), ``kd/<term>/weight`` for scheduled
     weights and ``kd/<term>/<part>`` for a term's parts (CIRKD pixel/region, FAKD strength).
+
+    Every loss receives float32 tensors (docs/methods.md §9.1), whatever precision the networks
+    compute in.
     """
     total = jnp.float32(0.0)
     metrics, new_states = {}, dict(states)
     for index, term in enumerate(terms):
         s = _tensor(inputs.student, term.student, "student", term)
         t = jax.lax.stop_gradient(_tensor(inputs.teacher, term.teacher, "teacher", term))
+        t = t.astype(jnp.float32)
         student_channels = s.shape[-1]
         if term.name in connectors:
             s = connectors[term.name](s, train)
+        s = s.astype(jnp.float32)
         options = dict(term.options)
         if term.mask_ignore:
             options["mask"] = _label_mask(inputs.labels, s, inputs.num_classes,

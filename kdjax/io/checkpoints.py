@@ -29,8 +29,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-# Orbax's default registry builds its array handler with this store, which has no public name.
-from orbax.checkpoint._src.metadata import array_metadata_store
 
 import kdjax
 from kdjax.io.paths import as_path
@@ -63,11 +61,13 @@ def pytree_handler() -> ocp.PyTreeCheckpointHandler:
     """
     handlers = ocp.type_handlers
     scalar = handlers.ScalarHandler()
-    array = handlers.ArrayHandler(
-        use_replica_parallel=False if jax.default_backend() == "cpu" else None,
-        # The per-array metadata that Orbax's own registry writes too (a typed PRNG key's
-        # implementation among it).
-        array_metadata_store=array_metadata_store.Store())
+    array = handlers.get_type_handler(jax.Array)  # Orbax's registered default
+    if jax.default_backend() == "cpu":
+        # The same handler without replica-parallel saving, keeping the per-array metadata store
+        # of the default (a typed PRNG key's implementation is written there), which Orbax
+        # exposes under no public name.
+        array = handlers.ArrayHandler(use_replica_parallel=False,
+                                      array_metadata_store=array._array_metadata_store)
     registry = handlers.create_type_handler_registry(
         (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
         (np.ndarray, handlers.NumpyHandler()), (jax.Array, array), (str, handlers.StringHandler()))

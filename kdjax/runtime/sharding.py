@@ -8,8 +8,10 @@ statistics are those of the global batch (synchronised BN).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -91,3 +93,17 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     sharding = batch_sharded(mesh)
     return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for name, value in local_batch.items()}
+
+
+def device_batches(local_batches: Iterator[dict], mesh: Mesh, *,
+                   ahead: int = 1) -> Iterator[dict[str, jax.Array]]:
+    """Global batches from this process's local ones, with ``ahead`` more already sent to the
+    devices: a transfer starts when its batch is assembled (JAX copies asynchronously), so the
+    next batch travels while the current step runs."""
+    queue = collections.deque()
+    for local in local_batches:
+        queue.append(global_batch(local, mesh))
+        if len(queue) > ahead:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

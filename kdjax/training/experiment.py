@@ -165,6 +165,19 @@ class Experiment:
         return directory
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def with_precision(model: ml_collections.ConfigDict, precision: str) -> ml_collections.ConfigDict:
+    """``model`` with the compute dtype of ``train.precision``: 'bfloat16' makes it bfloat16,
+    'float32' keeps the model's own ``dtype``. Parameters are float32 either way."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}; got {precision!r}.")
+    if precision == "float32":
+        return model
+    return ml_collections.ConfigDict({**model.to_dict(), "dtype": precision})
+
+
 def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None,
           student_config: ml_collections.ConfigDict | None = None,
           terms_config: ml_collections.ConfigDict | None = None,
@@ -179,11 +192,12 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     mesh = mesh or sharding.make_mesh()
     seed = config.seed if seed is None else seed
     info = dataset_info(config.data.name)
-    student_config = student_config or config.student
+    student_config = with_precision(student_config or config.student, config.train.precision)
     terms_config = config.distill.terms if terms_config is None else terms_config
     sharding.check_batch_size(config.train.batch_size, mesh)
     terms = distill.parse_terms(terms_config, train_steps=config.train.steps)
-    teacher = (load_teacher(config.teacher, num_classes=info.num_classes, mesh=mesh, seed=seed,
+    teacher = (load_teacher(with_precision(config.teacher, config.train.precision),
+                            num_classes=info.num_classes, mesh=mesh, seed=seed,
                             materialize=materialize) if terms else None)
     tx = make_optimizer(config.train)
     disc_tx = make_discriminator_optimizer(terms)

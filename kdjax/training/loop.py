@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ from kdjax.io.paths import as_path
 from kdjax.runtime import sharding
 from kdjax.runtime.preemption import StopRequested, StopRequests
 from kdjax.training.experiment import Experiment
-from kdjax.training.metrics_log import MetricsLog, MetricWindow
+from kdjax.training.metrics_log import MetricsLog, MetricWindow, Profile
 from kdjax.training.resume import check_same_recipe, recipe_fingerprint, restore_reported
 from kdjax.training.state import TrainState
 from kdjax.training.step import check_finite
@@ -82,17 +83,26 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
         checkpointer.save(step, state, meta={**meta, "data_step": step, "metrics": last_metrics},
                           force=True)
 
+    profile = Profile(config.train.profile_steps, workdir / "profile")
+    device_batches = sharding.device_batches(batches, exp.mesh)
+    input_seconds = 0.0
     try:
         with StopRequests() as stops:
             for step in range(start + 1, steps + 1):
-                batch = sharding.global_batch(next(batches), exp.mesh)
-                state, metrics = exp.train_step(state, teacher_variables, batch)
+                waited = time.perf_counter()
+                batch = next(device_batches)
+                input_seconds += time.perf_counter() - waited
+                profile.step_started(step)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = exp.train_step(state, teacher_variables, batch)
+                profile.step_dispatched(step, state)
                 window.add(metrics)
                 final = step == steps
                 if step % config.train.log_every == 0 or final:
                     check_finite(state, checkpoints)
                     last_metrics = window.means()
-                    logger.write(step, last_metrics)
+                    logger.write(step, last_metrics, input_seconds=input_seconds)
+                    input_seconds = 0.0
                 if step % config.train.eval_every == 0 or final:
                     check_finite(state, checkpoints)
                     result = exp.evaluate(state)
@@ -113,6 +123,7 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
                                                       config.eval.checkpoint)
         evaluation = saved_meta["eval"] if rule == "best" else exp.evaluate(reported)
     finally:
+        profile.close()
         checkpointer.close()
         logger.close()
     return RunResult(step=int(jax.device_get(state.step)), metrics=last_metrics,

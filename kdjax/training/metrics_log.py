@@ -80,16 +80,23 @@ class MetricsLog:
         (``compiles=False``: the step is compiled already)."""
         self._last = (step, time.perf_counter(), compiles)
 
-    def write(self, step: int, metrics: dict[str, float], *, prefix: str = "train") -> None:
+    def write(self, step: int, metrics: dict[str, float], *, prefix: str = "train",
+              input_seconds: float | None = None) -> None:
+        """Logs ``metrics`` at ``step``. For train metrics, ``input_seconds`` is the time the loop
+        waited for input since the last write; its share of the interval is logged as
+        ``input_wait`` and shown in the progress line."""
         now = time.perf_counter()
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         if prefix == "train" and self._last is not None:
             last_step, last_time, includes_compile = self._last
             if step > last_step:
-                rate = (step - last_step) * self.batch / max(now - last_time, 1e-9)
+                elapsed = max(now - last_time, 1e-9)
+                rate = (step - last_step) * self.batch / elapsed
                 record["images_per_second"] = rate
+                if input_seconds is not None:
+                    record["input_wait"] = min(input_seconds / elapsed, 1.0)
                 eta = (self.total_steps - step) * self.batch / rate
-                self._print(step, metrics, rate, eta, includes_compile)
+                self._print(step, metrics, rate, record.get("input_wait"), eta, includes_compile)
             self._last = (step, now, False)
         if not self.active:
             return
@@ -104,7 +111,7 @@ class MetricsLog:
             self._writer.flush()
         self._mirror.push()
 
-    def _print(self, step, metrics, rate, eta, includes_compile) -> None:
+    def _print(self, step, metrics, rate, input_wait, eta, includes_compile) -> None:
         if not self.active:
             return
         terms = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("/weight"))
@@ -112,8 +119,9 @@ class MetricsLog:
         width = 20
         done = int(width * step / max(self.total_steps, 1))
         bar = "#" * done + "." * (width - done)
-        print(f"{self.label}[{bar}] {step}/{self.total_steps} {terms} | {rate:.2f} img/s{note} | "
-              f"ETA {_format_seconds(eta)}", file=sys.stderr, flush=True)
+        waited = "" if input_wait is None else f", input {100 * input_wait:.0f}%"
+        print(f"{self.label}[{bar}] {step}/{self.total_steps} {terms} | {rate:.2f} img/s{note}"
+              f"{waited} | ETA {_format_seconds(eta)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.active:
@@ -121,3 +129,36 @@ class MetricsLog:
             if self._writer is not None:
                 self._writer.close()
             self._mirror.close()
+
+
+class Profile:
+    """A ``jax.profiler`` trace of the steps ``start <= step < stop`` (``train.profile_steps``),
+    written to ``directory`` (TensorBoard's profile plugin and Perfetto read it); each step is
+    annotated by the loop. Nothing happens when ``steps`` is None."""
+
+    def __init__(self, steps, directory):
+        if steps is not None:
+            start, stop = (int(s) for s in steps)
+            if not 1 <= start < stop:
+                raise ValueError(f"train.profile_steps must be (start, stop) with 1 <= start < "
+                                 f"stop; got {steps!r}.")
+            steps = (start, stop)
+        self.steps = steps
+        self._directory = directory
+        self._mirror = None
+
+    def step_started(self, step: int) -> None:
+        if self.steps is not None and step == self.steps[0]:
+            self._mirror = LocalMirror(self._directory)
+            jax.profiler.start_trace(str(self._mirror.local))
+
+    def step_dispatched(self, step: int, state) -> None:
+        if self._mirror is not None and step == self.steps[1] - 1:
+            jax.block_until_ready(state)  # the trace holds the last step's device work
+            self.close()
+
+    def close(self) -> None:
+        if self._mirror is not None:
+            jax.profiler.stop_trace()
+            self._mirror.close()
+            self._mirror = None

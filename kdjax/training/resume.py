@@ -14,7 +14,8 @@ from kdjax.io.checkpoints import CheckpointError, TrainCheckpointer
 # Fields that do not change what a run computes; a resumed run may change them.
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.async_checkpoints", "eval", "distributed",
-                     "seeds", "methods", "teacher_steps", "student.kernels", "teacher.kernels")
+                     "seeds", "methods", "teacher_steps", "student.kernels", "teacher.kernels",
+                     "train.profile_steps")
 
 
 def recipe_fingerprint(config: ml_collections.ConfigDict) -> str:

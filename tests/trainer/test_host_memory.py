@@ -63,7 +63,8 @@ def test_the_kdjax_command_applies_it():
     # A command that fails at once (no such config): the setting is made first, whatever follows.
     stdout = run_python("from unittest import mock\n"
                         "from kdjax.commands import main as cli\n"
-                        "with mock.patch.object(cli, 'keep_freed_memory') as keep:\n"
+                        "from kdjax.runtime import platform\n"
+                        "with mock.patch.object(platform, 'keep_freed_memory') as keep:\n"
                         "    cli.main(['train', '--config=/nonexistent/config.py', "
                         "'--workdir=/nonexistent'])\n"
                         "print(keep.call_count)\n")

@@ -4,6 +4,8 @@ take the same three train steps as one process with 8 devices; detection of mult
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import pytest
 from kdjax.runtime import sharding
 from kdjax import training as train
 from tests.trainer.distributed_worker import GLOBAL_DEVICES, STEPS, flat_state
-from tests.trainer.test_train import _config, _run_steps, tie_free_batches
+from tests.trainer.test_train import CONFIG, _config, _run_steps, tie_free_batches
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -171,3 +173,44 @@ def test_initialize_distributed_already_initialized(fake_initialize, clean_launc
     clean_launch_env.setattr(jax.distributed, "is_initialized", lambda: True)
     assert sharding.initialize_distributed("127.0.0.1:1234", 2, 0) is True
     assert fake_initialize == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path):
+    """JAX's preemption service: the process that is not signalled stops at the same step."""
+    port, workdir = _free_port(), tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count="
+                        f"{GLOBAL_DEVICES // NUM_PROCESSES}"}
+    procs = []
+    for i in range(NUM_PROCESSES):
+        log = tmp_path / f"worker{i}.stderr"
+        with open(log, "wb") as err:
+            procs.append((subprocess.Popen(
+                [sys.executable, "-m", "kdjax", "train", f"--config={CONFIG}",
+                 f"--workdir={workdir}", "--config.train.steps=200",
+                 "--config.train.eval_every=1000", "--config.train.checkpoint_every=1000",
+                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                 f"--config.distributed.num_processes={NUM_PROCESSES}",
+                 f"--config.distributed.process_id={i}"],
+                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err), log))
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        metrics = workdir / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
+            assert all(p.poll() is None for p, _ in procs), _stderr(procs)
+            assert time.monotonic() < deadline, _stderr(procs)
+            time.sleep(0.05)
+        procs[1][0].send_signal(signal.SIGTERM)
+        for proc, _ in procs:
+            proc.wait(timeout=TIMEOUT)
+    finally:
+        _kill(procs)
+    assert [p.returncode for p, _ in procs] == [128 + signal.SIGTERM] * NUM_PROCESSES, \
+        _stderr(procs)
+    stopped = [re.search(r"stopped by SIGTERM after step (\d+)", log.read_text()) for _, log in procs]
+    assert all(stopped), _stderr(procs)
+    steps = {int(match.group(1)) for match in stopped}
+    assert len(steps) == 1, steps
+    step = steps.pop()
+    assert step < 200 and sorted(os.listdir(workdir / "checkpoints")) == [str(step)]

@@ -265,9 +265,11 @@ def test_student_backbone_starts_from_an_imagenet_state_dict(tiny, tmp_path):
         train.setup(wrong).init_state()
 
 
-def _wait_for_train_lines(path: Path, count: int, timeout: float = 300.0) -> None:
+def _wait_for_train_lines(proc: subprocess.Popen, path: Path, count: int,
+                          timeout: float = 300.0) -> None:
     start = time.monotonic()
     while not (path.exists() and path.read_text().count('"split": "train"') >= count):
+        assert proc.poll() is None, f"the run ended early:\n{proc.stderr.read()[-3000:]}"
         if time.monotonic() - start > timeout:
             raise TimeoutError(f"{path} did not reach {count} train lines")
         time.sleep(0.01)
@@ -286,7 +288,7 @@ def test_a_stop_signal_saves_the_next_step_and_a_rerun_ends_like_an_uninterrupte
     stopped = tmp_path / "stopped"
     proc = _train_process(stopped)
     try:
-        _wait_for_train_lines(stopped / "metrics.jsonl", after_step)
+        _wait_for_train_lines(proc, stopped / "metrics.jsonl", after_step)
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=300)
     finally:
