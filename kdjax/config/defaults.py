@@ -79,7 +79,7 @@ def base_config() -> ConfigDict:
     config.eval.overlays = 4          # PNG overlays written by `kdjax eval`
 
     config.distill = ConfigDict()
-    # Named terms (see kdjax/distill.py), e.g. terms.cwd = ConfigDict(dict(loss=..., ...)).
+    # Named terms (see kdjax/distill/terms.py), e.g. terms.cwd = ConfigDict(dict(loss=..., ...)).
     config.distill.terms = ConfigDict()
 
     # `kdjax compare`: method name → its distillation terms; 'student_alone' has none.

@@ -26,7 +26,7 @@ STUDENTS = {"r18": "resnet18", "mbv2": "mobilenetv2"}
 
 def term(loss: str, *, student: str = "logits", teacher: str = "logits", weight: float = 1.0,
          connector: str | None = None, **options) -> ConfigDict:
-    """One distillation term (see kdjax/distill.py)."""
+    """One distillation term (see kdjax/distill/terms.py)."""
     return ConfigDict(dict(loss=loss, student=student, teacher=teacher, weight=weight,
                            schedule="constant", weight_start=0.0, schedule_steps=None,
                            connector=connector, mask_ignore=False,
