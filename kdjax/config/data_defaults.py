@@ -29,7 +29,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.eval_pad_size = config_dict.placeholder(tuple)  # (H, W) eval batches are padded to; None = largest image of the split
     c.shuffle_buffer = 1000  # examples shuffled together; at least the split size gives a full permutation per epoch
     c.num_parallel_calls = AUTOTUNE  # parallel decode/augment calls (AUTOTUNE = -1, or an int)
-    c.prefetch = 2  # batches prepared ahead of the train step
+    c.prefetch = AUTOTUNE  # batches prepared ahead of the train step (AUTOTUNE = -1, or an int)
     c.cache = False  # keep decoded examples in memory after the first pass (small datasets)
 
     c.synthetic = ml_collections.ConfigDict()
