@@ -33,7 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(port: int, out: Path, logs: Path) -> list[tuple[subprocess.Popen, Path]]:
+def _spawn(argv, logs: Path) -> list[tuple[subprocess.Popen, Path]]:
+    """``argv(i)`` for each process ``i``, started with its share of the simulated devices."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count="
                         f"{GLOBAL_DEVICES // NUM_PROCESSES}"}
@@ -43,12 +44,15 @@ def _launch(port: int, out: Path, logs: Path) -> list[tuple[subprocess.Popen, Pa
         # stderr goes to a file, not a pipe: nobody reads it while the reference runs, and a full
         # pipe would block the worker.
         with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, str(WORKER), f"--process-id={i}",
-                 f"--num-processes={NUM_PROCESSES}", f"--port={port}", f"--out={out}"],
-                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen([sys.executable, *argv(i)], env=env, cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=err)
         procs.append((proc, log))
     return procs
+
+
+def _launch(port: int, out: Path, logs: Path) -> list[tuple[subprocess.Popen, Path]]:
+    return _spawn(lambda i: [str(WORKER), f"--process-id={i}", f"--num-processes={NUM_PROCESSES}",
+                             f"--port={port}", f"--out={out}"], logs)
 
 
 def _stderr(procs) -> str:
@@ -179,21 +183,13 @@ def test_initialize_distributed_already_initialized(fake_initialize, clean_launc
 def test_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path):
     """JAX's preemption service: the process that is not signalled stops at the same step."""
     port, workdir = _free_port(), tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count="
-                        f"{GLOBAL_DEVICES // NUM_PROCESSES}"}
-    procs = []
-    for i in range(NUM_PROCESSES):
-        log = tmp_path / f"worker{i}.stderr"
-        with open(log, "wb") as err:
-            procs.append((subprocess.Popen(
-                [sys.executable, "-m", "kdjax", "train", f"--config={CONFIG}",
-                 f"--workdir={workdir}", "--config.train.steps=200",
-                 "--config.train.eval_every=1000", "--config.train.checkpoint_every=1000",
-                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                 f"--config.distributed.num_processes={NUM_PROCESSES}",
-                 f"--config.distributed.process_id={i}"],
-                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err), log))
+    procs = _spawn(lambda i: [
+        "-m", "kdjax", "train", f"--config={CONFIG}", f"--workdir={workdir}",
+        "--config.train.steps=200", "--config.train.eval_every=1000",
+        "--config.train.checkpoint_every=1000",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        f"--config.distributed.num_processes={NUM_PROCESSES}",
+        f"--config.distributed.process_id={i}"], tmp_path)
     try:
         deadline = time.monotonic() + TIMEOUT
         metrics = workdir / "metrics.jsonl"
