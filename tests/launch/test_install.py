@@ -14,10 +14,16 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# What a calling make passes down (`make test WITH_TORCH=1` runs the tests): the dry runs must see
+# only their own arguments.
+MAKE_SETTINGS = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "ACCEL", "WITH_TORCH")
+
+
 def make_dry_run(*args, venv):
     # A .venv of its own, so that no install stamp of this repository's hides the install steps.
+    env = {k: v for k, v in os.environ.items() if k not in MAKE_SETTINGS}
     return subprocess.run(["make", "-n", "-C", REPO, "--no-print-directory", *args,
-                           f"VENV={venv}"], capture_output=True, text=True, check=False)
+                           f"VENV={venv}"], env=env, capture_output=True, text=True, check=False)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
