@@ -150,12 +150,54 @@ def _select_pixels(key: Array, labels: Array, num_classes: int, count: int,
         candidates = jnp.arange(labels.shape[0], dtype=jnp.int32)[None, :] < n_c[:, None]
     else:
         candidates = members
+    return _random_subset(key, candidates, count), jnp.minimum(n_c, count)
+
+
+def _random_subset(key: Array, candidates: Array, count: int) -> Array:
+    """Per row, ``count`` distinct random indices of True entries, in random order: a sample
+    without replacement (the original's ``randperm(n)[:k]`` over the candidates).
+
+    Args:
+      key: PRNG key.
+      candidates: bool (R, P).
+      count: static number of indices per row, at most P.
+    Returns:
+      int32 (R, count); a row with n < count candidates has them in its first n entries (the
+      rest are other indices).
+    """
     # Independent uniform scores; candidates score in [0, 1), the rest -1, so top_k returns a
-    # uniformly random ordered subset of the candidates first: a sample without replacement.
-    scores = jax.random.uniform(key, members.shape, jnp.float32)
+    # uniformly random ordered subset of the candidates first.
+    scores = jax.random.uniform(key, candidates.shape, jnp.float32)
     scores = jnp.where(candidates, scores, -1.0)
     _, positions = jax.lax.top_k(scores, count)
-    return positions.astype(jnp.int32), jnp.minimum(n_c, count)
+    return positions.astype(jnp.int32)
+
+
+def _ring_enqueue(queue: Array, ptr: Array, rows: Array, taken: Array) -> tuple[Array, Array]:
+    """Writes ``taken[k]`` new rows into each of K ring-buffer queues, CIRKD's rule.
+
+    With ``k = taken[q]`` for queue q: if ``ptr + k >= size`` the rows fill the *last* k slots
+    and the pointer resets to 0; otherwise they fill ``[ptr, ptr + k)`` and the pointer advances
+    by k. ``k = 0`` leaves a queue and its pointer untouched.
+
+    Args:
+      queue: float32 (K, S, C).
+      ptr: int32 (K,) write positions.
+      rows: float32 (K, count, C); only the first ``taken[q]`` rows of queue q are written.
+      taken: int (K,), each in [0, min(count, S)].
+    Returns:
+      (queue, ptr), the updated float32 (K, S, C) queues and int32 (K,) pointers.
+    """
+    size = queue.shape[1]
+    wraps = ptr + taken >= size
+    start = jnp.where(wraps, size - taken, ptr)
+    new_ptr = jnp.where(wraps, 0, ptr + taken).astype(jnp.int32)
+    offsets = jnp.arange(rows.shape[1], dtype=jnp.int32)
+    slots = start[:, None] + offsets[None, :]
+    # Unused rows point past the queue and are dropped by the scatter.
+    slots = jnp.where(offsets[None, :] < taken[:, None], slots, size)
+    index = jnp.arange(queue.shape[0])[:, None]
+    return queue.at[index, slots].set(rows, mode="drop"), new_ptr
 
 
 def _enqueue_image(memory: CirkdMemory, feat: Array, labels: Array, positions: Array,
@@ -168,7 +210,7 @@ def _enqueue_image(memory: CirkdMemory, feat: Array, labels: Array, positions: A
       labels: int (P,) resized labels (values outside [0, K) are ignored).
       positions, taken: from :func:`_select_pixels`.
     """
-    num_classes, pixel_size, _ = memory.pixel_queue.shape
+    num_classes = memory.pixel_queue.shape[0]
     region_size = memory.region_queue.shape[1]
     classes = jnp.arange(num_classes)
     members = (labels[None, :] == classes[:, None].astype(labels.dtype)).astype(jnp.float32)
@@ -185,16 +227,8 @@ def _enqueue_image(memory: CirkdMemory, feat: Array, labels: Array, positions: A
     region_ptr = jnp.where(present, (region_ptr + 1) % region_size, region_ptr)
 
     # Pixel queue: k rows at ptr, or the last k slots (pointer reset) once they reach the end.
-    pixel_ptr = memory.pixel_ptr
-    wraps = pixel_ptr + taken >= pixel_size
-    start = jnp.where(wraps, pixel_size - taken, pixel_ptr)
-    pixel_ptr = jnp.where(wraps, 0, pixel_ptr + taken).astype(jnp.int32)
-    offsets = jnp.arange(positions.shape[1], dtype=jnp.int32)
-    slots = start[:, None] + offsets[None, :]
-    # Unused selections point past the queue and are dropped by the scatter.
-    slots = jnp.where(offsets[None, :] < taken[:, None], slots, pixel_size)
     rows = l2_normalize(feat[positions])                                      # (K, count, C)
-    pixel_queue = memory.pixel_queue.at[classes[:, None], slots].set(rows, mode="drop")
+    pixel_queue, pixel_ptr = _ring_enqueue(memory.pixel_queue, memory.pixel_ptr, rows, taken)
     return CirkdMemory(pixel_queue, pixel_ptr, region_queue, region_ptr.astype(jnp.int32))
 
 

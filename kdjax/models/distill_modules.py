@@ -1,10 +1,14 @@
-"""Trainable modules that live beside the student during distillation (methods.md §1.3, §5.2, §5.4).
+"""Trainable modules that live beside the student during distillation (methods.md §1.3, §5.2, §5.4,
+§10).
 
 - :class:`Connector`: 1×1 conv mapping student channels to teacher channels (optionally BN + ReLU).
 - :class:`CirkdProjectionHead`: CIRKD's embedding projection for its memory losses.
 - :class:`SaganDiscriminator`: the SAGAN-style discriminator of SKD's holistic (adversarial) loss.
+- :class:`MaskedGenerator`: Af-DCD's generator, which regenerates the teacher's feature from a
+  masked student feature.
 
-All are NHWC ``nnx.Module`` s called as ``module(x, train)``.
+All are NHWC ``nnx.Module`` s called as ``module(x, train)``, except the generator, which also takes
+its keep-mask: ``generator(x, keep_mask, train)``.
 """
 
 from __future__ import annotations
@@ -169,3 +173,63 @@ class SaganDiscriminator(nnx.Module):
         x = self.attn1(x)
         x = self.attn2(jax.nn.leaky_relu(self.l4(x, train), LEAKY_SLOPE))
         return self.last(x)
+
+
+class MaskedGenerator(nnx.Module):
+    """Af-DCD's generator (docs/methods.md §10): (N, H, W, in_ch) → (N, H, W, out_ch).
+
+    ``align``, a 1×1 conv in_ch → out_ch, maps the student's channels to the teacher's; it exists
+    only when ``in_ch != out_ch`` (None otherwise). Its output is multiplied by the keep-mask, so a
+    dropped position is 0 in every channel, and the projector regenerates the teacher's feature:
+
+    - plain (``enhanced=False``, the official default): ``conv1`` → ReLU → ``conv2``;
+    - enhanced: ``block1`` → ReLU gives h₁, ``block2`` → ReLU on h₁ gives h₂, and the output is
+      ``(adaptor1(h₁) + adaptor2(h₂)) / 2``.
+
+    Every projector conv is 3×3 with padding 1 (the spatial size is kept) and out_ch channels; all
+    convs have a bias, and their kernels start from PyTorch's default initialisation, as the
+    original's (biases start at 0). The original's parameter names map as: ``align`` → ``align``;
+    ``projetor.0`` / ``projetor.2`` → ``conv1`` / ``conv2``; ``projetor.block_1.0``,
+    ``projetor.block_2.0``, ``projetor.adpator_1``, ``projetor.adpator_2`` → ``block1``,
+    ``block2``, ``adaptor1``, ``adaptor2``.
+
+    Called as ``generator(x, keep_mask, train)``: ``keep_mask`` is bool (N, H, W), True where the
+    position is kept (:func:`kdjax.losses.dense_contrast.random_keep_mask`), or None to keep
+    everything; ``train`` is accepted for the common signature (no layer depends on it). Computes
+    in ``dtype``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, enhanced: bool = False,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=torch_default_kernel_init, rngs=rngs)
+        self.dtype = dtype
+        self.enhanced = enhanced
+        self.align = Conv2d(in_ch, out_ch, 1, **kw) if in_ch != out_ch else None
+        if enhanced:
+            self.conv1 = self.conv2 = None
+            self.block1, self.block2, self.adaptor1, self.adaptor2 = (
+                Conv2d(out_ch, out_ch, 3, padding=1, **kw) for _ in range(4))
+        else:
+            self.conv1, self.conv2 = (Conv2d(out_ch, out_ch, 3, padding=1, **kw) for _ in range(2))
+            self.block1 = self.block2 = self.adaptor1 = self.adaptor2 = None
+
+    def masked(self, x: Array, keep_mask: Array | None) -> Array:
+        """The aligned feature with the dropped positions set to 0: the projector's input."""
+        check_nhwc("x", x)
+        if keep_mask is not None and tuple(jnp.shape(keep_mask)) != tuple(x.shape[:3]):
+            raise ValueError(f"keep_mask must have shape (N, H, W) = {tuple(x.shape[:3])}, got "
+                             f"{tuple(jnp.shape(keep_mask))}.")
+        y = x.astype(self.dtype) if self.align is None else self.align(x)
+        if keep_mask is None:
+            return y
+        return y * jnp.asarray(keep_mask)[..., None].astype(y.dtype)
+
+    def __call__(self, x: Array, keep_mask: Array | None, train: bool) -> Array:
+        del train
+        y = self.masked(x, keep_mask)
+        if not self.enhanced:
+            return self.conv2(jax.nn.relu(self.conv1(y)))
+        first = jax.nn.relu(self.block1(y))
+        second = jax.nn.relu(self.block2(first))
+        return (self.adaptor1(first) + self.adaptor2(second)) / 2
