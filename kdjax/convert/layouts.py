@@ -1,9 +1,14 @@
 """Where each kdjax layer's tensors sit in the PyTorch state dicts kdjax imports.
 
 Each ``*_layers`` function walks a kdjax module and yields ``(torch prefix, layer)`` for every
-Conv2d and BatchNorm2d in it: e.g. ``('pretrained.layer1.0.downsample.0', <Conv2d>)``. Key names
-are CIRKD's (cirkd-models.md §4) and torchvision's; kdjax's attribute names mirror them, so most
-entries are a rename of ``conv``/``bn`` to the Sequential indices PyTorch uses.
+Conv2d and BatchNorm2d (and, in SegFormer, Linear and LayerNorm) in it: e.g.
+``('pretrained.layer1.0.downsample.0', <Conv2d>)``. Key names are CIRKD's (cirkd-models.md §4) and
+torchvision's; kdjax's attribute names mirror them, so most entries are a rename of ``conv``/``bn``
+to the Sequential indices PyTorch uses.
+
+CIRKD's SegFormer has no prefix: the encoder's ``patch_embed{i}``, ``block{i}.{j}``, ``norm{i}`` and
+the decoder's ``linear_c{i}.proj``, ``linear_fuse.{0,1}``, ``linear_pred`` sit at the root, as in
+the ImageNet ``mit_b*.pth`` encoders (which add a classifier ``head.*``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from flax import nnx
 from kdjax.models.heads import DeepLabV3Head, FCNHead, PSPHead
 from kdjax.models.mobilenet import MobileNetV2
 from kdjax.models.resnet import ResNet
+from kdjax.models.segformer import MixTransformer, SegFormerHead
 from kdjax.models.segmentor import Segmentor
 
 Layers = Iterator[tuple[str, nnx.Module]]
@@ -88,18 +94,59 @@ def fcn_head_layers(head: FCNHead, prefix: str) -> Layers:
     yield f"{prefix}block.4", head.classifier
 
 
+def mix_transformer_layers(net: MixTransformer, prefix: str = "") -> Layers:
+    """``patch_embed{i}.{proj,norm}``; per block ``block{i}.{j}.norm1``, ``attn.{q,kv}``,
+    ``attn.{sr,norm}`` (spatial reduction > 1 only), ``attn.proj``, ``norm2``, ``mlp.fc1``,
+    ``mlp.dwconv.dwconv``, ``mlp.fc2``; and ``norm{i}``."""
+    for i in range(1, 5):
+        embed = getattr(net, f"patch_embed{i}")
+        yield f"{prefix}patch_embed{i}.proj", embed.proj
+        yield f"{prefix}patch_embed{i}.norm", embed.norm
+    for i in range(1, 5):
+        for j, block in enumerate(getattr(net, f"block{i}")):
+            key = f"{prefix}block{i}.{j}"
+            yield f"{key}.norm1", block.norm1
+            yield f"{key}.attn.q", block.attn.q
+            yield f"{key}.attn.kv", block.attn.kv
+            if block.attn.sr is not None:
+                yield f"{key}.attn.sr", block.attn.sr
+                yield f"{key}.attn.norm", block.attn.norm
+            yield f"{key}.attn.proj", block.attn.proj
+            yield f"{key}.norm2", block.norm2
+            yield f"{key}.mlp.fc1", block.mlp.fc1
+            yield f"{key}.mlp.dwconv.dwconv", block.mlp.dwconv
+            yield f"{key}.mlp.fc2", block.mlp.fc2
+        yield f"{prefix}norm{i}", getattr(net, f"norm{i}")
+
+
+def segformer_head_layers(head: SegFormerHead, prefix: str = "") -> Layers:
+    """``linear_c{4,3,2,1}.proj``, ``linear_fuse.0`` (1×1 conv), ``linear_fuse.1`` (BN) and
+    ``linear_pred``."""
+    for i in (4, 3, 2, 1):
+        yield f"{prefix}linear_c{i}.proj", getattr(head, f"linear_c{i}")
+    yield f"{prefix}linear_fuse.0", head.linear_fuse.conv
+    yield f"{prefix}linear_fuse.1", head.linear_fuse.bn
+    yield f"{prefix}linear_pred", head.linear_pred
+
+
 def backbone_layers(net: nnx.Module, layout: str, prefix: str = "") -> Layers:
     """A ResNet or MobileNetV2 backbone in ``layout`` 'cirkd' or 'torchvision' (the ResNet's own
-    ``variant`` already fixes its stem)."""
+    ``variant`` already fixes its stem), or a MiT encoder (one layout)."""
     if isinstance(net, ResNet):
         yield from resnet_layers(net, prefix)
+    elif isinstance(net, MixTransformer):
+        yield from mix_transformer_layers(net, prefix)
     else:
         yield from mobilenet_layers(net, prefix, layout)
 
 
 def cirkd_segmentor_layers(model: Segmentor) -> Layers:
     """A CIRKD DeepLabV3 / PSPNet: ``pretrained.`` (ResNet) or ``pretrained.net.`` (MobileNetV2),
-    ``head.`` and ``auxlayer.``."""
+    ``head.`` and ``auxlayer.``; a CIRKD SegFormer: encoder and decoder keys without a prefix."""
+    if isinstance(model.backbone, MixTransformer):
+        yield from mix_transformer_layers(model.backbone)
+        yield from segformer_head_layers(model.head)
+        return
     prefix = "pretrained." if isinstance(model.backbone, ResNet) else "pretrained.net."
     yield from backbone_layers(model.backbone, "cirkd", prefix)
     if isinstance(model.head, DeepLabV3Head):

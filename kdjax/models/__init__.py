@@ -1,5 +1,6 @@
-"""Segmentation models in Flax NNX (NHWC): layers with PyTorch semantics, backbones, heads,
-segmentors and the trainable distillation modules that live beside a student."""
+"""Segmentation models in Flax NNX (NHWC): layers with PyTorch semantics, backbones (ResNet,
+MobileNetV2, the SegFormer MiT encoder), heads, segmentors and the trainable distillation modules
+that live beside a student."""
 
 from kdjax.models.distill_modules import (CirkdProjectionHead, Connector, SaganDiscriminator,
                                           SelfAttention, SpectralNormConv2d)
@@ -8,6 +9,8 @@ from kdjax.models.layers import (BatchNorm2d, Conv2d, ConvBNReLU, adaptive_avg_p
                                  max_pool_torch, resize_bilinear_align_corners)
 from kdjax.models.mobilenet import InvertedResidual, MobileNetV2
 from kdjax.models.resnet import BasicBlock, Bottleneck, ResNet
+from kdjax.models.segformer import (MIT_VARIANTS, MixTransformer, SegFormerHead,
+                                    build_mix_transformer)
 from kdjax.models.segmentor import (DEFAULT_HEAD_WIDTHS, MODEL_NAMES, ModelSummary, Segmentor,
                                     SegmentorOutput, build_segmentor, count_params, predict,
                                     summary)
@@ -26,17 +29,21 @@ __all__ = [
     "DeepLabV3PlusHead",
     "FCNHead",
     "InvertedResidual",
+    "MIT_VARIANTS",
+    "MixTransformer",
     "MobileNetV2",
     "ModelSummary",
     "PSPHead",
     "ResNet",
     "SaganDiscriminator",
+    "SegFormerHead",
     "Segmentor",
     "SegmentorOutput",
     "SelfAttention",
     "SpectralNormConv2d",
     "adaptive_avg_pool",
     "aspp_rates",
+    "build_mix_transformer",
     "build_segmentor",
     "count_params",
     "max_pool_torch",
