@@ -19,7 +19,13 @@ ConfigDict = ml_collections.ConfigDict
 
 # The names method_terms accepts.
 METHODS = ("student_alone", "kd", "cwd", "cwd_logits", "nfd", "pfs_wpi", "fakd_kd", "fakd_cwd",
-           "skd", "ifvd", "cirkd", "dist", "at", "fitnet")
+           "skd", "ifvd", "cirkd", "dist", "at", "fitnet", "af_dcd", "mgd", "cirkdv2", "bpkd")
+# Af-DCD's published weights per dataset (train_scripts/ of the official code, docs/methods.md
+# §10): reconstruction λ_fd, contrast λ_ctr and the pixel-KD weight; CamVid's contrast crops the
+# top-left 44×44 positions of the 45×45 map of a 360×360 crop instead of pooling.
+AF_DCD_WEIGHTS = {"cityscapes": (2e-6, 0.005, 1.0), "camvid": (8e-6, 0.01, 1.0),
+                  "voc_aug": (1e-6, 0.005, 1.0), "ade20k": (1e-6, 0.04, 0.5),
+                  "coco_stuff": (5e-6, 0.005, 0.5)}
 # A family file's ``student=`` values → the backbone of the student network.
 STUDENTS = {"r18": "resnet18", "mbv2": "mobilenetv2"}
 
@@ -41,12 +47,16 @@ def _gan(weight: float = 0.001, d_weight: float = 0.1) -> dict:
     return {"adv": term("skd_adversarial", weight=weight, d_weight=d_weight)}
 
 
-def method_terms(method: str, *, aux_logits: bool = True) -> ConfigDict:
+def method_terms(method: str, *, aux_logits: bool = True, dataset: str = "cityscapes"
+                 ) -> ConfigDict:
     """The terms of ``method`` under the CIRKD benchmark (docs/methods.md §5 weights; §9 for NFD,
-    PFS, FAKD). Feature terms read the head feature (CIRKD's ``outputs[-1]``).
+    PFS, FAKD; §10–12 for Af-DCD, MGD, CIRKDv2 and BPKD). Feature terms read the head feature
+    (CIRKD's ``outputs[-1]``), except Af-DCD's and MGD's, which read the backbone's c4.
 
     Methods: :data:`METHODS`; ``cwd_logits`` is the official CWD-only recipe. ``aux_logits``:
     whether the student has an aux head (DIST then also distils the aux logits, weight 0.4).
+    ``dataset`` picks Af-DCD's per-dataset weights (:data:`AF_DCD_WEIGHTS`; Cityscapes' for a
+    dataset it has none for).
     """
     head = dict(student="head", teacher="head")
     terms: dict[str, ConfigDict] = {}
@@ -91,6 +101,30 @@ def method_terms(method: str, *, aux_logits: bool = True) -> ConfigDict:
         terms.update(_kd(), at=term("attention_transfer", weight=10000.0, **head))
     elif method == "fitnet":
         terms.update(_kd(), fitnet=term("fitnet", weight=10.0, connector="conv", **head))
+    elif method == "af_dcd":
+        reconstruction, contrast, kd = AF_DCD_WEIGHTS.get(dataset, AF_DCD_WEIGHTS["cityscapes"])
+        crop = dict(crop=(44, 44), pool=0) if dataset == "camvid" else {}
+        terms.update(_kd(kd))
+        terms["af_dcd"] = term("dense_contrast", weight=1.0, student="c4", teacher="c4",
+                               reconstruction_weight=reconstruction, contrast_weight=contrast,
+                               **crop)
+    elif method == "mgd":
+        # MGD's segmentation setting (α = 2e-5, mask ratio 0.75) on the backbone's last stage.
+        terms["mgd"] = term("masked_reconstruction", weight=2e-5, student="c4", teacher="c4")
+    elif method == "cirkdv2":
+        # CIRKD's terms (§5.4) plus FitNet and the channel terms of CIRKDv2's scripts (§11):
+        # mini-batch channel 1, memory channel 0.1, channel MSE 100, in one term that shares
+        # the channel projection.
+        terms.update(_kd())
+        terms["fitnet"] = term("fitnet", weight=1.0, connector="conv", **head)
+        terms["cirkd_minibatch"] = term("cirkd_minibatch", weight=1.0, tau=0.1, group_size=2,
+                                        **head)
+        terms["cirkd_memory"] = term("cirkd_memory", weight=0.1, region_weight=1.0, tau=0.1,
+                                     connector="cirkd_projection", **head)
+        terms["cirkd_channel"] = term("cirkd_channel", weight=1.0, tau=0.1, group_size=2,
+                                      **head)
+    elif method == "bpkd":
+        terms["bpkd"] = term("bpkd", weight=1.0)
     else:
         raise ValueError(f"unknown method {method!r}; the methods are {', '.join(METHODS)}.")
     return ConfigDict(terms)
@@ -142,7 +176,7 @@ def paper_row(config: ConfigDict, method: str) -> ConfigDict:
     both)."""
     has_aux = config.student.aux if config.student.aux is not None else (
         "mobilenet" not in config.student.name)
-    terms = method_terms(method, aux_logits=has_aux)
+    terms = method_terms(method, aux_logits=has_aux, dataset=config.data.name)
     config.distill.terms = terms
     config.methods = ConfigDict({"student_alone": ConfigDict(), method: terms})
     return config

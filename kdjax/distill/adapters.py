@@ -8,12 +8,15 @@ holds every kind by the name a config's ``loss`` field uses.
 
 Adding a loss: write the pure function in ``kdjax/losses/``, register an adapter here (a plain
 ``pair_adapter(name)`` when it is called as ``f(student, teacher, **options)``), and give the
-method its terms in ``kdjax/config/recipes.py``.
+method its terms in ``kdjax/config/recipes.py``. A loss whose student side passes through a module
+of its own (Af-DCD's masked generator, CIRKDv2's projection of pooled features) declares it as the
+adapter's ``student_module``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax import losses
-from kdjax.models import SaganDiscriminator
+from kdjax.models import CirkdProjectionHead, MaskedGenerator, SaganDiscriminator
 
 Array = jax.Array
 
@@ -32,7 +35,7 @@ SUPPLIED = frozenset({
     "student", "teacher", "student_logits", "teacher_logits", "student_feat", "teacher_feat",
     "adapted_student_feat", "student_embed", "teacher_embed", "labels", "mask", "num_classes",
     "ignore_label", "classifier_kernel", "variance", "strength", "memory", "key", "d_student",
-    "d_teacher"})
+    "d_teacher", "generated"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,9 @@ class TermCall:
     state: Any
     discriminator: nnx.Module | None
     key: Array
+    student_module: nnx.Module | None = None   # the adapter's own module; ``student`` is then
+                                               # the raw student tensor (no connector)
+    train: bool = True
 
 
 # (value, {part: value}, new state)
@@ -87,6 +93,10 @@ class LossAdapter:
       discriminator: ``discriminator(term, channels, rngs)``, a module trained by its own optimizer
         on ``discriminator_loss``; None when the loss has none.
       discriminator_loss: ``(discriminator(student), discriminator(teacher)) -> loss``.
+      student_module: ``student_module(term, student_channels, teacher_channels, rngs)``, a
+        module trained with the student that ``compute`` applies to the raw student tensor itself
+        (it takes the place of a connector); None when the loss has none. A state option
+        ``grad_clip`` clips its gradient alone (:func:`kdjax.training.optimizer.make_optimizer`).
     """
 
     name: str
@@ -97,6 +107,7 @@ class LossAdapter:
     init_state: Callable[..., Any] | None = None
     discriminator: Callable[..., nnx.Module] | None = None
     discriminator_loss: Callable[[Array, Array], Array] | None = None
+    student_module: Callable[..., nnx.Module] | None = None
 
     def accepted_options(self) -> set[str]:
         params = set()
@@ -232,3 +243,126 @@ register(LossAdapter(
         channels, conv_dim=term.state_options["conv_dim"], rngs=rngs),
     discriminator_loss=lambda d_student, d_teacher: losses.skd_adversarial_losses(
         d_student, d_teacher)[1]))
+
+
+def _bpkd(call: TermCall) -> Computed:
+    """BPKD (docs/methods.md §12): distillation on the edge and body regions of the labels, each
+    part reported unweighted."""
+    options = dict(call.options)
+    weights = {name: options.pop(name, default) for name, default in _BPKD_WEIGHTS.items()}
+    edge, body = losses.bpkd_parts(call.student, call.teacher, call.inputs.labels,
+                                   num_classes=call.inputs.num_classes,
+                                   ignore_label=call.inputs.ignore_label, **options)
+    value = weights["edge_weight"] * edge + weights["body_weight"] * body
+    return value, {"edge": edge, "body": body}, call.state
+
+
+_BPKD_WEIGHTS = {name: inspect.signature(losses.bpkd).parameters[name].default
+                 for name in ("edge_weight", "body_weight")}
+register(LossAdapter(name="bpkd", compute=_bpkd, signatures=(losses.bpkd,),
+                     parts=("edge", "body")))
+
+
+def _generated(call: TermCall) -> Array:
+    """The masked generator's output for this step (docs/methods.md §10): a fresh keep-mask
+    (random per image and step, or the fixed centre third), applied to the raw student tensor."""
+    state_options = call.term.state_options
+    n, h, w, _ = call.student.shape
+    if state_options["rand_mask"]:
+        keep = losses.random_keep_mask(call.key, (n, h, w), state_options["mask_ratio"])
+    else:
+        keep = losses.centre_third_keep_mask((n, h, w))
+    return call.student_module(call.student, keep, call.train).astype(jnp.float32)
+
+
+def _masked_generator(term, student_channels: int, teacher_channels: int, rngs) -> nnx.Module:
+    return MaskedGenerator(student_channels, teacher_channels,
+                           enhanced=term.state_options["enhanced"], rngs=rngs)
+
+
+# The generator's options: the official defaults (random mask at 0.75, plain projector) and the
+# gradient clip its optimizer applies to the generator alone.
+_GENERATOR_OPTIONS = {"rand_mask": True, "mask_ratio": 0.75, "enhanced": False,
+                      "grad_clip": 15.0}
+
+
+def _masked_reconstruction(call: TermCall) -> Computed:
+    """MGD: the generator's reconstruction of the teacher's feature, alone."""
+    value = losses.feature_reconstruction(_generated(call), call.teacher, **call.options)
+    return value, {}, call.state
+
+
+register(LossAdapter(
+    name="masked_reconstruction", compute=_masked_reconstruction,
+    signatures=(losses.feature_reconstruction,), state_options=_GENERATOR_OPTIONS,
+    student_module=_masked_generator))
+
+
+def _dense_contrast(call: TermCall) -> Computed:
+    """Af-DCD (docs/methods.md §10): ``reconstruction_weight·reconstruction +
+    contrast_weight·omni-contrast`` on one generated map; the term's own weight multiplies the
+    sum. A ``mask`` (mask_ignore) restricts the reconstruction only: the contrast has none."""
+    state_options, options = call.term.state_options, dict(call.options)
+    mask = options.pop("mask", None)
+    generated = _generated(call)
+    reconstruction = losses.feature_reconstruction(generated, call.teacher, mask=mask)
+    contrast = losses.omni_contrast(generated, call.teacher, **options)
+    value = (state_options["reconstruction_weight"] * reconstruction
+             + state_options["contrast_weight"] * contrast)
+    return value, {"reconstruction": reconstruction, "contrast": contrast}, call.state
+
+
+register(LossAdapter(
+    name="dense_contrast", compute=_dense_contrast,
+    signatures=(losses.omni_contrast,),
+    state_options={**_GENERATOR_OPTIONS, "reconstruction_weight": 2e-6,
+                   "contrast_weight": 5e-3},
+    parts=("reconstruction", "contrast"), student_module=_masked_generator))
+
+
+def _cirkd_channel(call: TermCall) -> Computed:
+    """CIRKDv2's channel terms (docs/methods.md §11), in one term so that they share one
+    projection: both tensors are pooled, the student's is projected (the term's own module), the
+    queue takes this batch's teacher channels, then the mini-batch, memory and MSE losses read
+    them. The term's weight multiplies ``Σ part_weight · part``."""
+    state_options, options = call.term.state_options, dict(call.options)
+    mask, tau = options.pop("mask", None), options.pop("tau", 0.1)
+    teacher = losses.cirkd_channel_pool(call.teacher, pool=state_options["pool"])
+    student = call.student_module(losses.cirkd_channel_pool(call.student,
+                                                            pool=state_options["pool"]),
+                                  call.train).astype(jnp.float32)
+    update_key, contrast_key = jax.random.split(call.key)
+    state = losses.update_cirkd_channel_memory(
+        call.state, teacher, update_key, channels_per_step=state_options["channels_per_step"],
+        mask=mask)
+    minibatch = losses.cirkd_channel_minibatch(
+        student, teacher, tau=tau, mask=mask,
+        **{k: options[k] for k in ("group_size", "block_size") if k in options})
+    memory = losses.cirkd_channel_memory(
+        student, teacher, state, contrast_key, tau=tau, mask=mask,
+        **{k: options[k] for k in ("kd_tau", "channel_contrast") if k in options})
+    mse = losses.cirkd_channel_mse(student, teacher, mask=mask)
+    value = (state_options["minibatch_weight"] * minibatch
+             + state_options["memory_weight"] * memory + state_options["mse_weight"] * mse)
+    return value, {"minibatch": minibatch, "memory": memory, "mse": mse}, state
+
+
+def _init_cirkd_channel(term, student_shapes, teacher_shapes, num_classes, key):
+    del student_shapes, num_classes
+    pooled = jax.eval_shape(functools.partial(losses.cirkd_channel_pool,
+                                              pool=term.state_options["pool"]),
+                            teacher_shapes[term.teacher])
+    return losses.init_cirkd_channel_memory(key, pooled.shape[1] * pooled.shape[2],
+                                            size=term.state_options["size"])
+
+
+register(LossAdapter(
+    name="cirkd_channel", compute=_cirkd_channel,
+    signatures=(losses.cirkd_channel_minibatch, losses.cirkd_channel_memory),
+    # CIRKDv2's scripts: queue of 10000 channels, 256 enqueued per step, 4×4 pooling; the parts'
+    # weights 1 (mini-batch), 0.1 (memory) and 100 (MSE).
+    state_options={"size": 10000, "channels_per_step": 256, "pool": 4, "minibatch_weight": 1.0,
+                   "memory_weight": 0.1, "mse_weight": 100.0},
+    parts=("minibatch", "memory", "mse"), init_state=_init_cirkd_channel,
+    student_module=lambda term, student_channels, teacher_channels, rngs: CirkdProjectionHead(
+        student_channels, teacher_channels, rngs=rngs)))

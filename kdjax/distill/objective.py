@@ -49,14 +49,20 @@ def build_term_modules(terms: tuple[Term, ...], student_shapes: Mapping[str, Any
     """The trainable pieces the terms need: ``(connectors, discriminators)``, keyed by term name.
 
     Connectors map the student tensor's channels to the teacher tensor's (they train with the
-    student); discriminators train with their own optimizer. ``*_shapes`` map tensor names to
+    student), as do the modules a loss applies itself (``LossAdapter.student_module``, kept with
+    the connectors); discriminators train with their own optimizer. ``*_shapes`` map tensor names to
     shapes (e.g. from ``jax.eval_shape``).
     """
     connectors, discriminators = {}, {}
     for term in terms:
         s_ch = _tensor(student_shapes, term.student, "student", term).shape[-1]
         t_ch = _tensor(teacher_shapes, term.teacher, "teacher", term).shape[-1]
-        if term.connector == "cirkd_projection":
+        if term.adapter.student_module is not None:
+            if term.connector is not None:
+                raise ObjectiveError(f"{term.describe()}: {term.loss} trains a module of its own on "
+                                     f"the student tensor; set connector=None.")
+            connectors[term.name] = term.adapter.student_module(term, s_ch, t_ch, rngs)
+        elif term.connector == "cirkd_projection":
             connectors[term.name] = CirkdProjectionHead(s_ch, t_ch, rngs=rngs)
         elif term.connector is not None:
             connectors[term.name] = Connector(s_ch, t_ch, bn_relu=term.connector == "conv_bn_relu",
@@ -134,7 +140,8 @@ def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, connectors: n
         t = jax.lax.stop_gradient(_tensor(inputs.teacher, term.teacher, "teacher", term))
         t = t.astype(jnp.float32)
         student_channels = s.shape[-1]
-        if term.name in connectors:
+        own_module = term.adapter.student_module is not None
+        if term.name in connectors and not own_module:
             s = connectors[term.name](s, train)
         s = s.astype(jnp.float32)
         options = dict(term.options)
@@ -144,7 +151,8 @@ def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, connectors: n
         call = TermCall(term=term, student=s, teacher=t, student_channels=student_channels,
                         options=options, inputs=inputs, state=states.get(term.name),
                         discriminator=discriminators[term.name] if term.name in discriminators
-                        else None, key=jax.random.fold_in(inputs.key, index))
+                        else None, key=jax.random.fold_in(inputs.key, index),
+                        student_module=connectors[term.name] if own_module else None, train=train)
         try:
             value, parts, new_state = term.adapter.compute(call)
         except (ValueError, TypeError) as err:

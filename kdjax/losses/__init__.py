@@ -8,9 +8,16 @@ returns float32 scalars. None of them holds parameters or state: trainable piece
 from kdjax.losses._common import nearest_resize_labels
 from kdjax.losses.adversarial import skd_adversarial_losses
 from kdjax.losses.attention import attention_transfer
+from kdjax.losses.boundary import BpkdParts, boundary_regions, bpkd, bpkd_parts
 from kdjax.losses.channel_wise import channel_wise_divergence
+from kdjax.losses.cirkd_channel import (CirkdChannelMemory, cirkd_channel_memory,
+                                        cirkd_channel_minibatch, cirkd_channel_mse,
+                                        cirkd_channel_pool, init_cirkd_channel_memory,
+                                        update_cirkd_channel_memory)
 from kdjax.losses.cirkd_memory import (CirkdMemory, cirkd_memory, init_cirkd_memory,
                                        update_cirkd_memory)
+from kdjax.losses.dense_contrast import (centre_third_keep_mask, feature_reconstruction,
+                                         omni_contrast, random_keep_mask)
 from kdjax.losses.dist import dist
 from kdjax.losses.fakd import (ClassCovariance, fakd_cwd, fakd_kd, fakd_strength,
                                init_class_covariance, update_class_covariance)
@@ -23,10 +30,20 @@ from kdjax.losses.task import cross_entropy
 from kdjax.losses.weighted_imitation import weighted_pixel_imitation
 
 __all__ = [
+    "BpkdParts",
+    "CirkdChannelMemory",
     "CirkdMemory",
     "ClassCovariance",
     "attention_transfer",
+    "boundary_regions",
+    "bpkd",
+    "bpkd_parts",
+    "centre_third_keep_mask",
     "channel_wise_divergence",
+    "cirkd_channel_memory",
+    "cirkd_channel_minibatch",
+    "cirkd_channel_mse",
+    "cirkd_channel_pool",
     "cirkd_memory",
     "cirkd_minibatch",
     "cross_entropy",
@@ -34,17 +51,22 @@ __all__ = [
     "fakd_cwd",
     "fakd_kd",
     "fakd_strength",
+    "feature_reconstruction",
     "fitnet",
     "ifvd",
-    "init_class_covariance",
+    "init_cirkd_channel_memory",
     "init_cirkd_memory",
+    "init_class_covariance",
     "nearest_resize_labels",
     "normalized_feature_distillation",
+    "omni_contrast",
     "pixel_feature_similarity",
     "pixel_kd",
+    "random_keep_mask",
     "skd_adversarial_losses",
     "skd_pairwise",
-    "update_class_covariance",
+    "update_cirkd_channel_memory",
     "update_cirkd_memory",
+    "update_class_covariance",
     "weighted_pixel_imitation",
 ]

@@ -2,8 +2,8 @@
 MobileNetV2, the SegFormer MiT encoder), heads, segmentors and the trainable distillation modules
 that live beside a student."""
 
-from kdjax.models.distill_modules import (CirkdProjectionHead, Connector, SaganDiscriminator,
-                                          SelfAttention, SpectralNormConv2d)
+from kdjax.models.distill_modules import (CirkdProjectionHead, Connector, MaskedGenerator,
+                                          SaganDiscriminator, SelfAttention, SpectralNormConv2d)
 from kdjax.models.heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, PSPHead, aspp_rates
 from kdjax.models.layers import (BatchNorm2d, Conv2d, ConvBNReLU, adaptive_avg_pool,
                                  max_pool_torch, resize_bilinear_align_corners)
@@ -23,6 +23,7 @@ __all__ = [
     "Bottleneck",
     "CirkdProjectionHead",
     "Connector",
+    "MaskedGenerator",
     "Conv2d",
     "ConvBNReLU",
     "DeepLabV3Head",

@@ -199,7 +199,7 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     teacher = (load_teacher(with_precision(config.teacher, config.train.precision),
                             num_classes=info.num_classes, mesh=mesh, seed=seed,
                             materialize=materialize) if terms else None)
-    tx = make_optimizer(config.train)
+    tx = make_optimizer(config.train, terms)
     disc_tx = make_discriminator_optimizer(terms)
     images = jax.ShapeDtypeStruct((config.train.batch_size, *config.data.crop_size, 3),
                                   jnp.float32)

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 import optax
 
 
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def connector_mask(name: str):
+    """The optax mask of the parameters of connector ``name`` (``params['connectors'][name]``)."""
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: [getattr(k, "key", None) for k in path[:2]] == ["connectors", name],
+            params)
+    return mask
+
+
+def make_optimizer(train: ml_collections.ConfigDict, terms=()) -> optax.GradientTransformation:
     """SGD with momentum, coupled L2 weight decay on every parameter (as PyTorch's SGD) and the
     poly schedule ``lr·(1 − step/steps)^power`` after an optional linear warm-up, or AdamW;
-    optional global-norm clipping first (docs/methods.md §6.1)."""
+    optional global-norm clipping first (docs/methods.md §6.1).
+
+    A term whose loss trains a module of its own (``LossAdapter.student_module``) with a
+    ``grad_clip`` state option has that module's gradient clipped to that global norm, alone and
+    before anything else: Af-DCD clips its generator at 15 (docs/methods.md §10)."""
     decay = optax.polynomial_schedule(train.learning_rate, 0.0, train.poly_power,
                                       max(train.steps - train.warmup_steps, 1))
     schedule = decay
@@ -25,6 +39,10 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
         raise ValueError(f"train.optimizer must be 'sgd' or 'adamw'; got {train.optimizer!r}.")
     if train.grad_clip:
         parts.insert(0, optax.clip_by_global_norm(train.grad_clip))
+    for term in terms:
+        if term.adapter.student_module is not None and term.state_options.get("grad_clip"):
+            parts.insert(0, optax.masked(optax.clip_by_global_norm(term.state_options["grad_clip"]),
+                                         connector_mask(term.name)))
     return optax.chain(*parts)
 
 
