@@ -32,12 +32,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kdjax compare --config=configs/demo.py --workdir=runs/demo
 
-# The CamVid comparison (about 2 h on 2 cores; needs ../shared/data/camvid), then its published
-# files in benchmarks/camvid/ (the overlays without dataset pixels: the data's licence).
+# The CamVid comparison at equal steps, then at the student alone's cost with the same teacher
+# (needs ../shared/data/camvid), then their published files in benchmarks/camvid/ (the overlays
+# without dataset pixels: the data's licence).
 CAMVID_RUN ?= runs/camvid
 camvid: $(STAMP)
 	$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN)
+	$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN)/matched \
+		--config.budget=seconds:student_alone --config.teacher.checkpoint=$(CAMVID_RUN)/teacher/model
 	cp $(CAMVID_RUN)/results.json $(CAMVID_RUN)/results.md $(CAMVID_RUN)/results.png benchmarks/camvid/
+	mkdir -p benchmarks/camvid/matched
+	cp $(CAMVID_RUN)/matched/results.json $(CAMVID_RUN)/matched/results.md \
+		$(CAMVID_RUN)/matched/results.png benchmarks/camvid/matched/
 	cp $(CAMVID_RUN)/overlays/predictions_*.png benchmarks/camvid/
 
 # One pytest worker per core (pytest-xdist): compiling is single-threaded, so two workers on two

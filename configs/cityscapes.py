@@ -24,6 +24,8 @@ from kdjax.config.recipes import METHODS, STUDENTS, Row, cirkd_recipe, from_arg,
 CIRKD = "CIRKD README, docs/methods.md §7.1"
 UNPUBLISHED = "none published in this protocol (docs/methods.md §7.1 lists it as unconfirmed)"
 DIST_REPO = "DIST's own repository under the CIRKD protocol, which uses weight decay 5e-4"
+AF_DCD = "Af-DCD paper (NeurIPS 2023), CIRKD protocol, docs/methods.md §10"
+NOT_IN_PROTOCOL = "none published under this protocol (docs/methods.md §11, §12)"
 TEACHER = 78.07
 ALONE = {"r18": 74.21, "mbv2": 73.12}
 # (student, method, expected val mIoU of the distilled student, where it comes from)
@@ -40,6 +42,10 @@ PUBLISHED = (
     ("r18", "dist", 77.10, DIST_REPO),
     ("r18", "at", None, UNPUBLISHED),
     ("r18", "fitnet", None, UNPUBLISHED),
+    ("r18", "af_dcd", 77.03, AF_DCD),
+    ("r18", "mgd", None, UNPUBLISHED),
+    ("r18", "cirkdv2", None, NOT_IN_PROTOCOL),
+    ("r18", "bpkd", None, NOT_IN_PROTOCOL),
     ("mbv2", "kd", None, UNPUBLISHED),
     ("mbv2", "cwd", 74.66, CIRKD),
     ("mbv2", "nfd", None, UNPUBLISHED),
@@ -52,6 +58,10 @@ PUBLISHED = (
     ("mbv2", "dist", None, UNPUBLISHED),
     ("mbv2", "at", None, UNPUBLISHED),
     ("mbv2", "fitnet", None, UNPUBLISHED),
+    ("mbv2", "af_dcd", 76.43, AF_DCD),
+    ("mbv2", "mgd", None, UNPUBLISHED),
+    ("mbv2", "cirkdv2", None, NOT_IN_PROTOCOL),
+    ("mbv2", "bpkd", None, NOT_IN_PROTOCOL),
 )
 ROWS = tuple(Row(student, method, expected, ALONE[student], TEACHER, source)
              for student, method, expected, source in PUBLISHED)

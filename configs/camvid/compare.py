@@ -1,11 +1,20 @@
-"""CamVid on 2 CPU cores: a teacher, the student alone and eight distillation methods, 3 seeds each.
+"""CamVid on 2 CPU cores: a teacher, the student alone and ten distillation methods, 3 seeds each,
+at equal steps and at equal cost.
 
 A CPU-sized protocol on the real CamVid data (367 train / 101 val images, 480×360, 11 classes,
-label 11 = void), just under two hours on a 2-core x86 machine; results and their discussion are
-in benchmarks/camvid/RESULTS.md. Run from the project root, with the data in ../shared/data/camvid
-(the TFDS dataset is built from it on first use):
+label 11 = void); results, their discussion and the wall time are in benchmarks/camvid/RESULTS.md.
+Run from the project root, with the data in ../shared/data/camvid (the TFDS dataset is built from
+it on first use):
 
     kdjax compare --config=configs/camvid/compare.py --workdir=runs/camvid
+
+and the compute-matched comparison of the same methods, every student held to the student alone's
+measured cost (its schedule stretched to the steps it affords), with the teacher trained above:
+
+    kdjax compare --config=configs/camvid/compare.py --workdir=runs/camvid/matched \
+        --config.budget=seconds:student_alone --config.teacher.checkpoint=runs/camvid/teacher/model
+
+`make camvid` runs both.
 
 Protocol:
 - Half resolution: training images are scaled so that the short side is 180 × U(0.5, 2.0), then
@@ -30,7 +39,7 @@ from kdjax.config.defaults import base_config
 from kdjax.config.recipes import from_arg, method_terms
 
 CAMVID_METHODS = ("student_alone", "kd", "cwd_logits", "nfd", "pfs_wpi", "fakd_kd", "fakd_cwd",
-                  "dist", "cirkd")
+                  "dist", "cirkd", "af_dcd", "mgd")
 
 
 def get_config(arg=None):
@@ -68,6 +77,10 @@ def _camvid():
     config.eval.checkpoint = "last"
 
     config.methods = ml_collections.ConfigDict(
-        {name: method_terms(name, aux_logits=True) for name in CAMVID_METHODS})
+        {name: method_terms(name, aux_logits=True, dataset="camvid") for name in CAMVID_METHODS})
+    # The official CamVid contrast crops the 45×45 c4 map of a 360×360 crop to 44×44 (whole 4×4
+    # patches, no pooling); at half resolution the 128×128 crop's 16×16 map is whole patches as
+    # it is.
+    config.methods.af_dcd.af_dcd.options.update(dict(crop=None, pool=0))
     config.seeds = (0, 1, 2)
     return config

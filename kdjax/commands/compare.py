@@ -7,12 +7,16 @@ Layout of WORKDIR::
     teacher/                 the teacher's training run (unless teacher.checkpoint is given)
     teacher/model/           the trained teacher as a model dir (what the students load)
     <method>/seed_<k>/       one student run: checkpoints/, best/, metrics.jsonl, tensorboard/,
-                             model/ (the reported student) and result.json
+                             model/ (the reported student), cost.json (its measured step cost)
+                             and result.json
     results.json, results.md, results.png
     overlays/                image | label | teacher | student alone | best method on the first
                              validation images (overlay_*.png), and the prediction panels alone
                              (predictions_*.png, free of dataset pixels); sources.json names the
                              result rows and settings they were drawn from
+
+``config.budget`` (:mod:`kdjax.training.budget`) holds every student run to equal steps (the
+default) or to equal measured cost: seconds or FLOPs, or the student alone's cost.
 
 Finished runs (those with ``result.json``) are not repeated, so an interrupted comparison resumes
 where it stopped; an unfinished run resumes from its last checkpoint. The overlays are drawn again
@@ -37,10 +41,13 @@ from kdjax.evaluation.predictions import network_predictor, write_prediction_ove
 from kdjax.evaluation.validation import validate
 from kdjax.io.networks import Network, load_teacher
 from kdjax.io.paths import as_path
-from kdjax.runtime.sharding import make_mesh
+from kdjax.runtime.sharding import device_batches, make_mesh
+from kdjax.training.budget import (Budget, StepCost, affordable_steps, measure_step_cost,
+                                   parse_budget, read_cost, write_cost)
 from kdjax.training.resume import check_same_recipe, recipe_fingerprint
 
 RESULT_FILE = "result.json"
+COST_FILE = "cost.json"
 OVERLAY_DIR = "overlays"
 OVERLAY_SOURCES = "sources.json"
 MODEL_DIR = "model"
@@ -50,31 +57,70 @@ def _run_name(method: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
 
 
+def _measured_cost(exp: training.Experiment) -> StepCost:
+    """The cost of one train step of ``exp`` on a batch of its own data."""
+    from kdjax.data.pipeline import make_train_iterator  # tf.data: imported when a pipeline is built
+
+    config = exp.config
+    batches = make_train_iterator(config.data, global_batch_size=config.train.batch_size,
+                                  seed=config.seed)
+    batch = next(device_batches(batches, exp.mesh))
+    return measure_step_cost(exp.train_step, exp.init_state(), exp.teacher_inputs(), batch)
+
+
 def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method: str, seed: int,
                      student_config: ml_collections.ConfigDict,
-                     terms: ml_collections.ConfigDict, mesh) -> report.ResultRow:
-    """Trains one model (or reads its finished result) and returns its result row."""
+                     terms: ml_collections.ConfigDict, mesh, budget: Budget = Budget("steps"),
+                     reference: StepCost | None = None
+                     ) -> tuple[report.ResultRow, StepCost | None]:
+    """Trains one model (or reads its finished result) and returns its result row and its
+    measured step cost (None for a run finished before costs were kept, under equal steps).
+
+    Under a matched ``budget`` the run trains the steps its cost affords (``reference``: the
+    student alone's cost, for a budget relative to it). The cost is measured once, before
+    training, and kept in WORKDIR/cost.json, so that a resumed run trains to the same step.
+    """
     result_path = workdir / RESULT_FILE
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.seed = seed
     run_config.student = student_config
     run_config.distill.terms = terms
+    cost = read_cost(workdir / COST_FILE)
+
+    def affordable(cost: StepCost) -> int:
+        # The student alone is its own reference: it trains train.steps under its own cost.
+        own = cost if method == report.STUDENT_ALONE else reference
+        return affordable_steps(budget, cost, config.train.steps, own)
+
     if result_path.exists():
+        if cost is None and budget.matched:  # finished before costs were measured
+            cost = _measured_cost(training.setup(run_config, mesh=mesh))
+            write_cost(workdir / COST_FILE, cost)
+        if cost is not None:
+            run_config.train.steps = affordable(cost)
         saved = json.loads(result_path.read_text())
         check_same_recipe(saved["recipe"], run_config, workdir)
-        return report.ResultRow(**saved["row"])
+        return report.ResultRow(**saved["row"]), cost
     exp = training.setup(run_config, mesh=mesh)
+    if cost is None:
+        cost = _measured_cost(exp)
+        write_cost(workdir / COST_FILE, cost)
+    steps = affordable(cost)
+    if steps != run_config.train.steps:
+        run_config.train.steps = steps
+        exp = training.setup(run_config, mesh=mesh)
     result = training.run_training(exp, workdir, label=f"{method} seed {seed} ")
     model_dir = exp.export(result.state, workdir / MODEL_DIR)
     evaluation = result.eval
     row = report.ResultRow(
         method=method, seed=seed, miou=evaluation["miou"],
         per_class_iou=evaluation["per_class_iou"], eval_mode=evaluation["eval_mode"],
-        checkpoint=evaluation["checkpoint"], checkpoint_path=str(model_dir))
+        checkpoint=evaluation["checkpoint"], checkpoint_path=str(model_dir), steps=steps,
+        step_seconds=cost.seconds, step_flops=cost.flops)
     if jax.process_index() == 0:
         result_path.write_text(json.dumps(
             {"row": row.to_dict(), "recipe": recipe_fingerprint(run_config)}, indent=1))
-    return row
+    return row, cost
 
 
 def _teacher_row(config: ml_collections.ConfigDict, mesh) -> report.ResultRow:
@@ -168,9 +214,9 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
         teacher_config = ml_collections.ConfigDict(config.to_dict())
         if config.teacher_steps:
             teacher_config.train.steps = config.teacher_steps
-        row = train_and_report(teacher_config, workdir / "teacher", method=report.TEACHER,
-                               seed=config.seed, student_config=config.teacher,
-                               terms=ml_collections.ConfigDict(), mesh=mesh)
+        row, _ = train_and_report(teacher_config, workdir / "teacher", method=report.TEACHER,
+                                  seed=config.seed, student_config=config.teacher,
+                                  terms=ml_collections.ConfigDict(), mesh=mesh)
         rows.append(row)
         config.teacher.checkpoint = str(workdir / "teacher" / MODEL_DIR)
     else:
@@ -179,17 +225,25 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
     if not methods:
         raise ValueError("config.methods is empty: list the student methods to compare, e.g. "
                          "methods.student_alone = ConfigDict() and methods.cwd = <terms>.")
-    # The baseline first, then the methods in name order (ConfigDict keeps keys sorted).
+    budget = parse_budget(config.budget)
+    # The baseline first (a budget relative to it needs its cost), then the methods in name order
+    # (ConfigDict keeps keys sorted).
     order = sorted(methods, key=lambda m: (m != "student_alone", m))
+    alone_costs: dict[int, StepCost] = {}
     for method in order:
         terms = methods[method]
         name = report.STUDENT_ALONE if method == "student_alone" else method
         for seed in config.seeds:
-            rows.append(train_and_report(config, workdir / _run_name(method) / f"seed_{seed}",
-                                         method=name, seed=seed, student_config=config.student,
-                                         terms=terms, mesh=mesh))
+            row, cost = train_and_report(
+                config, workdir / _run_name(method) / f"seed_{seed}", method=name, seed=seed,
+                student_config=config.student, terms=terms, mesh=mesh, budget=budget,
+                reference=alone_costs.get(seed))
+            rows.append(row)
+            if method == "student_alone":
+                alone_costs[seed] = cost
     if jax.process_index() == 0:
-        table = report.write_results(workdir, rows, info.class_names)
+        table = report.write_results(workdir, rows, info.class_names, budget=budget.describe(),
+                                     matched=budget.matched)
         print(table)
         overlays = []
         if config.eval.overlays:

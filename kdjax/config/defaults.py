@@ -43,6 +43,10 @@ def base_config() -> ConfigDict:
     # `kdjax compare` trains the teacher when teacher.checkpoint is None, with this many steps
     # (None = train.steps) and otherwise the student recipe.
     config.teacher_steps = None
+    # `kdjax compare`: 'steps' (every run trains train.steps), or a matched budget every student
+    # run is held to: 'seconds:S', 'flops:F', or 'seconds:student_alone' / 'flops:student_alone'
+    # (the student alone's cost at train.steps). See kdjax/training/budget.py.
+    config.budget = "steps"
 
     config.train = ConfigDict()
     config.train.steps = 40000        # optimizer steps
@@ -80,6 +84,9 @@ def base_config() -> ConfigDict:
 
     config.distill = ConfigDict()
     # Named terms (see kdjax/distill/terms.py), e.g. terms.cwd = ConfigDict(dict(loss=..., ...)).
+    # Its reserved key `student_modules` declares trainable modules on a student tensor whose
+    # outputs the terms can read, e.g. terms.student_modules.head_gcn = ConfigDict(dict(
+    # module='gcn', input='head')) and terms.fitnet.student = 'head_gcn'.
     config.distill.terms = ConfigDict()
 
     # `kdjax compare`: method name → its distillation terms; 'student_alone' has none.

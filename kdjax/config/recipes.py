@@ -17,6 +17,9 @@ from kdjax.config.defaults import base_config, local_run
 
 ConfigDict = ml_collections.ConfigDict
 
+# The reserved key of a terms group that declares student modules (kdjax.distill.terms, which the
+# config layer does not import; tests/trainer/test_student_modules.py checks that they agree).
+STUDENT_MODULES = "student_modules"
 # The names method_terms accepts.
 METHODS = ("student_alone", "kd", "cwd", "cwd_logits", "nfd", "pfs_wpi", "fakd_kd", "fakd_cwd",
            "skd", "ifvd", "cirkd", "dist", "at", "fitnet", "af_dcd", "mgd", "cirkdv2", "bpkd")
@@ -35,7 +38,7 @@ def term(loss: str, *, student: str = "logits", teacher: str = "logits", weight:
     """One distillation term (see kdjax/distill/terms.py)."""
     return ConfigDict(dict(loss=loss, student=student, teacher=teacher, weight=weight,
                            schedule="constant", weight_start=0.0, schedule_steps=None,
-                           connector=connector, mask_ignore=False,
+                           connector=connector, mask_ignore=False, resize=None,
                            options=ConfigDict(options)))
 
 
@@ -114,15 +117,20 @@ def method_terms(method: str, *, aux_logits: bool = True, dataset: str = "citysc
     elif method == "cirkdv2":
         # CIRKD's terms (§5.4) plus FitNet and the channel terms of CIRKDv2's scripts (§11):
         # mini-batch channel 1, memory channel 0.1, channel MSE 100, in one term that shares
-        # the channel projection.
+        # the channel projection. With FitNet on (every published script), the student's head
+        # feature passes through the GCN block, trained with the student, before every feature
+        # term: they read its output 'head_gcn' (a student module, kdjax/distill/terms.py).
+        gcn = dict(student="head_gcn", teacher="head")
         terms.update(_kd())
-        terms["fitnet"] = term("fitnet", weight=1.0, connector="conv", **head)
+        terms["fitnet"] = term("fitnet", weight=1.0, connector="conv", **gcn)
         terms["cirkd_minibatch"] = term("cirkd_minibatch", weight=1.0, tau=0.1, group_size=2,
-                                        **head)
+                                        **gcn)
         terms["cirkd_memory"] = term("cirkd_memory", weight=0.1, region_weight=1.0, tau=0.1,
-                                     connector="cirkd_projection", **head)
+                                     connector="cirkd_projection", **gcn)
         terms["cirkd_channel"] = term("cirkd_channel", weight=1.0, tau=0.1, group_size=2,
-                                      **head)
+                                      **gcn)
+        terms[STUDENT_MODULES] = ConfigDict(
+            {"head_gcn": ConfigDict(dict(module="gcn", input="head"))})
     elif method == "bpkd":
         terms["bpkd"] = term("bpkd", weight=1.0)
     else:
@@ -253,8 +261,14 @@ def _local(config: ConfigDict) -> ConfigDict:
     config.data.base_size = None
     if config.distill.terms and config.teacher.checkpoint is None:
         config.teacher.checkpoint = "random"
-    adversarial = [t for terms in (config.distill.terms, *config.methods.values())
-                   for t in terms.values() if t.loss == "skd_adversarial"]
+    entries = [t for terms in (config.distill.terms, *config.methods.values())
+               for name, t in terms.items() if name != STUDENT_MODULES]
+    adversarial = [t for t in entries if t.loss == "skd_adversarial"]
+    # Af-DCD's contrast pools the c4 map by 4 into 4×4 patches: a 64×64 crop's 8×8 map is cut
+    # into patches unpooled instead.
+    for t in entries:
+        if t.loss == "dense_contrast":
+            t.options.update(dict(pool=0, crop=None))
     if adversarial:
         config.data.crop_size = (512, 512)
         config.data.synthetic.height, config.data.synthetic.width = 512, 512

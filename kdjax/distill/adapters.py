@@ -327,6 +327,11 @@ def _cirkd_channel(call: TermCall) -> Computed:
     them. The term's weight multiplies ``Σ part_weight · part``."""
     state_options, options = call.term.state_options, dict(call.options)
     mask, tau = options.pop("mask", None), options.pop("tau", 0.1)
+    if mask is not None:
+        # mask_ignore gives the mask at the head's size: a pooled position is valid when its
+        # window holds a valid one (the pooling itself, as the original's, averages them all).
+        mask = losses.cirkd_channel_pool(jnp.asarray(mask, jnp.float32)[..., None],
+                                         pool=state_options["pool"])[..., 0] > 0
     teacher = losses.cirkd_channel_pool(call.teacher, pool=state_options["pool"])
     student = call.student_module(losses.cirkd_channel_pool(call.student,
                                                             pool=state_options["pool"]),

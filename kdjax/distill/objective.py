@@ -8,6 +8,14 @@ tensor (through its connector, if any) with a teacher tensor and calls its loss 
 loss kind's adapter (:mod:`kdjax.distill.adapters`); stateful terms thread their state through
 the train state, and adversarial terms train a discriminator of their own
 (:func:`discriminator_loss`).
+
+Student modules (the ``student_modules`` of a terms group, :mod:`kdjax.distill.terms`) extend
+the student's named tensors before any term reads them: :func:`build_student_modules` builds each
+on its input tensor and adds its output's shape, :func:`apply_student_modules` adds its output to
+the tensors of a train step. They are kept in the connectors' ``nnx.Dict`` under the reserved key
+``student_modules`` (no term can have that name), so they are part of the trainables, train with
+the student's optimizer and are saved with the connectors; ``connectors[<term>]`` stays the module
+of that term alone.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from flax import nnx
 
 from kdjax import losses
 from kdjax.distill.adapters import TermCall, TermInputs
-from kdjax.distill.terms import ObjectiveError, Term
+from kdjax.distill.terms import (STUDENT_MODULE_KINDS, STUDENT_MODULES, ObjectiveError,
+                                 StudentModule, Term)
 from kdjax.models import CirkdProjectionHead, Connector
 from kdjax.models.layers import resize_bilinear_align_corners
 
@@ -43,17 +52,58 @@ def _tensor(tensors: Mapping[str, Array], name: str, side: str, term: Term) -> A
     return tensors[name]
 
 
+def build_student_modules(modules: tuple[StudentModule, ...], student_shapes: Mapping[str, Any],
+                          *, rngs: nnx.Rngs) -> tuple[nnx.Dict, dict[str, Any]]:
+    """The student modules, keyed by name, and ``student_shapes`` with their outputs' shapes
+    added (what :func:`build_term_modules` and :func:`init_term_states` then pair the terms on).
+
+    ``student_shapes`` maps the student network's tensor names to shapes (e.g. from
+    ``jax.eval_shape``); a module's input must be one of them.
+
+    Raises:
+      ObjectiveError: an input the student network lacks, or a name it has already.
+    """
+    built, shapes = {}, dict(student_shapes)
+    for spec in modules:
+        if spec.name in student_shapes:
+            raise ObjectiveError(f"{spec.describe()}: the student network has a tensor "
+                                 f"{spec.name!r} already; give the module another name.")
+        if spec.input not in student_shapes:
+            raise ObjectiveError(f"{spec.describe()}: the student network has no tensor "
+                                 f"{spec.input!r}; its input must be one of "
+                                 f"{', '.join(sorted(student_shapes))}.")
+        module = STUDENT_MODULE_KINDS[spec.kind](student_shapes[spec.input].shape[-1], rngs=rngs)
+        shapes[spec.name] = jax.eval_shape(lambda x, m=module: m(x, False),
+                                           student_shapes[spec.input])
+        built[spec.name] = module
+    return nnx.Dict(built), shapes
+
+
+def apply_student_modules(modules: tuple[StudentModule, ...], connectors: nnx.Dict,
+                          tensors: Mapping[str, Array], *, train: bool) -> dict[str, Array]:
+    """``tensors`` (the student's named tensors) with each module's output added under its name;
+    the modules are those :func:`build_term_modules` placed in ``connectors``."""
+    tensors = dict(tensors)
+    for spec in modules:
+        tensors[spec.name] = connectors[STUDENT_MODULES][spec.name](tensors[spec.input], train)
+    return tensors
+
+
 def build_term_modules(terms: tuple[Term, ...], student_shapes: Mapping[str, Any],
-                       teacher_shapes: Mapping[str, Any], *, rngs: nnx.Rngs
-                       ) -> tuple[nnx.Dict, nnx.Dict]:
+                       teacher_shapes: Mapping[str, Any], *, rngs: nnx.Rngs,
+                       student_modules: nnx.Dict | None = None) -> tuple[nnx.Dict, nnx.Dict]:
     """The trainable pieces the terms need: ``(connectors, discriminators)``, keyed by term name.
 
     Connectors map the student tensor's channels to the teacher tensor's (they train with the
     student), as do the modules a loss applies itself (``LossAdapter.student_module``, kept with
     the connectors); discriminators train with their own optimizer. ``*_shapes`` map tensor names to
-    shapes (e.g. from ``jax.eval_shape``).
+    shapes (e.g. from ``jax.eval_shape``); ``student_shapes`` includes the student modules'
+    outputs. ``student_modules`` (from :func:`build_student_modules`), if any, are kept in the
+    connectors under the key ``student_modules``.
     """
     connectors, discriminators = {}, {}
+    if student_modules is not None and len(student_modules):
+        connectors[STUDENT_MODULES] = student_modules
     for term in terms:
         s_ch = _tensor(student_shapes, term.student, "student", term).shape[-1]
         t_ch = _tensor(teacher_shapes, term.teacher, "teacher", term).shape[-1]
@@ -144,6 +194,10 @@ def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, connectors: n
         if term.name in connectors and not own_module:
             s = connectors[term.name](s, train)
         s = s.astype(jnp.float32)
+        if term.resize == "teacher_to_student":
+            t = resize_bilinear_align_corners(t, s.shape[1:3])
+        elif term.resize == "student_to_teacher":
+            s = resize_bilinear_align_corners(s, t.shape[1:3])
         options = dict(term.options)
         if term.mask_ignore:
             options["mask"] = _label_mask(inputs.labels, s, inputs.num_classes,
@@ -159,7 +213,8 @@ def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, connectors: n
             raise ObjectiveError(
                 f"{term.describe()} cannot be computed: {err} Choose tensors of matching shape "
                 f"(student {term.student!r}: {tuple(s.shape)}, teacher {term.teacher!r}: "
-                f"{tuple(t.shape)}), or add a connector.") from err
+                f"{tuple(t.shape)}), add a connector for the channels, or set the term's "
+                f"resize ('teacher_to_student' or 'student_to_teacher') for the sizes.") from err
         weight = term.weight_at(inputs.step)
         total = total + weight * value
         metrics[f"kd/{term.name}"] = value

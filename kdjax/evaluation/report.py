@@ -44,6 +44,10 @@ class ResultRow:
       eval_mode: ``EvalMode.describe()`` of the evaluation, e.g. ``'whole, scale 1.0'``.
       checkpoint: ``'best'`` or ``'last'`` (see ``CHECKPOINT_RULES``).
       checkpoint_path: where the evaluated weights are, if anywhere.
+      steps: the steps the run trained (None where unknown, e.g. a given teacher).
+      step_seconds: the measured seconds of one train step, after compilation
+        (:mod:`kdjax.training.budget`).
+      step_flops: the FLOPs XLA counts for one train step.
     """
 
     method: str
@@ -53,6 +57,9 @@ class ResultRow:
     eval_mode: str
     checkpoint: str
     checkpoint_path: str | None = None
+    steps: int | None = None
+    step_seconds: float | None = None
+    step_flops: float | None = None
 
     def __post_init__(self):
         if self.checkpoint not in CHECKPOINT_RULES:
@@ -61,6 +68,9 @@ class ResultRow:
         # NumPy scalars (np.int64 seeds, np.float32 IoUs) are not JSON-serialisable.
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "miou", float(self.miou))
+        for name, kind in (("steps", int), ("step_seconds", float), ("step_flops", float)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "per_class_iou", {
             name: None if iou is None else float(iou) for name, iou in self.per_class_iou.items()})
 
@@ -87,6 +97,15 @@ class _MethodSummary:
     mean: float
     std: float | None
     per_class_mean: dict[str, float | None]
+    steps: float | None = None           # mean over seeds of the steps trained
+    step_seconds: float | None = None    # mean over seeds of one step's seconds
+    seconds: float | None = None         # mean over seeds of steps × step seconds
+    tflops: float | None = None          # mean over seeds of steps × step FLOPs, in 10¹²
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    """The mean, or None when any value is unknown."""
+    return None if not values or any(v is None for v in values) else float(np.mean(values))
 
 
 def _summarise(method: str, rows: list[ResultRow], class_names: Sequence[str]) -> _MethodSummary:
@@ -96,9 +115,16 @@ def _summarise(method: str, rows: list[ResultRow], class_names: Sequence[str]) -
         values = [row.per_class_iou.get(name) for row in rows]
         present = [v for v in values if v is not None]
         per_class[name] = float(np.mean(present)) if present else None
-    return _MethodSummary(method=method, seeds=len(rows), mean=float(mious.mean()),
-                          std=float(mious.std(ddof=1)) if len(rows) > 1 else None,
-                          per_class_mean=per_class)
+    known = [r for r in rows if r.steps is not None]
+    return _MethodSummary(
+        method=method, seeds=len(rows), mean=float(mious.mean()),
+        std=float(mious.std(ddof=1)) if len(rows) > 1 else None, per_class_mean=per_class,
+        steps=_mean_of([r.steps for r in rows]),
+        step_seconds=_mean_of([r.step_seconds for r in rows]),
+        seconds=_mean_of([r.steps * r.step_seconds if r in known and r.step_seconds is not None
+                          else None for r in rows]),
+        tflops=_mean_of([r.steps * r.step_flops / 1e12 if r in known and r.step_flops is not None
+                         else None for r in rows]))
 
 
 def _group_by_method(rows: Sequence[ResultRow]) -> dict[str, list[ResultRow]]:
@@ -151,11 +177,44 @@ def _fmt(value: float | None) -> str:
     return DASH if value is None else f"{value:.2f}"
 
 
-def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> str:
-    """The comparison table: method | seeds | mIoU mean ± std | Δ vs student alone | better than
-    the student alone (see ``_verdict``) | per-class IoU.
+def _cost_cells(s: _MethodSummary) -> list[str]:
+    """step time (ms) | steps | cost (s) | TFLOP of one method, means over its seeds."""
+    def fmt(value, spec):
+        return DASH if value is None else format(value, spec)
+    return [fmt(None if s.step_seconds is None else 1e3 * s.step_seconds, ".1f"),
+            fmt(s.steps, ".0f"), fmt(s.seconds, ".1f"), fmt(s.tflops, ".3g")]
 
-    Above it: the eval mode and checkpoint rule of the rows, and the meaning of the numbers.
+
+COST_COLUMNS = "| step (ms) | steps | cost (s) | TFLOP |"
+
+
+def _ranking(summaries: list[_MethodSummary], baseline: _MethodSummary | None,
+             budget: str) -> list[str]:
+    """The students ranked by mean mIoU under the matched budget."""
+    students = sorted((s for s in summaries if s.method != TEACHER), key=lambda s: -s.mean)
+    lines = ["", f"## Ranking under the matched budget ({budget})", "",
+             "Every student, the student alone included, trained until the budget was spent; its "
+             "schedule was stretched or shrunk to the steps it could afford. 'Better' as above.",
+             "", "| rank | method | mIoU | Δ vs student alone | better " + COST_COLUMNS,
+             "|---:|---|---:|---:|:---:|---:|---:|---:|---:|"]
+    for rank, s in enumerate(students, 1):
+        compared = baseline is not None and s.method != STUDENT_ALONE
+        spread = "" if s.std is None else f" ± {s.std:.2f}"
+        cells = [str(rank), s.method, f"{s.mean:.2f}{spread}",
+                 f"{s.mean - baseline.mean:+.2f}" if compared else DASH,
+                 _verdict(s, baseline) if compared else DASH, *_cost_cells(s)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str], *,
+                     budget: str | None = None, matched: bool = False) -> str:
+    """The comparison table: method | seeds | mIoU mean ± std | Δ vs student alone | better than
+    the student alone (see ``_verdict``) | step time | steps | cost | TFLOP | per-class IoU.
+
+    Above it: the eval mode and checkpoint rule of the rows, the budget, and the meaning of the
+    numbers. ``budget`` describes the budget (``Budget.describe()``); under a ``matched`` one a
+    second table ranks the students by mIoU.
     """
     if not rows:
         raise ValueError("rows is empty: there is nothing to report.")
@@ -172,20 +231,27 @@ def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> s
         "seeds (ddof = 1), absent for a single seed. Δ is the difference of mean mIoU to the "
         f"{STUDENT_ALONE!r} row (the student trained without distillation). 'Better' is 'yes' "
         "or 'no' when |Δ| exceeds twice its standard error (the seeds' variance pooled over "
-        "the method and the student alone), else 'unclear'.",
+        "the method and the student alone), else 'unclear'. Step time is one train step's, "
+        "measured after compilation (the teacher's forward pass and every term included, the "
+        "input pipeline not); cost is steps × step time, and TFLOP steps × the FLOPs XLA counts "
+        "for a step; all are means over seeds.",
         "",
-        "| method | seeds | mIoU | Δ vs student alone | better | "
-        + " | ".join(class_names) + " |",
-        "|---|---:|---:|---:|:---:|" + "---:|" * len(class_names),
+        "| method | seeds | mIoU | Δ vs student alone | better "
+        + COST_COLUMNS + " " + " | ".join(class_names) + " |",
+        "|---|---:|---:|---:|:---:|---:|---:|---:|---:|" + "---:|" * len(class_names),
     ]
+    if budget is not None:
+        lines.insert(4, f"Budget: {budget}.")
     for s in summaries:
         compared = baseline is not None and s.method != STUDENT_ALONE
         delta = f"{s.mean - baseline.mean:+.2f}" if compared else DASH
         better = _verdict(s, baseline) if compared else DASH
         spread = "" if s.std is None else f" ± {s.std:.2f}"
         cells = [s.method, str(s.seeds), f"{s.mean:.2f}{spread}", delta, better,
-                 *(_fmt(s.per_class_mean[name]) for name in class_names)]
+                 *_cost_cells(s), *(_fmt(s.per_class_mean[name]) for name in class_names)]
         lines.append("| " + " | ".join(cells) + " |")
+    if matched:
+        lines += _ranking(summaries, baseline, budget or "matched")
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +297,8 @@ def plot_results(path, rows: Sequence[ResultRow]) -> epath.Path:
 
 
 def write_results(workdir, rows: Sequence[ResultRow],
-                  class_names: Sequence[str]) -> str:
+                  class_names: Sequence[str], *, budget: str | None = None,
+                  matched: bool = False) -> str:
     """Writes WORKDIR/results.json (the rows), results.md (the table) and results.png (the plot).
 
     Returns:
@@ -239,7 +306,7 @@ def write_results(workdir, rows: Sequence[ResultRow],
     """
     workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    markdown = results_markdown(rows, class_names)
+    markdown = results_markdown(rows, class_names, budget=budget, matched=matched)
     (workdir / "results.json").write_text(
         json.dumps([row.to_dict() for row in rows], indent=2, allow_nan=False) + "\n")
     (workdir / "results.md").write_text(markdown)

@@ -2,7 +2,7 @@
 MobileNetV2, the SegFormer MiT encoder), heads, segmentors and the trainable distillation modules
 that live beside a student."""
 
-from kdjax.models.distill_modules import (CirkdProjectionHead, Connector, MaskedGenerator,
+from kdjax.models.distill_modules import (CirkdGcn, CirkdProjectionHead, Connector, MaskedGenerator,
                                           SaganDiscriminator, SelfAttention, SpectralNormConv2d)
 from kdjax.models.heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, PSPHead, aspp_rates
 from kdjax.models.layers import (BatchNorm2d, Conv2d, ConvBNReLU, adaptive_avg_pool,
@@ -21,6 +21,7 @@ __all__ = [
     "BasicBlock",
     "BatchNorm2d",
     "Bottleneck",
+    "CirkdGcn",
     "CirkdProjectionHead",
     "Connector",
     "MaskedGenerator",

@@ -1,8 +1,9 @@
 """Trainable modules that live beside the student during distillation (methods.md §1.3, §5.2, §5.4,
-§10).
+§10, §11).
 
 - :class:`Connector`: 1×1 conv mapping student channels to teacher channels (optionally BN + ReLU).
 - :class:`CirkdProjectionHead`: CIRKD's embedding projection for its memory losses.
+- :class:`CirkdGcn`: CIRKDv2's graph-reasoning block on the student's head feature (§11).
 - :class:`SaganDiscriminator`: the SAGAN-style discriminator of SKD's holistic (adversarial) loss.
 - :class:`MaskedGenerator`: Af-DCD's generator, which regenerates the teacher's feature from a
   masked student feature.
@@ -63,6 +64,56 @@ class CirkdProjectionHead(nnx.Module):
 
     def __call__(self, x: Array, train: bool) -> Array:
         return self.output(self.hidden(x, train))
+
+
+class CirkdGcn(nnx.Module):
+    """CIRKDv2's GCN block (methods.md §11; ``losses/gcn.py`` of the official code): a
+    self-attention over the positions of the feature, whose result is fused back into it.
+    (N, H, W, C) → (N, H, W, C).
+
+    With C' = C // 2 and P = H·W positions:
+
+    - ``node_q``, ``node_k``, ``node_v``: 1×1 convs C → C' without bias;
+    - attention A = softmax_j((q_i · C'^-½) · k_j) ∈ R^{P×P}, normalised over the key positions j
+      (computed in float32);
+    - g = A v, then ``conv1`` (1×1 C' → C, no bias) → ``bn1`` → ReLU;
+    - the output is ``out_conv`` (1×1 2C → C, no bias) → ``out_bn`` → ReLU of the channel
+      concatenation [x, g].
+
+    Convolution kernels start from PyTorch's default initialisation, BN from scale 1 and bias 0,
+    as in the original. Its parameters map as ``node_q/k/v`` → ``node_q/k/v``; ``conv1.0``,
+    ``conv1.1`` → ``conv1``, ``bn1``; ``out_conv.0``, ``out_conv.1`` → ``out_conv``, ``out_bn``.
+    The attention map holds P² values per image (P = 8192 for the 1/8-resolution feature of a
+    512×1024 crop). Called as ``gcn(x, train)``; computes in ``dtype``.
+    """
+
+    def __init__(self, ch: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        if ch < 2:
+            raise ValueError(f"CirkdGcn needs at least 2 channels (it halves them); got {ch}.")
+        inner = ch // 2
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=torch_default_kernel_init,
+                  rngs=rngs)
+        bn = dict(dtype=dtype, param_dtype=param_dtype)
+        self.dtype = dtype
+        self.node_q, self.node_k, self.node_v = (Conv2d(ch, inner, 1, **kw) for _ in range(3))
+        self.conv1 = Conv2d(inner, ch, 1, **kw)
+        self.bn1 = BatchNorm2d(ch, **bn)
+        self.out_conv = Conv2d(2 * ch, ch, 1, **kw)
+        self.out_bn = BatchNorm2d(ch, **bn)
+
+    def __call__(self, x: Array, train: bool) -> Array:
+        check_nhwc("x", x)
+        n, h, w, _ = x.shape
+        q, k, v = (node(x).reshape(n, h * w, -1) for node in (self.node_q, self.node_k,
+                                                               self.node_v))
+        scale = jnp.asarray(q.shape[-1] ** -0.5, self.dtype)
+        energy = jnp.einsum("nic,njc->nij", q * scale, k).astype(jnp.float32)
+        attention = jax.nn.softmax(energy, axis=-1).astype(self.dtype)
+        g = jnp.einsum("nij,njc->nic", attention, v).reshape(n, h, w, -1)
+        g = jax.nn.relu(self.bn1(self.conv1(g), train))
+        fused = jnp.concatenate([x.astype(self.dtype), g], axis=-1)
+        return jax.nn.relu(self.out_bn(self.out_conv(fused), train))
 
 
 def _l2_normalize(v: Array, eps: float = 1e-12) -> Array:

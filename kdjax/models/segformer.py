@@ -410,6 +410,11 @@ class SegFormerHead(nnx.Module):
         self.linear_pred = Conv2d(width, num_classes, 1, use_bias=True,
                                   kernel_init=conv_kernel_init(1, num_classes), rngs=rngs, **kw)
 
+    @property
+    def classifier(self) -> Conv2d:
+        """The final 1×1 classifier under the name every head gives it (FAKD reads its kernel)."""
+        return self.linear_pred
+
     def __call__(self, c1: Array, c2: Array, c3: Array, c4: Array,
                  train: bool) -> dict[str, Array]:
         for name, x in zip(self.taps, (c1, c2, c3, c4)):

@@ -186,8 +186,10 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     distillation term can pair its tensors (a bad pairing fails here, not at step 1,000).
 
     ``student_config``/``terms_config``/``seed`` override ``config.student``,
-    ``config.distill.terms`` and ``config.seed``. ``materialize=False`` leaves the teacher
-    abstract (shapes only): the experiment can then be checked and inspected, but not run.
+    ``config.distill.terms`` and ``config.seed``. The student modules that the terms group declares
+    (:mod:`kdjax.distill.terms`) are built beside the connectors, and the pairing check sees their
+    outputs. ``materialize=False`` leaves the teacher abstract (shapes only): the experiment can
+    then be checked and inspected, but not run.
     """
     mesh = mesh or sharding.make_mesh()
     seed = config.seed if seed is None else seed
@@ -196,6 +198,7 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     terms_config = config.distill.terms if terms_config is None else terms_config
     sharding.check_batch_size(config.train.batch_size, mesh)
     terms = distill.parse_terms(terms_config, train_steps=config.train.steps)
+    student_modules = distill.parse_student_modules(terms_config, terms)
     teacher = (load_teacher(with_precision(config.teacher, config.train.precision),
                             num_classes=info.num_classes, mesh=mesh, seed=seed,
                             materialize=materialize) if terms else None)
@@ -212,10 +215,15 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
             set_batch_norm_groups(student, mesh.devices.size)
         student_out = jax.eval_shape(lambda x: distill.named_tensors(student(x, train=False)),
                                      images)
+        # The student modules' outputs join the student's tensors that the terms pair on.
+        extra, student_out = distill.build_student_modules(student_modules, student_out,
+                                                           rngs=rngs)
+        if config.train.bn_stats == "per_device":
+            set_batch_norm_groups(extra, mesh.devices.size)
         teacher_out = (jax.eval_shape(functools.partial(teacher_tensors, teacher),
                                       teacher.variables, images) if teacher is not None else {})
         connectors, discs = distill.build_term_modules(terms, student_out, teacher_out,
-                                                       rngs=rngs)
+                                                       rngs=rngs, student_modules=extra)
         states = distill.init_term_states(terms, student_out, teacher_out,
                                           num_classes=info.num_classes,
                                           key=jax.random.key(seed + 2))
@@ -248,6 +256,7 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     parts = StepParts(
         graphdef=graphdef, rng_vars=abstract_rng, disc_graphdef=disc_graphdef,
         disc_rng_vars=abstract_disc_rng, tx=tx, disc_tx=disc_tx, terms=terms,
+        student_modules=student_modules,
         teacher=functools.partial(teacher_tensors, teacher) if teacher is not None else None,
         student_dtype=jnp.dtype(student_config.dtype), num_classes=info.num_classes,
         ignore_label=info.ignore_label, aux_weight=config.train.aux_weight,
@@ -257,6 +266,12 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     step = jax.jit(make_train_step(parts), donate_argnums=(0,),
                    in_shardings=(state_sh, teacher_sh, sharding.batch_sharded(mesh)),
                    out_shardings=(state_sh, repl))
+    if terms:
+        # Every term meets its tensors here, abstractly: a pairing that cannot work fails at
+        # setup. The step's compilation later reuses this trace.
+        batch = {"image": images, "label": jax.ShapeDtypeStruct(images.shape[:3], jnp.int32)}
+        step.eval_shape(abstract_state, teacher.variables,
+                        sharding.placed(batch, sharding.batch_sharded(mesh)))
     return Experiment(
         config=config, mesh=mesh, dataset=info, terms=terms, teacher=teacher,
         student_spec={**model_spec(student_config, info.num_classes),

@@ -58,6 +58,7 @@ class StepParts:
     ``graphdef``/``rng_vars`` rebuild :class:`~kdjax.training.state.Trainables` (the student and
     connectors) from a state's ``params`` and ``rest``; ``disc_*`` the discriminators. ``teacher``
     maps (teacher variables, images) to the teacher's named tensors, or is None.
+    ``student_modules`` add their outputs to the student's named tensors (in the train step only).
     """
 
     graphdef: Any
@@ -67,6 +68,7 @@ class StepParts:
     tx: optax.GradientTransformation
     disc_tx: optax.GradientTransformation
     terms: tuple[distill.Term, ...]
+    student_modules: tuple[distill.StudentModule, ...]
     teacher: Any
     student_dtype: Any
     num_classes: int
@@ -85,7 +87,8 @@ def _loss(parts: StepParts, params, state: TrainState, teacher: dict, batch: dic
     out = trainables.student(images.astype(parts.student_dtype), train=True)
     total, metrics = distill.task_loss(out, labels, ignore_label=parts.ignore_label,
                                        aux_weight=parts.aux_weight)
-    student = distill.named_tensors(out)
+    student = distill.apply_student_modules(parts.student_modules, trainables.connectors,
+                                            distill.named_tensors(out), train=True)
     term_states = state.term_states
     if parts.terms:
         inputs = distill.TermInputs(

@@ -34,7 +34,8 @@ def test_compare_trains_reports_and_resumes(tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {tuple(sorted(row)) for row in saved} == {tuple(sorted(
         ["method", "seed", "miou", "per_class_iou", "eval_mode", "checkpoint",
-         "checkpoint_path"]))}
+         "checkpoint_path", "steps", "step_seconds", "step_flops"]))}
+    assert [r.steps for r in rows] == [2, 2, 2] and all(r.step_seconds > 0 for r in rows)
     assert (tmp_path / "results.png").stat().st_size > 0
     table = (tmp_path / "results.md").read_text()
     assert "| teacher |" in table and "| student alone |" in table and "| kd |" in table

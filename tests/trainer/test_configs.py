@@ -22,8 +22,11 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 README = (CONFIGS / "README.md").read_text()
 FILES = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.py"))
 # Family file → its table of paper rows; the other files take no argument but `local`.
-FAMILIES = {name: rows for name in FILES
-            if (rows := runpy.run_path(str(CONFIGS / name)).get("ROWS")) is not None}
+MODULES = {name: runpy.run_path(str(CONFIGS / name)) for name in FILES}
+FAMILIES = {name: rows for name, module in MODULES.items()
+            if (rows := module.get("ROWS")) is not None}
+# A family's students (its own STUDENTS, else the CNN families' of kdjax.config.recipes).
+FAMILY_STUDENTS = {name: MODULES[name].get("STUDENTS", STUDENTS) for name in FAMILIES}
 ROWS = {f"{name}:{row.arg}": row for name, rows in FAMILIES.items() for row in rows}
 ALL = [*ROWS, *(name for name in FILES if name not in FAMILIES)]
 # Runs its step in bf16; the others in float32.
@@ -75,17 +78,17 @@ def test_config_is_valid_and_documents_its_command(spec):
         parse_terms(terms, train_steps=config.train.steps)
     if spec in ROWS:
         row = ROWS[spec]
-        assert config.student.name.endswith(STUDENTS[row.student])
+        assert config.student.name.endswith(FAMILY_STUDENTS[name][row.student])
         assert set(config.methods) == {"student_alone", row.method}
         assert config.distill.terms == config.methods[row.method]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_family_takes_every_student_and_method(name):
-    for student in STUDENTS:
+    for student, network in FAMILY_STUDENTS[name].items():
         for method in METHODS:
             config = _local(f"{name}:student={student},method={method}")
-            assert config.student.name.endswith(STUDENTS[student])
+            assert config.student.name.endswith(network)
             assert set(config.methods) == {"student_alone", method}
             parse_terms(config.distill.terms, train_steps=config.train.steps)
 

@@ -58,6 +58,26 @@ def test_every_method_recipe_parses(method):
     assert terms and all(t.loss in distill.ADAPTERS for t in terms)
 
 
+def test_cirkdv2_terms_read_the_gcn_output_of_the_head():
+    group = method_terms("cirkdv2")
+    terms = _parse(group)
+    features = {t.name: t.student for t in terms if t.teacher == "head"}
+    assert features == dict.fromkeys(("cirkd_channel", "cirkd_memory", "cirkd_minibatch",
+                                      "fitnet"), "head_gcn")
+    assert distill.parse_student_modules(group, terms) == (
+        distill.StudentModule(name="head_gcn", kind="gcn", input="head"),)
+
+
+def test_the_student_modules_key_is_not_a_term():
+    group = ml_collections.ConfigDict({
+        "kd": term("pixel_kd"),
+        distill.STUDENT_MODULES: ml_collections.ConfigDict(
+            {"g": ml_collections.ConfigDict(dict(module="gcn", input="head"))})})
+    assert [t.name for t in _parse(group)] == ["kd"]
+    # Declared but read by no term: validated, not built.
+    assert distill.parse_student_modules(group, _parse(group)) == ()
+
+
 def test_weight_schedules_are_pure_functions_of_the_step():
     (lin,) = _parse({"a": dict(loss="pixel_kd", weight=2.0, schedule="linear",
                                weight_start=0.0, schedule_steps=10)})

@@ -119,3 +119,35 @@ def test_only_the_generator_gradient_is_clipped():
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(np.asarray(updates["student"]["w"]), -10.0)
     assert np.linalg.norm(updates["connectors"]["g"]["w"]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_channel_terms_take_the_label_mask_at_the_pooled_size():
+    terms = _parse({"ch": dict(term("cirkd_channel", student="c4", teacher="c4", size=16,
+                                    channels_per_step=4, channel_contrast=8),
+                               mask_ignore=True)})
+    s, t = _tensors(0, 6), _tensors(1, 8)
+    modules, discs = distill.build_term_modules(terms, s, t, rngs=nnx.Rngs(0))
+    states = distill.init_term_states(terms, s, t, num_classes=K, key=jax.random.key(0))
+    _, metrics, _ = distill.distillation_loss(terms, _inputs(s, t), modules, discs, states,
+                                              train=True)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_a_segformer_student_pairs_with_a_cnn_teacher_only_where_the_sizes_agree():
+    # The SegFormer's logits are at stride 4, the DeepLabV3 teacher's at stride 8: the term
+    # check says so at setup, and the term's resize pairs them.
+    config = tiny_config.get_config()
+    config.student.name = "segformer_mit_b0"
+    config.student.aux = False
+    config.student.width_multiplier = 0.25
+    config.student.head_width = 16
+    config.distill.terms = method_terms("fakd_kd")
+    with pytest.raises(distill.ObjectiveError, match="resize"):
+        training.setup(config)
+    config.distill.terms.fakd_kd.resize = "teacher_to_student"
+    exp = training.setup(config)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+             "label": rng.integers(0, 19, size=(8, 32, 32)).astype(np.int32)}
+    state, metrics = exp.step(exp.init_state(), batch)
+    assert np.isfinite(float(metrics["kd/fakd_kd"]))

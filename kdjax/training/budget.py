@@ -1,0 +1,167 @@
+"""Compute budgets: how many steps a run may train when methods are compared at equal cost.
+
+Under the equal-steps protocol a method whose step costs twice the student's alone gets twice the
+compute. ``config.budget`` makes the comparison compute-matched instead:
+
+- ``'steps'`` (the default): every run trains ``train.steps``;
+- ``'seconds:S'``: every student run trains as many steps as S seconds of its measured step time
+  buy;
+- ``'flops:F'``: as many steps as F floating-point operations buy, at the FLOPs XLA counts for one
+  step (e.g. ``'flops:2.5e15'``);
+- ``'seconds:student_alone'`` / ``'flops:student_alone'``: the budget is what the student alone
+  spends on ``train.steps`` (of the same seed), so the baseline trains its usual schedule and
+  every method is held to its cost.
+
+A run's schedule (learning-rate decay, weight ramps) is stretched or shrunk to the steps it can
+afford. Step time is measured on the compiled step, after compilation, on one batch of the run's
+own data, as the median of a few steps: it holds the teacher's forward pass and every term, and
+not the input pipeline, which every method shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+KINDS = ("steps", "seconds", "flops")
+RELATIVE = "student_alone"
+TIMED_STEPS = 3
+
+
+class BudgetError(ValueError):
+    """A ``config.budget`` that cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A parsed ``config.budget``: ``kind`` is one of :data:`KINDS`; ``amount`` is the seconds or
+    FLOPs of a run, or None for 'steps' and for a budget relative to the student alone."""
+
+    kind: str
+    amount: float | None = None
+
+    @property
+    def matched(self) -> bool:
+        """Whether runs are held to equal cost rather than to equal steps."""
+        return self.kind != "steps"
+
+    @property
+    def relative(self) -> bool:
+        return self.matched and self.amount is None
+
+    def describe(self) -> str:
+        if not self.matched:
+            return "equal steps"
+        unit = "s" if self.kind == "seconds" else " FLOPs"
+        amount = "the student alone's cost" if self.relative else f"{self.amount:.4g}{unit}"
+        return f"{self.kind} budget: {amount} per run"
+
+
+def parse_budget(spec: str) -> Budget:
+    """``'steps'``, ``'seconds:600'``, ``'flops:1e15'`` or ``'<kind>:student_alone'``."""
+    text = str(spec).strip()
+    usage = ("use 'steps', 'seconds:<seconds>', 'flops:<FLOPs>', 'seconds:student_alone' or "
+             "'flops:student_alone'")
+    if text == "steps":
+        return Budget("steps")
+    kind, sep, amount = text.partition(":")
+    if not sep or kind not in ("seconds", "flops"):
+        raise BudgetError(f"config.budget {spec!r} is not a budget: {usage}.")
+    if amount == RELATIVE:
+        return Budget(kind)
+    try:
+        value = float(amount)
+    except ValueError:
+        raise BudgetError(f"config.budget {spec!r}: {amount!r} is not a number; {usage}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise BudgetError(f"config.budget {spec!r}: the amount must be positive and finite.")
+    return Budget(kind, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """The measured cost of one train step: wall-clock seconds (after compilation) and the
+    floating-point operations XLA counts for the compiled step (None where it counts none)."""
+
+    seconds: float
+    flops: float | None
+
+    def of(self, kind: str) -> float | None:
+        return self.seconds if kind == "seconds" else self.flops
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def step_flops(jitted, *args) -> float | None:
+    """The FLOPs of ``jitted(*args)`` from XLA's cost analysis of the lowered program."""
+    analysis = jitted.lower(*args).cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # one entry per program in older JAX releases
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def measure_step_cost(step, state, teacher_variables, batch, *,
+                      timed_steps: int = TIMED_STEPS) -> StepCost:
+    """The cost of ``step(state, teacher_variables, batch)``, a jitted train step that donates its
+    state: compiled and run once first, then timed over ``timed_steps`` steps (the median). The
+    steps run on a copy of ``state``, which is left as it was.
+
+    Every process gets the same numbers (process 0's), so that all agree on the steps to train.
+    """
+    flops = step_flops(step, state, teacher_variables, batch)
+    scratch = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+    scratch, metrics = step(scratch, teacher_variables, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(timed_steps):
+        start = time.perf_counter()
+        scratch, metrics = step(scratch, teacher_variables, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    del scratch
+    seconds, flops = multihost_utils.broadcast_one_to_all(
+        np.array([statistics.median(times), -1.0 if flops is None else flops], np.float64))
+    return StepCost(seconds=float(seconds), flops=None if flops < 0 else float(flops))
+
+
+def affordable_steps(budget: Budget, cost: StepCost, steps: int,
+                     reference: StepCost | None = None) -> int:
+    """The steps a run of ``cost`` per step trains under ``budget``; ``steps`` is the config's
+    ``train.steps``, and ``reference`` the student alone's cost for a relative budget."""
+    if not budget.matched:
+        return steps
+    per_step = cost.of(budget.kind)
+    if per_step is None:
+        raise BudgetError(f"a {budget.kind} budget needs the FLOPs of every step, and XLA counts "
+                          "none for this one on this platform; use a 'seconds' budget.")
+    if budget.relative:
+        if reference is None or reference.of(budget.kind) is None:
+            raise BudgetError(f"config.budget '{budget.kind}:{RELATIVE}' needs the student alone: "
+                              "list 'student_alone' in config.methods.")
+        amount = reference.of(budget.kind) * steps
+    else:
+        amount = budget.amount
+    return max(1, int(amount // per_step))
+
+
+def read_cost(path) -> StepCost | None:
+    """The step cost saved at ``path`` (an etils path), or None when there is none."""
+    if not path.exists():
+        return None
+    return StepCost(**json.loads(path.read_text()))
+
+
+def write_cost(path, cost: StepCost) -> None:
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cost.to_dict()))

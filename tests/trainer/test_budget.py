@@ -1,0 +1,108 @@
+"""Compute-matched comparisons: budgets parse, costs are measured once and kept, and under a
+matched budget every student trains the steps its cost affords, ranked in a second table."""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from kdjax import training
+from kdjax.commands import compare
+from kdjax.config.loading import load_config
+from kdjax.evaluation import report
+from kdjax.training.budget import (Budget, BudgetError, StepCost, affordable_steps,
+                                   measure_step_cost, parse_budget)
+from tests.trainer import tiny_config
+
+
+def test_budgets_parse_and_bad_ones_say_what_is_accepted():
+    assert parse_budget("steps") == Budget("steps") and not Budget("steps").matched
+    assert parse_budget("seconds:600") == Budget("seconds", 600.0)
+    assert parse_budget("flops:2.5e15") == Budget("flops", 2.5e15)
+    assert parse_budget("seconds:student_alone").relative
+    for bad in ("minutes:3", "seconds", "seconds:-1", "flops:many", "seconds:inf"):
+        with pytest.raises(BudgetError, match="config.budget"):
+            parse_budget(bad)
+
+
+def test_affordable_steps():
+    cost = StepCost(seconds=0.5, flops=4e9)
+    assert affordable_steps(Budget("steps"), cost, 120) == 120
+    assert affordable_steps(Budget("seconds", 10.0), cost, 120) == 20
+    assert affordable_steps(Budget("flops", 1e10), cost, 120) == 2
+    assert affordable_steps(Budget("seconds", 0.1), cost, 120) == 1   # at least one step
+    # Relative: the student alone's cost at 120 steps, spent at this run's cost per step.
+    alone = StepCost(seconds=0.25, flops=1e9)
+    assert affordable_steps(Budget("seconds"), cost, 120, alone) == 60
+    assert affordable_steps(Budget("flops"), cost, 120, alone) == 30
+    with pytest.raises(BudgetError, match="student_alone"):
+        affordable_steps(Budget("seconds"), cost, 120)
+    with pytest.raises(BudgetError, match="'seconds' budget"):
+        affordable_steps(Budget("flops", 1e10), StepCost(0.5, None), 120)
+
+
+def test_measuring_a_step_leaves_the_state_alone():
+    exp = training.setup(tiny_config.get_config())
+    state = exp.init_state()
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+             "label": rng.integers(0, 19, size=(8, 32, 32)).astype(np.int32)}
+    from kdjax.runtime.sharding import global_batch
+    batch = global_batch(batch, exp.mesh)
+    before = jax.tree.map(np.asarray, state.params)
+    cost = measure_step_cost(exp.train_step, state, exp.teacher_inputs(), batch)
+    assert cost.seconds > 0 and cost.flops > 0
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state.params))
+
+
+def _demo(budget):
+    config = load_config("configs/demo.py:local")
+    config.methods = ml_collections.ConfigDict({name: config.methods[name]
+                                                for name in ("student_alone", "pfs_wpi")})
+    config.train.steps = 4
+    config.train.eval_every = config.train.checkpoint_every = 4
+    config.budget = budget
+    return config
+
+
+def test_compare_under_the_student_alones_budget(tmp_path):
+    rows = compare.run_compare(_demo("seconds:student_alone"), tmp_path)
+    by_method = {r.method: r for r in rows}
+    alone, method = by_method[report.STUDENT_ALONE], by_method["pfs_wpi"]
+    assert alone.steps == 4
+    costs = {m: json.loads((tmp_path / d / "seed_0" / "cost.json").read_text())
+             for m, d in (("alone", "student_alone"), ("method", "pfs_wpi"))}
+    expected = max(1, int(costs["alone"]["seconds"] * 4 // costs["method"]["seconds"]))
+    assert method.steps == expected
+    assert method.step_seconds == costs["method"]["seconds"] and method.step_flops > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "Budget: seconds budget: the student alone's cost per run." in table
+    assert "## Ranking under the matched budget" in table
+    # The costs are kept: the comparison resumes without measuring or training again.
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed_0/cost.json")}
+    again = compare.run_compare(_demo("seconds:student_alone"), tmp_path)
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in rows]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_compare_under_a_fixed_flop_budget_trains_the_steps_it_affords(tmp_path):
+    probe = compare.run_compare(_demo("steps"), tmp_path / "probe")
+    flops = {r.method: r.step_flops for r in probe}
+    budget = 3 * flops[report.STUDENT_ALONE]
+    rows = compare.run_compare(_demo(f"flops:{budget!r}"), tmp_path / "matched")
+    for row in rows[1:]:
+        assert row.steps == max(1, int(budget // flops[row.method]))
+        assert row.steps * row.step_flops <= budget
+    assert "## Ranking" not in (tmp_path / "probe" / "results.md").read_text()
+
+
+def test_old_result_files_still_load(tmp_path):
+    row = {"method": "kd", "seed": 0, "miou": 50.0, "per_class_iou": {"road": 90.0},
+           "eval_mode": "whole, scale 1.0", "checkpoint": "last", "checkpoint_path": None}
+    (tmp_path / "results.json").write_text(json.dumps([row]))
+    (loaded,) = report.load_results(tmp_path)
+    assert loaded.steps is None and loaded.miou == 50.0
+    assert "| kd | 1 | 50.00 | — | — | — | — | — | — |" in report.results_markdown(
+        [loaded], ["road"])
