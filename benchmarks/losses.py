@@ -45,8 +45,13 @@ the softmax losses' exponentials gain from), plus the environment's ``XLA_FLAGS`
 The table names them.
 
 Sizes: 'cityscapes' is a 512×1024 Cityscapes crop at output stride 8 (N = 8, 64×128, 19-class logits,
-128-channel student and 256-channel teacher features); 'small' is N = 2, 32×64. ``--write`` puts the
-table into the 'Losses' section of benchmarks/RESULTS.md (the part between its markers).
+128-channel student and 256-channel teacher features); 'small' is N = 2, 32×64. Losses that compare
+maps of one shape (FitNet, NFD, CIRKD, Af-DCD: the generator's output) get 256 channels on both
+sides. BPKD's ground truth has one class per 8×8 block of logit pixels, so that both its edge and its
+body region are large (a random class per pixel would leave no body). The CIRKDv2 channel losses
+take, as kdjax's functions do, the 4×4-pooled maps (16×32 at 'cityscapes'), the student's already
+projected to the teacher's 256 channels. ``--write`` puts the table into the 'Losses' section of
+benchmarks/RESULTS.md (the part between its markers).
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ BEGIN, END = "<!-- losses.py: begin -->", "<!-- losses.py: end -->"
 SIZES = {"small": (2, 32, 64), "cityscapes": (8, 64, 128)}
 CLASSES, STUDENT_C, TEACHER_C = 19, 128, 256
 LABEL_SCALE = 8          # ground truth at the crop size, 8× the feature size
+REGION = 8               # BPKD's ground truth: one class per REGION×REGION block of logit pixels
+CHANNEL_POOL = 4         # CIRKDv2 channel losses: features average-pooled 4×4 (ceil) before them
 IGNORE = 255
 FAKD_STRENGTH = 3.75     # λ halfway through the λ₀ = 7.5 ramp
 BLOCK_SIZE = 256         # rows of the affinity map per block for the blockwise relational losses
@@ -178,15 +185,17 @@ def make_inputs(kind: str, size: str, seed: int = 0) -> dict:
     def normal(*shape, scale=1.0):
         return (scale * rng.standard_normal(shape)).astype(np.float32)
 
-    def labels(scale):
-        coarse = rng.integers(0, CLASSES, (n, h, w)).astype(np.int32)
-        coarse[rng.random((n, h, w)) < 0.05] = IGNORE
-        return np.repeat(np.repeat(coarse, scale, axis=1), scale, axis=2)
+    def labels(scale, block=1):
+        coarse = rng.integers(0, CLASSES, (n, h // block, w // block)).astype(np.int32)
+        coarse[rng.random(coarse.shape) < 0.05] = IGNORE
+        return np.repeat(np.repeat(coarse, scale * block, axis=1), scale * block, axis=2)
 
     if kind == "logits":
         return {"student": normal(n, h, w, CLASSES, scale=2.0), "teacher": normal(n, h, w, CLASSES, scale=2.0)}
     if kind == "ce":
         return {"student": normal(n, h, w, CLASSES, scale=2.0), "labels": labels(1)}
+    if kind == "logits_regions":  # BPKD: ground truth in class regions, so both of its parts count
+        return {**make_inputs("logits", size, seed), "labels": labels(LABEL_SCALE, REGION)}
     if kind == "fakd":
         return {"student": normal(n, h, w, CLASSES, scale=2.0), "teacher": normal(n, h, w, CLASSES, scale=2.0),
                 "kernel": normal(TEACHER_C, CLASSES, scale=0.05),
@@ -200,6 +209,9 @@ def make_inputs(kind: str, size: str, seed: int = 0) -> dict:
         return {**make_inputs("features", size, seed), "labels": labels(LABEL_SCALE)}
     if kind == "embeddings":    # CIRKD memory: projected student and teacher embeddings
         return {**make_inputs("adapted", size, seed), "labels": labels(LABEL_SCALE)}
+    if kind == "pooled":        # CIRKDv2 channels: pooled (student: and projected) features
+        hp, wp = -(-h // CHANNEL_POOL), -(-w // CHANNEL_POOL)
+        return {"student": normal(n, hp, wp, TEACHER_C), "teacher": normal(n, hp, wp, TEACHER_C)}
     raise ValueError(kind)
 
 
@@ -226,8 +238,65 @@ def to_torch(inputs: dict) -> dict:
 class Case:
     loss: str                       # the kdjax.losses name (and the torch_losses key)
     kind: str                       # input kind
-    variants: dict = field(default_factory=dict)   # label -> jax loss fn(student, rest)
-    stateful: bool = False          # CIRKD memory: the step threads the queues through
+    variants: dict = field(default_factory=dict)   # label -> jax loss fn(student, rest) or Memory
+    stateful: bool = False          # CIRKD memories: the step threads the queues through
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A loss with a queue: the step updates the state with the batch, then takes the loss of the
+    updated state, as a training step does; the state is donated from step to step.
+
+    ``init(key, student, rest)`` gives the first state, ``update(state, rest, key)`` the next,
+    ``loss(student, rest, state, key)`` the value; ``draws(state, rest, key_update, key_loss)``
+    the random choices of the next step (int arrays by name), for the PyTorch check.
+    """
+
+    init: object
+    update: object
+    loss: object
+    draws: object
+
+
+def cirkd_memory() -> Memory:
+    """CIRKD v1: class queues of pixel and region embeddings; pixel + region loss."""
+    from kdjax import losses as L
+
+    def loss(s, rest, memory, key):
+        pixel, region = L.cirkd_memory(s, rest["teacher"], rest["labels"], memory, key)
+        return pixel + region
+
+    def draws(state, rest, key_update, key_loss):
+        M = importlib.import_module("kdjax.losses.cirkd_memory")
+
+        teacher = rest["teacher"]
+        _, h, w, _ = teacher.shape
+        flat = M._flat_labels(rest["labels"], h, w, CLASSES, IGNORE)
+        _, positions = M._update(state, teacher, flat, key_update, count=16, pixel_pool="first_n")
+        pixel_index, region_index = M._contrast_indices(key_loss, state, 4096, 1024)
+        return {"positions": positions, "pixel_index": pixel_index, "region_index": region_index}
+
+    return Memory(init=lambda key, s, rest: L.init_cirkd_memory(key, CLASSES, TEACHER_C),
+                  update=lambda m, rest, key: L.update_cirkd_memory(m, rest["teacher"], rest["labels"], key),
+                  loss=loss, draws=draws)
+
+
+def cirkd_channel_memory() -> Memory:
+    """CIRKDv2: one queue of teacher channel embeddings (rows of H'·W' positions)."""
+    from kdjax import losses as L
+
+    def draws(state, rest, key_update, key_loss):
+        C = importlib.import_module("kdjax.losses.cirkd_channel")
+
+        n, _, _, c = rest["teacher"].shape
+        _, order = C._update(state, rest["teacher"], key_update, None, count=min(256, n * c))
+        index = C._contrast_slots(key_loss, state.queue.shape[0], 2048)
+        return {"order": order, "contrast_index": index}
+
+    return Memory(init=lambda key, s, rest: L.init_cirkd_channel_memory(key, s.shape[1] * s.shape[2]),
+                  update=lambda m, rest, key: L.update_cirkd_channel_memory(m, rest["teacher"], key),
+                  loss=lambda s, rest, m, key: L.cirkd_channel_memory(s, rest["teacher"], m, key),
+                  draws=draws)
 
 
 def cases() -> list[Case]:
@@ -257,13 +326,21 @@ def cases() -> list[Case]:
         Case("cirkd_minibatch", "adapted", {
             "dense": pair(L.cirkd_minibatch, tau=0.1, group_size=2),
             f"block {BLOCK_SIZE}": pair(L.cirkd_minibatch, tau=0.1, group_size=2, block_size=BLOCK_SIZE)}),
-        Case("cirkd_memory", "embeddings", {"with update": None}, stateful=True),
+        Case("cirkd_memory", "embeddings", {"with update": cirkd_memory()}, stateful=True),
         Case("dist", "logits", {"": pair(L.dist)}),
         Case("attention_transfer", "features", {"": pair(L.attention_transfer)}),
         Case("fitnet", "adapted", {"": pair(L.fitnet)}),
         Case("fakd_kd", "fakd", {"": fakd(L.fakd_kd)}),
         Case("fakd_cwd", "fakd", {"": fakd(L.fakd_cwd, tau=4.0)}),
         Case("cross_entropy", "ce", {"": lambda s, r: L.cross_entropy(s, r["labels"])}),
+        Case("bpkd", "logits_regions", {
+            "": lambda s, r: L.bpkd(s, r["teacher"], r["labels"], num_classes=CLASSES)}),
+        Case("feature_reconstruction", "adapted", {"": pair(L.feature_reconstruction)}),
+        Case("omni_contrast", "adapted", {"": pair(L.omni_contrast, groups=16, patch=4, pool=4)}),
+        Case("cirkd_channel_minibatch", "pooled", {
+            "": pair(L.cirkd_channel_minibatch, tau=0.1, group_size=2)}),
+        Case("cirkd_channel_mse", "pooled", {"": pair(L.cirkd_channel_mse)}),
+        Case("cirkd_channel_memory", "pooled", {"with update": cirkd_channel_memory()}, stateful=True),
     ]
 
 
@@ -282,20 +359,14 @@ class JaxStep:
         self.rest = {k: jnp.asarray(v) for k, v in inputs.items() if k != "student"}
         start = time.perf_counter()
         if stateful:
-            from kdjax import losses as L
-
+            self.memory_loss = fn  # a Memory
             self.key = jax.random.PRNGKey(1)
-            self.state = L.init_cirkd_memory(jax.random.PRNGKey(0), CLASSES, TEACHER_C)
+            self.state = fn.init(jax.random.PRNGKey(0), self.student, self.rest)
 
             def step(memory, student, rest, key):
                 key_update, key_loss = jax.random.split(key)
-                memory = L.update_cirkd_memory(memory, rest["teacher"], rest["labels"], key_update)
-
-                def loss(s):
-                    pixel, region = L.cirkd_memory(s, rest["teacher"], rest["labels"], memory, key_loss)
-                    return pixel + region
-
-                value, grad = jax.value_and_grad(loss)(student)
+                memory = fn.update(memory, rest, key_update)
+                value, grad = jax.value_and_grad(lambda s: fn.loss(s, rest, memory, key_loss))(student)
                 return memory, value, grad
 
             self.compiled = jax.jit(step, donate_argnums=0).lower(
@@ -311,28 +382,21 @@ class JaxStep:
         self.runnable = self.peak_bytes <= max_bytes
 
     def draws(self) -> dict:
-        """The CIRKD memory random choices of the next step, for the PyTorch check."""
+        """The memory's random choices of the next step, for the PyTorch check."""
         import jax
         import numpy as np
         import torch
 
-        M = importlib.import_module("kdjax.losses.cirkd_memory")
-
         key_update, key_loss = jax.random.split(self.key)
-        teacher = self.rest["teacher"]
-        _, h, w, _ = teacher.shape
-        flat = M._flat_labels(self.rest["labels"], h, w, CLASSES, IGNORE)
-        _, positions = M._update(self.state, teacher, flat, key_update, count=16, pixel_pool="first_n")
-        pixel_index, region_index = M._contrast_indices(key_loss, self.state, 4096, 1024)
-        return {name: torch.from_numpy(np.asarray(x).astype(np.int64)) for name, x in
-                (("positions", positions), ("pixel_index", pixel_index), ("region_index", region_index))}
+        draws = self.memory_loss.draws(self.state, self.rest, key_update, key_loss)
+        return {name: torch.from_numpy(np.asarray(x).astype(np.int64)) for name, x in draws.items()}
 
     def memory_state(self) -> dict:
+        """A copy of the state's arrays by field name, as PyTorch tensors."""
         import numpy as np
         import torch
 
-        return {name: torch.from_numpy(np.array(getattr(self.state, name)))
-                for name in ("pixel_queue", "pixel_ptr", "region_queue", "region_ptr")}
+        return {name: torch.from_numpy(np.array(value)) for name, value in self.state._asdict().items()}
 
     def __call__(self):
         import jax
@@ -638,7 +702,8 @@ def table(result: dict) -> str:
         "(torch.profiler). Every case first checks that both values agree within "
         f"{result['rtol']:g} relative; 'grad diff' is ‖g_kdjax − g_torch‖/‖g_torch‖. PyTorch computes "
         "PFS and CIRKD memory image by image and CIRKD mini-batch pair by pair, back-propagating each "
-        "part before forming the next (`benchmarks/torch_losses.py`). A kdjax variant whose compiled peak "
+        "part before forming the next (`benchmarks/torch_losses.py`). BPKD's ground truth has one class "
+        f"per {REGION}×{REGION} block of logit pixels. A kdjax variant whose compiled peak "
         f"exceeds {result['settings']['max_gb']:g} GB is not run (its MB column shows that estimate); "
         "torch.compile is not tried when one eager step takes longer than "
         f"{result['settings'].get('compile_max_step', 20):g} s. Repetitions: as many as fit in "
@@ -657,8 +722,10 @@ def table(result: dict) -> str:
     for size in result["sizes"]:
         n, h, w = SIZES[size]
         lines += [
-            "", f"**{size}**: N = {n}, {h}×{w}; logits {CLASSES} classes, features {STUDENT_C} (student) / "
-            f"{TEACHER_C} (teacher) channels, {TEACHER_C} for both where the shapes must match.", "",
+            "", (f"**{size}**: N = {n}, {h}×{w}; logits {CLASSES} classes, features {STUDENT_C} (student) / "
+                 f"{TEACHER_C} (teacher) channels, {TEACHER_C} for both where the shapes must match; "
+                 f"CIRKDv2 channel losses on the {CHANNEL_POOL}×{CHANNEL_POOL}-pooled "
+                 f"{-(-h // CHANNEL_POOL)}×{-(-w // CHANNEL_POOL)} maps."), "",
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
         ]
         for r in (r for r in result["cases"] if r["size"] == size):

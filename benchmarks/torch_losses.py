@@ -4,7 +4,7 @@ Each loss computes the formula documented in ``kdjax.losses`` (with the options 
 in NCHW float32, the way a PyTorch user would write it: vectorised tensor code with the library's
 fused primitives (``log_softmax``, ``kl_div``, ``instance_norm``, ``bmm`` …). Loops remain only
 where the formula itself is a loop: the CIRKD queue update visits every image and class in turn,
-as the original code does.
+as the original code does (the CIRKDv2 channel queue takes one batch of rows at a time).
 
 A loss is a :class:`TorchLoss`: a scalar ``term`` function and a ``plan`` that turns the inputs into
 the list of calls of ``term`` whose weighted sum is the loss. Most losses are one call over the whole
@@ -12,7 +12,8 @@ batch. PFS and CIRKD memory are split into per-image terms and CIRKD mini-batch 
 terms, each back-propagated before the next is formed, which is how these losses fit in memory in
 PyTorch at Cityscapes size (one image's P×P maps, 268 MB each at 64×128, instead of the whole
 batch's). SKD pair-wise pools 2×2 first and runs on the whole batch. ``plan`` also does the work
-that needs no gradient (the CIRKD queue update and the sampling of its contrast sets).
+that needs no gradient (the CIRKD queue updates and the sampling of their contrast sets, BPKD's
+edge and body regions).
 ``torch.compile`` is applied to ``term``.
 
 Teacher tensors never require a gradient; the gradient is taken with respect to the student input.
@@ -162,6 +163,55 @@ def fakd_cwd(s: Tensor, t: Tensor, kernel: Tensor, variance: Tensor, labels: Ten
     return tau**2 * torch.sum(log_q.exp() * (term + log_q)) / (n * k)
 
 
+def boundary_regions(labels: Tensor, height: int, width: int, num_classes: int, band: int = 1,
+                     ignore_label: int = 255) -> tuple[Tensor, Tensor]:
+    """BPKD's (edge, body) regions, bool (N, H, W) each, from labels nearest-resized to the logits:
+    a labelled pixel is an edge pixel when its (2·band+1)² window (cut at the border) holds a
+    labelled pixel of another class, i.e. when the window's largest or smallest valid class differs
+    from its own (``max_pool2d`` of the classes, with the invalid pixels out of both)."""
+    y = _nearest_labels(labels, height, width)
+    valid = (y >= 0) & (y < num_classes) & (y != ignore_label)
+    classes = y.float()[:, None]
+    side = 2 * band + 1
+    top = F.max_pool2d(classes.masked_fill(~valid[:, None], float("-inf")), side, 1, band)
+    bottom = -F.max_pool2d((-classes).masked_fill(~valid[:, None], float("-inf")), side, 1, band)
+    edge = valid & ((top[:, 0] > y) | (bottom[:, 0] < y))
+    return edge, valid & ~edge
+
+
+def bpkd(s: Tensor, t: Tensor, edge: Tensor, body: Tensor, edge_weight: float = 1.0,
+         body_weight: float = 3.0, edge_tau: float = 1.0, body_tau: float = 4.0) -> Tensor:
+    """λ_e·τ_e²·mean over the edge pixels of KL(softmax(t/τ_e) ‖ softmax(s/τ_e)) over the classes
+    + λ_b·CWD over the body pixels: τ_b²/(N_B·K) Σ_{n,k} KL of the spatial softmaxes of z/τ_b over
+    image n's body pixels (the other pixels leave the softmax; N_B: images with a body pixel)."""
+    k = s.shape[1]
+    kl = F.kl_div(F.log_softmax(s / edge_tau, dim=1), F.log_softmax(t / edge_tau, dim=1),
+                  reduction="none", log_target=True).sum(1)                       # (N, H, W)
+    edge_loss = edge_tau**2 * (kl * edge).sum() / edge.sum().clamp(min=1)
+    has_body = body.flatten(1).any(1)                                               # (N,)
+    # Images without a body pixel keep every position in the softmax and are left out below.
+    out = (~body & has_body[:, None, None]).flatten(1)[:, None]                     # (N, 1, P)
+    log_p_s = F.log_softmax((s.flatten(2) / body_tau).masked_fill(out, float("-inf")), dim=-1)
+    log_p_t = F.log_softmax((t.flatten(2) / body_tau).masked_fill(out, float("-inf")), dim=-1)
+    terms = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)         # (N, K, P)
+    inside = body.flatten(1)[:, None] & has_body[:, None, None]
+    body_loss = (body_tau**2 * torch.where(inside, terms, 0.0).sum()
+                 / (has_body.sum().clamp(min=1) * k))
+    return edge_weight * edge_loss + body_weight * body_loss
+
+
+def bpkd_plan(num_classes: int) -> Callable[[dict], list[Call]]:
+    """One call on the whole batch, the regions found first (they need no gradient)."""
+
+    def plan(inputs):
+        s = inputs["student"]
+        with torch.no_grad():
+            edge, body = boundary_regions(inputs["labels"], s.shape[2], s.shape[3], num_classes)
+        return [((s, inputs["teacher"], edge, body), 1.0)]
+
+    return plan
+
+
 # --------------------------------------------------------------------------------------------------
 # Feature losses.
 
@@ -179,6 +229,37 @@ def attention_transfer(s: Tensor, t: Tensor) -> Tensor:
 
 def fitnet(s: Tensor, t: Tensor) -> Tensor:
     return F.mse_loss(s, t)
+
+
+def feature_reconstruction(g: Tensor, t: Tensor) -> Tensor:
+    """Af-DCD's masked-generation term: Σ (G − T)² / N."""
+    return F.mse_loss(g, t, reduction="sum") / g.shape[0]
+
+
+def omni_contrast(g: Tensor, t: Tensor, groups: int = 16, patch: int = 4, pool: int = 4,
+                  tau: float = 0.07) -> Tensor:
+    """Af-DCD's omni-contrast term: both maps max-pooled (``pool``×``pool``, stride ``pool``), cut
+    into patch×patch patches and the channels into ``groups`` groups; within a patch every
+    (position, group) vector of G has logits −‖g − t‖₁/τ (``torch.cdist``, p = 1) against the
+    teacher's vector of the same position and group (the positive) and those of every other group
+    at any position (the negatives); the loss is the summed cross-entropy of the positive over
+    N·H'·W'."""
+    g, t = F.max_pool2d(g, pool), F.max_pool2d(t, pool)
+    n, c, h, w = g.shape
+
+    def vectors(x):       # (N·patches, K, C/M), vector k = position (k // M) of the patch, group k % M
+        x = x.reshape(n, groups, c // groups, h // patch, patch, w // patch, patch)
+        x = x.permute(0, 3, 5, 4, 6, 1, 2)
+        return x.reshape(-1, patch * patch * groups, c // groups)
+
+    logits = -torch.cdist(vectors(g), vectors(t), p=1) / tau                        # (B, K, K)
+    k, device = logits.shape[-1], logits.device
+    group = torch.arange(k, device=device) % groups
+    same_group_elsewhere = ((group[:, None] == group[None, :])
+                            & ~torch.eye(k, dtype=torch.bool, device=device))
+    logits = logits.masked_fill(same_group_elsewhere, float("-inf"))
+    target = torch.arange(k, device=device).expand(logits.shape[0], k)
+    return F.cross_entropy(logits.transpose(1, 2), target, reduction="sum") / (n * h * w)
 
 
 def ifvd(s: Tensor, t: Tensor, labels: Tensor, num_classes: int = 19,
@@ -339,6 +420,77 @@ def cirkd_memory_plan(pixel_contrast: int = 4096, region_contrast: int = 1024,
 
 
 # --------------------------------------------------------------------------------------------------
+# CIRKDv2 channel losses, on the 4×4-pooled (and, for the student, projected) features: every
+# channel's map over the P' positions, L2-normalised, is one embedding.
+
+def channel_embeddings(x: Tensor) -> Tensor:
+    """(N, C, H', W') -> (N, C, P'), each channel's map L2-normalised over the positions."""
+    return F.normalize(x.flatten(2), dim=2)
+
+
+def cirkd_channel_minibatch(s: Tensor, t: Tensor, tau: float = 0.1, group_size: int = 2) -> Tensor:
+    """Mean over groups of 1/B² Σ_{i,j} 1/C Σ_rows KL(softmax(E^T_i E^Tᵀ_j/τ) ‖ softmax(E^S_i E^Sᵀ_j/τ)),
+    every ordered pair (i, j) of a group of B images at once."""
+    n, c = s.shape[:2]
+
+    def maps(x):
+        e = channel_embeddings(x).reshape(n // group_size, group_size, c, -1)       # (G, B, C, P')
+        return torch.einsum("gicp,gjdp->gijcd", e, e) / tau                       # (G, B, B, C, C)
+
+    log_p_s = F.log_softmax(maps(s), dim=-1)
+    log_p_t = F.log_softmax(maps(t), dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) / (n * group_size * c)
+
+
+def cirkd_channel_mse(s: Tensor, t: Tensor) -> Tensor:
+    """mean_{n,c,p} (s − t)² of the channel embeddings."""
+    return F.mse_loss(channel_embeddings(s), channel_embeddings(t))
+
+
+def cirkd_channel_contrast(s: Tensor, t: Tensor, contrast: Tensor, tau: float = 0.1,
+                           kd_tau: float = 1.0) -> Tensor:
+    """kd_tau² · mean over the N·C channel rows of KL(softmax(t·Qᵀ/τ/kd_tau) ‖ softmax(s·Qᵀ/τ/kd_tau))."""
+    rows_s = channel_embeddings(s).flatten(0, 1)                                    # (N·C, P')
+    rows_t = channel_embeddings(t).flatten(0, 1)
+    log_p_s = F.log_softmax(rows_s @ contrast.T / (tau * kd_tau), dim=1)
+    log_p_t = F.log_softmax(rows_t @ contrast.T / (tau * kd_tau), dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * kd_tau**2
+
+
+def cirkd_channel_memory_plan(channel_contrast: int = 2048,
+                              channels_per_step: int = 256) -> Callable[[dict], list[Call]]:
+    """Enqueues k = min(N·C, 256) random teacher channel rows (normalised once more) into the ring
+    queue at its pointer (into the last k slots with the pointer reset to 0 once ptr + k reaches the
+    size), samples ``randperm(S)[:2048]`` queue rows as the contrast set (or takes
+    ``inputs['draws']``), then one call on the whole batch."""
+
+    def plan(inputs):
+        s, t, state = inputs["student"], inputs["teacher"], inputs["memory"]
+        draws = inputs.get("draws")
+        with torch.no_grad():
+            queue = state["queue"]
+            size = queue.shape[0]
+            rows = channel_embeddings(t).flatten(0, 1)
+            k = min(rows.shape[0], channels_per_step)
+            order = (torch.randperm(rows.shape[0], device=rows.device)[:k] if draws is None
+                     else draws["order"])
+            rows = F.normalize(rows[order], dim=1)
+            ptr = int(state["ptr"])
+            if ptr + k >= size:
+                queue[size - k:] = rows
+                state["ptr"].fill_(0)
+            else:
+                queue[ptr:ptr + k] = rows
+                state["ptr"].fill_(ptr + k)
+            index = (torch.randperm(size, device=queue.device)[:min(channel_contrast, size)]
+                     if draws is None else draws["contrast_index"])
+            contrast = queue[index]
+        return [((s, t, contrast), 1.0)]
+
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
 # The losses by kdjax name, with the benchmark's options.
 
 def losses(strength: float, num_classes: int = 19) -> dict[str, TorchLoss]:
@@ -364,5 +516,11 @@ def losses(strength: float, num_classes: int = 19) -> dict[str, TorchLoss]:
         "fakd_kd": TorchLoss(with_strength(fakd_kd), whole(*fakd)),
         "fakd_cwd": TorchLoss(with_strength(fakd_cwd), whole(*fakd)),
         "cross_entropy": TorchLoss(cross_entropy, whole("student", "labels")),
+        "bpkd": TorchLoss(bpkd, bpkd_plan(num_classes)),
+        "feature_reconstruction": TorchLoss(feature_reconstruction, whole(*st)),
+        "omni_contrast": TorchLoss(omni_contrast, whole(*st)),
+        "cirkd_channel_minibatch": TorchLoss(cirkd_channel_minibatch, whole(*st)),
+        "cirkd_channel_mse": TorchLoss(cirkd_channel_mse, whole(*st)),
+        "cirkd_channel_memory": TorchLoss(cirkd_channel_contrast, cirkd_channel_memory_plan()),
     }
 
