@@ -31,6 +31,8 @@ def _demo():
     config.data.synthetic.width = 128
     config.data.crop_size = (64, 128)
     config.data.normalization = "imagenet"
+    # Render the scenes once per process: every run of the comparison reads the same ones.
+    config.data.cache = True
 
     config.teacher.name = "deeplabv3_resnet18"
     config.teacher.width_multiplier = 0.5

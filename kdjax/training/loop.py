@@ -77,6 +77,7 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
             "student": _json_spec(exp.student_spec)}
     checkpoints = workdir / "checkpoints"
     last_metrics: dict[str, float] = {}
+    evaluated: dict[int, dict] = {}   # step → its evaluation, for the reported checkpoint
 
     def save(step: int) -> None:
         check_finite(state, checkpoints)
@@ -106,6 +107,7 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
                 if step % config.train.eval_every == 0 or final:
                     check_finite(state, checkpoints)
                     result = exp.evaluate(state)
+                    evaluated = {step: result}
                     logger.write(step, {"miou": result["miou"],
                                         "pixel_accuracy": result["pixel_accuracy"]}, prefix="val")
                     checkpointer.save_best(step, state, meta={**meta, "data_step": step,
@@ -121,12 +123,15 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
         checkpointer.wait_until_finished()
         reported, saved_meta, rule = restore_reported(checkpointer, exp.abstract_state,
                                                       config.eval.checkpoint)
-        evaluation = saved_meta["eval"] if rule == "best" else exp.evaluate(reported)
+        reported_step = int(jax.device_get(reported.step))
+        if rule == "best":
+            evaluation = saved_meta["eval"]
+        else:  # the last checkpoint: evaluated at its step already, unless the run resumed there
+            evaluation = evaluated.get(reported_step) or exp.evaluate(reported)
     finally:
         profile.close()
         checkpointer.close()
         logger.close()
     return RunResult(step=int(jax.device_get(state.step)), metrics=last_metrics,
-                     eval={**evaluation, "checkpoint": rule,
-                           "checkpoint_step": int(jax.device_get(reported.step))},
+                     eval={**evaluation, "checkpoint": rule, "checkpoint_step": reported_step},
                      state=reported, workdir=workdir)

@@ -1,5 +1,6 @@
 """results.json / results.md / results.png and the per-class table, with hand-computed numbers."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ from PIL import Image
 
 from kdjax.evaluation import EvalMode, segmentation_metrics
 from kdjax.evaluation.report import (STUDENT_ALONE, TEACHER, ResultRow, load_results, metrics_table,
+                                     results_markdown,
                           write_results)
 
 CLASSES = ["road", "car"]
@@ -37,7 +39,7 @@ def test_results_files(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert len(rows) == 7
     assert set(rows[0]) == {"method", "seed", "miou", "per_class_iou", "eval_mode", "checkpoint",
-                            "checkpoint_path"}
+                            "checkpoint_path", "steps", "step_seconds", "step_flops"}
     assert rows[2]["per_class_iou"] == {"road": None, "car": None}
     assert load_results(tmp_path) == _rows()
 
@@ -46,11 +48,12 @@ def test_results_files(tmp_path):
     # 'better': pooled variance (2·1.5833 + 2·0.5833)/4 = 1.0833, SE = √(1.0833·2/3) = 0.850, and
     # 2.67 > 2·0.850; the single-seed teacher: (0 + 2·1.5833)/2, SE = √(1.5833·4/3) = 1.453.
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert table[0] == "| method | seeds | mIoU | Δ vs student alone | better | road | car |"
+    assert table[0] == ("| method | seeds | mIoU | Δ vs student alone | better | step (ms) | steps "
+                        "| cost (s) | TFLOP | road | car |")
     assert table[1:] == [
-        "| teacher | 1 | 78.00 | +6.83 | yes | 90.00 | 50.00 |",
-        "| student alone | 3 | 71.17 ± 1.26 | — | — | 79.50 | 11.00 |",
-        "| cwd | 3 | 73.83 ± 0.76 | +2.67 | yes | 81.00 | — |",
+        "| teacher | 1 | 78.00 | +6.83 | yes | — | — | — | — | 90.00 | 50.00 |",
+        "| student alone | 3 | 71.17 ± 1.26 | — | — | — | — | — | — | 79.50 | 11.00 |",
+        "| cwd | 3 | 73.83 ± 0.76 | +2.67 | yes | — | — | — | — | 81.00 | — |",
     ]
     assert np.isclose(np.std([70.0, 71.0, 72.5], ddof=1), 1.2583, atol=1e-4)
     assert "Evaluation: whole, scale 1.0." in markdown
@@ -73,7 +76,7 @@ def test_mixed_protocols_are_spelled_out_per_method(tmp_path):
 
 def test_without_a_student_alone_row_delta_is_a_dash(tmp_path):
     markdown = write_results(tmp_path, [_row("cwd", 0, 73.0, 80.0)], CLASSES)
-    assert "| cwd | 1 | 73.00 | — | — | 80.00 | — |" in markdown
+    assert "| cwd | 1 | 73.00 | — | — | — | — | — | — | 80.00 | — |" in markdown
 
 
 def test_better_says_no_or_unclear_within_twice_the_standard_error(tmp_path):
@@ -112,3 +115,22 @@ def test_row_and_table_from_metrics():
                                      "Checkpoint: last (final step). Values in %.")
     assert "| road | 75.00 |" in table and "| **mIoU** | 62.50 |" in table
     assert "| pixel accuracy | 80.00 |" in table
+
+
+def test_costs_are_means_over_seeds_and_a_matched_budget_ranks_the_students(tmp_path):
+    def costed(method, seed, miou, steps, seconds):
+        return dataclasses.replace(_row(method, seed, miou, 80.0), steps=steps,
+                                   step_seconds=seconds, step_flops=2e9)
+    rows = [costed(STUDENT_ALONE, 0, 70.0, 100, 0.5), costed(STUDENT_ALONE, 1, 72.0, 100, 0.7),
+            costed("cwd", 0, 71.0, 50, 1.2), costed("cwd", 1, 71.5, 48, 1.25)]
+    markdown = results_markdown(rows, CLASSES, budget="seconds budget: 60s per run",
+                                matched=True)
+    lines = markdown.splitlines()
+    assert "| student alone | 2 | 71.00 ± 1.41 | — | — | 600.0 | 100 | 60.0 | 0.2 |" in markdown
+    assert "| cwd | 2 | 71.25 ± 0.35 | +0.25 | unclear | 1225.0 | 49 | 60.0 | 0.098 |" in markdown
+    assert "Budget: seconds budget: 60s per run." in lines
+    ranking = lines[lines.index("## Ranking under the matched budget (seconds budget: 60s per run)"):]
+    ranked = [line.split(" | ")[1] for line in ranking if line.startswith("| 1 ") or
+              line.startswith("| 2 ")]
+    assert ranked == ["cwd", STUDENT_ALONE]
+    assert "## Ranking" not in results_markdown(rows, CLASSES, budget="equal steps")

@@ -87,6 +87,7 @@ def test_compare_under_the_student_alones_budget(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+@pytest.mark.slow
 def test_compare_under_a_fixed_flop_budget_trains_the_steps_it_affords(tmp_path):
     probe = compare.run_compare(_demo("steps"), tmp_path / "probe")
     flops = {r.method: r.step_flops for r in probe}

@@ -36,18 +36,22 @@ def test_a_bfloat16_step_is_close_to_the_float32_step_and_keeps_float32_state(mo
             return _original(student, teacher, *args, **kwargs)
         monkeypatch.setattr(losses, name, spy)
 
-    f32, bf16 = _experiment("float32"), _experiment("bfloat16")
+    # setup traces the step (its pairing check), which hands every loss its inputs.
+    experiments = {}
+    for name in ("float32", "bfloat16"):
+        received.clear()
+        experiments[name] = _experiment(name)
+        # Every loss is handed float32 (docs/methods.md §9.1), also from bfloat16 networks.
+        assert received and all(d == (jnp.float32, jnp.float32) for d in received)
+    f32, bf16 = experiments["float32"], experiments["bfloat16"]
     assert f32.teacher.dtype == jnp.float32 and bf16.teacher.dtype == jnp.bfloat16
     student_out = jax.eval_shape(lambda x: bf16.merge(bf16.init_state()).student(x, train=False),
                                  jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32))
     assert student_out.logits.dtype == jnp.bfloat16
     metrics = {}
     for name, exp in (("float32", f32), ("bfloat16", bf16)):
-        received.clear()
         state, step_metrics = exp.step(exp.init_state(), _batch(exp))
         metrics[name] = {k: float(v) for k, v in step_metrics.items()}
-        # Every loss is handed float32 (docs/methods.md §9.1), also from bfloat16 networks.
-        assert received and all(d == (jnp.float32, jnp.float32) for d in received)
         assert {x.dtype for x in jax.tree.leaves((state.params, state.rest, state.opt_state))
                 if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
     for key in ("ce", "loss", "kd/cwd", "kd/nfd"):

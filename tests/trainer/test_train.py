@@ -307,8 +307,9 @@ def test_a_stop_signal_saves_the_next_step_and_a_rerun_ends_like_an_uninterrupte
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_a_second_signal_exits_at_once_and_keeps_the_previous_checkpoint(tiny, tmp_path):
-    stopped = tmp_path / "stopped"
+def _signal_twice(stopped: Path) -> tuple[int, str]:
+    """SIGTERM once checkpoint 2 is written, then SIGINT as soon as the first is acknowledged;
+    returns the exit status and the stderr."""
     proc = _train_process(stopped)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -325,8 +326,18 @@ def test_a_second_signal_exits_at_once_and_keeps_the_previous_checkpoint(tiny, t
         reader.join(timeout=60)
     finally:
         proc.kill()
-    stderr = "".join(lines)
-    assert proc.returncode == 128 + signal.SIGINT, stderr
+    return proc.returncode, "".join(lines)
+
+
+def test_a_second_signal_exits_at_once_and_keeps_the_previous_checkpoint(tiny, tmp_path):
+    # The tiny run's stop can finish before the second signal lands (then it exits as after one
+    # signal); the scenario is tried again in a fresh workdir until the second signal meets it.
+    for attempt in range(4):
+        stopped = tmp_path / f"stopped_{attempt}"
+        returncode, stderr = _signal_twice(stopped)
+        if returncode != 128 + signal.SIGTERM:
+            break
+    assert returncode == 128 + signal.SIGINT, stderr
     assert "second signal (SIGINT): exiting now" in stderr
     with TrainCheckpointer(stopped, async_save=False) as checkpointer:
         state, meta = checkpointer.restore(tiny.abstract_state)
