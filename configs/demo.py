@@ -42,10 +42,10 @@ def _demo():
     config.student.head_width = 32
     config.teacher_steps = 200
 
-    config.train.steps = 60
+    config.train.steps = 50
     config.train.batch_size = 8
     config.train.learning_rate = 0.05
-    config.train.log_every = 30
+    config.train.log_every = 25
     config.train.eval_every = 100
     config.train.checkpoint_every = 100
     config.eval.batch_size = 8

@@ -42,8 +42,8 @@ from kdjax.evaluation.validation import validate
 from kdjax.io.networks import Network, load_teacher
 from kdjax.io.paths import as_path
 from kdjax.runtime.sharding import device_batches, make_mesh
-from kdjax.training.budget import (Budget, StepCost, affordable_steps, measure_step_cost,
-                                   parse_budget, read_cost, write_cost)
+from kdjax.training.budget import (Budget, StepCost, affordable_steps, agreed_cost,
+                                   measure_step_cost, parse_budget, read_cost, write_cost)
 from kdjax.training.resume import check_same_recipe, recipe_fingerprint
 
 RESULT_FILE = "result.json"
@@ -58,14 +58,15 @@ def _run_name(method: str) -> str:
 
 
 def _measured_cost(exp: training.Experiment) -> StepCost:
-    """The cost of one train step of ``exp`` on a batch of its own data."""
+    """The cost of one train step of ``exp`` on a batch of its own data, before training."""
     from kdjax.data.pipeline import make_train_iterator  # tf.data: imported when a pipeline is built
 
     config = exp.config
     batches = make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                   seed=config.seed)
     batch = next(device_batches(batches, exp.mesh))
-    return measure_step_cost(exp.train_step, exp.init_state(), exp.teacher_inputs(), batch)
+    return measure_step_cost(exp.train_step, exp.init_state(), exp.teacher_inputs(), batch,
+                             flops=exp.step_flops())
 
 
 def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method: str, seed: int,
@@ -77,8 +78,9 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
     measured step cost (None for a run finished before costs were kept, under equal steps).
 
     Under a matched ``budget`` the run trains the steps its cost affords (``reference``: the
-    student alone's cost, for a budget relative to it). The cost is measured once, before
-    training, and kept in WORKDIR/cost.json, so that a resumed run trains to the same step.
+    student alone's cost, for a budget relative to it): the cost is measured once, before
+    training, and kept in WORKDIR/cost.json, so that a resumed run trains to the same step. Under
+    equal steps the run's own first steps after compilation give it.
     """
     result_path = workdir / RESULT_FILE
     run_config = ml_collections.ConfigDict(config.to_dict())
@@ -102,14 +104,18 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
         check_same_recipe(saved["recipe"], run_config, workdir)
         return report.ResultRow(**saved["row"]), cost
     exp = training.setup(run_config, mesh=mesh)
-    if cost is None:
+    if cost is None and budget.matched:  # the steps depend on it: measured before training
         cost = _measured_cost(exp)
         write_cost(workdir / COST_FILE, cost)
-    steps = affordable(cost)
+    steps = affordable(cost) if budget.matched else run_config.train.steps
     if steps != run_config.train.steps:
         run_config.train.steps = steps
         exp = training.setup(run_config, mesh=mesh)
     result = training.run_training(exp, workdir, label=f"{method} seed {seed} ")
+    if cost is None:  # equal steps: the run's own first steps after compilation
+        seconds = result.step_seconds or _measured_cost(exp).seconds
+        cost = agreed_cost(seconds, exp.step_flops())
+        write_cost(workdir / COST_FILE, cost)
     model_dir = exp.export(result.state, workdir / MODEL_DIR)
     evaluation = result.eval
     row = report.ResultRow(

@@ -13,9 +13,10 @@ compute. ``config.budget`` makes the comparison compute-matched instead:
   every method is held to its cost.
 
 A run's schedule (learning-rate decay, weight ramps) is stretched or shrunk to the steps it can
-afford. Step time is measured on the compiled step, after compilation, on one batch of the run's
-own data, as the median of a few steps: it holds the teacher's forward pass and every term, and
-not the input pipeline, which every method shares.
+afford. Step time is the median of a few steps after compilation, each waited for: under a
+matched budget on one batch of the run's own data before it trains, under equal steps on the
+run's first steps. It holds the teacher's forward pass and every term, and not the input
+pipeline, which every method shares.
 """
 
 from __future__ import annotations
@@ -102,36 +103,63 @@ class StepCost:
 
 
 def step_flops(jitted, *args) -> float | None:
-    """The FLOPs of ``jitted(*args)`` from XLA's cost analysis of the lowered program."""
-    analysis = jitted.lower(*args).cost_analysis()
+    """The FLOPs of ``jitted(*args)`` (arrays or ``jax.ShapeDtypeStruct``) from XLA's cost
+    analysis of the lowered program. ``trace`` reuses a trace the function already has."""
+    analysis = jitted.trace(*args).lower().cost_analysis()
     if isinstance(analysis, (list, tuple)):  # one entry per program in older JAX releases
         analysis = analysis[0] if analysis else None
     flops = (analysis or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
 
 
-def measure_step_cost(step, state, teacher_variables, batch, *,
+class StepTimer:
+    """Times train steps after the first (which compiles): each step it is given a finished step
+    of, up to ``timed_steps``. ``seconds`` is their median, or None before any."""
+
+    def __init__(self, timed_steps: int = TIMED_STEPS):
+        self.timed_steps = timed_steps
+        self.times: list[float] = []
+        self._started: float | None = None
+        self._skipped = False
+
+    @property
+    def done(self) -> bool:
+        return len(self.times) >= self.timed_steps
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def stop(self, outputs) -> None:
+        """Waits for the step's ``outputs`` and records it (the first one only compiles)."""
+        jax.block_until_ready(outputs)
+        if self._skipped:
+            self.times.append(time.perf_counter() - self._started)
+        self._skipped = True
+
+    @property
+    def seconds(self) -> float | None:
+        return statistics.median(self.times) if self.times else None
+
+
+def agreed_cost(seconds: float, flops: float | None) -> StepCost:
+    """The cost every process uses: process 0's, so that all agree on the steps to train."""
+    seconds, flops = multihost_utils.broadcast_one_to_all(
+        np.array([seconds, -1.0 if flops is None else flops], np.float64))
+    return StepCost(seconds=float(seconds), flops=None if flops < 0 else float(flops))
+
+
+def measure_step_cost(step, state, teacher_variables, batch, *, flops: float | None,
                       timed_steps: int = TIMED_STEPS) -> StepCost:
     """The cost of ``step(state, teacher_variables, batch)``, a jitted train step that donates its
-    state: compiled and run once first, then timed over ``timed_steps`` steps (the median). The
-    steps run on a copy of ``state``, which is left as it was.
-
-    Every process gets the same numbers (process 0's), so that all agree on the steps to train.
-    """
-    flops = step_flops(step, state, teacher_variables, batch)
-    scratch = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
-    scratch, metrics = step(scratch, teacher_variables, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(timed_steps):
-        start = time.perf_counter()
-        scratch, metrics = step(scratch, teacher_variables, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    del scratch
-    seconds, flops = multihost_utils.broadcast_one_to_all(
-        np.array([statistics.median(times), -1.0 if flops is None else flops], np.float64))
-    return StepCost(seconds=float(seconds), flops=None if flops < 0 else float(flops))
+    state: compiled and run once first, then timed over ``timed_steps`` steps (the median).
+    ``state`` is consumed: pass one that is not needed afterwards (e.g. a fresh initial state).
+    ``flops``: the step's FLOPs (:func:`step_flops`)."""
+    timer = StepTimer(timed_steps)
+    while not timer.done:
+        timer.start()
+        state, metrics = step(state, teacher_variables, batch)
+        timer.stop(metrics)
+    return agreed_cost(timer.seconds, flops)
 
 
 def affordable_steps(budget: Budget, cost: StepCost, steps: int,

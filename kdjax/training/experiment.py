@@ -34,6 +34,7 @@ from kdjax.io.networks import (Network, build_model, load_backbone_weights, load
 from kdjax.models.layers import set_batch_norm_groups
 from kdjax.runtime import sharding
 from kdjax.runtime.compilation import UNOPTIMIZED
+from kdjax.training.budget import step_flops
 from kdjax.training.optimizer import make_discriminator_optimizer, make_optimizer
 from kdjax.training.state import Trainables, TrainState
 from kdjax.training.step import StepParts, fresh_rng_vars, make_train_step
@@ -70,6 +71,7 @@ class Experiment:
       student_spec: the student's ``build_segmentor`` arguments, plus its compute ``dtype``.
       abstract_state: the :class:`TrainState` as ``jax.ShapeDtypeStruct`` with shardings.
       metric_names: the names of the metrics :meth:`step` returns.
+      abstract_batch: the global batch :attr:`train_step` takes, as ``jax.ShapeDtypeStruct``.
       train_step: the jitted step ``(state, teacher variables, global batch) -> (state,
         metrics)`` with explicit shardings; ``state`` is donated
         (:func:`kdjax.training.step.make_train_step`).
@@ -85,6 +87,7 @@ class Experiment:
     metric_names: tuple[str, ...]
     step_parts: StepParts
     train_step: Any
+    abstract_batch: dict
     _init: Any
 
     @property
@@ -133,6 +136,12 @@ class Experiment:
             _replace_student(state.params, params, part)
             _replace_student(state.rest, stats, part)
         return state
+
+    def step_flops(self) -> float | None:
+        """The floating-point operations XLA counts for one train step (None where it counts
+        none), from the step's abstract arguments: nothing runs."""
+        return step_flops(self.train_step, self.abstract_state, self.teacher_inputs(),
+                          self.abstract_batch)
 
     def merge(self, state: TrainState) -> Trainables:
         """The student and connectors of ``state`` as modules."""
@@ -266,18 +275,19 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     step = jax.jit(make_train_step(parts), donate_argnums=(0,),
                    in_shardings=(state_sh, teacher_sh, sharding.batch_sharded(mesh)),
                    out_shardings=(state_sh, repl))
+    abstract_batch = sharding.placed(
+        {"image": images, "label": jax.ShapeDtypeStruct(images.shape[:3], jnp.int32)},
+        sharding.batch_sharded(mesh))
     if terms:
         # Every term meets its tensors here, abstractly: a pairing that cannot work fails at
         # setup. The step's compilation later reuses this trace.
-        batch = {"image": images, "label": jax.ShapeDtypeStruct(images.shape[:3], jnp.int32)}
-        step.eval_shape(abstract_state, teacher.variables,
-                        sharding.placed(batch, sharding.batch_sharded(mesh)))
+        step.eval_shape(abstract_state, teacher.variables, abstract_batch)
     return Experiment(
         config=config, mesh=mesh, dataset=info, terms=terms, teacher=teacher,
         student_spec={**model_spec(student_config, info.num_classes),
                       "dtype": jnp.dtype(student_config.dtype)},
         abstract_state=abstract_state, metric_names=names, step_parts=parts,
-        train_step=step, _init=_CompiledOnce(init_jit))
+        train_step=step, abstract_batch=abstract_batch, _init=_CompiledOnce(init_jit))
 
 
 class _CompiledOnce:

@@ -20,6 +20,7 @@ from kdjax.io.checkpoints import TrainCheckpointer
 from kdjax.io.paths import as_path
 from kdjax.runtime import sharding
 from kdjax.runtime.preemption import StopRequested, StopRequests
+from kdjax.training.budget import StepTimer
 from kdjax.training.experiment import Experiment
 from kdjax.training.metrics_log import MetricsLog, MetricWindow, Profile
 from kdjax.training.resume import check_same_recipe, recipe_fingerprint, restore_reported
@@ -40,6 +41,8 @@ class RunResult:
                                      # 'checkpoint_step'
     state: TrainState                # the state of the reported checkpoint
     workdir: Any                     # an etils.epath.Path
+    step_seconds: float | None = None   # median time of the steps after compilation (None when
+                                        # this process trained fewer than two steps)
 
 
 def _json_spec(spec: dict) -> dict:
@@ -87,6 +90,8 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     profile = Profile(config.train.profile_steps, workdir / "profile")
     device_batches = sharding.device_batches(batches, exp.mesh)
     input_seconds = 0.0
+    # The first steps after compilation are waited for and timed: the run's step cost.
+    timer = StepTimer()
     try:
         with StopRequests() as stops:
             for step in range(start + 1, steps + 1):
@@ -94,8 +99,13 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
                 batch = next(device_batches)
                 input_seconds += time.perf_counter() - waited
                 profile.step_started(step)
+                timing = not timer.done
+                if timing:
+                    timer.start()
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, metrics = exp.train_step(state, teacher_variables, batch)
+                if timing:
+                    timer.stop(metrics)
                 profile.step_dispatched(step, state)
                 window.add(metrics)
                 final = step == steps
@@ -121,17 +131,21 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
                     checkpointer.wait_until_finished()
                     raise StopRequested(stops.signal_name, step, str(checkpoints / str(step)))
         checkpointer.wait_until_finished()
-        reported, saved_meta, rule = restore_reported(checkpointer, exp.abstract_state,
-                                                      config.eval.checkpoint)
+        if config.eval.checkpoint == "last" and steps in evaluated:
+            # This process trained, saved and evaluated the last step: its state is the one a
+            # restore would read.
+            reported, rule, evaluation = state, "last", evaluated[steps]
+        else:
+            reported, saved_meta, rule = restore_reported(checkpointer, exp.abstract_state,
+                                                          config.eval.checkpoint)
+            evaluation = (saved_meta["eval"] if rule == "best"
+                          else evaluated.get(int(jax.device_get(reported.step)))
+                          or exp.evaluate(reported))
         reported_step = int(jax.device_get(reported.step))
-        if rule == "best":
-            evaluation = saved_meta["eval"]
-        else:  # the last checkpoint: evaluated at its step already, unless the run resumed there
-            evaluation = evaluated.get(reported_step) or exp.evaluate(reported)
     finally:
         profile.close()
         checkpointer.close()
         logger.close()
     return RunResult(step=int(jax.device_get(state.step)), metrics=last_metrics,
                      eval={**evaluation, "checkpoint": rule, "checkpoint_step": reported_step},
-                     state=reported, workdir=workdir)
+                     state=reported, workdir=workdir, step_seconds=timer.seconds)

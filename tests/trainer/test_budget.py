@@ -3,7 +3,7 @@ matched budget every student trains the steps its cost affords, ranked in a seco
 
 import json
 
-import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -12,7 +12,8 @@ from kdjax import training
 from kdjax.commands import compare
 from kdjax.config.loading import load_config
 from kdjax.evaluation import report
-from kdjax.training.budget import (Budget, BudgetError, StepCost, affordable_steps,
+from kdjax.runtime.sharding import global_batch
+from kdjax.training.budget import (Budget, BudgetError, StepCost, StepTimer, affordable_steps,
                                    measure_step_cost, parse_budget)
 from tests.trainer import tiny_config
 
@@ -43,18 +44,31 @@ def test_affordable_steps():
         affordable_steps(Budget("flops", 1e10), StepCost(0.5, None), 120)
 
 
-def test_measuring_a_step_leaves_the_state_alone():
+def test_a_step_is_measured_after_its_compilation_with_xlas_flop_count():
     exp = training.setup(tiny_config.get_config())
-    state = exp.init_state()
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
              "label": rng.integers(0, 19, size=(8, 32, 32)).astype(np.int32)}
-    from kdjax.runtime.sharding import global_batch
     batch = global_batch(batch, exp.mesh)
-    before = jax.tree.map(np.asarray, state.params)
-    cost = measure_step_cost(exp.train_step, state, exp.teacher_inputs(), batch)
-    assert cost.seconds > 0 and cost.flops > 0
-    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state.params))
+    flops = exp.step_flops()
+    assert flops > 0
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return exp.train_step(*args)
+    cost = measure_step_cost(counted, exp.init_state(), exp.teacher_inputs(), batch, flops=flops,
+                             timed_steps=2)
+    assert len(calls) == 3 and cost.seconds > 0 and cost.flops == flops
+
+
+def test_the_timer_leaves_out_the_first_step():
+    timer = StepTimer(timed_steps=2)
+    assert timer.seconds is None
+    for _ in range(3):
+        timer.start()
+        timer.stop(jnp.zeros(()))
+    assert timer.done and len(timer.times) == 2
 
 
 def _demo(budget):
