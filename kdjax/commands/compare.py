@@ -212,6 +212,7 @@ def drawn_overlays(out_dir: Path, sources: dict) -> list[Path] | None:
 def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.ResultRow]:
     """Runs the whole comparison of ``config`` in ``workdir`` and writes the reports."""
     workdir = as_path(workdir)
+    budget = parse_budget(config.budget)  # a bad budget stops before any work
     mesh = make_mesh()
     info = dataset_info(config.data.name)
     rows = []
@@ -231,7 +232,6 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
     if not methods:
         raise ValueError("config.methods is empty: list the student methods to compare, e.g. "
                          "methods.student_alone = ConfigDict() and methods.cwd = <terms>.")
-    budget = parse_budget(config.budget)
     # The baseline first (a budget relative to it needs its cost), then the methods in name order
     # (ConfigDict keeps keys sorted).
     order = sorted(methods, key=lambda m: (m != "student_alone", m))

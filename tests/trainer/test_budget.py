@@ -28,6 +28,12 @@ def test_budgets_parse_and_bad_ones_say_what_is_accepted():
             parse_budget(bad)
 
 
+def test_a_bad_budget_stops_compare_before_any_work(tmp_path):
+    with pytest.raises(BudgetError, match="minutes:3"):
+        compare.run_compare(_demo("minutes:3"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_affordable_steps():
     cost = StepCost(seconds=0.5, flops=4e9)
     assert affordable_steps(Budget("steps"), cost, 120) == 120
