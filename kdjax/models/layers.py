@@ -237,13 +237,35 @@ def _align_corners_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, 
     return lo, hi, (src - lo).astype(np.float32)
 
 
-def _lerp_axis(x: Array, axis: int, n_out: int) -> Array:
-    lo, hi, frac = _align_corners_taps(x.shape[axis], n_out)
+def _half_pixel_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The taps of PyTorch's align_corners=False: row ``i`` samples ``max((i + ½)·n_in/n_out − ½,
+    0)``."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def _lerp_axis(x: Array, axis: int, n_out: int, taps) -> Array:
+    lo, hi, frac = taps(x.shape[axis], n_out)
     shape = [1] * x.ndim
     shape[axis] = n_out
     w = jnp.asarray(frac.reshape(shape), x.dtype)
     x_lo = jnp.take(x, lo, axis=axis)
     return x_lo + (jnp.take(x, hi, axis=axis) - x_lo) * w
+
+
+def _resize(x: Array, size: Sequence[int], taps) -> Array:
+    """(N, H, W, C) → (N, h, w, C), separably along H then W with the given taps."""
+    check_nhwc("x", x)
+    h, w = _pair("size", size, 1)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be floating point; got dtype {x.dtype}")
+    if h != x.shape[1]:
+        x = _lerp_axis(x, 1, h, taps)
+    if w != x.shape[2]:
+        x = _lerp_axis(x, 2, w, taps)
+    return x
 
 
 def resize_bilinear_align_corners(x: Array, size: Sequence[int]) -> Array:
@@ -254,15 +276,17 @@ def resize_bilinear_align_corners(x: Array, size: Sequence[int]) -> Array:
     align_corners=True)``, CIRKD's upsampling of logits, aux logits and ASPP image pooling
     (cirkd-models.md §3.1, §3.3). Keeps x's floating dtype.
     """
-    check_nhwc("x", x)
-    h, w = _pair("size", size, 1)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be floating point; got dtype {x.dtype}")
-    if h != x.shape[1]:
-        x = _lerp_axis(x, 1, h)
-    if w != x.shape[2]:
-        x = _lerp_axis(x, 2, w)
-    return x
+    return _resize(x, size, _align_corners_taps)
+
+
+def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
+    """Bilinear resize of (N, H, W, C) to (N, h, w, C) with ``align_corners=False``.
+
+    Output row ``i`` samples input row ``max((i + 0.5)·H/h − 0.5, 0)``: PyTorch's
+    ``F.interpolate(x, (h, w), mode='bilinear', align_corners=False)`` (no antialiasing), the
+    resize of the SegFormer decoder. Keeps x's floating dtype.
+    """
+    return _resize(x, size, _half_pixel_taps)
 
 
 def _adaptive_bin_matrix(n: int, bins: int) -> np.ndarray:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax.models.layers import BatchNorm2d, Conv2d, Dtype, check_nhwc
+from kdjax.models.layers import BatchNorm2d, Conv2d, Dtype, check_nhwc, resize_bilinear
 
 Array = jax.Array
 
@@ -147,41 +147,6 @@ class LayerNorm(nnx.Module):
         y = centred * jax.lax.rsqrt(var + self.eps)
         y = y * self.scale[...].astype(stat_dtype) + self.bias[...].astype(stat_dtype)
         return y.astype(self.dtype)
-
-
-def _half_pixel_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source rows ``lo``, ``hi`` and weight of ``hi`` for PyTorch's align_corners=False."""
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    return lo, hi, (src - lo).astype(np.float32)
-
-
-def _lerp_half_pixel(x: Array, axis: int, n_out: int) -> Array:
-    lo, hi, frac = _half_pixel_taps(x.shape[axis], n_out)
-    shape = [1] * x.ndim
-    shape[axis] = n_out
-    w = jnp.asarray(frac.reshape(shape), x.dtype)
-    x_lo = jnp.take(x, lo, axis=axis)
-    return x_lo + (jnp.take(x, hi, axis=axis) - x_lo) * w
-
-
-def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
-    """Bilinear resize of (N, H, W, C) to (N, h, w, C) with ``align_corners=False``.
-
-    Output row ``i`` samples input row ``max((i + 0.5)·H/h − 0.5, 0)``: PyTorch's
-    ``F.interpolate(x, (h, w), mode='bilinear', align_corners=False)`` (no antialiasing), the
-    resize of the SegFormer decoder. Keeps x's floating dtype.
-    """
-    check_nhwc("x", x)
-    h, w = (int(s) for s in size)
-    if h < 1 or w < 1:
-        raise ValueError(f"size must be positive; got {tuple(size)!r}")
-    if h != x.shape[1]:
-        x = _lerp_half_pixel(x, 1, h)
-    if w != x.shape[2]:
-        x = _lerp_half_pixel(x, 2, w)
-    return x
 
 
 def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
