@@ -32,18 +32,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kdjax compare --config=configs/demo.py --workdir=runs/demo
 
-# The CamVid comparison at equal steps, then at the student alone's cost with the same teacher
-# (needs ../shared/data/camvid), then their published files in benchmarks/camvid/ (the overlays
-# without dataset pixels: the data's licence).
+# The CamVid comparison at equal steps, then at the student alone's time and at its FLOPs with the
+# same teacher (needs ../shared/data/camvid), then their published files in benchmarks/camvid/ (the
+# overlays without dataset pixels: the data's licence).
 CAMVID_RUN ?= runs/camvid
+CAMVID_MATCHED := seconds flops
 camvid: $(STAMP)
 	$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN)
-	$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN)/matched \
-		--config.budget=seconds:student_alone --config.teacher.checkpoint=$(CAMVID_RUN)/teacher/model
+	for budget in $(CAMVID_MATCHED); do \
+		$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN)/$$budget \
+			--config.budget=$$budget:student_alone \
+			--config.teacher.checkpoint=$(CAMVID_RUN)/teacher/model || exit 1; \
+	done
 	cp $(CAMVID_RUN)/results.json $(CAMVID_RUN)/results.md $(CAMVID_RUN)/results.png benchmarks/camvid/
-	mkdir -p benchmarks/camvid/matched
-	cp $(CAMVID_RUN)/matched/results.json $(CAMVID_RUN)/matched/results.md \
-		$(CAMVID_RUN)/matched/results.png benchmarks/camvid/matched/
+	for budget in $(CAMVID_MATCHED); do \
+		mkdir -p benchmarks/camvid/$$budget && \
+		cp $(CAMVID_RUN)/$$budget/results.json $(CAMVID_RUN)/$$budget/results.md \
+			$(CAMVID_RUN)/$$budget/results.png benchmarks/camvid/$$budget/ || exit 1; \
+	done
 	cp $(CAMVID_RUN)/overlays/predictions_*.png benchmarks/camvid/
 
 # One pytest worker per core (pytest-xdist): compiling is single-threaded, so two workers on two

@@ -8,13 +8,16 @@ it on first use):
 
     kdjax compare --config=configs/camvid/compare.py --workdir=runs/camvid
 
-and the compute-matched comparison of the same methods, every student held to the student alone's
-measured cost (its schedule stretched to the steps it affords), with the teacher trained above:
+and the compute-matched comparisons of the same methods, every student held to the student alone's
+measured time, then to its FLOPs (each schedule stretched to the steps it affords), with the teacher
+trained above:
 
-    kdjax compare --config=configs/camvid/compare.py --workdir=runs/camvid/matched \
+    kdjax compare --config=configs/camvid/compare.py --workdir=runs/camvid/seconds \
         --config.budget=seconds:student_alone --config.teacher.checkpoint=runs/camvid/teacher/model
+    kdjax compare --config=configs/camvid/compare.py --workdir=runs/camvid/flops \
+        --config.budget=flops:student_alone --config.teacher.checkpoint=runs/camvid/teacher/model
 
-`make camvid` runs both.
+`make camvid` runs all three.
 
 Protocol:
 - Half resolution: training images are scaled so that the short side is 180 × U(0.5, 2.0), then

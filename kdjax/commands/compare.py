@@ -41,6 +41,7 @@ from kdjax.evaluation.predictions import network_predictor, write_prediction_ove
 from kdjax.evaluation.validation import validate
 from kdjax.io.networks import Network, load_teacher
 from kdjax.io.paths import as_path
+from kdjax.runtime.compilation import release_compiled_programs
 from kdjax.runtime.sharding import device_batches, make_mesh
 from kdjax.training.budget import (Budget, StepCost, affordable_steps, agreed_cost,
                                    measure_step_cost, parse_budget, read_cost, write_cost)
@@ -224,6 +225,7 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
         row, _ = train_and_report(teacher_config, workdir / "teacher", method=report.TEACHER,
                                   seed=config.seed, student_config=config.teacher,
                                   terms=ml_collections.ConfigDict(), mesh=mesh)
+        release_compiled_programs()
         rows.append(row)
         config.teacher.checkpoint = str(workdir / "teacher" / MODEL_DIR)
     else:
@@ -244,6 +246,7 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
                 config, workdir / _run_name(method) / f"seed_{seed}", method=name, seed=seed,
                 student_config=config.student, terms=terms, mesh=mesh, budget=budget,
                 reference=alone_costs.get(seed))
+            release_compiled_programs()  # a long comparison would run out of memory mappings
             rows.append(row)
             if method == "student_alone":
                 alone_costs[seed] = cost
