@@ -1,4 +1,4 @@
-"""Models with random weights and BN statistics drawn by NumPy, for tests.
+"""Models with random weights and BN statistics, and random inputs, drawn by NumPy, for tests.
 
 Eager construction compiles one random-number program per parameter shape, which dominates a CPU
 test run; building the structure under ``nnx.eval_shape`` and filling it from NumPy costs no
@@ -41,3 +41,8 @@ def random_module(make, seed: int = 0):
         return _draw(rng, name, leaf.shape, leaf.dtype)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+def randn(seed: int, *shape: int) -> jax.Array:
+    """A float32 array of standard normal draws, reproducible from ``seed``."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)

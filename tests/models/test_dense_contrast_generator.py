@@ -9,11 +9,7 @@ from flax import nnx
 from kdjax.losses.dense_contrast import centre_third_keep_mask, random_keep_mask
 from kdjax.models.distill_modules import MaskedGenerator
 from kdjax.models.segmentor import count_params
-from tests.models.random_state import random_module
-
-
-def _randn(seed, *shape):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+from tests.models.random_state import random_module, randn
 
 
 @nnx.jit(static_argnames="train")
@@ -54,7 +50,7 @@ def test_no_align_when_the_channels_match():
     gen = random_module(lambda: MaskedGenerator(16, 16, rngs=nnx.Rngs(0)))
     assert gen.align is None
     assert count_params(gen) == 2 * (9 * 16 * 16 + 16)
-    x = _randn(0, 2, 5, 6, 16)
+    x = randn(0, 2, 5, 6, 16)
     keep = random_keep_mask(jax.random.key(0), (2, 5, 6))
     np.testing.assert_array_equal(gen.masked(x, keep), x * keep[..., None])
 
@@ -62,7 +58,7 @@ def test_no_align_when_the_channels_match():
 @pytest.mark.parametrize("enhanced", [False, True])
 def test_forward_matches_the_formula(enhanced):
     gen = random_module(lambda: MaskedGenerator(8, 16, enhanced=enhanced, rngs=nnx.Rngs(0)), seed=1)
-    x = _randn(1, 2, 5, 6, 8)
+    x = randn(1, 2, 5, 6, 8)
     keep = np.asarray(random_keep_mask(jax.random.key(1), (2, 5, 6)))
     masked = _conv(x, gen.align, 0) * keep[..., None]
     if enhanced:
@@ -78,12 +74,12 @@ def test_forward_matches_the_formula(enhanced):
 
 def test_the_mask_applies_before_the_projector():
     gen = random_module(lambda: MaskedGenerator(8, 16, rngs=nnx.Rngs(0)), seed=2)
-    x = _randn(2, 2, 6, 6, 8)
+    x = randn(2, 2, 6, 6, 8)
     keep = centre_third_keep_mask((2, 6, 6))
     # Dropped positions are 0 after the mask, whatever the input and the align conv's bias there.
     masked = np.asarray(gen.masked(x, keep))
     assert np.all(masked[:, 2:4, 2:4] == 0) and np.any(masked[:, 0, 0] != 0)
-    changed = x.at[:, 2:4, 2:4].set(_randn(3, 2, 2, 2, 8) * 100)
+    changed = x.at[:, 2:4, 2:4].set(randn(3, 2, 2, 2, 8) * 100)
     np.testing.assert_array_equal(run(gen, changed, keep), run(gen, x, keep))
     # The projector still fills the dropped positions in from their neighbours.
     assert np.any(np.asarray(run(gen, x, keep))[:, 2:4, 2:4] != 0)
@@ -100,7 +96,7 @@ def test_bfloat16_compute():
     full = random_module(lambda: make(jnp.float32), seed=3)
     half = random_module(lambda: make(jnp.bfloat16), seed=3)
     assert half.block1.kernel[...].dtype == jnp.float32            # param_dtype stays float32
-    x = _randn(4, 2, 5, 6, 8)
+    x = randn(4, 2, 5, 6, 8)
     keep = random_keep_mask(jax.random.key(2), (2, 5, 6))
     out = run(half, x, keep)
     assert out.dtype == jnp.bfloat16
@@ -111,7 +107,7 @@ def test_bfloat16_compute():
 
 def test_gradients_reach_every_parameter_and_the_input():
     gen = random_module(lambda: MaskedGenerator(8, 16, enhanced=True, rngs=nnx.Rngs(0)), seed=4)
-    x = _randn(5, 2, 5, 6, 8)
+    x = randn(5, 2, 5, 6, 8)
     keep = random_keep_mask(jax.random.key(3), (2, 5, 6))
     grads, x_grad = nnx.grad(lambda m, x: jnp.sum(m(x, keep, train=True) ** 2), argnums=(0, 1))(
         gen, x)
@@ -123,7 +119,7 @@ def test_gradients_reach_every_parameter_and_the_input():
 
 def test_bad_inputs():
     gen = random_module(lambda: MaskedGenerator(8, 16, rngs=nnx.Rngs(0)))
-    x = _randn(6, 2, 5, 6, 8)
+    x = randn(6, 2, 5, 6, 8)
     with pytest.raises(ValueError, match="keep_mask must have shape"):
         gen(x, jnp.ones((2, 6, 5), bool), train=True)
     with pytest.raises(ValueError, match="rank 4"):

@@ -9,13 +9,9 @@ from flax import nnx
 from kdjax.models.distill_modules import (CirkdProjectionHead, Connector, SaganDiscriminator,
                                           SelfAttention, SpectralNormConv2d)
 from kdjax.models.segmentor import count_params
-from tests.models.random_state import random_module
+from tests.models.random_state import random_module, randn
 
 K = 19
-
-
-def _randn(seed, *shape):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 @nnx.jit(static_argnames="train")
@@ -32,7 +28,7 @@ def _state_arrays(module, kind):
 
 def test_connector_maps_channels_with_a_bias_free_linear_map():
     conn = random_module(lambda: Connector(8, 16, rngs=nnx.Rngs(0)))
-    x, y = _randn(0, 2, 5, 7, 8), _randn(1, 2, 5, 7, 8)
+    x, y = randn(0, 2, 5, 7, 8), randn(1, 2, 5, 7, 8)
     assert conn.conv.kernel.shape == (1, 1, 8, 16) and conn.conv.bias is None and conn.bn is None
     out = run(conn, x)
     assert out.shape == (2, 5, 7, 16)
@@ -41,7 +37,7 @@ def test_connector_maps_channels_with_a_bias_free_linear_map():
 
 def test_connector_with_bn_relu():
     conn = random_module(lambda: Connector(8, 16, bn_relu=True, rngs=nnx.Rngs(0)))
-    x = _randn(2, 2, 5, 7, 8)
+    x = randn(2, 2, 5, 7, 8)
     out = run(conn, x)
     assert out.shape == (2, 5, 7, 16) and float(out.min()) == 0.0
     before = _state_arrays(conn, nnx.BatchStat)
@@ -54,7 +50,7 @@ def test_cirkd_projection_head_layout_and_shape():
     assert head.hidden.conv.kernel.shape == (1, 1, 16, 32) and head.hidden.conv.bias is None
     assert head.output.kernel.shape == (1, 1, 32, 32) and head.output.bias is None
     assert count_params(head) == 16 * 32 + 2 * 32 + 32 * 32      # two bias-free convs + BN affine
-    out = run(head, _randn(3, 2, 5, 7, 16))
+    out = run(head, randn(3, 2, 5, 7, 16))
     assert out.shape == (2, 5, 7, 32)
 
 
@@ -77,7 +73,7 @@ def test_power_iteration_normalises_the_top_singular_value_to_one():
     spectrum = [3.0, 1.5, 1.0, 0.8, 0.5, 0.4, 0.2, 0.1]
     kernel = _planted_kernel(spectrum, (4, 4, 3, 8), seed=1)
     conv.conv.kernel[...] = jnp.asarray(kernel)
-    x = _randn(4, 2, 16, 16, 3)
+    x = randn(4, 2, 16, 16, 3)
 
     u_before = np.asarray(conv.u[...])
     run(conv, x)
@@ -101,7 +97,7 @@ def test_spectral_norm_gradient_treats_u_and_v_as_constants():
     """d/dW of (conv(x, W)/σ(W)) with u, v fixed: finite, and no gradient reaches u."""
     conv = random_module(lambda: SpectralNormConv2d(3, 8, 4, stride=2, padding=1,
                                                     rngs=nnx.Rngs(0)))
-    x = _randn(5, 2, 8, 8, 3)
+    x = randn(5, 2, 8, 8, 3)
     grads = nnx.grad(lambda m: jnp.sum(m(x, train=False) ** 2))(conv)
     assert set(nnx.to_flat_state(grads).to_nested_state().keys()) == {"conv", "bias"}
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
@@ -112,7 +108,7 @@ def test_spectral_norm_gradient_treats_u_and_v_as_constants():
 
 def test_self_attention_starts_as_identity_and_matches_the_sagan_formula():
     fresh = SelfAttention(16, rngs=nnx.Rngs(0))
-    x = _randn(6, 2, 3, 5, 16)
+    x = randn(6, 2, 3, 5, 16)
     assert float(fresh.gamma[...][0]) == 0.0
     np.testing.assert_array_equal(fresh(x), x)
 
@@ -152,14 +148,14 @@ def discriminator():
 
 
 def test_discriminator_score_map_shape(discriminator):
-    assert run(discriminator, _randn(7, 2, 64, 64, K)).shape == (2, 1, 1, 1)
+    assert run(discriminator, randn(7, 2, 64, 64, K)).shape == (2, 1, 1, 1)
     # 64×128 logits (a 512×1024 crop at output stride 8): 4×8 after four stride-2 convs.
-    assert run(discriminator, _randn(8, 2, 64, 128, K)).shape == (2, 1, 5, 1)
+    assert run(discriminator, randn(8, 2, 64, 128, K)).shape == (2, 1, 5, 1)
 
 
 def test_discriminator_train_updates_bn_and_u_eval_changes_nothing(discriminator):
     disc = nnx.clone(discriminator)
-    x = _randn(9, 2, 64, 64, K)
+    x = randn(9, 2, 64, 64, K)
     before = _state_arrays(disc, nnx.BatchStat)
     a, b = run(disc, x), run(disc, x)
     np.testing.assert_array_equal(a, b)

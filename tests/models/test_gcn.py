@@ -9,13 +9,9 @@ from flax import nnx
 
 from kdjax.models.distill_modules import CirkdGcn
 from kdjax.models.segmentor import count_params
-from tests.models.random_state import random_module
+from tests.models.random_state import random_module, randn
 
 C = 8
-
-
-def _randn(seed, *shape):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 @nnx.jit(static_argnames="train")
@@ -45,7 +41,7 @@ def test_pytorch_default_initialisation():
 
 def test_shape_relu_output_and_bn_statistics():
     gcn = random_module(lambda: CirkdGcn(C, rngs=nnx.Rngs(0)))
-    x = _randn(0, 2, 5, 6, C)
+    x = randn(0, 2, 5, 6, C)
     out = run(gcn, x)
     assert out.shape == x.shape and out.dtype == jnp.float32 and float(out.min()) == 0.0
     before = [np.asarray(v) for v in jax.tree.leaves(nnx.state(gcn, nnx.BatchStat))]
@@ -58,7 +54,7 @@ def test_bfloat16_compute():
     full = random_module(lambda: CirkdGcn(C, rngs=nnx.Rngs(0)), seed=1)
     half = random_module(lambda: CirkdGcn(C, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), seed=1)
     assert half.node_q.kernel[...].dtype == jnp.float32          # param_dtype stays float32
-    x = _randn(1, 2, 5, 6, C)
+    x = randn(1, 2, 5, 6, C)
     out = run(half, x)
     assert out.dtype == jnp.bfloat16
     expected = np.asarray(run(full, x))
@@ -69,9 +65,9 @@ def test_bfloat16_compute():
 def test_bad_inputs():
     gcn = random_module(lambda: CirkdGcn(C, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="rank 4"):
-        gcn(_randn(2, 5, 6, C), train=False)
+        gcn(randn(2, 5, 6, C), train=False)
     with pytest.raises(ValueError, match="8 channels"):
-        gcn(_randn(2, 2, 5, 6, 4), train=False)
+        gcn(randn(2, 2, 5, 6, 4), train=False)
     with pytest.raises(ValueError, match="at least 2 channels"):
         CirkdGcn(1, rngs=nnx.Rngs(0))
 
@@ -111,7 +107,7 @@ def test_matches_the_original(train):
     reference = Gcn(C)
     reference.load_state_dict(_to_torch(torch, gcn))
     reference.train(train)
-    x = _randn(4, 2, 5, 6, C)
+    x = randn(4, 2, 5, 6, C)
 
     def loss(module, x):
         return jnp.sum(module(x, train) ** 2)

@@ -8,13 +8,9 @@ from flax import nnx
 
 from kdjax.models.heads import (ASPP, DeepLabV3Head, DeepLabV3PlusHead, FCNHead, PSPHead,
                                 aspp_rates)
-from tests.models.random_state import random_module
+from tests.models.random_state import random_module, randn
 
 K = 5
-
-
-def _randn(seed, *shape):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 @nnx.jit(static_argnames="train")
@@ -95,7 +91,7 @@ def heads():
 # Shapes.
 
 def test_head_output_shapes_keep_input_resolution(heads):
-    c4 = _randn(0, 2, 5, 7, C4)
+    c4 = randn(0, 2, 5, 7, C4)
     for name, width in (("deeplabv3", 8), ("psp", 8), ("fcn", C4 // 4)):
         out = run(heads[name], c4)
         assert out["logits"].shape == (2, 5, 7, K), name
@@ -104,7 +100,7 @@ def test_head_output_shapes_keep_input_resolution(heads):
 
 def test_deeplabv3plus_outputs_at_c1_resolution(heads):
     head = heads["plus"]
-    out = run(head, _randn(0, 2, 5, 7, C4), _randn(1, 2, 9, 13, C1))
+    out = run(head, randn(0, 2, 5, 7, C4), randn(1, 2, 9, 13, C1))
     assert out["logits"].shape == (2, 9, 13, K)
     assert out["feature"].shape == (2, 9, 13, 8)
     assert head.low_level.conv.kernel.shape == (1, 1, C1, 48)
@@ -190,7 +186,7 @@ def _assert_close(ours, theirs):
 def test_pyramid_pooling_uneven_bins_match_torch(heads):
     # 7×11: bins 2, 3 and 6 all overlap (PyTorch edges floor(i·n/o)..ceil((i+1)·n/o)).
     psp = heads["psp"].psp
-    x = _randn(1, 2, 7, 11, C4)
+    x = randn(1, 2, 7, 11, C4)
     _assert_close(run(psp, x), _torch_psp(_nchw(x), psp))
 
 
@@ -198,7 +194,7 @@ def test_pyramid_pooling_uneven_bins_match_torch(heads):
 @pytest.mark.parametrize("size", [(5, 7), (38, 42)])
 def test_deeplabv3_head_matches_torch(heads, size):
     head = heads["deeplabv3"]
-    x = _randn(2, 2, *size, C4)
+    x = randn(2, 2, *size, C4)
     out = run(head, x)
     logits, feature = _torch_tail(_torch_aspp(_nchw(x), head.aspp), head)
     _assert_close(out["logits"], logits)
@@ -207,12 +203,12 @@ def test_deeplabv3_head_matches_torch(heads, size):
 
 @needs_torch
 def test_psp_fcn_and_plus_heads_match_torch(heads):
-    x = _randn(3, 2, 7, 11, C4)
+    x = randn(3, 2, 7, 11, C4)
     psp, fcn, plus = heads["psp"], heads["fcn"], heads["plus"]
     _assert_close(run(psp, x)["logits"], _torch_tail(_torch_psp(_nchw(x), psp.psp), psp)[0])
     _assert_close(run(fcn, x)["logits"], _torch_tail(_nchw(x), fcn)[0])
 
-    c1 = _randn(4, 2, 13, 21, C1)
+    c1 = randn(4, 2, 13, 21, C1)
     context = F.interpolate(_torch_aspp(_nchw(x), plus.aspp), (13, 21), mode="bilinear",
                             align_corners=True)
     fused = _torch_cbr(torch.cat([context, _torch_cbr(_nchw(c1), plus.low_level)], 1), plus.fuse)
@@ -224,7 +220,7 @@ def test_psp_fcn_and_plus_heads_match_torch(heads):
 
 def test_eval_is_deterministic_and_changes_nothing(heads):
     head = heads["deeplabv3"]
-    x = _randn(5, 2, 5, 7, C4)
+    x = randn(5, 2, 5, 7, C4)
     before = _state_arrays(head)
     a, b = run(head, x), run(head, x)
     np.testing.assert_array_equal(a["logits"], b["logits"])
@@ -234,7 +230,7 @@ def test_eval_is_deterministic_and_changes_nothing(heads):
 
 def test_train_uses_batch_stats_updates_running_stats_and_drops_out(heads):
     head = nnx.clone(heads["psp"])
-    x = _randn(6, 2, 7, 11, C4)
+    x = randn(6, 2, 7, 11, C4)
     mean_before = np.asarray(head.block.bn.mean[...])
     a = run(head, x, train=True)
     assert not np.allclose(head.block.bn.mean[...], mean_before)
@@ -249,7 +245,7 @@ def test_train_uses_batch_stats_updates_running_stats_and_drops_out(heads):
 
 def test_models_without_dropout_stream_run_in_eval_mode(heads):
     head = random_module(lambda: FCNHead(C4, K, rngs=nnx.Rngs(params=0)))
-    x = _randn(7, 2, 5, 7, C4)
+    x = randn(7, 2, 5, 7, C4)
     assert head(x, train=False)["logits"].shape == (2, 5, 7, K)
     with pytest.raises(ValueError, match="rngs"):
         head(x, train=True)
@@ -260,7 +256,7 @@ def test_models_without_dropout_stream_run_in_eval_mode(heads):
 
 def test_jit_matches_eager_and_bf16_is_close(heads):
     head = heads["deeplabv3"]
-    x = _randn(8, 2, 5, 7, C4)
+    x = randn(8, 2, 5, 7, C4)
     jitted = np.asarray(run(head, x)["logits"])
     eager = np.asarray(head(x, train=False)["logits"])
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
