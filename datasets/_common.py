@@ -19,8 +19,8 @@ import dataclasses
 import io
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
+from etils.epath import Path
 import numpy as np
 import PIL.Image
 import scipy.io

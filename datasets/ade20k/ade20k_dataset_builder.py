@@ -6,8 +6,7 @@ applies reduce-zero-label (0 → ignore, v → v - 1).
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from etils.epath import Path
 import tensorflow_datasets as tfds
 
 try:

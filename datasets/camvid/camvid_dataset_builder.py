@@ -6,8 +6,7 @@ ignore label. The test split is built only when ``test.txt`` is present.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from etils.epath import Path
 import tensorflow_datasets as tfds
 
 from kdjax.data.errors import DataError

@@ -7,8 +7,7 @@ in ``kdjax.data.metadata`` only. The test split is left out: its public labels a
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from etils.epath import Path
 import tensorflow_datasets as tfds
 
 try:

@@ -10,8 +10,7 @@ class. Splits are VOC 2010 ``ImageSets/Main/{train,val}.txt``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from etils.epath import Path
 import numpy as np
 import tensorflow_datasets as tfds
 

@@ -15,8 +15,8 @@ is not an image). Images come from VOC 2012 ``JPEGImages``, which holds every SB
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
+from etils.epath import Path
 import numpy as np
 import tensorflow_datasets as tfds
 

@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 
+import kdjax
 from kdjax.runtime import platform
 from kdjax.runtime.preemption import StopRequested
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kdjax", description="Knowledge distillation for semantic segmentation in JAX.")
+    parser.add_argument("--version", action="version", version=f"kdjax {kdjax.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_config_args(commands.add_parser(
         "train", help="train a model; with a teacher and distillation terms, distil"))
@@ -76,7 +78,7 @@ def _load(args, overrides):
     from kdjax.config.loading import check_known_keys, parse_config_spec
     from kdjax.config.defaults import base_config
     from kdjax.runtime.compilation import use_persistent_cache
-    from kdjax.runtime.sharding import initialize_distributed
+    from kdjax.runtime.distributed import initialize_distributed
 
     config = parse_config_spec(args.config, overrides)
     check_known_keys(config, base_config())
@@ -118,12 +120,28 @@ def _run(args, overrides) -> int:
 DEBUG_ENV = "KDJAX_DEBUG"
 
 
+def _show_kdjax_logs() -> None:
+    """kdjax's own INFO messages (start-up, resume, platform) on stderr. The root logger is left
+    alone: an import has usually configured it already, and at INFO it would print every
+    library's progress notes (Orbax's, for one)."""
+    logger = logging.getLogger("kdjax")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the input (config, data, checkpoints, a diverging run): kdjax raises
     them with a message that says what to change, so they are reported without a traceback.
     ``ValueError`` is kdjax's validation error throughout (unknown names, bad shapes)."""
+    from kdjax.runtime.coordination import LeaderFailedError
+    from kdjax.runtime.distributed import DistributedStartError
     from kdjax.training.step import NonFiniteLossError
-    return (ValueError, NonFiniteLossError, FileNotFoundError)
+    return (ValueError, NonFiniteLossError, FileNotFoundError, DistributedStartError,
+            LeaderFailedError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = split_overrides(argv)
     args = build_parser().parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _show_kdjax_logs()
     try:
         return _run(args, overrides)
     except StopRequested as stop:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -23,8 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from kdjax.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 DATASETS_DIR_ENV = "KDJAX_DATASETS_DIR"
 _PACKAGE = "kdjax_datasets"
@@ -110,7 +114,14 @@ def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
     return builder_module(name).Builder
 
 
-def _prepared_dir(data_dir: Path, name: str, config: str | None) -> Path | None:
+def as_data_path(location: str | os.PathLike) -> epath.Path:
+    """A data or manual directory: a URL such as ``gs://bucket/tfds`` as it is (TFDS reads and
+    writes it through its own file systems), a local path with ``~`` expanded."""
+    text = os.fspath(location)
+    return epath.Path(text if "://" in text else os.path.expanduser(text))
+
+
+def _prepared_dir(data_dir: epath.Path, name: str, config: str | None) -> epath.Path | None:
     """``<data_dir>/<name>/[<config>/]<version>`` of the newest prepared version, or None.
 
     Without ``config``, the default config recorded at preparation time is used (if any).
@@ -135,7 +146,7 @@ def load_builder(
     builder sources nor the original downloads are needed.
     """
     if data_dir is not None:
-        data_dir = Path(data_dir).expanduser()
+        data_dir = as_data_path(data_dir)
         prepared = _prepared_dir(data_dir, name, config)
         if prepared is not None:
             return tfds.builder_from_directory(prepared)
@@ -163,7 +174,8 @@ def prepare(
         single-channel.
     """
     builder = load_builder(name, data_dir=data_dir, config=config)
-    manual_dir = os.fspath(Path(manual_dir).expanduser())
+    manual_dir = os.fspath(as_data_path(manual_dir))
+    log.info("preparing %s in %s from %s", builder.info.full_name, builder.data_dir, manual_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return builder
 

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from kdjax.data import errors, metadata, synthetic
+from kdjax.runtime import coordination
 
 Record = dict[str, tf.Tensor]
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -223,7 +224,12 @@ class TfdsSource(Source):
                 f"dataset {self.name!r} is not prepared in {builder.data_dir}. Set data.manual_dir to the folder "
                 f"with its original files (kdjax then prepares it once), run `tfds build` for it, "
                 f"or point data.data_dir at the TFDS data directory that holds it.")
-        return builders.prepare(builder_name, manual_dir=self.manual_dir, **where)
+        # Every process of a run opens the source at once: process 0 builds into data_dir, the
+        # others wait for it and then open what it wrote.
+        return coordination.once_for_all(
+            f"prepare/{builder.info.full_name}/{builder.data_dir}",
+            lambda: builders.prepare(builder_name, manual_dir=self.manual_dir, **where),
+            lambda: builders.load_builder(builder_name, **where))
 
     def num_examples(self, split: str) -> int:
         name = self.split_name(split)

@@ -179,7 +179,12 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_decision_policy=decision, enable_async_checkpointing=async_save,
             # Leftovers of a save that was killed midway; never a committed step.
-            cleanup_tmp_directories=True)
+            cleanup_tmp_directories=True,
+            # Orbax names its cross-process barriers after the step, so the latest and the best
+            # manager saving one step at once would meet in one barrier; a prefix per manager
+            # keeps them apart.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=f"kdjax_{subdir}"))
         # Handlers named up front, so that metadata can be read before anything is restored.
         handlers = {"state": pytree_handler(), "meta": ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager(self.workdir / subdir, options=options,

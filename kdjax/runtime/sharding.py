@@ -1,4 +1,4 @@
-"""Device mesh, shardings, multi-process start-up and host-local → global batches.
+"""Device mesh, shardings and host-local → global batches.
 
 kdjax is data-parallel over one mesh axis ``'data'`` that spans every device of every process.
 Batches are sharded along their first axis, parameters and optimizer state are replicated, and
@@ -9,8 +9,6 @@ statistics are those of the global batch (synchronised BN).
 from __future__ import annotations
 
 import collections
-import logging
-import os
 from collections.abc import Iterator
 
 import jax
@@ -18,41 +16,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
-
-log = logging.getLogger(__name__)
-
-
-def launched_multi_process() -> bool:
-    """True when the launch environment asks for several JAX processes (SLURM with more than one
-    task, a multi-worker TPU VM slice, or an explicit coordinator)."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return True
-    workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if len([w for w in workers.split(",") if w]) > 1:
-        return True
-    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-    """Calls ``jax.distributed.initialize`` when needed; returns whether it did.
-
-    Explicit arguments (from the config's ``distributed`` group) win; otherwise the call is made
-    without arguments when :func:`launched_multi_process` detects a multi-process launch, and JAX
-    reads the cluster from the environment (SLURM, TPU VM metadata).
-    """
-    if jax.distributed.is_initialized():
-        return True
-    if coordinator_address:
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
-    elif launched_multi_process():
-        jax.distributed.initialize()
-    else:
-        return False
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
-    return True
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -93,7 +93,9 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     # The first steps after compilation are waited for and timed: the run's step cost.
     timer = StepTimer()
     try:
-        with StopRequests() as stops:
+        # Without JAX's preemption service the processes agree on a stop when they log, where
+        # they wait for the device anyway.
+        with StopRequests(agree_every=config.train.log_every) as stops:
             for step in range(start + 1, steps + 1):
                 waited = time.perf_counter()
                 batch = next(device_batches)

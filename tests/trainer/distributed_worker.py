@@ -55,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from kdjax.runtime import sharding
+    from kdjax.runtime import distributed, sharding
     from kdjax import training as train
     from kdjax.config.loading import load_config
     from kdjax.data import make_train_iterator
     from tests.trainer.test_train import tie_free
 
-    assert sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes,
+    assert distributed.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes,
                                            args.process_id)
     assert jax.process_count() == args.num_processes, jax.process_count()
     assert jax.device_count() == GLOBAL_DEVICES, jax.device_count()

@@ -1,5 +1,5 @@
 """Multi-process training: two ``jax.distributed`` processes on localhost (4 CPU devices each)
-take the same three train steps as one process with 8 devices; detection of multi-process launches.
+take the same three train steps as one process with 8 devices, and stop together on a signal.
 """
 
 import json
@@ -16,10 +16,11 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax.runtime import sharding
 from kdjax import training as train
 from tests.trainer.distributed_worker import GLOBAL_DEVICES, STEPS, flat_state
 from tests.trainer.test_train import CONFIG, _config, _run_steps, tie_free_batches
+
+pytestmark = pytest.mark.multiprocess
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -33,11 +34,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(argv, logs: Path) -> list[tuple[subprocess.Popen, Path]]:
-    """``argv(i)`` for each process ``i``, started with its share of the simulated devices."""
+def _spawn(argv, logs: Path, **variables: str) -> list[tuple[subprocess.Popen, Path]]:
+    """``argv(i)`` for each process ``i``, started with its share of the simulated devices and
+    ``variables`` added to the environment."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count="
-                        f"{GLOBAL_DEVICES // NUM_PROCESSES}"}
+                        f"{GLOBAL_DEVICES // NUM_PROCESSES}", **variables}
     procs = []
     for i in range(NUM_PROCESSES):
         log = logs / f"worker{i}.stderr"
@@ -123,65 +125,14 @@ def test_two_processes_match_one_process(tmp_path):
                                    atol=5e-3 * np.abs(want).max() + 1e-7, err_msg=key)
 
 
-@pytest.fixture
-def clean_launch_env(monkeypatch):
-    for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
-
-
-@pytest.mark.parametrize("env, expected", [
-    ({}, False),
-    ({"SLURM_NTASKS": "1"}, False),
-    ({"SLURM_NTASKS": "2"}, True),
-    ({"TPU_WORKER_HOSTNAMES": "a"}, False),
-    ({"TPU_WORKER_HOSTNAMES": "a,b"}, True),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
-])
-def test_launched_multi_process(clean_launch_env, env, expected):
-    for name, value in env.items():
-        clean_launch_env.setenv(name, value)
-    assert sharding.launched_multi_process() is expected
-
-
-@pytest.fixture
-def fake_initialize(clean_launch_env):
-    """Records jax.distributed.initialize calls instead of making them: this process must stay
-    single-process for the other tests."""
-    calls = []
-    clean_launch_env.setattr(jax.distributed, "is_initialized", lambda: False)
-    clean_launch_env.setattr(jax.distributed, "initialize",
-                             lambda *args, **kwargs: calls.append((args, kwargs)))
-    return calls
-
-
-def test_initialize_distributed_single_process_does_nothing(fake_initialize):
-    assert sharding.initialize_distributed() is False
-    assert fake_initialize == []
-
-
-def test_initialize_distributed_explicit_coordinator(fake_initialize):
-    assert sharding.initialize_distributed("127.0.0.1:1234", 2, 1) is True
-    assert fake_initialize == [((), {"coordinator_address": "127.0.0.1:1234",
-                                      "num_processes": 2, "process_id": 1})]
-
-
-def test_initialize_distributed_detected_launch(fake_initialize, clean_launch_env):
-    # Under SLURM JAX reads the cluster itself, so no arguments are passed.
-    clean_launch_env.setenv("SLURM_NTASKS", "2")
-    assert sharding.initialize_distributed() is True
-    assert fake_initialize == [((), {})]
-
-
-def test_initialize_distributed_already_initialized(fake_initialize, clean_launch_env):
-    clean_launch_env.setattr(jax.distributed, "is_initialized", lambda: True)
-    assert sharding.initialize_distributed("127.0.0.1:1234", 2, 0) is True
-    assert fake_initialize == []
-
-
 @pytest.mark.slow
-def test_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path):
-    """JAX's preemption service: the process that is not signalled stops at the same step."""
+@pytest.mark.parametrize("signum, service", [
+    (signal.SIGTERM, "true"), (signal.SIGINT, "true"),
+    # Without JAX's preemption service kdjax's own handlers hear both signals and the processes
+    # agree through a collective at their next logging step.
+    (signal.SIGTERM, "false")])
+def test_a_signal_to_one_process_makes_both_save_the_same_step(tmp_path, signum, service):
+    """The process that is not signalled stops at the same step, with that step's checkpoint."""
     port, workdir = _free_port(), tmp_path / "run"
     procs = _spawn(lambda i: [
         "-m", "kdjax", "train", f"--config={CONFIG}", f"--workdir={workdir}",
@@ -189,7 +140,8 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path):
         "--config.train.checkpoint_every=1000",
         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
         f"--config.distributed.num_processes={NUM_PROCESSES}",
-        f"--config.distributed.process_id={i}"], tmp_path)
+        f"--config.distributed.process_id={i}"], tmp_path,
+        JAX_ENABLE_PREEMPTION_SERVICE=service)
     try:
         deadline = time.monotonic() + TIMEOUT
         metrics = workdir / "metrics.jsonl"
@@ -197,14 +149,15 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path):
             assert all(p.poll() is None for p, _ in procs), _stderr(procs)
             assert time.monotonic() < deadline, _stderr(procs)
             time.sleep(0.05)
-        procs[1][0].send_signal(signal.SIGTERM)
+        procs[1][0].send_signal(signum)
         for proc, _ in procs:
             proc.wait(timeout=TIMEOUT)
     finally:
         _kill(procs)
-    assert [p.returncode for p, _ in procs] == [128 + signal.SIGTERM] * NUM_PROCESSES, \
-        _stderr(procs)
-    stopped = [re.search(r"stopped by SIGTERM after step (\d+)", log.read_text()) for _, log in procs]
+    assert [p.returncode for p, _ in procs] == [128 + signum] * NUM_PROCESSES, _stderr(procs)
+    name = signal.Signals(signum).name
+    stopped = [re.search(rf"stopped by {name} after step (\d+)", log.read_text())
+               for _, log in procs]
     assert all(stopped), _stderr(procs)
     steps = {int(match.group(1)) for match in stopped}
     assert len(steps) == 1, steps
