@@ -16,8 +16,8 @@ setup puts the repository at DIR on every worker of the TPU VM slice NAME and ru
 `make install ACCEL=tpu` there, which makes DIR/.venv with JAX's TPU build. kdjax needs
 Python >= 3.11 and stock TPU VM images have 3.10, so setup installs uv from PyPI (with the image's
 pip) and a Python 3.12 through uv, and makes .venv with it; --python names an interpreter of yours
-instead. A .venv of an older Python is replaced. The workers need make, network access and, for
---repo-url, git. Running it again updates the workers.
+instead. The workers need make, network access and, for --repo-url, git. Running it again updates
+the workers.
 
 run (the default) starts `cd DIR && .venv/bin/python -m kdjax COMMAND ...` on all workers,
 detached from the ssh session: closing it, or this machine, does not end the run. Worker N writes
@@ -215,12 +215,8 @@ copy_repository() {
 # install_venv: makes DIR/.venv on every worker with JAX's TPU build (a plain `make install` would
 # give the workers JAX's CPU build).
 install_venv() {
-  # A .venv that an earlier setup made with the image's Python (older than 3.11) cannot run kdjax,
-  # and make would keep it.
-  local stale='if [ -x .venv/bin/python ] && ! .venv/bin/python -c'
-  stale+=' "import sys; sys.exit(sys.version_info < (3, 11))"; then rm -rf .venv; fi'
   if [[ -n "$python" ]]; then
-    on_workers run_or_print "cd $dir && $stale && make install ACCEL=tpu PYTHON=$(quote "$python")"
+    on_workers run_or_print "cd $dir && make install ACCEL=tpu PYTHON=$(quote "$python")"
     return
   fi
   # uv from PyPI through the image's pip, into ~/.local (PIP_BREAK_SYSTEM_PACKAGES lets newer pips
@@ -229,7 +225,7 @@ install_venv() {
   local uv='export PATH="$HOME/.local/bin:$PATH" && { command -v uv >/dev/null ||'
   uv+=' PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user uv; }'
   uv+=' && uv python install 3.12 && python=$(cd && uv python find 3.12)'
-  on_workers run_or_print "cd $dir && $stale && $uv && make install ACCEL=tpu PYTHON=\"\$python\""
+  on_workers run_or_print "cd $dir && $uv && make install ACCEL=tpu PYTHON=\"\$python\""
 }
 
 # start_run: ends what still holds the TPU on every worker, then starts kdjax there, detached.

@@ -42,14 +42,13 @@ esac
 """
 # An interpreter of the user's own.
 PYTHON311 = "#!/bin/sh\necho Python 3.11.9\n"
-# make: records its arguments, the version of the interpreter PYTHON= names and whether a .venv was
-# there already; `install` makes .venv/bin/python, the kdjax stand-in.
+# make: records its arguments and the version of the interpreter PYTHON= names; `install` makes
+# .venv/bin/python, the kdjax stand-in.
 MAKE = """#!/usr/bin/env bash
 python=
 for word in "$@"; do case "$word" in PYTHON=*) python="${{word#PYTHON=}}" ;; esac; done
 version=$(if [ -n "$python" ]; then "$python" --version; else echo "python3"; fi)
-venv=$(if [ -e .venv ]; then echo "a .venv"; else echo "no .venv"; fi)
-echo "$* | $version | $venv" >>make.log
+echo "$* | $version" >>make.log
 if [ "$1" = install ]; then mkdir -p .venv/bin && cp {stand_ins}/kdjax .venv/bin/python; fi
 """
 # sudo, allowed without a password: records each command, then runs it; but this machine's own
@@ -75,11 +74,10 @@ if [ "$1" = -t ] && $devices && [ -f "$HOME/tpu-users" ]; then
 fi
 exit $found
 """
-# kdjax in the worker's .venv: a Python >= 3.11 when asked (-c); like libtpu, it refuses while
-# another process holds the TPU. It prints its arguments and $NOTE, then a step every 0.1 s; at
-# SIGTERM it "saves" and exits 143 (with STANDIN_IGNORE_TERM set it carries on).
+# kdjax in the worker's .venv: like libtpu, it refuses while another process holds the TPU. It
+# prints its arguments and $NOTE, then a step every 0.1 s; at SIGTERM it "saves" and exits 143
+# (with STANDIN_IGNORE_TERM set it carries on).
 KDJAX = """#!/usr/bin/env bash
-[ "$1" = -c ] && exit 0
 if users=$(lsof -t /dev/accel0); then echo "TPU in use by process with pid $users" && exit 1; fi
 printf 'arg: %s\\n' "$@"
 echo "NOTE=${NOTE-<unset>}"
@@ -90,8 +88,6 @@ while [ -z "$stop" ]; do step=$((step + 1)) && echo "step $step" && sleep 0.1; d
 echo "saved step $step; resume with the same command"
 exit "$stop"
 """
-# The image's Python 3.10 in a .venv an earlier setup made with it.
-OLD_VENV_PYTHON = "#!/bin/sh\nexit 1\n"
 
 
 def write_script(path, text):
@@ -202,8 +198,6 @@ def tpu_slice(tmp_path):
 ], ids=["uv", "own-python"])
 def test_setup_puts_the_code_on_every_worker_with_python_3_12_and_the_tpu_build(
         tpu_slice, python, expected):
-    # Worker 1 has a .venv made by an earlier setup with the image's Python 3.10.
-    write_script(tpu_slice.home(1) / "kd" / ".venv" / "bin" / "python", OLD_VENV_PYTHON)
     tpu_slice.setup(*python)
     tpu_slice.setup(*python)  # a second setup updates the workers
     head = subprocess.run(["git", "-C", REPO, "ls-tree", "-r", "--name-only", "HEAD"],
@@ -214,10 +208,7 @@ def test_setup_puts_the_code_on_every_worker_with_python_3_12_and_the_tpu_build(
             assert (home / "kd" / path).exists(), (worker, path)
         assert not (home / "kdjax.tar.gz").exists()
         installs = (home / "kd" / "make.log").read_text().splitlines()
-        assert installs == [
-            f"install ACCEL=tpu {expected.format(home=home)} | no .venv",
-            f"install ACCEL=tpu {expected.format(home=home)} | a .venv",
-        ]
+        assert installs == [f"install ACCEL=tpu {expected.format(home=home)}"] * 2
         if python:
             assert not (home / ".local" / "bin" / "uv").exists()
         else:
