@@ -7,11 +7,16 @@
 - ``report``: result rows of runs and the comparison tables, JSON and plot.
 """
 
-from kdjax.evaluation.inference import EvalMode, infer_probabilities, predict_classes
-from kdjax.evaluation.loop import batch_confusion, evaluate
-from kdjax.evaluation.metrics import (ConfusionAccumulator, SegmentationMetrics, confusion_matrix,
-                                      segmentation_metrics)
-from kdjax.evaluation.overlays import colorize, write_overlays
+from kdjax._extras import require
+
+# Before the imports below: without the extra, one line says what to install.
+require("train", by=__name__)
+
+from kdjax.evaluation.inference import EvalMode, infer_probabilities, predict_classes  # noqa: E402
+from kdjax.evaluation.loop import batch_confusion, evaluate  # noqa: E402
+from kdjax.evaluation.metrics import (  # noqa: E402
+    ConfusionAccumulator, SegmentationMetrics, confusion_matrix, segmentation_metrics)
+from kdjax.evaluation.overlays import colorize, write_overlays  # noqa: E402
 
 __all__ = [
     "ConfusionAccumulator", "EvalMode", "SegmentationMetrics", "batch_confusion", "colorize",

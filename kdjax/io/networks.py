@@ -5,16 +5,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-from flax import nnx
+from kdjax._extras import require
 
-from kdjax.io.model_dir import WEIGHTS, load_model_state, read_spec
-from kdjax.models import Segmentor, build_segmentor
-from kdjax.models.segmentor import SPEC_KEYS
-from kdjax.runtime import sharding
-from kdjax.runtime.compilation import compile_unoptimized
+# Model configs are ml_collections: the trainer's 'train' extra.
+require("train", by=__name__)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from kdjax.io.model_dir import WEIGHTS, load_model_state, read_spec  # noqa: E402
+from kdjax.models import Segmentor, build_segmentor  # noqa: E402
+from kdjax.models.segmentor import SPEC_KEYS  # noqa: E402
+from kdjax.runtime import sharding  # noqa: E402
+from kdjax.runtime.compilation import compile_unoptimized  # noqa: E402
 
 # The teacher checkpoint value that asks for random weights: smoke tests only.
 RANDOM_TEACHER = "random"
