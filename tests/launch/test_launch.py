@@ -258,16 +258,25 @@ def test_tpu_pod_needs_a_name_and_zone():
     assert result.returncode == 2 and "--tpu=NAME --zone=ZONE" in result.stderr
 
 
+SRUN = ["srun", "--kill-on-bad-exit=1", "--disable-status"]
+
+
 def test_slurm_starts_one_process_per_gpu_with_srun(tmp_path):
-    hint, command = printed_lines("slurm.sbatch", *KDJAX_ARGS, env={"SLURM_SUBMIT_DIR": REPO})
+    hint, command = printed_lines("slurm.sbatch", *KDJAX_ARGS,
+                                  env={"SLURM_SUBMIT_DIR": REPO, "SLURM_CPUS_PER_TASK": ""})
     assert hint == f"# once, on a login node: cd {REPO} && make install ACCEL=cuda"
-    assert shlex.split(command) == ["srun", "--kill-on-bad-exit=1", PYTHON, "-m", "kdjax",
-                                    *KDJAX_ARGS]
+    assert shlex.split(command) == [*SRUN, PYTHON, "-m", "kdjax", *KDJAX_ARGS]
+    # srun does not take sbatch's --cpus-per-task: it is passed on.
+    _, command = printed_lines("slurm.sbatch", "train",
+                               env={"SLURM_SUBMIT_DIR": REPO, "SLURM_CPUS_PER_TASK": "6"})
+    assert shlex.split(command) == [*SRUN, "--cpus-per-task=6", PYTHON, "-m", "kdjax", "train"]
     with open(os.path.join(LAUNCH, "slurm.sbatch")) as file:
-        directives = dict(line.split()[1].lstrip("-").split("=", 1)
+        directives = dict(line.split()[1].lstrip("-").partition("=")[::2]
                           for line in file if line.startswith("#SBATCH"))
     assert directives["ntasks-per-node"] == directives["gpus-per-node"]
-    assert {"nodes", "cpus-per-task", "time"} <= set(directives)
+    assert {"nodes", "cpus-per-task", "time", "requeue"} <= set(directives)
+    # The time limit's warning goes to the script, which stops the tasks and requeues the job.
+    assert directives["signal"] == "B:USR1@300" and directives["open-mode"] == "append"
     # Submitted from elsewhere, it says where it looked for the repository.
     result = launch("slurm.sbatch", "--dry-run", "train", env={"SLURM_SUBMIT_DIR": str(tmp_path)},
                     cwd=tmp_path)
@@ -280,17 +289,18 @@ def test_slurm_needs_the_cuda_build(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(LAUNCH, repo / "launch")
     write_script(tmp_path / "srun", "#!/usr/bin/env bash\necho srun \"$@\"\n")
-    env = {"KDJAX_REPO": str(repo), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    env = {"KDJAX_REPO": str(repo), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+           "SLURM_CPUS_PER_TASK": ""}
     missing = launch("slurm.sbatch", "train", env=env)
     assert missing.returncode == 2 and missing.stdout == ""
     assert (f"install it once, on a login node: cd {repo} && make install ACCEL=cuda"
             in missing.stderr)
     own = launch("slurm.sbatch", "train", env={**env, "KDJAX_PYTHON": "python3"})
-    assert own.stdout == "srun --kill-on-bad-exit=1 python3 -m kdjax train\n", own.stderr
+    assert own.stdout == f"{' '.join(SRUN)} python3 -m kdjax train\n", own.stderr
     (repo / ".venv").mkdir()
     (repo / ".venv" / ".installed-cuda-torch").touch()
     started = launch("slurm.sbatch", "train", env=env)
-    assert started.stdout == f"srun --kill-on-bad-exit=1 {repo}/.venv/bin/python -m kdjax train\n"
+    assert started.stdout == f"{' '.join(SRUN)} {repo}/.venv/bin/python -m kdjax train\n"
 
 
 @pytest.mark.parametrize("script", ["local.sh", "tpu_pod.sh", "slurm.sbatch"])
