@@ -42,7 +42,7 @@ OPTIONS:
   --internal-ip         connect to the workers' internal IP addresses (gcloud's flag)
   --tunnel-through-iap  connect through Identity-Aware Proxy (gcloud's flag)
   --gcloud-flag=FLAG    one more flag for every gcloud ssh and scp, e.g.
-                        --gcloud-flag=--ssh-key-file=~/.ssh/tpu (repeatable)
+                        --gcloud-flag=--strict-host-key-checking=no (repeatable)
   --env KEY=VALUE       export KEY=VALUE on every worker before the action's commands (repeatable)
   --dry-run             print the commands, one per line, instead of running them
 setup only:

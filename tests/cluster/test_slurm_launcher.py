@@ -195,7 +195,7 @@ def test_a_stop_asked_of_the_job_ends_in_a_checkpoint_without_a_requeue(start_jo
 
 
 def test_a_stop_asked_after_the_time_limit_warning_is_not_undone_by_a_requeue(start_job):
-    job = start_job(TASK_SAVE_SECONDS="30")
+    job = start_job(TASK_SAVE_SECONDS="10")
     job.wait_for_steps()
     job.script.send_signal(signal.SIGUSR1)
     wait_for_logs(job, "signal 130\n")
