@@ -44,6 +44,14 @@ def preemption_service_running() -> bool:
     return distributed.global_state.preemption_sync_manager is not None
 
 
+def barrier(name: str, timeout: float = LEADER_TIMEOUT) -> None:
+    """Waits until every process has called ``barrier(name)``; returns at once without
+    ``jax.distributed``. ``name`` may be reused once every process has passed it."""
+    service = client()
+    if service is not None:
+        service.wait_at_barrier(f"kdjax/{name}", int(timeout * 1000))
+
+
 def process_index() -> int:
     import jax
 

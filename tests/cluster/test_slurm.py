@@ -31,8 +31,11 @@ def _finished_train_steps(workdir) -> list[int]:
             if '"split": "train"' in line]
 
 
-def _committed(folder) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+def _committed(folder) -> list[int]:
+    """The committed steps in a checkpoint folder, in order."""
+    if not folder.exists():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
 @pytest.mark.slow
@@ -48,8 +51,8 @@ def test_two_tasks_train_the_demo_to_its_end(tmp_path):
         assert "multi-process start-up: Slurm job" in log, job.output()
         assert "process %d of 2, 4 local / 8 global devices" % index in log, job.output()
     # Steps 2 and 4 evaluated and saved in both managers.
-    assert _committed(workdir / "checkpoints") == ["2", "4"], job.output()
-    assert _committed(workdir / "best") in (["2"], ["4"]), job.output()
+    assert _committed(workdir / "checkpoints") == [2, 4], job.output()
+    assert _committed(workdir / "best") in ([2], [4]), job.output()
     assert (workdir / "model" / "model_spec.json").exists()
 
 
@@ -73,14 +76,14 @@ def test_sigterm_to_one_task_stops_both_at_one_step_and_the_same_command_resumes
     assert stops[0] == stops[1], job.output()
     step = int(stops[0][0])
     assert step < 30
-    assert _committed(workdir / "checkpoints") == [str(step)], job.output()
+    assert _committed(workdir / "checkpoints") == [step], job.output()
     for index in range(2):
         assert "Resume with the same command" in job.task_log(index), job.output()
 
     resumed = slurm.submit(args, tmp_path / "job2", ntasks=2)
     assert resumed.wait(JOB_TIMEOUT) == 0, resumed.output()
     assert f"resumed {workdir} at step {step}" in resumed.task_log(0), resumed.output()
-    assert _committed(workdir / "checkpoints")[-1] == "30", resumed.output()
+    assert _committed(workdir / "checkpoints")[-1] == 30, resumed.output()
 
 
 def test_an_salloc_shell_runs_one_process(tmp_path):
