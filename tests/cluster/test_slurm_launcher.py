@@ -1,5 +1,5 @@
-"""launch/slurm.sbatch as sbatch runs it, with stand-ins for srun and scontrol that act as Slurm's
-do on signals: the time limit's warning stops the tasks with a checkpoint and requeues the job, a
+"""launch/slurm.sbatch as sbatch runs it, with stand-ins for srun (tests/cluster/fake_srun) and
+scontrol that act as Slurm's do on signals: the time limit's warning stops the tasks with a checkpoint and requeues the job, a
 stop asked of the job stops them the same way without a requeue, and a run that ends is left be."""
 
 import json
@@ -12,53 +12,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SBATCH = os.path.join(REPO, "launch", "slurm.sbatch")
+FAKE_SRUN = os.path.join(REPO, "tests", "cluster", "fake_srun")
 TASKS = 2
 KDJAX_ARGS = ["train", "--config=configs/demo.py", "--workdir=runs/a b"]
 
-# srun: starts SLURM_NTASKS tasks and records its arguments. As Slurm's srun does (src/srun), it
-# answers SIGTERM (and SIGHUP) by killing the tasks, and passes a SIGINT on to them with
-# --disable-status (without it, the first one only prints their status); two SIGINTs within a
-# second kill them. Each SIGINT it gets is recorded too. Its exit code is the tasks' highest.
-SRUN = """#!/usr/bin/env python3
-import json, os, signal, subprocess, sys, time
-record = os.environ["SRUN_RECORD"]
-args = sys.argv[1:]
-options = []
-while args and args[0].startswith("-"):
-    options.append(args.pop(0))
-with open(record, "a") as file:
-    file.write(json.dumps({"argv": sys.argv[1:], "pid": os.getpid()}) + "\\n")
-tasks = []
-last = [0.0]
-
-def kill_tasks():
-    print("srun: forcing job termination", file=sys.stderr)
-    for task in tasks:
-        task.kill()
-
-def interrupt(signum, frame):
-    with open(record, "a") as file:
-        file.write(json.dumps("SIGINT") + "\\n")
-    now = time.monotonic()
-    again, last[0] = now - last[0] < 1, now
-    if again:
-        kill_tasks()
-    elif "--disable-status" in options:
-        for task in tasks:
-            task.send_signal(signal.SIGINT)
-    else:
-        print("srun: interrupt (one more within 1 sec to abort)", file=sys.stderr)
-
-# Handled here, so that the tasks start with the signals' default actions (an asynchronous command
-# of the script starts with SIGINT ignored), as Slurm starts them.
-signal.signal(signal.SIGINT, interrupt)
-for signum in (signal.SIGTERM, signal.SIGHUP):
-    signal.signal(signum, lambda signum, frame: kill_tasks())
-tasks.extend(subprocess.Popen(args, env={**os.environ, "SLURM_PROCID": str(i)})
-             for i in range(int(os.environ["SLURM_NTASKS"])))
-codes = [task.wait() for task in tasks]
-sys.exit(max(code if code >= 0 else 128 - code for code in codes))
-"""
 SCONTROL = """#!/usr/bin/env bash
 echo "$*" >>"$SCONTROL_RECORD"
 """
@@ -98,14 +55,14 @@ class Job:
         bin_dir, self.logs = tmp_path / "bin", tmp_path / "tasks"
         bin_dir.mkdir()
         self.logs.mkdir()
-        write_script(bin_dir / "srun", SRUN)
+        (bin_dir / "srun").symlink_to(FAKE_SRUN)
         write_script(bin_dir / "scontrol", SCONTROL)
         write_script(tmp_path / "task", TASK)
         self.srun_record, self.scontrol_record = tmp_path / "srun.jsonl", tmp_path / "scontrol.log"
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                "SLURM_SUBMIT_DIR": REPO, "SLURM_JOB_ID": "4242", "SLURM_NTASKS": str(TASKS),
                "SLURM_CPUS_PER_TASK": "6", "KDJAX_PYTHON": str(tmp_path / "task"),
-               "TASK_LOGS": str(self.logs), "SRUN_RECORD": str(self.srun_record),
+               "TASK_LOGS": str(self.logs), "FAKE_SRUN_RECORD": str(self.srun_record),
                "SCONTROL_RECORD": str(self.scontrol_record), **env}
         # A session of its own, as the job's script has: its process group is the script's alone.
         self.script = subprocess.Popen(["bash", SBATCH, *KDJAX_ARGS], env=env, cwd=tmp_path,
