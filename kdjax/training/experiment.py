@@ -9,20 +9,26 @@ and its compiled entry points.
 
 ``setup`` builds the modules abstractly (``nnx.eval_shape``), so the graph definitions, the
 abstract state and the metric names are known before anything is traced; ``init_state`` and
-``step`` each compile once.
+``step`` each compile once. The student, the teacher and the optimizer come from the config
+unless ``setup`` is given modules or an optax transformation of the caller's own.
+
+Batches follow one contract in :meth:`Experiment.step` and :meth:`Experiment.evaluate`: NumPy
+arrays are this process's rows of the global batch (with one process, the whole batch), and
+``jax.Array`` values are global arrays, taken as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from kdjax import distill
@@ -37,7 +43,8 @@ from kdjax.runtime.compilation import UNOPTIMIZED
 from kdjax.training.budget import step_flops
 from kdjax.training.optimizer import make_discriminator_optimizer, make_optimizer
 from kdjax.training.state import Trainables, TrainState
-from kdjax.training.step import StepParts, fresh_rng_vars, make_train_step
+from kdjax.training.step import (StepParts, check_finite, classifier_kernel, fresh_rng_vars,
+                                 make_train_step)
 
 Array = jax.Array
 
@@ -46,6 +53,21 @@ def teacher_tensors(network: Network, variables, images: Array) -> dict[str, Arr
     """The frozen teacher's named tensors (inference mode, no gradient) for (N, H, W, 3) images."""
     out = network.merge(variables)(images.astype(network.dtype), train=False)
     return jax.tree.map(jax.lax.stop_gradient, distill.named_tensors(out))
+
+
+def _abstract(tree):
+    """``tree`` with each array replaced by its ``jax.ShapeDtypeStruct``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _frozen_network(module: nnx.Module, mesh: jax.sharding.Mesh) -> Network:
+    """A module of the caller's own as the frozen teacher: its weights replicated over ``mesh``,
+    computing in the module's own dtype (images enter as float32)."""
+    graphdef, state, extras = nnx.split(module, WEIGHTS, ...)
+    repl = sharding.replicated(mesh)
+    return Network(graphdef=graphdef, state=jax.device_put(state, repl, may_alias=False),
+                   extras=jax.device_put(extras, repl, may_alias=False),
+                   dtype=jnp.dtype(jnp.float32))
 
 
 def _replace_student(tree, new, part: str | None = None):
@@ -68,7 +90,9 @@ class Experiment:
       dataset: the dataset's metadata (classes, ignore label, names).
       terms: the parsed distillation terms.
       teacher: the frozen teacher (None without terms).
-      student_spec: the student's ``build_segmentor`` arguments, plus its compute ``dtype``.
+      student_spec: the student's ``build_segmentor`` arguments, plus its compute ``dtype``
+        (for a module given to :func:`setup`, its recorded ``spec`` if it has one, and float32:
+        the module casts for itself).
       abstract_state: the :class:`TrainState` as ``jax.ShapeDtypeStruct`` with shardings.
       metric_names: the names of the metrics :meth:`step` returns.
       abstract_batch: the global batch :attr:`train_step` takes, as ``jax.ShapeDtypeStruct``.
@@ -89,6 +113,8 @@ class Experiment:
     train_step: Any
     abstract_batch: dict
     _init: Any
+    # The weights of a student module given to setup(), replicated: init_state's default.
+    _student_weights: Any = None
 
     @property
     def num_classes(self) -> int:
@@ -102,28 +128,70 @@ class Experiment:
         """The teacher variables :meth:`train_step` takes (None without a teacher)."""
         return self.teacher.variables if self.teacher is not None else None
 
-    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, Array]]:
-        """One train step on ``batch``: ``'image'`` (N, H, W, 3) float32 and ``'label'``
-        (N, H, W) int32, N the global batch size; NumPy arrays are this process's rows and are
-        assembled into global arrays. ``state`` is donated: use the returned one."""
-        if not isinstance(batch["image"], jax.Array):
-            batch = sharding.global_batch(batch, self.mesh)
-        return self.train_step(state, self.teacher_inputs(), batch)
+    def global_batch(self, batch: Mapping[str, Any]) -> dict[str, Array]:
+        """``batch`` as global arrays sharded over the mesh's ``'data'`` axis.
+
+        NumPy arrays (any value that is not a ``jax.Array``) are this process's rows: every
+        process passes its own ``N / process_count`` rows and gets the global batch of N.
+        ``jax.Array`` values are global arrays and are taken as they are; one that lives on this
+        process's devices with another sharding is moved to the batch sharding.
+        """
+        local = {k: v for k, v in batch.items() if not isinstance(v, jax.Array)}
+        out = {**batch, **(sharding.global_batch(local, self.mesh) if local else {})}
+        target = sharding.batch_sharded(self.mesh)
+        return {k: v if not v.is_fully_addressable or v.sharding.is_equivalent_to(target, v.ndim)
+                else jax.device_put(v, target) for k, v in out.items()}
+
+    def step(self, state: TrainState, batch: Mapping[str, Any], *,
+             nonfinite: str = "raise") -> tuple[TrainState, dict[str, Array]]:
+        """One train step.
+
+        Args:
+          state: the train state; donated: use the returned one.
+          batch: ``'image'`` (N, H, W, 3) float32 and ``'label'`` (N, H, W) int32, N the global
+            batch size; NumPy arrays are this process's rows (:meth:`global_batch`).
+          nonfinite: ``'raise'`` waits for the step and raises :class:`NonFiniteLossError`,
+            naming the terms and the step, when its loss or gradient is not finite.
+            ``'freeze'`` returns without waiting, so that steps queue up on the devices: a
+            non-finite step then leaves the state as it was, as does every later step, and
+            :meth:`check_finite` raises the same error when called.
+
+        Returns:
+          ``(state, metrics)``: the new state and the step's float32 scalar metrics
+          (:attr:`metric_names`).
+        """
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}; got {nonfinite!r}.")
+        state, metrics = self.train_step(state, self.teacher_inputs(), self.global_batch(batch))
+        if nonfinite == "raise":
+            check_finite(state)
+        return state, metrics
+
+    def check_finite(self, state: TrainState) -> None:
+        """Raises :class:`NonFiniteLossError`, naming the terms and the step, if any step that
+        led to ``state`` went non-finite; waits for the device."""
+        check_finite(state)
 
     def init_state(self, *, student: nnx.Module | None = None) -> TrainState:
         """The initial state, created directly with its (replicated) sharding.
 
-        The student's weights come from ``student`` (a segmentor of the configured spec, e.g.
-        from :func:`kdjax.convert.from_torch`) if given, else from ``student.checkpoint`` (a model
-        dir) or ``student.backbone_checkpoint`` when the config names one, else from the seed.
+        The student's weights come from ``student`` (a module of the student's structure, e.g.
+        from :func:`kdjax.convert.from_torch`) if given, else from the module given to
+        :func:`setup`, else from ``student.checkpoint`` (a model dir) or
+        ``student.backbone_checkpoint`` when the config names one, else from the seed.
         """
         state = self._init()
         state = state.replace(bad_metrics=jax.device_put(
             {name: np.float32(0.0) for name in self.metric_names}, sharding.replicated(self.mesh)))
         student_config = self.config.student
         part, weights = None, None
+        # Copies: the state is donated to the step, and the module's arrays must outlive it.
         if student is not None:
-            weights = jax.device_put(nnx.state(student, WEIGHTS), sharding.replicated(self.mesh))
+            weights = jax.device_put(nnx.state(student, WEIGHTS), sharding.replicated(self.mesh),
+                                     may_alias=False)
+        elif self._student_weights is not None:
+            weights = jax.device_put(self._student_weights, sharding.replicated(self.mesh),
+                                     may_alias=False)
         elif student_config.checkpoint:
             weights = load_student_weights(student_config.checkpoint, self.student_spec, self.mesh)
         elif student_config.backbone_checkpoint:
@@ -154,11 +222,24 @@ class Experiment:
         trainables = nnx.merge(parts.graphdef, *weights, fresh_rng_vars(parts.rng_vars))
         return trainables.student(images.astype(self.student_spec["dtype"]), train=False).logits
 
-    def evaluate(self, state: TrainState, batches: Iterable[dict] | None = None) -> dict[str, Any]:
-        """Metrics of ``state``'s student in percent (``miou``, ``pixel_accuracy``,
-        ``mean_class_accuracy``, ``per_class_iou``, ``eval_mode``), on ``batches`` (dicts of
-        global arrays: ``'image'``, ``'label'``, optional ``'valid'``) or on the config's
-        validation set."""
+    def evaluate(self, state: TrainState,
+                 batches: Iterable[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """Metrics of ``state``'s student in percent, in the config's eval mode.
+
+        Args:
+          state: a train state.
+          batches: dicts with ``'image'`` (N, H, W, 3) float32, ``'label'`` (N, H, W) int32 and
+            optionally ``'valid'`` (N,) bool (False marks a filler image), under the same
+            contract as :meth:`step`: NumPy arrays are this process's rows, ``jax.Array`` values
+            global arrays. None evaluates on the config's validation set.
+
+        Returns:
+          ``miou``, ``pixel_accuracy``, ``mean_class_accuracy`` (percent), ``per_class_iou``
+          (class name → percent, None for a class absent from the labels) and ``eval_mode`` (its
+          description).
+        """
+        if batches is not None:
+            batches = map(self.global_batch, batches)
         return validate(self._logits_fn, (state.params, state.rest), self.config, self.mesh,
                         batches)
 
@@ -169,12 +250,21 @@ class Experiment:
 
     def export(self, state: TrainState, directory) -> Any:
         """Writes the student of ``state`` as a model dir (a teacher for later runs, or ``eval``);
-        returns its path."""
-        save_model(directory, self.merge(state).student, overwrite=True)
+        returns its path. The student must be a kdjax segmentor (it records the ``spec`` that
+        rebuilds it)."""
+        student = self.merge(state).student
+        if getattr(student, "spec", None) is None:
+            raise ValueError(
+                "export writes kdjax segmentors (from kdjax.models.build_segmentor or "
+                "kdjax.convert.from_torch), and this student records no spec; save a module of "
+                "your own with its state instead: nnx.state(exp.merge(state).student).")
+        save_model(directory, student, overwrite=True)
         return directory
 
 
 PRECISIONS = ("float32", "bfloat16")
+# What Experiment.step does about a non-finite loss or gradient.
+NONFINITE = ("raise", "freeze")
 
 
 def with_precision(model: ml_collections.ConfigDict, precision: str) -> ml_collections.ConfigDict:
@@ -187,18 +277,42 @@ def with_precision(model: ml_collections.ConfigDict, precision: str) -> ml_colle
     return ml_collections.ConfigDict({**model.to_dict(), "dtype": precision})
 
 
-def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None,
+def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = None,
+          teacher: nnx.Module | None = None,
+          optimizer: optax.GradientTransformation | None = None,
+          mesh: jax.sharding.Mesh | None = None,
           student_config: ml_collections.ConfigDict | None = None,
           terms_config: ml_collections.ConfigDict | None = None,
           seed: int | None = None, materialize: bool = True) -> Experiment:
     """Builds the experiment of ``config`` and checks, without running anything, that every
     distillation term can pair its tensors (a bad pairing fails here, not at step 1,000).
 
-    ``student_config``/``terms_config``/``seed`` override ``config.student``,
-    ``config.distill.terms`` and ``config.seed``. The student modules that the terms group declares
-    (:mod:`kdjax.distill.terms`) are built beside the connectors, and the pairing check sees their
-    outputs. ``materialize=False`` leaves the teacher abstract (shapes only): the experiment can
-    then be checked and inspected, but not run.
+    Args:
+      config: the experiment config (:func:`kdjax.config.load_config`).
+      student: an NNX module to train in place of ``config.student``, with its current weights
+        as the initial ones. Called as ``student(images, train=bool)`` on (N, H, W, 3) float32
+        images, it returns a :class:`kdjax.models.SegmentorOutput`: ``logits`` (N, h, w, K),
+        ``aux_logits`` or None, and the named ``features`` the terms pair. Its ``nnx.Param`` and
+        ``nnx.BatchStat`` variables are trained and checkpointed; rng streams are reseeded every
+        step. It computes in its own dtype (``train.precision`` applies to config-built models).
+      teacher: an NNX module with the same calling convention to distil from in place of
+        ``config.teacher``; frozen, run in inference mode (``train=False``).
+      optimizer: an optax transformation for every trainable parameter (the student's and the
+        terms' connectors and modules) in place of the config's (``train.optimizer``, its
+        schedule, weight decay and clipping, and per-term gradient clips such as Af-DCD's).
+      mesh: the ``('data',)`` device mesh; default: every device of every process.
+      student_config: overrides ``config.student``.
+      terms_config: overrides ``config.distill.terms``.
+      seed: overrides ``config.seed``.
+      materialize: False leaves the teacher abstract (shapes only): the experiment can then be
+        checked and inspected, but not run.
+
+    The student modules that the terms group declares (:mod:`kdjax.distill.terms`) are built
+    beside the connectors, and the pairing check sees their outputs.
+
+    Raises:
+      ValueError: a term that cannot pair its tensors, a batch size that the devices do not
+        divide, a ``teacher`` without distillation terms, and the config's own errors.
     """
     mesh = mesh or sharding.make_mesh()
     seed = config.seed if seed is None else seed
@@ -208,10 +322,28 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     sharding.check_batch_size(config.train.batch_size, mesh)
     terms = distill.parse_terms(terms_config, train_steps=config.train.steps)
     student_modules = distill.parse_student_modules(terms_config, terms)
-    teacher = (load_teacher(with_precision(config.teacher, config.train.precision),
-                            num_classes=info.num_classes, mesh=mesh, seed=seed,
-                            materialize=materialize) if terms else None)
-    tx = make_optimizer(config.train, terms)
+    if teacher is not None and not terms:
+        raise ValueError("a teacher module was given, but config.distill.terms is empty: set the "
+                         "terms it should teach (e.g. config.distill.terms = "
+                         "config.methods.cwd_logits).")
+    if (student is not None and classifier_kernel(student) is None
+            and any(term.loss.startswith("fakd") for term in terms)):
+        raise ValueError("FAKD's terms read the student's 1×1 classifier at "
+                         "student.head.classifier, which the given student module lacks.")
+    if teacher is not None:
+        teacher = _frozen_network(teacher, mesh)
+    elif terms:
+        teacher = load_teacher(with_precision(config.teacher, config.train.precision),
+                               num_classes=info.num_classes, mesh=mesh, seed=seed,
+                               materialize=materialize)
+    student_weights = None
+    if student is not None:
+        student_graphdef, student_state = nnx.split(student)
+        abstract_student = _abstract(student_state)
+        # A copy: the weights the module has now, whatever the caller does with it later.
+        student_weights = jax.device_put(nnx.state(student, WEIGHTS), sharding.replicated(mesh),
+                                         may_alias=False)
+    tx = optimizer if optimizer is not None else make_optimizer(config.train, terms)
     disc_tx = make_discriminator_optimizer(terms)
     images = jax.ShapeDtypeStruct((config.train.batch_size, *config.data.crop_size, 3),
                                   jnp.float32)
@@ -219,10 +351,15 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     def modules():
         """Every module the state holds, from the seed: (trainables, discriminators, states)."""
         rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-        student = build_model(student_config, num_classes=info.num_classes, rngs=rngs)
+        if student_weights is None:
+            net = build_model(student_config, num_classes=info.num_classes, rngs=rngs)
+        else:
+            # Placeholders of the given module's shapes, not its arrays: these would become
+            # constants of the compiled init. init_state puts its weights in.
+            net = nnx.merge(student_graphdef, fresh_rng_vars(abstract_student))
         if config.train.bn_stats == "per_device":
-            set_batch_norm_groups(student, mesh.devices.size)
-        student_out = jax.eval_shape(lambda x: distill.named_tensors(student(x, train=False)),
+            set_batch_norm_groups(net, mesh.devices.size)
+        student_out = jax.eval_shape(lambda x: distill.named_tensors(net(x, train=False)),
                                      images)
         # The student modules' outputs join the student's tensors that the terms pair on.
         extra, student_out = distill.build_student_modules(student_modules, student_out,
@@ -236,7 +373,7 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
         states = distill.init_term_states(terms, student_out, teacher_out,
                                           num_classes=info.num_classes,
                                           key=jax.random.key(seed + 2))
-        return Trainables(student, connectors), discs, states, student_out
+        return Trainables(net, connectors), discs, states, student_out
 
     abstract_trainables, abstract_discs, _, student_out = nnx.eval_shape(modules)
     graphdef, _, _, abstract_rng = nnx.split(abstract_trainables, nnx.Param, nnx.BatchStat, ...)
@@ -262,12 +399,13 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
     abstract_state = init_jit.eval_shape().replace(
         bad_metrics=sharding.placed({n: jax.ShapeDtypeStruct((), jnp.float32) for n in names},
                                     repl))
+    student_dtype = jnp.dtype(student_config.dtype if student is None else jnp.float32)
     parts = StepParts(
         graphdef=graphdef, rng_vars=abstract_rng, disc_graphdef=disc_graphdef,
         disc_rng_vars=abstract_disc_rng, tx=tx, disc_tx=disc_tx, terms=terms,
         student_modules=student_modules,
         teacher=functools.partial(teacher_tensors, teacher) if teacher is not None else None,
-        student_dtype=jnp.dtype(student_config.dtype), num_classes=info.num_classes,
+        student_dtype=student_dtype, num_classes=info.num_classes,
         ignore_label=info.ignore_label, aux_weight=config.train.aux_weight,
         total_steps=config.train.steps)
     state_sh = jax.tree.map(lambda s: s.sharding, abstract_state)
@@ -282,12 +420,14 @@ def setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None =
         # Every term meets its tensors here, abstractly: a pairing that cannot work fails at
         # setup. The step's compilation later reuses this trace.
         step.eval_shape(abstract_state, teacher.variables, abstract_batch)
+    spec = (model_spec(student_config, info.num_classes) if student is None
+            else dict(getattr(student, "spec", None) or {}))
     return Experiment(
         config=config, mesh=mesh, dataset=info, terms=terms, teacher=teacher,
-        student_spec={**model_spec(student_config, info.num_classes),
-                      "dtype": jnp.dtype(student_config.dtype)},
+        student_spec={**spec, "dtype": student_dtype},
         abstract_state=abstract_state, metric_names=names, step_parts=parts,
-        train_step=step, abstract_batch=abstract_batch, _init=_CompiledOnce(init_jit))
+        train_step=step, abstract_batch=abstract_batch, _init=_CompiledOnce(init_jit),
+        _student_weights=student_weights)
 
 
 class _CompiledOnce:

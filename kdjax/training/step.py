@@ -24,7 +24,8 @@ Array = jax.Array
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A train step produced a non-finite loss or gradient; the message names the terms."""
+    """A train step produced a non-finite loss or gradient; the message names the terms and the
+    step."""
 
 
 def _fresh(tree):
@@ -45,6 +46,13 @@ def _placeholder(leaf):
 def fresh_rng_vars(abstract_rng_vars):
     """Placeholders for the rng variables of a split module (see :func:`_placeholder`)."""
     return jax.tree.map(_placeholder, abstract_rng_vars)
+
+
+def classifier_kernel(student: nnx.Module) -> Array | None:
+    """The (1, 1, C, K) kernel of the student's final classifier, which FAKD's terms read; None
+    for a student module without kdjax's ``head.classifier`` (setup rejects FAKD for it)."""
+    classifier = getattr(getattr(student, "head", None), "classifier", None)
+    return classifier.kernel[...] if hasattr(classifier, "kernel") else None
 
 
 def _select(keep_new: Array, new, old):
@@ -93,7 +101,7 @@ def _loss(parts: StepParts, params, state: TrainState, teacher: dict, batch: dic
     if parts.terms:
         inputs = distill.TermInputs(
             student=student, teacher=teacher, labels=labels, step=state.step, key=key,
-            classifier_kernel=trainables.student.head.classifier.kernel[...],
+            classifier_kernel=classifier_kernel(trainables.student),
             num_classes=parts.num_classes, ignore_label=parts.ignore_label,
             total_steps=parts.total_steps)
         kd, kd_metrics, term_states = distill.distillation_loss(
@@ -143,8 +151,10 @@ def make_train_step(parts: StepParts):
 
     The step is :func:`updated_state` if its metrics are finite and no earlier step went
     non-finite; otherwise ``state`` is returned unchanged, with the first bad step and its metrics
-    recorded (``bad_step``, ``bad_metrics``), so that the host need not look at every step: it
-    checks ``bad_step`` when it logs, evaluates or saves (:func:`check_finite`).
+    recorded (``bad_step``, ``bad_metrics``), so that the host need not wait for every step: the
+    training loop checks ``bad_step`` when it logs, evaluates or saves, and
+    :meth:`~kdjax.training.Experiment.step` after each step unless told to freeze
+    (:func:`check_finite`).
 
     ``batch``: ``'image'`` (N, H, W, 3) float32 and ``'label'`` (N, H, W) int32.
     """
@@ -164,15 +174,21 @@ def make_train_step(parts: StepParts):
     return train_step
 
 
-def check_finite(state: TrainState, checkpoint_dir) -> None:
+def check_finite(state: TrainState, checkpoint_dir=None) -> None:
     """Raises :class:`NonFiniteLossError` if any step so far went non-finite (this waits for
-    the device)."""
+    the device). The message names the step and the non-finite metrics (the terms), and, given
+    the run's ``checkpoint_dir``, says that its last good checkpoint is kept."""
     bad_step = int(jax.device_get(state.bad_step))
     if bad_step < 0:
         return
     metrics = jax.device_get(state.bad_metrics)
     bad = ", ".join(f"{k}={float(v)}" for k, v in sorted(metrics.items())
                     if not jnp.isfinite(v)) or "a gradient"
+    if checkpoint_dir is None:
+        raise NonFiniteLossError(
+            f"the loss went non-finite at step {bad_step}: {bad}. The state was not updated by "
+            f"that step or any later one. Lower the learning rate or the weight of the named "
+            f"term, or enable train.grad_clip.")
     raise NonFiniteLossError(
         f"the loss went non-finite at step {bad_step}: {bad}. The state was not updated from "
         f"that step on, and the last good checkpoint in {checkpoint_dir} is kept. Lower the "
