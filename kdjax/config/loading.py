@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 # The one-row config files that the family files replaced → the argument that now selects the same
-# experiment (configs/README.md, "Replaced paths").
+# experiment (docs/configs.md, "Replaced paths").
 _CIRKD_TABLE_METHODS = ("kd", "cwd", "nfd", "pfs_wpi", "fakd_kd", "fakd_cwd", "skd", "ifvd",
                         "cirkd", "dist", "at", "fitnet")
 REPLACED_CONFIGS = {

@@ -42,7 +42,8 @@ def weighted_pixel_imitation(student_logits: Array, teacher_logits: Array, *,
     ``L = mean_{n,i} w_{n,i} · g_{n,i}`` over valid pixels.
 
     Args:
-      student_logits, teacher_logits: (N, H, W, K).
+      student_logits: (N, H, W, K).
+      teacher_logits: (N, H, W, K).
       temperature: τ.
       gap_weight: callable ``(gap (N,H,W), valid (N,H,W) float) -> weights (N,H,W)``; its output is
         treated as a constant. Slot in another published weighting rule here.

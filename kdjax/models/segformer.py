@@ -278,8 +278,9 @@ class MixTransformer(nnx.Module):
     """The MiT encoder: (N, H, W, 3) → {'c1': (N, ⌈H/4⌉, ⌈W/4⌉, d1), …, 'c4' at stride 32}.
 
     Args:
-      embed_dims, depths: per stage (``MIT_VARIANTS``); ``num_heads``, ``sr_ratios`` and
-        ``mlp_ratio`` default to the values every MiT shares.
+      embed_dims: the width of each stage (``MIT_VARIANTS``).
+      depths: the blocks of each stage; ``num_heads``, ``sr_ratios`` and ``mlp_ratio`` default to
+        the values every MiT shares.
       drop_path_rate: the last block's stochastic-depth rate (0.1 in CIRKD).
 
     Attributes ``patch_embed1..4``, ``block1..4`` (each an ``nnx.List`` of :class:`MiTBlock`),

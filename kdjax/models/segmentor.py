@@ -131,7 +131,8 @@ def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", outp
         SegFormer the width of every attention head, so widths stay multiples of the head counts).
       kernels: 'auto', 'xla' or 'cpu': the convolution and batch-norm forms
         (:mod:`kdjax.ops.kernels`).
-      dtype, param_dtype: compute and parameter dtypes.
+      dtype: the compute dtype.
+      param_dtype: the parameters' dtype.
       drop_path_rate: SegFormer's stochastic depth, the last block's rate (None: CIRKD's 0.1);
         not part of the structure, so not in ``spec``. The CNN segmentors have none.
       rngs: parameter initialisation (and dropout) streams.

@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 PLUGINS = {"gpu": ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin",
                    "jax_rocm60_plugin"),
            "tpu": ("libtpu",)}
-# How to install JAX for each platform (the Makefile's ACCEL option).
-INSTALL = {"gpu": "make install ACCEL=cuda", "tpu": "make install ACCEL=tpu"}
+# How to install JAX for each platform (the Makefile's ACCEL option; `make` checks the driver and
+# says when cuda13 fits instead).
+INSTALL = {"gpu": "make install ACCEL=cuda12", "tpu": "make install ACCEL=tpu"}
 
 
 def visible_accelerators() -> dict[str, str]:

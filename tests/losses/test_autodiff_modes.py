@@ -1,4 +1,4 @@
-"""Which losses take forward-mode derivatives: the README's list (section 'Losses'). The losses with
+"""Which losses take forward-mode derivatives: the list of docs/losses.md. The losses with
 written-out backward passes are reverse-mode only; every other loss takes both modes."""
 
 import functools

@@ -19,7 +19,7 @@ from kdjax.models import MODEL_NAMES
 from kdjax.runtime import sharding
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-README = (CONFIGS / "README.md").read_text()
+README = (CONFIGS.parent / "docs" / "configs.md").read_text()
 FILES = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.py"))
 # Family file → its table of paper rows; the other files take no argument but `local`.
 MODULES = {name: runpy.run_path(str(CONFIGS / name)) for name in FILES}
