@@ -112,8 +112,11 @@ def method_terms(method: str, *, aux_logits: bool = True, dataset: str = "citysc
                                reconstruction_weight=reconstruction, contrast_weight=contrast,
                                **crop)
     elif method == "mgd":
-        # MGD's segmentation setting (α = 2e-5, mask ratio 0.75) on the backbone's last stage.
+        # The official segmentation configs (docs/methods.md §10.5): the masked reconstruction
+        # (α = 2e-5, mask ratio 0.75) on the backbone's last stage, and with `use_logit=True` CWD
+        # on the logits, τ = 4, weight 3.
         terms["mgd"] = term("masked_reconstruction", weight=2e-5, student="c4", teacher="c4")
+        terms["cwd_logits"] = term("channel_wise_divergence", weight=3.0, tau=4.0)
     elif method == "cirkdv2":
         # CIRKD's terms (§5.4) plus FitNet and the channel terms of CIRKDv2's scripts (§11):
         # mini-batch channel 1, memory channel 0.1, channel MSE 100, in one term that shares

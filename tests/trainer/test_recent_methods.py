@@ -31,7 +31,7 @@ def _tiny_options(method: str, terms: ml_collections.ConfigDict) -> ml_collectio
 
 @pytest.mark.parametrize("method, parts", [
     ("af_dcd", {"kd/af_dcd/reconstruction", "kd/af_dcd/contrast", "kd/kd"}),
-    ("mgd", {"kd/mgd"}),
+    ("mgd", {"kd/mgd", "kd/cwd_logits"}),
     ("cirkdv2", {"kd/cirkd_channel/minibatch", "kd/cirkd_channel/memory",
                  "kd/cirkd_channel/mse", "kd/fitnet", "kd/cirkd_memory/pixel"}),
     ("bpkd", {"kd/bpkd/edge", "kd/bpkd/body"}),
