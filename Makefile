@@ -164,8 +164,9 @@ $(DOCS_STAMP): $(VENV)/.created pyproject.toml
 	$(PIP_INSTALL) -e '.[docs]'
 	touch $@
 
+# NO_MKDOCS_2_WARNING: the theme's banner about its successor, printed on every build.
 docs: $(DOCS_STAMP)
-	$(BIN)/python -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 # The sdist and the wheel in dist/; the wheel is built from the sdist, so a file missing from the
 # sdist fails here.

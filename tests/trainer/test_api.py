@@ -3,6 +3,7 @@ a non-finite loss that raises unless told to freeze, and setup with NNX modules 
 transformation of the caller's own."""
 
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,10 @@ from kdjax.config.loading import load_config
 from kdjax.config.recipes import method_terms
 from kdjax.models import SegmentorOutput, build_segmentor
 from kdjax.runtime import sharding
-from tests.trainer.test_train import CONFIG
+
+# The trainer tests' tiny run, named here: test_train imports the TensorFlow pipeline, and
+# test-newest runs without TensorFlow.
+CONFIG = str(Path(__file__).with_name("tiny_config.py"))
 
 
 def _batch(num_classes, seed=0, size=32):
