@@ -30,28 +30,30 @@ PIP_INSTALL = $(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url
 .PHONY: venv install demo test test-slow test-without-torch test-newest camvid docs dist \
 	check-core clean
 
-# The oldest Python kdjax runs on, and what to do about an older one.
+# The oldest Python kdjax runs on, and what to do about an older one or a venv module without pip.
 define check_python
-	@version=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { \
-		echo "make: cannot run $(PYTHON). kdjax needs Python 3.11 or newer: install it and name it," \
-			"e.g. make install PYTHON=python3.11" >&2; exit 1; }; \
-	case $$version in 3.1[1-9]|3.[2-9][0-9]) ;; *) \
-		echo "make: kdjax needs Python 3.11 or newer, and $(PYTHON) is $$version. Install a newer" \
-			"Python (Ubuntu: sudo apt install python3.11 python3.11-venv; or pyenv, or" \
-			"uv python install 3.11) and name it: make install PYTHON=python3.11" >&2; exit 1;; esac; \
-	$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
-		echo "make: $(PYTHON) cannot make a virtual environment with pip: its ensurepip module is" \
-			"missing. On Debian or Ubuntu: sudo apt install python$$version-venv" >&2; exit 1; }
+version=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { \
+	echo "make: cannot run $(PYTHON). kdjax needs Python 3.11 or newer: install it and name it," \
+		"e.g. make install PYTHON=python3.11" >&2; exit 1; }; \
+case $$version in 3.1[1-9]|3.[2-9][0-9]) ;; *) \
+	echo "make: kdjax needs Python 3.11 or newer, and $(PYTHON) is $$version. Install a newer" \
+		"Python (Ubuntu: sudo apt install python3.11 python3.11-venv; or pyenv, or" \
+		"uv python install 3.11) and name it: make install PYTHON=python3.11" >&2; exit 1;; esac; \
+$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	echo "make: $(PYTHON) cannot make a virtual environment with pip: its ensurepip module is" \
+		"missing. On Debian or Ubuntu: sudo apt install python$$version-venv" >&2; exit 1; }
 endef
 
-# The environment is made when it is missing or unusable: a `python -m venv` that failed half-way
-# (no ensurepip) leaves bin/python without pip behind, and an interpreter that is too old stays
-# too old. The marker is written only once pip runs in it.
+# The environment is kept when it runs pip on Python 3.11 or newer, else made again: a
+# `python -m venv` that failed half-way (no ensurepip) leaves bin/python without pip behind. The
+# marker is written only once pip runs in it.
 $(VENV)/.created:
 	@if $(BIN)/python -c 'import sys; assert sys.version_info >= (3, 11); import pip' 2>/dev/null; \
-		then :; else echo "making $(VENV) with $(PYTHON)"; rm -rf $(VENV); fi
-	$(check_python)
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+	then :; else \
+		$(check_python); \
+		echo "making $(VENV) with $(PYTHON)"; rm -rf $(VENV); \
+		$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }; \
+	fi
 	$(BIN)/python -m pip --version
 	touch $@
 
