@@ -140,7 +140,9 @@ test-slow: $(STAMP) $(TEST_STAMP)
 WITHOUT_TORCH := PYTHONPATH=tests/hidden_modules HIDDEN_MODULES=torch
 WITHOUT_TORCH_TESTS := tests/benchmarks/test_accelerator_check.py
 test-without-torch: $(STAMP) $(TEST_STAMP)
-	$(WITHOUT_TORCH) $(BIN)/python -m pytest -q --collect-only >/dev/null
+	@echo "collecting every test with PyTorch hidden"; \
+	out=$$($(WITHOUT_TORCH) $(BIN)/python -m pytest -q --collect-only 2>&1) || { \
+		echo "$$out" | tail -n 40; exit 1; }; echo "$$out" | tail -n 1
 	$(WITHOUT_TORCH) $(BIN)/python -m pytest -q $(WITHOUT_TORCH_TESTS)
 
 # The core (losses, models, the trainer's step, checkpoints) on Python 3.12 with the newest JAX,
