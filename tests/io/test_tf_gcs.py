@@ -125,7 +125,12 @@ def test_stop_ends_the_open_connections_and_the_proxy():
     start = time.monotonic()
     emulator.stop()  # returns once every connection's thread has ended
     assert time.monotonic() - start < 5
-    assert silent.recv(1) == b""
+    # Ended either way: closed by its handler, or reset with the listening socket when stop()
+    # came before the server had accepted it.
+    try:
+        assert silent.recv(1) == b""
+    except ConnectionResetError:
+        pass
     silent.close()
     tunnel.close()
     with pytest.raises(ConnectionRefusedError):
