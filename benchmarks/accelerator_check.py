@@ -452,7 +452,7 @@ class DeviceTorchSide(step.TorchSide):
 
 def step_args(settings: dict, batch: int) -> types.SimpleNamespace:
     return types.SimpleNamespace(size=settings["size"], batch=batch, student=STUDENT,
-                                 teacher=settings["teacher"])
+                                 teacher=settings["teacher"], demo=False, kernels="auto")
 
 
 def memory_limit() -> int:

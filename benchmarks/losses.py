@@ -1,7 +1,8 @@
 """Loss speed and memory: every kdjax loss, forward + backward, against PyTorch on the same inputs.
 
     python benchmarks/losses.py [--quick] [--sizes small,cityscapes] [--losses NAME,...] [--threads N]
-                                [--process per_case|shared] [--runs K] [--json FILE] [--write]
+                                [--process per_case|shared] [--runs K] [--isa ISA] [--json FILE]
+                                [--write]
     python benchmarks/losses.py --from_json FILE [--write]     # the table of a saved run
 
 For every loss of ``kdjax.losses`` the benchmark times one jitted step that returns the loss and its
@@ -114,6 +115,25 @@ def configure_threads(threads: int | None) -> int:
     return threads
 
 
+# XLA's names for the x86 instruction sets that --xla_cpu_max_isa caps code generation at.
+ISAS = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX")
+
+
+def add_isa_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--isa", choices=ISAS, default=None,
+                        help="compile kdjax's programs for at most this instruction set "
+                             "(XLA's --xla_cpu_max_isa): an AVX-512 host measures AVX2 code")
+
+
+def limit_isa(isa: str | None) -> None:
+    """Caps XLA's code generation at ``isa`` for this process and its children (before JAX
+    starts). kdjax's ``'auto'`` kernels follow the cap (:func:`kdjax.ops.kernels.host_isa`);
+    PyTorch's kernels do not (``ATEN_CPU_CAPABILITY`` caps those)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if isa and f"--xla_cpu_max_isa={isa}" not in flags.split():   # a child inherits it already
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_max_isa={isa}".strip()
+
+
 def machine_info(threads: int, with_torch: bool = True) -> dict:
     """The machine, the libraries and the thread settings; the torch fields are empty without it."""
     import jax
@@ -169,7 +189,9 @@ def vector_isa(flags: set[str]) -> str:
 def cpu_description(m: dict) -> str:
     """'<model> (<arch>[, <vector ISA>])' of a machine_info record."""
     isa = f", {m['vector_isa']}" if m.get("vector_isa") else ""
-    return f"{m['cpu']} ({m['machine']}{isa})"
+    capped = re.search(r"--xla_cpu_max_isa=(\S+)", m.get("xla_flags", ""))
+    cap = f"; kdjax's code capped at {capped.group(1)}" if capped else ""
+    return f"{m['cpu']} ({m['machine']}{isa}{cap})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -795,6 +817,7 @@ def main(argv=None) -> dict:
                         help="run each (loss, size) case in a fresh process (default) or all in this one")
     parser.add_argument("--runs", type=int, default=1,
                         help="measure every case this many times, one run after another (default 1)")
+    add_isa_option(parser)
     parser.add_argument("--cases_json", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--from_json", default=None, help=results_file.FROM_JSON_HELP)
     args = parser.parse_args(argv)
@@ -811,6 +834,7 @@ def main(argv=None) -> dict:
         parser.error(f"--runs must be at least 1, got {args.runs}")
 
     threads = configure_threads(args.threads)
+    limit_isa(args.isa)
     add_cpu_flags()  # the losses compiled as the kdjax command compiles them
     import torch
 

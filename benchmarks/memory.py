@@ -137,7 +137,8 @@ def train_step_memory(sides: list[int], batch: int, student: str, teacher: str,
                    "memory_analysis": [], **({"torch_peak_bytes": []} if with_torch else {})}
             for case in STEP_CASES}
     for side in sides:
-        args = argparse.Namespace(size=(side, side), batch=batch, student=student, teacher=teacher)
+        args = argparse.Namespace(size=(side, side), batch=batch, student=student, teacher=teacher,
+                                  demo=False, kernels="auto")
         batch_arrays = step.make_batch(args)
         for case, distill in STEP_CASES.items():
             impl, _, _ = step.kdjax_train_step(args, "float32", distill, batch_arrays)

@@ -3,7 +3,8 @@ and resolution.
 
     python benchmarks/step.py [--quick] [--size H W] [--batch N] [--reps R] [--student NAME]
                               [--teacher NAME] [--dtypes float32,bfloat16] [--threads N]
-                              [--json FILE] [--write] [--no-torch]
+                              [--json FILE] [--write] [--no-torch] [--demo] [--kernels K]
+                              [--isa ISA]
     python benchmarks/step.py --from_json FILE [--write]     # the table of a saved run
 
 Three cases, each timed as one full call:
@@ -53,6 +54,10 @@ Method:
   (parameters stay float32), PyTorch runs under ``torch.autocast('cpu', dtype=torch.bfloat16)``.
 
 ``--quick``: 64×64, batch 2, 2 repetitions, DeepLabV3-ResNet18 as student and teacher (a smoke run).
+``--demo``: the networks, crop and batch of ``configs/demo.py`` (kdjax only). ``--kernels``: the
+convolution and batch-norm forms, 'cpu' against 'xla' (``kdjax/ops/kernels.py``). ``--isa AVX2``:
+XLA generates code for at most that instruction set (``--xla_cpu_max_isa``), so an AVX-512 host
+measures what an AVX2 one runs; PyTorch keeps its own kernels.
 ``--no-torch``: kdjax only. ``--write`` puts each dtype's table into benchmarks/RESULTS.md, between
 its own markers: float32 in the 'Train step' section, bfloat16 in its 'bfloat16 compute'
 subsection. A run of one dtype leaves the other's table as it was.
@@ -130,6 +135,18 @@ def make_batch(args, seed: int = 0) -> dict:
 # --------------------------------------------------------------------------------------------------
 # kdjax side.
 
+def demo_networks() -> dict:
+    """The teacher and student sections of ``configs/demo.py`` (names, widths, heads)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).parents[1] / "configs/demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    config = demo.get_config()
+    return {"teacher": config.teacher.to_dict(), "student": config.student.to_dict(),
+            "size": tuple(config.data.crop_size), "batch": config.train.batch_size}
+
+
 def kdjax_config(args, dtype: str, distill: bool):
     from kdjax.config.defaults import base_config
     from kdjax.config.recipes import method_terms
@@ -137,7 +154,12 @@ def kdjax_config(args, dtype: str, distill: bool):
     config = base_config()
     config.data.name = "cityscapes"          # 19 classes; only its metadata is read
     config.data.crop_size = tuple(args.size)
+    if args.demo:
+        networks = demo_networks()
+        config.teacher.update(networks["teacher"])
+        config.student.update(networks["student"])
     config.student.name, config.teacher.name = args.student, args.teacher
+    config.student.kernels = config.teacher.kernels = args.kernels
     config.teacher.checkpoint = "random"
     config.student.dtype = config.teacher.dtype = dtype
     config.train.batch_size = args.batch
@@ -651,6 +673,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5)")
     parser.add_argument("--student", default=None, help="default deeplabv3_resnet18")
     parser.add_argument("--teacher", default=None, help="default deeplabv3_resnet101")
+    parser.add_argument("--demo", action="store_true",
+                        help="the networks, crop and batch of configs/demo.py (kdjax only: "
+                             "PyTorch's reference networks are full width)")
+    parser.add_argument("--kernels", choices=("auto", "xla", "cpu"), default="auto",
+                        help="kdjax's convolution and batch-norm forms (kdjax/ops/kernels.py)")
+    losses.add_isa_option(parser)
     parser.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="threads for both (default: all cores)")
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")
@@ -665,6 +693,11 @@ def main(argv=None) -> dict:
         return results_file.replay(args.from_json, table, write_section if args.write else None)
     defaults = QUICK if args.quick else {"size": (256, 256), "batch": 8, "reps": 5,
                                          "student": "deeplabv3_resnet18", "teacher": "deeplabv3_resnet101"}
+    if args.demo:
+        networks = demo_networks()
+        defaults = dict(defaults, size=networks["size"], batch=networks["batch"],
+                        student=networks["student"]["name"], teacher=networks["teacher"]["name"])
+        args.torch = False
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -673,6 +706,7 @@ def main(argv=None) -> dict:
         parser.error(f"unknown dtypes {sorted(unknown)}; choose from float32, bfloat16")
 
     threads = losses.configure_threads(args.threads)
+    losses.limit_isa(args.isa)
     add_cpu_flags()  # as the kdjax command does: the train step compiled as training compiles it
     host_memory = set_host_memory(args)
     if args.torch:
@@ -687,7 +721,8 @@ def main(argv=None) -> dict:
     result = {"machine": losses.machine_info(threads, args.torch), "command": command.strip(), "quick": args.quick,
               "settings": {"size": list(args.size), "batch": args.batch, "reps": args.reps,
                            "student": args.student, "teacher": args.teacher, "classes": CLASSES,
-                           "dtypes": dtypes, "torch": args.torch, "learning_rate": LR,
+                           "dtypes": dtypes, "torch": args.torch, "demo": args.demo,
+                           "kernels": args.kernels, "learning_rate": LR,
                            "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "aux_weight": AUX_WEIGHT,
                            "cwd_weight": CWD_WEIGHT, "cwd_tau": CWD_TAU, "host_memory": host_memory},
               "overhead_target_percent": OVERHEAD_TARGET, "step_target_ratio": STEP_TARGET}

@@ -6,7 +6,8 @@ zero padding for every output position; they contribute exactly zero, so the ker
 the taps that touch the input, with padding that keeps the output size (their kernel gradient is
 exactly zero, as it is for the full kernel). The cropped convolution then runs as XLA's own
 (``kernels='xla'``: plain XLA, differentiable in both modes) or in the CPU forms of
-:mod:`kdjax.ops.cpu.convolution` (``kernels='cpu'``).
+:mod:`kdjax.ops.cpu.convolution` (``kernels='cpu'``, where they pay for their compile time:
+:func:`kdjax.ops.cpu.convolution.pays_off`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import jax
 
 from kdjax.ops.cpu.convolution import convolve as cpu_convolve
+from kdjax.ops.cpu.convolution import pays_off
 from kdjax.ops.kernels import resolve_kernels
 from kdjax.ops.xla import Geometry, touching_taps, xla_convolution
 
@@ -38,6 +40,6 @@ def conv2d(x: Array, kernel: Array, *, stride: tuple[int, int], padding: tuple[i
                       padding[axis - 1], dilation[axis - 1]) for axis in (1, 2))
     geometry = Geometry(tuple(stride), (pad_h, pad_w), tuple(dilation), groups)
     kernel = kernel[rows0:rows1, cols0:cols1]
-    if resolve_kernels(kernels) == "cpu":
+    if resolve_kernels(kernels) == "cpu" and pays_off(x.shape, kernel.shape, geometry):
         return cpu_convolve(x, kernel, geometry)
     return xla_convolution(x, kernel, geometry)

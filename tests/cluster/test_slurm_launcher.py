@@ -37,7 +37,9 @@ while [ -z "$stop" ] && [ $step -lt "${TASK_STEPS:-100000}" ]; do
   step=$((step + 1)) && echo "step $step" >>"$log" && sleep 0.1
 done
 [ -n "$stop" ] || exit 0
-sleep "${TASK_SAVE_SECONDS:-0}"
+# In the background and waited for: bash runs a trap only once its foreground command ends, while
+# `wait` returns at a signal, so the second signal exits at once and not after the save.
+sleep "${TASK_SAVE_SECONDS:-0}" & wait $!
 echo "saved step $step" >>"$log"
 exit "$stop"
 """

@@ -94,3 +94,20 @@ def test_set_kernels_switches_every_layer():
     set_kernels(model, "xla")
     kinds = {sub.kernels for _, sub in nnx.iter_modules(model) if hasattr(sub, "kernels")}
     assert kinds == {"xla"}
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, groups, cpu_forms", [
+    ((2, 8, 8, 4), (3, 3, 4, 4), 1, False),          # 2·10⁵ FLOPs: XLA's form and gradients
+    ((8, 64, 64, 64), (3, 3, 64, 64), 1, True),      # 2·10⁹ FLOPs: the CPU forms
+    ((2, 8, 8, 4), (3, 3, 1, 4), 4, True),           # depthwise, at any size
+])
+def test_the_cpu_kernels_keep_xlas_form_only_for_small_ungrouped_convolutions(
+        x_shape, kernel_shape, groups, cpu_forms):
+    from kdjax.ops.convolution import conv2d
+
+    def loss(x, kernel):
+        return jnp.sum(conv2d(x, kernel, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                              groups=groups, kernels="cpu") ** 2)
+
+    text = str(jax.make_jaxpr(loss)(jnp.zeros(x_shape), jnp.zeros(kernel_shape)))
+    assert ("custom_vjp" in text) == cpu_forms

@@ -48,6 +48,12 @@ TAP_FORM_FRACTION = 0.9
 # for small convolutions that costs more compile time than it saves at run time: the tests' tiny
 # distillation step compiled in 51 s with every small convolution in tap form, 21 s without.
 TAP_FORM_MIN_FLOP = 1e8
+# Ungrouped convolutions of fewer floating-point operations than this keep XLA's convolution and
+# XLA's gradients on the CPU too (kdjax.ops.convolution): their written-out backward saves little
+# run time on such small products and doubles the compile time. The demo's quarter-width
+# DeepLabV3-ResNet18 student (64×128 crops, batch 8, all its convolutions below this) compiles its
+# train step in 11.5 s instead of 21.5 s, at 139 against 127 ms per step, on a 2-core AVX2 host.
+CPU_FORMS_MIN_FLOP = 1e8
 # Winograd's form pays where the products dominate its three memory-bound transforms: at 128
 # channels and more it is 1.1–1.4× faster forward + backward (3×3 on 32×32 maps, batch 8, the
 # backward forming its tiles again); at 64 channels on 64×64 and 128×128 maps its input transform
@@ -162,15 +168,22 @@ def runs_in_tap_form(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
     ``TAP_FORM_MIN_FLOP`` whose kernel is 1×1 (a matrix product, which XLA's CPU convolution runs
     up to 2.6× slower than its dot) or of whose products at most ``TAP_FORM_FRACTION`` read the
     input (XLA's convolution computes them all)."""
-    return _flop(x_shape, kernel_shape, geometry) >= TAP_FORM_MIN_FLOP and (
+    return convolution_flop(x_shape, kernel_shape, geometry) >= TAP_FORM_MIN_FLOP and (
         kernel_shape[:2] == (1, 1) or valid_fraction(x_shape, kernel_shape, geometry) <= TAP_FORM_FRACTION)
 
 
-def _flop(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], geometry: Geometry) -> int:
+def convolution_flop(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], geometry: Geometry) -> int:
     """The convolution's multiply-adds × 2, padding included."""
     out = [tap_output_ranges(x_shape[axis + 1], kernel_shape[axis], geometry.stride[axis],
                              geometry.padding[axis], geometry.dilation[axis])[0] for axis in (0, 1)]
     return 2 * x_shape[0] * out[0] * out[1] * math.prod(kernel_shape[:3]) * kernel_shape[3]
+
+
+def pays_off(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], geometry: Geometry) -> bool:
+    """Whether the CPU forms pay for their compile time on this convolution: every grouped one
+    (XLA's CPU runs depthwise convolutions slowly at any size), and the ungrouped ones of at least
+    ``CPU_FORMS_MIN_FLOP``."""
+    return geometry.groups > 1 or convolution_flop(x_shape, kernel_shape, geometry) >= CPU_FORMS_MIN_FLOP
 
 
 def runs_in_winograd_form(x: Array, kernel: Array, geometry: Geometry) -> bool:
@@ -183,7 +196,7 @@ def runs_in_winograd_form(x: Array, kernel: Array, geometry: Geometry) -> bool:
             and x.dtype == kernel.dtype == jnp.float32
             and min(pad for pads in geometry.padding for pad in pads) >= 0
             and min(kernel.shape[2:]) >= WINOGRAD_MIN_CHANNELS
-            and _flop(x.shape, kernel.shape, geometry) >= TAP_FORM_MIN_FLOP
+            and convolution_flop(x.shape, kernel.shape, geometry) >= TAP_FORM_MIN_FLOP
             and valid_fraction(x.shape, kernel.shape, geometry) >= WINOGRAD_MIN_VALID_FRACTION)
 
 
