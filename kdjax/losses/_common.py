@@ -133,11 +133,6 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = NORMALIZE_EPS) -> Array:
     return x / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), eps * eps))
 
 
-def safe_norm(x: Array) -> Array:
-    """Frobenius norm of ``x`` whose gradient at 0 is 0 instead of NaN."""
-    return safe_sqrt(jnp.sum(jnp.square(x)))
-
-
 def check_pair(student: Array, teacher: Array, mask: Array | None, *,
                names: tuple[str, str] = ("student_logits", "teacher_logits"),
                axes: str = "N,H,W,K") -> None:
