@@ -127,8 +127,8 @@ def add_isa_option(parser: argparse.ArgumentParser) -> None:
 
 def limit_isa(isa: str | None) -> None:
     """Caps XLA's code generation at ``isa`` for this process and its children (before JAX
-    starts). kdjax's ``'auto'`` kernels follow the cap (:func:`kdjax.ops.kernels.host_isa`);
-    PyTorch's kernels do not (``ATEN_CPU_CAPABILITY`` caps those)."""
+    starts). kdjax chooses the same forms on every instruction set, so only the generated code
+    changes; PyTorch's kernels are not capped (``ATEN_CPU_CAPABILITY`` caps those)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if isa and f"--xla_cpu_max_isa={isa}" not in flags.split():   # a child inherits it already
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_max_isa={isa}".strip()
