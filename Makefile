@@ -136,14 +136,14 @@ test-slow: $(STAMP) $(TEST_STAMP)
 
 # Without PyTorch, cheaply: with PyTorch hidden from the test processes (tests/hidden_modules)
 # rather than a second environment, every test module must import (its PyTorch tests skip), and
-# the tests whose expectations change without PyTorch must pass.
+# the tests whose expectations change without PyTorch must pass, slow ones included.
 WITHOUT_TORCH := PYTHONPATH=tests/hidden_modules HIDDEN_MODULES=torch
 WITHOUT_TORCH_TESTS := tests/benchmarks/test_accelerator_check.py
 test-without-torch: $(STAMP) $(TEST_STAMP)
 	@echo "collecting every test with PyTorch hidden"; \
 	out=$$($(WITHOUT_TORCH) $(BIN)/python -m pytest -q --collect-only 2>&1) || { \
 		echo "$$out" | tail -n 40; exit 1; }; echo "$$out" | tail -n 1
-	$(WITHOUT_TORCH) $(BIN)/python -m pytest -q $(WITHOUT_TORCH_TESTS)
+	$(WITHOUT_TORCH) $(BIN)/python -m pytest -q -m "slow or not slow" $(WITHOUT_TORCH_TESTS)
 
 # The core (losses, models, the trainer's step, checkpoints) on Python 3.12 with the newest JAX,
 # Flax, Optax and Orbax, and without TensorFlow: a second environment, .venv-newest, with the

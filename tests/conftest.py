@@ -3,7 +3,7 @@ compilation cache for the whole session."""
 
 import os
 
-from kdjax.runtime.compilation import CACHE_DIR_ENV, default_cache_dir
+from kdjax.runtime.compilation import CACHE_DIR_ENV, default_cache_dir, use_persistent_cache
 from kdjax.runtime.cpu_flags import add_cpu_flags
 
 # Must be set before jax is imported anywhere in the test process. The tests' programs are tiny
@@ -20,8 +20,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same tiny train and eval steps, in this process and in the `kdjax`
 # subprocesses they start (which inherit the variable); JAX's persistent cache compiles each once,
-# in the same user cache directory as the `kdjax` command's (its keys tell programs apart).
+# in the same user cache directory as the `kdjax` command's (its keys tell programs apart). JAX is
+# imported already and read no variable: the cache is turned on in this process explicitly.
 os.environ.setdefault(CACHE_DIR_ENV, str(default_cache_dir()))
+use_persistent_cache()
 
 
 def pytest_collection_modifyitems(items):

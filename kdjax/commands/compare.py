@@ -43,6 +43,7 @@ from kdjax.io.networks import Network, load_teacher
 from kdjax.io.paths import as_path
 from kdjax.runtime.compilation import release_compiled_programs
 from kdjax.runtime.sharding import device_batches, make_mesh
+from kdjax.training.compile_ahead import CompileAhead
 from kdjax.training.budget import (Budget, StepCost, affordable_steps, agreed_cost,
                                    measure_step_cost, parse_budget, read_cost, write_cost)
 from kdjax.training.resume import check_same_recipe, recipe_fingerprint
@@ -70,6 +71,17 @@ def _measured_cost(exp: training.Experiment) -> StepCost:
                              flops=exp.step_flops())
 
 
+def _run_config(config: ml_collections.ConfigDict, *, seed: int,
+                student_config: ml_collections.ConfigDict,
+                terms: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of one run: ``config`` with its seed, model and distillation terms."""
+    run_config = ml_collections.ConfigDict(config.to_dict())
+    run_config.seed = seed
+    run_config.student = student_config
+    run_config.distill.terms = terms
+    return run_config
+
+
 def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method: str, seed: int,
                      student_config: ml_collections.ConfigDict,
                      terms: ml_collections.ConfigDict, mesh, budget: Budget = Budget("steps"),
@@ -84,10 +96,7 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
     equal steps the run's own first steps after compilation give it.
     """
     result_path = workdir / RESULT_FILE
-    run_config = ml_collections.ConfigDict(config.to_dict())
-    run_config.seed = seed
-    run_config.student = student_config
-    run_config.distill.terms = terms
+    run_config = _run_config(config, seed=seed, student_config=student_config, terms=terms)
     cost = read_cost(workdir / COST_FILE)
 
     def affordable(cost: StepCost) -> int:
@@ -218,18 +227,6 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
     info = dataset_info(config.data.name)
     rows = []
     config = ml_collections.ConfigDict(config.to_dict())
-    if config.teacher.checkpoint is None:
-        teacher_config = ml_collections.ConfigDict(config.to_dict())
-        if config.teacher_steps:
-            teacher_config.train.steps = config.teacher_steps
-        row, _ = train_and_report(teacher_config, workdir / "teacher", method=report.TEACHER,
-                                  seed=config.seed, student_config=config.teacher,
-                                  terms=ml_collections.ConfigDict(), mesh=mesh)
-        release_compiled_programs()
-        rows.append(row)
-        config.teacher.checkpoint = str(workdir / "teacher" / MODEL_DIR)
-    else:
-        rows.append(_teacher_row(config, mesh))
     methods = dict(config.methods)
     if not methods:
         raise ValueError("config.methods is empty: list the student methods to compare, e.g. "
@@ -237,14 +234,41 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
     # The baseline first (a budget relative to it needs its cost), then the methods in name order
     # (ConfigDict keeps keys sorted).
     order = sorted(methods, key=lambda m: (m != "student_alone", m))
-    alone_costs: dict[int, StepCost] = {}
-    for method in order:
-        terms = methods[method]
-        name = report.STUDENT_ALONE if method == "student_alone" else method
-        for seed in config.seeds:
+    runs = {(method, seed): workdir / _run_name(method) / f"seed_{seed}"
+            for method in order for seed in config.seeds}
+    train_teacher = config.teacher.checkpoint is None
+    student_runs = ml_collections.ConfigDict(config.to_dict())
+    student_runs.teacher.checkpoint = (str(workdir / "teacher" / MODEL_DIR) if train_teacher
+                                       else config.teacher.checkpoint)
+    with CompileAhead() as ahead:
+        # The students' programs compile on a second core while the teacher and the runs
+        # before them compile and train; their teacher need not exist yet (materialize=False).
+        for (method, seed), run_dir in runs.items():
+            if not (run_dir / RESULT_FILE).exists():
+                ahead.submit(str(run_dir), functools.partial(
+                    training.setup, _run_config(student_runs, seed=seed,
+                                                student_config=config.student,
+                                                terms=methods[method]),
+                    mesh=mesh, materialize=False))
+        if train_teacher:
+            teacher_config = ml_collections.ConfigDict(config.to_dict())
+            if config.teacher_steps:
+                teacher_config.train.steps = config.teacher_steps
+            row, _ = train_and_report(teacher_config, workdir / "teacher", method=report.TEACHER,
+                                      seed=config.seed, student_config=config.teacher,
+                                      terms=ml_collections.ConfigDict(), mesh=mesh)
+            release_compiled_programs()
+            rows.append(row)
+        else:
+            rows.append(_teacher_row(config, mesh))
+        config = student_runs
+        alone_costs: dict[int, StepCost] = {}
+        for (method, seed), run_dir in runs.items():
+            ahead.claim(str(run_dir))
+            name = report.STUDENT_ALONE if method == "student_alone" else method
             row, cost = train_and_report(
-                config, workdir / _run_name(method) / f"seed_{seed}", method=name, seed=seed,
-                student_config=config.student, terms=terms, mesh=mesh, budget=budget,
+                config, run_dir, method=name, seed=seed, student_config=config.student,
+                terms=methods[method], mesh=mesh, budget=budget,
                 reference=alone_costs.get(seed))
             release_compiled_programs()  # a long comparison would run out of memory mappings
             rows.append(row)

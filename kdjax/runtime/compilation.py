@@ -55,13 +55,15 @@ def default_cache_dir(environ: Mapping[str, str] = os.environ) -> pathlib.Path:
 
 
 def use_persistent_cache() -> None:
-    """Turns on JAX's persistent compilation cache in :func:`default_cache_dir`, unless a cache is
-    configured already (``JAX_COMPILATION_CACHE_DIR``, or ``jax_compilation_cache_dir``). Call it
-    before the first compilation of the process.
+    """Turns on JAX's persistent compilation cache, unless a cache is configured already
+    (``jax_compilation_cache_dir``): in ``JAX_COMPILATION_CACHE_DIR`` if that is set (also when it
+    was set after JAX was imported), else in :func:`default_cache_dir`. Call it before the first
+    compilation of the process.
 
     Programs of any compile time are kept (JAX's default keeps those over 1 s): a run compiles
     dozens of small ones (evaluation, prediction, initial values), and reading one back is faster
     than compiling it again."""
-    if jax.config.jax_compilation_cache_dir is None and not os.environ.get(CACHE_DIR_ENV):
-        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir()))
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.environ.get(CACHE_DIR_ENV) or str(default_cache_dir()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

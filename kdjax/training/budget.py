@@ -21,6 +21,7 @@ pipeline, which every method shares.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from kdjax.runtime import background
 
 KINDS = ("steps", "seconds", "flops")
 RELATIVE = "student_alone"
@@ -114,13 +117,19 @@ def step_flops(jitted, *args) -> float | None:
 
 class StepTimer:
     """Times train steps after the first (which compiles): each step it is given a finished step
-    of, up to ``timed_steps``. ``seconds`` is their median, or None before any."""
+    of, up to ``timed_steps``. ``seconds`` is their median, or None before any.
+
+    From the end of the first step until :meth:`close`, no background work runs
+    (:data:`kdjax.runtime.background.GATE`): not during the timed steps, nor, in a training loop
+    that closes the timer when it ends, during the later ones, whose cores it would slow (with
+    XLA's intra-op threads, a step runs at the pace of its most contended core)."""
 
     def __init__(self, timed_steps: int = TIMED_STEPS):
         self.timed_steps = timed_steps
         self.times: list[float] = []
         self._started: float | None = None
         self._skipped = False
+        self._quiet = contextlib.ExitStack()
 
     @property
     def done(self) -> bool:
@@ -134,7 +143,13 @@ class StepTimer:
         jax.block_until_ready(outputs)
         if self._skipped:
             self.times.append(time.perf_counter() - self._started)
-        self._skipped = True
+        else:
+            self._skipped = True
+            self._quiet.enter_context(background.GATE.quiet())
+
+    def close(self) -> None:
+        """Lets background work run again (idempotent)."""
+        self._quiet.close()
 
     @property
     def seconds(self) -> float | None:
@@ -155,10 +170,13 @@ def measure_step_cost(step, state, teacher_variables, batch, *, flops: float | N
     ``state`` is consumed: pass one that is not needed afterwards (e.g. a fresh initial state).
     ``flops``: the step's FLOPs (:func:`step_flops`)."""
     timer = StepTimer(timed_steps)
-    while not timer.done:
-        timer.start()
-        state, metrics = step(state, teacher_variables, batch)
-        timer.stop(metrics)
+    try:
+        while not timer.done:
+            timer.start()
+            state, metrics = step(state, teacher_variables, batch)
+            timer.stop(metrics)
+    finally:
+        timer.close()
     return agreed_cost(timer.seconds, flops)
 
 

@@ -205,6 +205,15 @@ class Experiment:
             _replace_student(state.rest, stats, part)
         return state
 
+    def compile(self) -> None:
+        """Compiles the programs of :meth:`init_state` and :attr:`train_step` without running
+        them. In JAX's persistent compilation cache they then serve every experiment of the same
+        programs, in this process or a later one (an abstract teacher's included: the teacher's
+        weights are an argument of the step)."""
+        self._init.compile()
+        self.train_step.lower(self.abstract_state, self.teacher_inputs(),
+                              self.abstract_batch).compile()
+
     def step_flops(self) -> float | None:
         """The floating-point operations XLA counts for one train step (None where it counts
         none), from the step's abstract arguments: nothing runs."""
@@ -438,7 +447,10 @@ class _CompiledOnce:
         self._jitted = jitted
         self._compiled = None
 
-    def __call__(self):
+    def compile(self):
         if self._compiled is None:
             self._compiled = self._jitted.lower().compile(UNOPTIMIZED)
-        return self._compiled()
+        return self._compiled
+
+    def __call__(self):
+        return self.compile()()

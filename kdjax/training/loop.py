@@ -91,7 +91,7 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
         # Every process compiles the step, then they meet: the CPU collectives give a peer only
         # 30 s to join the first collective, and compiling takes longer than that on a loaded
         # host, or on one whose compilation cache misses.
-        exp.train_step.lower(exp.abstract_state, teacher_variables, exp.abstract_batch).compile()
+        exp.compile()
         coordination.barrier("train_step_compiled")
     profile = Profile(config.train.profile_steps, workdir / "profile")
     device_batches = sharding.device_batches(batches, exp.mesh)
@@ -151,6 +151,7 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
                           or exp.evaluate(reported))
         reported_step = int(jax.device_get(reported.step))
     finally:
+        timer.close()
         profile.close()
         checkpointer.close()
         logger.close()

@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.python_process import plain_cpu_env
 
 ROOT = Path(__file__).parents[2]
 SECTIONS = ("environment", "tests", "losses", "step", "compare")
 
 
+# Slow: a minute. `make test-without-torch` (CI) runs it, with PyTorch hidden.
+@pytest.mark.slow
 def test_dry_run_writes_every_section_and_prints_the_table_last(tmp_path):
     out = tmp_path / "check.json"
     env = dict(plain_cpu_env(), JAX_PLATFORMS="cpu")

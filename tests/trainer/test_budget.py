@@ -10,7 +10,7 @@ import pytest
 
 from kdjax import training
 from kdjax.commands import compare
-from kdjax.config.loading import load_config
+from kdjax.config.recipes import method_terms
 from kdjax.evaluation import report
 from kdjax.runtime.sharding import global_batch
 from kdjax.training.budget import (Budget, BudgetError, StepCost, StepTimer, affordable_steps,
@@ -78,9 +78,12 @@ def test_the_timer_leaves_out_the_first_step():
 
 
 def _demo(budget):
-    config = load_config("configs/demo.py:local")
-    config.methods = ml_collections.ConfigDict({name: config.methods[name]
-                                                for name in ("student_alone", "pfs_wpi")})
+    """The tiny config as a comparison of the student alone and PFS + WPI under ``budget``."""
+    config = tiny_config.get_config()
+    config.teacher.checkpoint = None  # compare trains it
+    config.teacher_steps = 2
+    config.methods = ml_collections.ConfigDict({"student_alone": ml_collections.ConfigDict(),
+                                                "pfs_wpi": method_terms("pfs_wpi")})
     config.train.steps = 4
     config.train.eval_every = config.train.checkpoint_every = 4
     config.budget = budget

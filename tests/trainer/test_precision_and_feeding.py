@@ -81,7 +81,7 @@ def test_device_batches_keep_order_and_run_ahead():
 
 def test_profile_steps_write_a_trace_and_the_log_reports_input_wait(tmp_path):
     config = load_config(CONFIG)
-    config.train.profile_steps = (2, 4)
+    config.train.profile_steps = (3, 4)  # one step, clear of the evaluation after step 2
     exp = training.setup(config)
     training.run_training(exp, tmp_path)
     traces = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "profile") for f in files]

@@ -1,0 +1,79 @@
+"""The gate between background work and the foreground's quiet spans."""
+
+import threading
+
+import jax.numpy as jnp
+
+from kdjax.runtime.background import Gate
+from kdjax.training.budget import StepTimer
+
+WAIT = 0.2      # long enough for a thread that is not held back to get in
+TIMEOUT = 10.0
+
+
+def _in_thread(enter, entered: threading.Event, leave: threading.Event) -> threading.Thread:
+    """Starts a thread that enters the context ``enter()``, sets ``entered`` and stays in until
+    ``leave`` is set."""
+    def run():
+        with enter():
+            entered.set()
+            leave.wait(TIMEOUT)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_quiet_span_waits_for_the_work_in_progress():
+    gate = Gate()
+    working, finish = threading.Event(), threading.Event()
+    worker = _in_thread(gate.busy, working, finish)
+    assert working.wait(TIMEOUT)
+    quiet, end = threading.Event(), threading.Event()
+    foreground = _in_thread(gate.quiet, quiet, end)
+    assert not quiet.wait(WAIT)
+    finish.set()
+    assert quiet.wait(TIMEOUT)
+    end.set()
+    for thread in (worker, foreground):
+        thread.join(TIMEOUT)
+
+
+def test_work_waits_for_a_quiet_span_and_a_waiting_span_goes_first():
+    gate = Gate()
+    working, finish = threading.Event(), threading.Event()
+    first = _in_thread(gate.busy, working, finish)
+    assert working.wait(TIMEOUT)
+    # A quiet span asks while work is in progress; work asked after it waits for its end.
+    quiet, end = threading.Event(), threading.Event()
+    foreground = _in_thread(gate.quiet, quiet, end)
+    assert not quiet.wait(WAIT)
+    later, later_done = threading.Event(), threading.Event()
+    second = _in_thread(gate.busy, later, later_done)
+    finish.set()
+    assert quiet.wait(TIMEOUT)
+    assert not later.wait(WAIT)
+    end.set()
+    assert later.wait(TIMEOUT)
+    later_done.set()
+    for thread in (first, foreground, second):
+        thread.join(TIMEOUT)
+
+
+def test_the_step_timer_holds_background_work_from_its_first_step_until_closed(monkeypatch):
+    gate = Gate()
+    monkeypatch.setattr("kdjax.runtime.background.GATE", gate)
+    timer = StepTimer(timed_steps=2)
+    working, finish = threading.Event(), threading.Event()
+    timer.start()
+    timer.stop(jnp.zeros(()))      # the first step, which compiles: work may run beside it
+    worker = _in_thread(gate.busy, working, finish)
+    assert not working.wait(WAIT)
+    for _ in range(3):              # past its timed steps, still held until closed
+        timer.start()
+        timer.stop(jnp.zeros(()))
+    assert timer.done and not working.wait(WAIT)
+    timer.close()
+    assert working.wait(TIMEOUT)
+    finish.set()
+    timer.close()                   # a second close changes nothing
+    worker.join(TIMEOUT)
