@@ -23,14 +23,21 @@ def _in_thread(enter, entered: threading.Event, leave: threading.Event) -> threa
     return thread
 
 
-def test_a_quiet_span_waits_for_the_work_in_progress():
-    gate = Gate()
+def _quiet_span_behind_work(gate: Gate):
+    """Work in progress, and a quiet span asked for behind it: (worker, finish work, span thread,
+    span entered, end span)."""
     working, finish = threading.Event(), threading.Event()
     worker = _in_thread(gate.busy, working, finish)
     assert working.wait(TIMEOUT)
     quiet, end = threading.Event(), threading.Event()
     foreground = _in_thread(gate.quiet, quiet, end)
     assert not quiet.wait(WAIT)
+    return worker, finish, foreground, quiet, end
+
+
+def test_a_quiet_span_waits_for_the_work_in_progress():
+    gate = Gate()
+    worker, finish, foreground, quiet, end = _quiet_span_behind_work(gate)
     finish.set()
     assert quiet.wait(TIMEOUT)
     end.set()
@@ -40,13 +47,8 @@ def test_a_quiet_span_waits_for_the_work_in_progress():
 
 def test_work_waits_for_a_quiet_span_and_a_waiting_span_goes_first():
     gate = Gate()
-    working, finish = threading.Event(), threading.Event()
-    first = _in_thread(gate.busy, working, finish)
-    assert working.wait(TIMEOUT)
-    # A quiet span asks while work is in progress; work asked after it waits for its end.
-    quiet, end = threading.Event(), threading.Event()
-    foreground = _in_thread(gate.quiet, quiet, end)
-    assert not quiet.wait(WAIT)
+    worker, finish, foreground, quiet, end = _quiet_span_behind_work(gate)
+    # Work asked for after the waiting span waits for its end.
     later, later_done = threading.Event(), threading.Event()
     second = _in_thread(gate.busy, later, later_done)
     finish.set()
@@ -55,7 +57,7 @@ def test_work_waits_for_a_quiet_span_and_a_waiting_span_goes_first():
     end.set()
     assert later.wait(TIMEOUT)
     later_done.set()
-    for thread in (first, foreground, second):
+    for thread in (worker, foreground, second):
         thread.join(TIMEOUT)
 
 
