@@ -2,8 +2,9 @@
 
 Work on a background thread (compiling later runs' programs, :mod:`kdjax.training.compile_ahead`)
 competes with the foreground for the same cores. That is what it is for while the foreground
-compiles or trains, but a step whose time is measured (the cost columns of ``kdjax compare``,
-compute-matched budgets) must run alone. The foreground marks such a span with
+compiles, evaluates or exports, but a training step runs at the pace of its most contended core,
+and a step whose time is measured (the cost columns of ``kdjax compare``, compute-matched
+budgets) must run alone. The foreground marks such a span with
 :meth:`Gate.quiet`: it waits for background work in progress to finish, and no new background
 work starts until the span ends.
 """

@@ -8,8 +8,9 @@ compilation cache, from which each run reads them back when it starts. A later r
 not be trained yet: it is built abstractly from its config (its weights are an argument of the
 step, so the program is the same).
 
-The background thread gives way while a step is timed (:data:`kdjax.runtime.background.GATE`), so
-that measured step costs stay the step's own. With one process only: several processes compile at
+The background thread gives way while a run trains, from the end of its first step
+(:data:`kdjax.runtime.background.GATE`, held by the run's step timer): a compile beside the step
+would slow it, and its measured cost would no longer be the step's own. With one process only: several processes compile at
 a barrier before their first step (:func:`kdjax.training.run_training`) and read the persistent
 cache that process 0 writes.
 """
@@ -43,11 +44,11 @@ class CompileAhead:
             ahead.claim("b")    # waits if "b" is compiling; cancels it if not yet started
             run("b")            # its programs come from the persistent cache
 
-    Inactive (every call does nothing) where :func:`useful` is False or ``enabled`` is False.
+    Inactive (every call does nothing) where :func:`useful` is False.
     """
 
-    def __init__(self, enabled: bool = True):
-        self.active = enabled and useful()
+    def __init__(self):
+        self.active = useful()
         self._executor = (concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="kdjax-compile-ahead") if self.active else None)
         self._jobs: dict[str, concurrent.futures.Future] = {}
