@@ -174,14 +174,13 @@ def kdjax_config(args, dtype: str, distill: bool):
 
 def compiled_costs(compiled) -> tuple[float, int, dict]:
     """(FLOPs, peak bytes, memory analysis) of a compiled executable."""
-    costs = compiled.cost_analysis()
-    if isinstance(costs, (list, tuple)):     # older jax: one dict per program
-        costs = costs[0]
+    from kdjax.ops.cost import counted_flops
+
     stats = compiled.memory_analysis()
     memory = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
               "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
     peak = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
-    return float(costs.get("flops", 0.0)), peak, memory
+    return counted_flops(compiled) or 0.0, peak, memory
 
 
 def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):

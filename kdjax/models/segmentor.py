@@ -28,6 +28,7 @@ from kdjax.models.mobilenet import MobileNetV2
 from kdjax.models.resnet import VARIANTS, ResNet
 from kdjax.models.segformer import (DROP_PATH_RATE, MIT_VARIANTS, SegFormerHead,
                                     build_mix_transformer)
+from kdjax.ops.cost import counted_flops
 
 Array = jax.Array
 
@@ -236,16 +237,6 @@ class ModelSummary:
         return f"{self.name} on input {self.input_shape} (NHWC): {self.params:,} parameters, {cost}"
 
 
-def _xla_flops(compiled: jax.stages.Compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    # The structure is not fixed across jax versions: a dict, or a list with one dict per program.
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
-
-
 def summary(name: str, input_shape: Sequence[int], num_classes: int = 19,
             **kwargs) -> ModelSummary:
     """Prints and returns the parameter count and the forward FLOPs of a named segmentor.
@@ -274,6 +265,6 @@ def summary(name: str, input_shape: Sequence[int], num_classes: int = 19,
     images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
     compiled = jax.jit(forward).lower(state, images).compile()
     result = ModelSummary(name=name, input_shape=input_shape, params=count_params(model),
-                          flops=_xla_flops(compiled))
+                          flops=counted_flops(compiled))
     print(result)
     return result

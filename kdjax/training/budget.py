@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from kdjax.ops.cost import counted_flops
 from kdjax.runtime import background
 
 KINDS = ("steps", "seconds", "flops")
@@ -108,11 +109,7 @@ class StepCost:
 def step_flops(jitted, *args) -> float | None:
     """The FLOPs of ``jitted(*args)`` (arrays or ``jax.ShapeDtypeStruct``) from XLA's cost
     analysis of the lowered program. ``trace`` reuses a trace the function already has."""
-    analysis = jitted.trace(*args).lower().cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # one entry per program in older JAX releases
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+    return counted_flops(jitted.trace(*args).lower())
 
 
 class StepTimer:

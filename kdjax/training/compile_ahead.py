@@ -1,18 +1,20 @@
-"""Compiling the runs to come on a background thread, while the current run compiles and trains.
+"""Compiling the runs to come on a background thread, while the current run traces, evaluates
+and exports.
 
 ``kdjax compare`` trains its runs one after the other, and each compiles its initial state and its
-train step before its first step: one core compiles (on 2 CPU cores, 15–35 s for each run of the
-demo, which then trains for 8–12 s) while the others wait. :class:`CompileAhead` builds the later
-runs' experiments on one background thread and compiles their programs into JAX's persistent
-compilation cache, from which each run reads them back when it starts. A later run's teacher may
-not be trained yet: it is built abstractly from its config (its weights are an argument of the
-step, so the program is the same).
+train step before its first step (on 2 CPU cores, 15–35 s for each run of the demo, which then
+trains for 8–12 s). Around that, a run spends tens of seconds in Python on one core: tracing,
+evaluation, checkpoints, the export. :class:`CompileAhead` builds the later runs' experiments on
+one background thread and compiles their programs into JAX's persistent compilation cache, from
+which each run reads them back when it starts. A later run's teacher may not be trained yet: it
+is built abstractly from its config (its weights are an argument of the step, so the program is
+the same).
 
 The background thread gives way while a run trains, from the end of its first step
 (:data:`kdjax.runtime.background.GATE`, held by the run's step timer): a compile beside the step
-would slow it, and its measured cost would no longer be the step's own. With one process only: several processes compile at
-a barrier before their first step (:func:`kdjax.training.run_training`) and read the persistent
-cache that process 0 writes.
+would slow it, and its measured cost would no longer be the step's own. With one process only:
+several processes compile at a barrier before their first step
+(:func:`kdjax.training.run_training`) and read the persistent cache that process 0 writes.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -205,14 +206,16 @@ class Experiment:
             _replace_student(state.rest, stats, part)
         return state
 
-    def compile(self) -> None:
+    def compile(self) -> jax.stages.Compiled:
         """Compiles the programs of :meth:`init_state` and :attr:`train_step` without running
-        them. In JAX's persistent compilation cache they then serve every experiment of the same
+        them; returns the step's executable, which takes :attr:`train_step`'s arguments. In
+        JAX's persistent compilation cache the programs also serve every experiment of the same
         programs, in this process or a later one (an abstract teacher's included: the teacher's
-        weights are an argument of the step)."""
+        weights are an argument of the step). Safe to call from another thread than the one
+        that calls :meth:`init_state`."""
         self._init.compile()
-        self.train_step.lower(self.abstract_state, self.teacher_inputs(),
-                              self.abstract_batch).compile()
+        return self.train_step.lower(self.abstract_state, self.teacher_inputs(),
+                                     self.abstract_batch).compile()
 
     def step_flops(self) -> float | None:
         """The floating-point operations XLA counts for one train step (None where it counts
@@ -441,15 +444,18 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
 
 class _CompiledOnce:
     """Runs a jitted function of no arguments, compiled without optimisation (it runs once per
-    experiment; see :mod:`kdjax.runtime.compilation`) on the first call only."""
+    experiment; see :mod:`kdjax.runtime.compilation`) on the first call only, whichever thread
+    makes it."""
 
     def __init__(self, jitted):
         self._jitted = jitted
         self._compiled = None
+        self._lock = threading.Lock()
 
     def compile(self):
-        if self._compiled is None:
-            self._compiled = self._jitted.lower().compile(UNOPTIMIZED)
+        with self._lock:
+            if self._compiled is None:
+                self._compiled = self._jitted.lower().compile(UNOPTIMIZED)
         return self._compiled
 
     def __call__(self):

@@ -8,9 +8,11 @@ save the current step and stop the run (:mod:`kdjax.runtime.preemption`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -49,6 +51,15 @@ def _json_spec(spec: dict) -> dict:
     return {k: str(v) if k == "dtype" else v for k, v in spec.items()}
 
 
+def _in_background(fn: Callable[[], Any]) -> concurrent.futures.Future:
+    """``fn()`` started on a thread of its own; the thread ends when ``fn`` returns."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kdjax-compile")
+    try:
+        return pool.submit(fn)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     """Trains from the latest checkpoint in ``workdir`` (or from scratch) to ``train.steps``.
 
@@ -60,6 +71,11 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     config = exp.config
     workdir = as_path(workdir)
     steps = config.train.steps
+    # With one process the step compiles on another thread while this one restores or
+    # initialises the state and builds the input pipeline, which renders or decodes data in
+    # Python: XLA compiles on its own threads, without the GIL. Several processes compile after
+    # the pipeline, in which process 0 may prepare the dataset that the others wait for.
+    compiling = _in_background(exp.compile) if jax.process_count() == 1 else None
     checkpointer = TrainCheckpointer(workdir, keep_last=config.train.keep_checkpoints,
                                      async_save=config.train.async_checkpoints)
     if checkpointer.latest_step() is not None:
@@ -87,11 +103,13 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
         checkpointer.save(step, state, meta={**meta, "data_step": step, "metrics": last_metrics},
                           force=True)
 
-    if jax.process_count() > 1:
+    if compiling is not None:
+        train_step = compiling.result()
+    else:
         # Every process compiles the step, then they meet: the CPU collectives give a peer only
         # 30 s to join the first collective, and compiling takes longer than that on a loaded
         # host, or on one whose compilation cache misses.
-        exp.compile()
+        train_step = exp.compile()
         coordination.barrier("train_step_compiled")
     profile = Profile(config.train.profile_steps, workdir / "profile")
     device_batches = sharding.device_batches(batches, exp.mesh)
@@ -111,7 +129,7 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
                 if timing:
                     timer.start()
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = exp.train_step(state, teacher_variables, batch)
+                    state, metrics = train_step(state, teacher_variables, batch)
                 if timing:
                     timer.stop(metrics)
                 profile.step_dispatched(step, state)
