@@ -78,10 +78,9 @@ def test_the_timer_leaves_out_the_first_step():
 
 
 def _demo(budget):
-    """The tiny config as a comparison of the student alone and PFS + WPI under ``budget``."""
+    """The tiny config as a comparison of the student alone and PFS + WPI under ``budget``, with
+    the tiny config's random teacher (the budgets concern the students)."""
     config = tiny_config.get_config()
-    config.teacher.checkpoint = None  # compare trains it
-    config.teacher_steps = 2
     config.methods = ml_collections.ConfigDict({"student_alone": ml_collections.ConfigDict(),
                                                 "pfs_wpi": method_terms("pfs_wpi")})
     config.train.steps = 4
