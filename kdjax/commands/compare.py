@@ -241,8 +241,9 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
     student_runs.teacher.checkpoint = (str(workdir / "teacher" / MODEL_DIR) if train_teacher
                                        else config.teacher.checkpoint)
     with CompileAhead() as ahead:
-        # The students' programs compile on a second core while the teacher and the runs
-        # before them compile and train; their teacher need not exist yet (materialize=False).
+        # The students' programs compile on a background thread while the foreground traces,
+        # evaluates and exports (it pauses while a run trains); their teacher need not exist yet
+        # (materialize=False).
         for (method, seed), run_dir in runs.items():
             if not (run_dir / RESULT_FILE).exists():
                 ahead.submit(str(run_dir), functools.partial(
