@@ -1,10 +1,19 @@
 """The demo: distillation on the built-in synthetic street scenes, a few minutes on 2 CPU cores.
 
-A DeepLabV3-ResNet18 teacher (half width) is trained first, then a DeepLabV3-ResNet18 student
-(quarter width, about a quarter of the teacher's compute) alone and with CWD, NFD, PFS + WPI and
-FAKD, all under one recipe and seed, and every model is evaluated on the same validation scenes.
-The student is a ResNet rather than MobileNetV2 for the CPU's sake: MobileNetV2's 52 convolutions
-compile about 1.5× and step about 4× slower on 2 cores (``benchmarks/RESULTS.md``, the demo).
+A DeepLabV3-ResNet18 teacher (3/8 width, output stride 8) is trained first, then a
+DeepLabV3-ResNet18 student (quarter width, output stride 16, no aux head; about a fifth of the
+teacher's compute) alone and with CWD, NFD, PFS + WPI and FAKD, all under one recipe and seed,
+and every model is evaluated on the same validation scenes. Each term resizes the teacher's
+tensors to the student's size (``resize``).
+
+The sizes are chosen for 2 CPU cores (``benchmarks/NOTES.md`` items 44–48):
+- the student is a ResNet rather than MobileNetV2, whose 52 convolutions compile about 1.5× and
+  step about 4× slower there;
+- at output stride 16 the student's train step compiles in about half the time and steps in
+  about 60 % of it, and its mIoU after 50 steps is the same as at 8, while the teacher at 16
+  loses about 10 of its 33 points;
+- the teacher at 3/8 width steps in about 55 % of its time at half width and ends within a point
+  of it.
 
     kdjax compare --config=configs/demo.py --workdir=runs/demo      # or: make demo
 
@@ -37,11 +46,13 @@ def _demo():
     config.data.cache = True
 
     config.teacher.name = "deeplabv3_resnet18"
-    config.teacher.width_multiplier = 0.5
+    config.teacher.width_multiplier = 0.375
     config.teacher.head_width = 64
     config.student.name = "deeplabv3_resnet18"
     config.student.width_multiplier = 0.25
     config.student.head_width = 32
+    config.student.output_stride = 16
+    config.student.aux = False
     config.teacher_steps = 200
 
     config.train.steps = 50
@@ -54,6 +65,14 @@ def _demo():
     config.eval.checkpoint = "last"
 
     config.methods = ml_collections.ConfigDict(
-        {name: method_terms(name, aux_logits=False) for name in DEMO_METHODS})
+        {name: _teacher_resized(method_terms(name, aux_logits=False)) for name in DEMO_METHODS})
     config.seeds = (0,)
     return config
+
+
+def _teacher_resized(terms: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``terms`` with the teacher's tensors resized to the student's: the teacher's logits and
+    head feature are twice the student's size (output stride 8 against 16)."""
+    for term in terms.values():
+        term.resize = "teacher_to_student"
+    return terms

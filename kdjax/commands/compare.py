@@ -85,10 +85,12 @@ def _run_config(config: ml_collections.ConfigDict, *, seed: int,
 def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method: str, seed: int,
                      student_config: ml_collections.ConfigDict,
                      terms: ml_collections.ConfigDict, mesh, budget: Budget = Budget("steps"),
-                     reference: StepCost | None = None
+                     reference: StepCost | None = None, prepared: training.Experiment | None = None
                      ) -> tuple[report.ResultRow, StepCost | None]:
     """Trains one model (or reads its finished result) and returns its result row and its
     measured step cost (None for a run finished before costs were kept, under equal steps).
+    ``prepared``: the run's experiment built (and compiled) ahead, its teacher possibly abstract
+    (:mod:`kdjax.training.compile_ahead`); used if its config is the run's.
 
     Under a matched ``budget`` the run trains the steps its cost affords (``reference``: the
     student alone's cost, for a budget relative to it): the cost is measured once, before
@@ -113,7 +115,10 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
         saved = json.loads(result_path.read_text())
         check_same_recipe(saved["recipe"], run_config, workdir)
         return report.ResultRow(**saved["row"]), cost
-    exp = training.setup(run_config, mesh=mesh)
+    if prepared is not None and prepared.config.to_dict() == run_config.to_dict():
+        exp = prepared.with_trained_teacher()
+    else:
+        exp = training.setup(run_config, mesh=mesh)
     if cost is None and budget.matched:  # the steps depend on it: measured before training
         cost = _measured_cost(exp)
         write_cost(workdir / COST_FILE, cost)
@@ -240,17 +245,14 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
     student_runs = ml_collections.ConfigDict(config.to_dict())
     student_runs.teacher.checkpoint = (str(workdir / "teacher" / MODEL_DIR) if train_teacher
                                        else config.teacher.checkpoint)
-    with CompileAhead() as ahead:
-        # The students' programs compile on a background thread while the foreground traces,
-        # evaluates and exports (it pauses while a run trains); their teacher need not exist yet
-        # (materialize=False).
-        for (method, seed), run_dir in runs.items():
-            if not (run_dir / RESULT_FILE).exists():
-                ahead.submit(str(run_dir), functools.partial(
-                    training.setup, _run_config(student_runs, seed=seed,
-                                                student_config=config.student,
-                                                terms=methods[method]),
-                    mesh=mesh, materialize=False))
+    # The students' experiments are built and compiled on a background thread while the
+    # foreground traces, evaluates and exports (it pauses while a run trains); their teacher need
+    # not exist yet (materialize=False).
+    builds = {str(run_dir): functools.partial(
+        training.setup, _run_config(student_runs, seed=seed, student_config=config.student,
+                                    terms=methods[method]), mesh=mesh, materialize=False)
+        for (method, seed), run_dir in runs.items() if not (run_dir / RESULT_FILE).exists()}
+    with CompileAhead(builds) as ahead:
         if train_teacher:
             teacher_config = ml_collections.ConfigDict(config.to_dict())
             if config.teacher_steps:
@@ -265,12 +267,11 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
         config = student_runs
         alone_costs: dict[int, StepCost] = {}
         for (method, seed), run_dir in runs.items():
-            ahead.claim(str(run_dir))
             name = report.STUDENT_ALONE if method == "student_alone" else method
             row, cost = train_and_report(
                 config, run_dir, method=name, seed=seed, student_config=config.student,
                 terms=methods[method], mesh=mesh, budget=budget,
-                reference=alone_costs.get(seed))
+                reference=alone_costs.get(seed), prepared=ahead.claim(str(run_dir)))
             release_compiled_programs()  # a long comparison would run out of memory mappings
             rows.append(row)
             if method == "student_alone":

@@ -1,27 +1,29 @@
-"""Compiling the runs to come on a background thread, while the current run traces, evaluates
-and exports.
+"""Building and compiling the runs to come on a background thread, while the current run traces,
+evaluates and exports, and handing each its compiled experiment when it starts.
 
-``kdjax compare`` trains its runs one after the other, and each compiles its initial state and its
-train step before its first step (on 2 CPU cores, 15–35 s for each run of the demo, which then
-trains for 8–12 s). Around that, a run spends tens of seconds in Python on one core: tracing,
+``kdjax compare`` trains its runs one after the other, and each builds its experiment (tracing
+its modules and its train step) and compiles its initial state and its train step before its
+first step (on 2 CPU cores, 15–35 s for each run of the demo, which then trains for 5–12 s).
+Around that, a run spends seconds to tens of seconds in single-threaded Python: tracing,
 evaluation, checkpoints, the export. :class:`CompileAhead` builds the later runs' experiments on
-one background thread and compiles their programs into JAX's persistent compilation cache, from
-which each run reads them back when it starts. A later run's teacher may not be trained yet: it
-is built abstractly from its config (its weights are an argument of the step, so the program is
-the same).
+one background thread, a few runs ahead, and compiles their programs; each run then takes its
+experiment as it is, with its teacher's weights read in
+(:meth:`kdjax.training.Experiment.with_trained_teacher`): a later run's teacher may not be
+trained yet, so it is built abstractly from its config (its weights are an argument of the step,
+so the programs are the same).
 
 The background thread gives way while a run trains, from the end of its first step
 (:data:`kdjax.runtime.background.GATE`, held by the run's step timer): a compile beside the step
 would slow it, and its measured cost would no longer be the step's own. With one process only:
 several processes compile at a barrier before their first step
-(:func:`kdjax.training.run_training`) and read the persistent cache that process 0 writes.
+(:func:`kdjax.training.run_training`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 
@@ -30,42 +32,56 @@ from kdjax.training.experiment import Experiment
 
 log = logging.getLogger(__name__)
 
+# How many runs beyond the current one are built ahead: each holds its compiled programs (and, on
+# CPU, their memory mappings) until its run takes it.
+LOOKAHEAD = 2
+
 
 def useful() -> bool:
-    """Whether compiling ahead can help this process: one process, with a persistent cache."""
-    return bool(jax.config.jax_compilation_cache_dir) and jax.process_count() == 1
+    """Whether compiling ahead can help this process: it is the only one."""
+    return jax.process_count() == 1
 
 
 class CompileAhead:
-    """Compiles the programs of experiments to come, in order, one at a time, on a background
-    thread; a context manager that cancels what has not started when it exits.
+    """Builds and compiles the experiments of the runs to come (``builds``, in the order the runs
+    start), one at a time and at most ``lookahead`` runs ahead of the last one claimed, on a
+    background thread; a context manager that cancels what has not started when it exits.
 
-        with CompileAhead() as ahead:
-            ahead.submit("b", lambda: training.setup(config_b, materialize=False))
-            run("a")
-            ahead.claim("b")    # waits if "b" is compiling; cancels it if not yet started
-            run("b")            # its programs come from the persistent cache
+        builds = {"a": lambda: setup(config_a), "b": lambda: setup(config_b, materialize=False)}
+        with CompileAhead(builds) as ahead:
+            exp = ahead.claim("a") or setup(config_a)
+            run(exp)
+            exp = ahead.claim("b")                  # waits if "b" is being built
+            run(exp.with_trained_teacher() if exp else setup(config_b))
 
-    Inactive (every call does nothing) where :func:`useful` is False.
+    Inactive (nothing is built, :meth:`claim` returns None) where :func:`useful` is False.
     """
 
-    def __init__(self):
+    def __init__(self, builds: Mapping[str, Callable[[], Experiment]], *,
+                 lookahead: int = LOOKAHEAD):
         self.active = useful()
+        self._pending = list(builds.items())
+        self._lookahead = lookahead
         self._executor = (concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="kdjax-compile-ahead") if self.active else None)
         self._jobs: dict[str, concurrent.futures.Future] = {}
+        self._top_up()
 
-    def submit(self, key: str, build: Callable[[], Experiment]) -> None:
-        """Queues the experiment that ``build`` makes (abstract teachers suffice) under ``key``."""
-        if self.active:
-            self._jobs[key] = self._executor.submit(_compile, key, build)
-
-    def claim(self, key: str) -> None:
-        """Before the run of ``key`` starts: waits for its compilation if it is under way, and
-        drops it if it has not started (the run compiles for itself)."""
+    def claim(self, key: str) -> Experiment | None:
+        """Before the run of ``key`` starts: its compiled experiment, waiting if it is being
+        built; None if it was not started (then it is dropped), if it failed (logged; the run
+        raises the error again when it builds for itself) or if ``key`` was never planned.
+        Then the next runs start building."""
         job = self._jobs.pop(key, None)
-        if job is not None and not job.cancel():
-            job.result()
+        self._pending = [(k, build) for k, build in self._pending if k != key]
+        experiment = None if job is None or job.cancel() else job.result()
+        self._top_up()
+        return experiment
+
+    def _top_up(self) -> None:
+        while self.active and self._pending and len(self._jobs) < self._lookahead:
+            key, build = self._pending.pop(0)
+            self._jobs[key] = self._executor.submit(_compile, key, build)
 
     def __enter__(self) -> CompileAhead:
         return self
@@ -75,11 +91,13 @@ class CompileAhead:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _compile(key: str, build: Callable[[], Experiment]) -> None:
+def _compile(key: str, build: Callable[[], Experiment]) -> Experiment | None:
     with background.GATE.busy():
         try:
-            build().compile()
-        except Exception as error:  # the run raises it again when it compiles, with context
+            experiment = build()
+            experiment.compile()
+        except Exception as error:  # the run raises it again when it builds, with context
             log.info("compiling %s ahead failed; it compiles when it runs: %s", key, error)
-        else:
-            log.debug("compiled %s ahead", key)
+            return None
+        log.debug("compiled %s ahead", key)
+        return experiment

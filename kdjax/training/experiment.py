@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -114,6 +114,7 @@ class Experiment:
     train_step: Any
     abstract_batch: dict
     _init: Any
+    _compiled_step: Any
     # The weights of a student module given to setup(), replicated: init_state's default.
     _student_weights: Any = None
 
@@ -163,7 +164,7 @@ class Experiment:
         """
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}; got {nonfinite!r}.")
-        state, metrics = self.train_step(state, self.teacher_inputs(), self.global_batch(batch))
+        state, metrics = self.compile()(state, self.teacher_inputs(), self.global_batch(batch))
         if nonfinite == "raise":
             check_finite(state)
         return state, metrics
@@ -208,14 +209,34 @@ class Experiment:
 
     def compile(self) -> jax.stages.Compiled:
         """Compiles the programs of :meth:`init_state` and :attr:`train_step` without running
-        them; returns the step's executable, which takes :attr:`train_step`'s arguments. In
-        JAX's persistent compilation cache the programs also serve every experiment of the same
-        programs, in this process or a later one (an abstract teacher's included: the teacher's
-        weights are an argument of the step). Safe to call from another thread than the one
-        that calls :meth:`init_state`."""
+        them, once per experiment; returns the step's executable, which takes
+        :attr:`train_step`'s arguments. In JAX's persistent compilation cache the programs also
+        serve every experiment of the same programs, in this process or a later one (an
+        abstract teacher's included: the teacher's weights are an argument of the step). Safe
+        to call from several threads."""
         self._init.compile()
-        return self.train_step.lower(self.abstract_state, self.teacher_inputs(),
-                                     self.abstract_batch).compile()
+        return self._compiled_step.compile()
+
+    def with_trained_teacher(self) -> Experiment:
+        """This experiment with its teacher's weights read from ``teacher.checkpoint``, where
+        ``setup(materialize=False)`` left them abstract (the teacher was not trained yet); its
+        programs, compiled or not, serve both. Itself when the teacher is already concrete.
+
+        Raises:
+          ValueError: the saved teacher's shapes differ from those the programs were built for.
+        """
+        if self.teacher is None or not any(isinstance(leaf, jax.ShapeDtypeStruct)
+                                           for leaf in jax.tree.leaves(self.teacher.variables)):
+            return self
+        config = self.config
+        teacher = load_teacher(with_precision(config.teacher, config.train.precision),
+                               num_classes=self.num_classes, mesh=self.mesh, seed=config.seed)
+        built, saved = (jax.tree.map(lambda x: (x.shape, str(x.dtype)), t.variables)
+                        for t in (self.teacher, teacher))
+        if built != saved or teacher.graphdef != self.teacher.graphdef:
+            raise ValueError(f"the teacher in {config.teacher.checkpoint} is not the network "
+                             "this experiment was built for; build it again with setup().")
+        return dataclasses.replace(self, teacher=teacher)
 
     def step_flops(self) -> float | None:
         """The floating-point operations XLA counts for one train step (None where it counts
@@ -438,25 +459,29 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
         config=config, mesh=mesh, dataset=info, terms=terms, teacher=teacher,
         student_spec={**spec, "dtype": student_dtype},
         abstract_state=abstract_state, metric_names=names, step_parts=parts,
-        train_step=step, abstract_batch=abstract_batch, _init=_CompiledOnce(init_jit),
+        train_step=step, abstract_batch=abstract_batch,
+        # Runs once per experiment: compiled without optimisation (kdjax.runtime.compilation).
+        _init=_CompiledOnce(lambda: init_jit.lower().compile(UNOPTIMIZED)),
+        _compiled_step=_CompiledOnce(lambda: step.lower(
+            abstract_state, teacher.variables if teacher is not None else None,
+            abstract_batch).compile()),
         _student_weights=student_weights)
 
 
 class _CompiledOnce:
-    """Runs a jitted function of no arguments, compiled without optimisation (it runs once per
-    experiment; see :mod:`kdjax.runtime.compilation`) on the first call only, whichever thread
-    makes it."""
+    """A program compiled on the first call of :meth:`compile` only, whichever thread makes it;
+    calling it runs the program."""
 
-    def __init__(self, jitted):
-        self._jitted = jitted
+    def __init__(self, compile_program: Callable[[], jax.stages.Compiled]):
+        self._compile_program = compile_program
         self._compiled = None
         self._lock = threading.Lock()
 
-    def compile(self):
+    def compile(self) -> jax.stages.Compiled:
         with self._lock:
             if self._compiled is None:
-                self._compiled = self._jitted.lower().compile(UNOPTIMIZED)
+                self._compiled = self._compile_program()
         return self._compiled
 
-    def __call__(self):
-        return self.compile()()
+    def __call__(self, *args):
+        return self.compile()(*args)

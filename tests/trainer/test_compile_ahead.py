@@ -1,13 +1,14 @@
-"""Compiling a later run ahead: its programs, compiled before its teacher exists, are the ones the
-run reads back from the persistent cache."""
+"""Compiling later runs ahead: a run takes the experiment built and compiled before its teacher
+was trained, and its steps are those of an experiment built afresh."""
 
+import functools
 import logging
 import threading
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from kdjax import training
 from kdjax.config.loading import load_config
@@ -20,49 +21,57 @@ from kdjax.training.compile_ahead import CompileAhead
 from tests.trainer.test_train import CONFIG
 
 
-@pytest.fixture
-def empty_cache(tmp_path):
-    """JAX's persistent cache in an empty directory, keeping programs of any compile time."""
-    saved = (jax.config.jax_compilation_cache_dir,
-             jax.config.jax_persistent_cache_min_compile_time_secs)
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.clear_caches()
-    yield
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+def _save_teacher(config, seed: int) -> None:
+    num_classes = dataset_info(config.data.name).num_classes
+    save_model(config.teacher.checkpoint,
+               build_model(config.teacher, num_classes=num_classes, rngs=nnx.Rngs(seed)))
 
 
-def _cache_hits(caplog) -> set[str]:
-    return {record.args[0] for record in caplog.records
-            if record.getMessage().startswith("Persistent compilation cache hit")}
+def _batch():
+    rng = np.random.default_rng(0)
+    return {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+            "label": rng.integers(0, 19, size=(8, 32, 32)).astype(np.int32)}
 
 
-def test_a_run_reads_the_programs_compiled_before_its_teacher_was_trained(
-        tmp_path, caplog, empty_cache):
+def test_a_run_takes_the_experiment_compiled_before_its_teacher_was_trained(tmp_path, caplog):
     config = load_config(CONFIG)
     config.distill.terms = method_terms("kd")
     config.teacher.checkpoint = str(tmp_path / "teacher")     # not trained yet
-    assert compile_ahead.useful()
-    with CompileAhead() as ahead:
-        ahead.submit("run", lambda: training.setup(config, materialize=False))
-        ahead.claim("run")
-    # The teacher is trained (here: made) afterwards, and the run starts.
-    num_classes = dataset_info(config.data.name).num_classes
-    save_model(config.teacher.checkpoint,
-               build_model(config.teacher, num_classes=num_classes, rngs=nnx.Rngs(7)))
-    jax.clear_caches()   # as compare does between runs: only the persistent cache carries over
-    with caplog.at_level(logging.DEBUG, logger="jax._src.compiler"):
-        exp = training.setup(config)
-        state = exp.init_state()
-        exp.step(state, {"image": jax.numpy.zeros((8, 32, 32, 3)),
-                         "label": jax.numpy.zeros((8, 32, 32), jax.numpy.int32)})
-    assert {"jit_init", "jit_train_step"} <= _cache_hits(caplog)
+    with CompileAhead({"run": lambda: training.setup(config, materialize=False)}) as ahead:
+        prepared = ahead.claim("run")
+    assert prepared is not None
+    _save_teacher(config, seed=7)    # the teacher is trained (here: made) afterwards
+    with caplog.at_level(logging.DEBUG, logger="jax._src.dispatch"):
+        exp = prepared.with_trained_teacher()
+        state, metrics = exp.step(exp.init_state(), _batch())
+    assert exp.compile() is prepared.compile()
+    compiled = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("Finished XLA compilation of jit(")]
+    assert not [m for m in compiled if "train_step" in m or "jit(init)" in m], compiled
+    # The same step as an experiment built with the trained teacher from the start.
+    fresh = training.setup(config)
+    fresh_state, fresh_metrics = fresh.step(fresh.init_state(), _batch())
+    np.testing.assert_allclose(metrics["loss"], fresh_metrics["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-class _Program:
+def test_a_teacher_of_other_shapes_is_refused(tmp_path):
+    config = load_config(CONFIG)
+    config.distill.terms = method_terms("kd")
+    config.teacher.checkpoint = str(tmp_path / "teacher")
+    config.teacher.aux = None     # the default: a ResNet has the aux head
+    prepared = training.setup(config, materialize=False)
+    # A teacher trained without it also fits the config, which leaves the aux head open.
+    other = load_config(CONFIG)
+    other.teacher.checkpoint = config.teacher.checkpoint
+    other.teacher.aux = False
+    _save_teacher(other, seed=0)
+    with pytest.raises(ValueError, match="not the network this experiment was built for"):
+        prepared.with_trained_teacher()
+
+
+class _Experiment:
     def __init__(self, log, name, error=None):
         self.log, self.name, self.error = log, name, error
 
@@ -79,29 +88,42 @@ def test_claiming_drops_a_run_not_started_and_waits_for_one_under_way(caplog):
     def first():
         started.set()
         release.wait(10)
-        return _Program(compiled, "a", ValueError("a bad config"))
+        return _Experiment(compiled, "a", ValueError("a bad config"))
 
-    with CompileAhead() as ahead:
+    b = _Experiment(compiled, "b")
+    with CompileAhead({"a": first, "b": lambda: b}) as ahead:
         assert ahead.active
-        ahead.submit("a", first)
-        ahead.submit("b", lambda: _Program(compiled, "b"))
         assert started.wait(10)
-        ahead.claim("b")        # queued behind "a": dropped, the run compiles for itself
+        assert ahead.claim("b") is None   # queued behind "a": dropped, the run builds for itself
         release.set()
-        ahead.claim("a")        # under way: waited for; its error is logged, not raised
+        assert ahead.claim("a") is None   # under way: waited for; its error is logged, not raised
+        assert ahead.claim("c") is None   # never planned
         assert compiled == ["a"]
     assert compiled == ["a"]
     assert any("a bad config" in record.getMessage() for record in caplog.records)
 
 
-def test_inactive_without_a_persistent_cache():
-    saved = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", None)
-    try:
-        assert not compile_ahead.useful()
-        with CompileAhead() as ahead:
-            assert not ahead.active
-            ahead.submit("a", lambda: pytest.fail("built without a cache to compile into"))
-            ahead.claim("a")
-    finally:
-        jax.config.update("jax_compilation_cache_dir", saved)
+def test_builds_at_most_lookahead_runs_beyond_the_last_claimed():
+    compiled, started = [], {name: threading.Event() for name in "abcde"}
+
+    def build(name):
+        started[name].set()
+        return _Experiment(compiled, name)
+
+    builds = {name: functools.partial(build, name) for name in "abcde"}
+    with CompileAhead(builds, lookahead=2) as ahead:
+        assert set(ahead._jobs) == {"a", "b"}
+        for name in "abcde":
+            assert started[name].wait(10)   # claimed once under way: waited for, not dropped
+            assert ahead.claim(name).name == name
+            # "a" taken: "b" and "c" are planned, "d" and "e" wait for later claims.
+            assert set(ahead._jobs) == set("abcde"[1 + "abcde".index(name):][:2])
+    assert compiled == list("abcde")
+
+
+def test_inactive_with_several_processes(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert not compile_ahead.useful()
+    with CompileAhead({"a": lambda: pytest.fail("built with several processes")}) as ahead:
+        assert not ahead.active
+        assert ahead.claim("a") is None
