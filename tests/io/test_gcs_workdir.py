@@ -63,6 +63,9 @@ def test_train_writes_a_whole_workdir_and_eval_reads_it_back(gcs, trained, tmp_p
     assert any(n.endswith("overlay_000.png") for n in gcs.objects("train/eval/"))
 
 
+# Slow: a killed local run resuming (tests/trainer/test_train.py) and a save killed midway in the
+# bucket (below) stay in the default run.
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_gcs_and_ends_like_the_uninterrupted_one(gcs, trained,
                                                                            tmp_path):
     workdir = gcs.gs("killed")
@@ -117,6 +120,9 @@ def test_a_save_killed_midway_leaves_the_previous_step_as_the_latest(gcs, tmp_pa
     assert result["intact"] and result["latest"] < in_progress, (result, in_progress)
 
 
+# Slow: a local comparison resuming (tests/trainer/test_compare.py) and a whole workdir in the
+# bucket (above) stay in the default run.
+@pytest.mark.slow
 def test_compare_on_gcs_reuses_finished_runs(gcs, tmp_path):
     args = ("compare", f"--config={COMPARE}", f"--workdir={gcs.gs('compare')}")
     first = _kdjax(gcs, tmp_path, *args)

@@ -149,7 +149,10 @@ def torch_train(student, teacher, cwd_weight, batches, dtype):
     return [trainer.step(images, labels) for images, labels in batches]
 
 
-@pytest.mark.parametrize("method", ["student_alone", "cwd_logits"])
+# The distillation step holds the student's own step (CE, aux CE, SGD), so the student alone runs
+# with -m slow.
+@pytest.mark.parametrize("method", [pytest.param("student_alone", marks=pytest.mark.slow),
+                                    "cwd_logits"])
 def test_train_steps_match_torch(method, tmp_path):
     student = randomize(build_cirkd(MODEL, NUM_CLASSES, head_channels=HEAD_WIDTH), seed=1)
     teacher = randomize(build_cirkd(MODEL, NUM_CLASSES, head_channels=HEAD_WIDTH), seed=2)

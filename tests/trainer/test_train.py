@@ -282,7 +282,9 @@ def _train_process(workdir: Path) -> subprocess.Popen:
                             text=True)
 
 
-@pytest.mark.parametrize("signum, after_step", [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
+# SIGTERM is what schedulers send; Ctrl-C's SIGINT takes the same path, and runs with -m slow.
+@pytest.mark.parametrize("signum, after_step", [
+    (signal.SIGTERM, 1), pytest.param(signal.SIGINT, 2, marks=pytest.mark.slow)])
 def test_a_stop_signal_saves_the_next_step_and_a_rerun_ends_like_an_uninterrupted_run(
         tiny, uninterrupted, tmp_path, signum, after_step):
     stopped = tmp_path / "stopped"
