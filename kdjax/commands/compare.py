@@ -67,7 +67,7 @@ def _measured_cost(exp: training.Experiment) -> StepCost:
     batches = make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                   seed=config.seed)
     batch = next(device_batches(batches, exp.mesh))
-    return measure_step_cost(exp.train_step, exp.init_state(), exp.teacher_inputs(), batch,
+    return measure_step_cost(exp.compile(), exp.init_state(), exp.teacher_inputs(), batch,
                              flops=exp.step_flops())
 
 

@@ -162,8 +162,9 @@ def agreed_cost(seconds: float, flops: float | None) -> StepCost:
 
 def measure_step_cost(step, state, teacher_variables, batch, *, flops: float | None,
                       timed_steps: int = TIMED_STEPS) -> StepCost:
-    """The cost of ``step(state, teacher_variables, batch)``, a jitted train step that donates its
-    state: compiled and run once first, then timed over ``timed_steps`` steps (the median).
+    """The cost of ``step(state, teacher_variables, batch)``, a jitted or compiled train step that
+    donates its state: run once first (compiling a jitted one), then timed over ``timed_steps``
+    steps (the median).
     ``state`` is consumed: pass one that is not needed afterwards (e.g. a fresh initial state).
     ``flops``: the step's FLOPs (:func:`step_flops`)."""
     timer = StepTimer(timed_steps)

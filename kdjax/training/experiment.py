@@ -164,7 +164,7 @@ class Experiment:
         """
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}; got {nonfinite!r}.")
-        state, metrics = self.compile()(state, self.teacher_inputs(), self.global_batch(batch))
+        state, metrics = self._compiled_step(state, self.teacher_inputs(), self.global_batch(batch))
         if nonfinite == "raise":
             check_finite(state)
         return state, metrics
