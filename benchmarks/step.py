@@ -197,9 +197,9 @@ def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):
     params = sum(x.size for x in jax.tree.leaves(state.params))
     batch = sharding.global_batch(batch, mesh)
     teacher = exp.teacher_inputs()
-    # The experiment's own jitted step, compiled once here so its costs can be read; the state is
+    # The experiment's own step, compiled once here so its costs can be read; the state is
     # donated, as in training.
-    compiled = exp.train_step.lower(state, teacher, batch).compile()
+    compiled = exp.compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 

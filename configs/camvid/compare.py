@@ -28,7 +28,7 @@ Protocol:
   quarter of the teacher's parameters and FLOPs, 120 steps. Both at output stride 8 with the FCN aux
   head, SGD lr 0.05, momentum 0.9, wd 1e-4, poly 0.9, gradient norm clipped at 10, batch 8.
 - Methods and loss weights: docs/methods.md §5 and §9 through
-  ``kdjax.config.recipes.method_terms``; CWD is the CWD paper's logits-only recipe (weight 3, τ 4),
+  ``kdjax.config.methods.method_terms``; CWD is the CWD paper's logits-only recipe (weight 3, τ 4),
   and FAKD-CWD augments that one.
 - Every student run uses the same trained teacher; the last checkpoint is reported (no selection on
   the validation set).

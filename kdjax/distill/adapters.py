@@ -7,10 +7,12 @@ parts it reports as metrics, and whether it trains a discriminator of its own. `
 holds every kind by the name a config's ``loss`` field uses.
 
 Adding a loss: write the pure function in ``kdjax/losses/``, register an adapter here (a plain
-``pair_adapter(name)`` when it is called as ``f(student, teacher, **options)``), and give the
-method its terms in ``kdjax/config/recipes.py``. A loss whose student side passes through a module
-of its own (Af-DCD's masked generator, CIRKDv2's projection of pooled features) declares it as the
-adapter's ``student_module``.
+``pair_adapter(name, options=...)`` when it is called as ``f(student, teacher, **options)``), and
+register the method that uses it in :mod:`kdjax.config.methods`. A loss whose student side passes
+through a module of its own (Af-DCD's masked generator, CIRKDv2's projection of pooled features)
+declares it as the adapter's ``student_module``. Each adapter also says how to call its loss on
+the example problem (:class:`Example`), which ``kdjax loss-demo`` and the tests run for every
+registered kind.
 """
 
 from __future__ import annotations
@@ -29,14 +31,6 @@ from kdjax import losses
 from kdjax.models import CirkdProjectionHead, MaskedGenerator, SaganDiscriminator
 
 Array = jax.Array
-
-# Arguments the objective supplies itself; a term's options may not set them.
-SUPPLIED = frozenset({
-    "student", "teacher", "student_logits", "teacher_logits", "student_feat", "teacher_feat",
-    "adapted_student_feat", "student_embed", "teacher_embed", "labels", "mask", "num_classes",
-    "ignore_label", "classifier_kernel", "variance", "strength", "memory", "key", "d_student",
-    "d_teacher", "generated"})
-
 
 @dataclasses.dataclass(frozen=True)
 class TermInputs:
@@ -77,14 +71,33 @@ Computed = tuple[Array, dict[str, Array], Any]
 
 
 @dataclasses.dataclass(frozen=True)
+class Example:
+    """How a loss kind runs on the example problem (:mod:`kdjax.distill.examples`): one term
+    between the student's and the teacher's ``'logits'`` (6 classes) or ``'head'`` feature (8
+    student channels, 16 teacher channels) on maps of ``size``, through ``connector`` where the
+    loss needs equal channels, with ``options`` that fit the problem's size."""
+
+    student: str = "logits"
+    teacher: str = "logits"
+    connector: str | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    size: tuple[int, int] = (12, 16)
+
+
+FEATURES = dict(student="head", teacher="head")
+
+
+@dataclasses.dataclass(frozen=True)
 class LossAdapter:
     """How the objective calls one loss kind.
 
     Attributes:
       name: the config's ``loss`` value.
       compute: ``compute(call) -> (value, parts, new_state)``.
-      signatures: the functions whose keyword arguments (less ``SUPPLIED``) a term may set as
-        options.
+      functions: the loss functions of :mod:`kdjax.losses` that ``compute`` calls (those that
+        return a loss value).
+      options: the keyword arguments of those functions that a term may set (``call.options``);
+        the objective supplies the rest (tensors, labels, state, keys, ``mask``).
       state_options: options that configure the state, the parts or the discriminator, with their
         defaults; they are not passed to the loss call.
       parts: names of the parts ``compute`` reports (metrics ``kd/<term>/<part>``).
@@ -97,23 +110,26 @@ class LossAdapter:
         module trained with the student that ``compute`` applies to the raw student tensor itself
         (it takes the place of a connector); None when the loss has none. A state option
         ``grad_clip`` clips its gradient alone (:func:`kdjax.training.optimizer.make_optimizer`).
+      example: how the loss runs on the example problem.
+      forward_mode: whether ``jax.jvp`` works through ``compute``: False where a loss writes out
+        its backward pass (``jax.custom_vjp``; docs/losses.md).
     """
 
     name: str
     compute: Callable[[TermCall], Computed]
-    signatures: tuple[Callable, ...]
+    functions: tuple[Callable, ...]
+    options: tuple[str, ...] = ()
     state_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     parts: tuple[str, ...] = ()
     init_state: Callable[..., Any] | None = None
     discriminator: Callable[..., nnx.Module] | None = None
     discriminator_loss: Callable[[Array, Array], Array] | None = None
     student_module: Callable[..., nnx.Module] | None = None
+    example: Example = Example()
+    forward_mode: bool = True
 
     def accepted_options(self) -> set[str]:
-        params = set()
-        for fn in self.signatures:
-            params |= set(inspect.signature(fn).parameters)
-        return (params - SUPPLIED) | set(self.state_options)
+        return set(self.options) | set(self.state_options)
 
 
 ADAPTERS: dict[str, LossAdapter] = {}
@@ -127,18 +143,34 @@ def register(adapter: LossAdapter) -> LossAdapter:
     return adapter
 
 
-def pair_adapter(name: str) -> LossAdapter:
-    """The adapter of ``kdjax.losses.<name>``, called as ``f(student, teacher, **options)``."""
-    fn = getattr(losses, name)
-    return LossAdapter(name=name, signatures=(fn,),
+def pair_adapter(name: str, *, function: Callable[..., Array] | None = None,
+                 options: tuple[str, ...] = (), example: Example = Example(),
+                 forward_mode: bool = True) -> LossAdapter:
+    """The adapter of a loss called as ``function(student, teacher, **options)``:
+    ``kdjax.losses.<name>`` unless ``function`` is given (a loss of your own)."""
+    fn = function or getattr(losses, name)
+    return LossAdapter(name=name, functions=(fn,), options=options, example=example,
+                       forward_mode=forward_mode,
                        compute=lambda call: (fn(call.student, call.teacher, **call.options), {},
                                              call.state))
 
 
-for _name in ("pixel_kd", "normalized_feature_distillation", "pixel_feature_similarity",
-              "weighted_pixel_imitation", "skd_pairwise", "cirkd_minibatch", "dist",
-              "attention_transfer", "fitnet"):
-    register(pair_adapter(_name))
+RELATIONAL = ("pool", "form", "block_size")
+register(pair_adapter("pixel_kd", options=("temperature", "normalize")))
+register(pair_adapter("weighted_pixel_imitation", options=("temperature", "gap_weight")))
+register(pair_adapter("dist", options=("beta", "gamma", "tau", "group_size"),
+                      forward_mode=False))
+register(pair_adapter("normalized_feature_distillation",
+                      options=("axes", "normalize_student", "eps", "ddof", "distance"),
+                      example=Example(**FEATURES, connector="conv"), forward_mode=False))
+register(pair_adapter("fitnet", example=Example(**FEATURES, connector="conv")))
+register(pair_adapter("attention_transfer", example=Example(**FEATURES)))
+register(pair_adapter("pixel_feature_similarity", options=RELATIONAL,
+                      example=Example(**FEATURES)))
+register(pair_adapter("skd_pairwise", options=(*RELATIONAL, "norm"),
+                      example=Example(**FEATURES)))
+register(pair_adapter("cirkd_minibatch", options=("tau", "group_size", "block_size"),
+                      example=Example(**FEATURES, connector="conv"), forward_mode=False))
 
 
 def _channel_wise(call: TermCall) -> Computed:
@@ -151,7 +183,7 @@ def _channel_wise(call: TermCall) -> Computed:
 
 
 register(LossAdapter(name="channel_wise_divergence", compute=_channel_wise,
-                     signatures=(losses.channel_wise_divergence,)))
+                     functions=(losses.channel_wise_divergence,), options=("tau", "c_norm")))
 
 
 def _ifvd(call: TermCall) -> Computed:
@@ -161,10 +193,11 @@ def _ifvd(call: TermCall) -> Computed:
     return value, {}, call.state
 
 
-register(LossAdapter(name="ifvd", compute=_ifvd, signatures=(losses.ifvd,)))
+register(LossAdapter(name="ifvd", compute=_ifvd, functions=(losses.ifvd,),
+                     example=Example(**FEATURES)))
 
 
-def _fakd_adapter(name: str) -> LossAdapter:
+def _fakd_adapter(name: str, *, options: tuple[str, ...], forward_mode: bool) -> LossAdapter:
     """FAKD (docs/methods.md §4, §9.4): the class covariance of the student's pre-classifier
     feature is updated first, then the loss reads it with the student's classifier."""
     fn = getattr(losses, name)
@@ -184,29 +217,28 @@ def _fakd_adapter(name: str) -> LossAdapter:
         del term, teacher_shapes, key
         return losses.init_class_covariance(num_classes, student_shapes["pre_classifier"].shape[-1])
 
-    return LossAdapter(name=name, compute=compute, signatures=(fn,),
-                       state_options={"lam0": 7.5}, parts=("strength",), init_state=init_state)
+    return LossAdapter(name=name, compute=compute, functions=(fn,), options=options,
+                       state_options={"lam0": 7.5}, parts=("strength",), init_state=init_state,
+                       forward_mode=forward_mode)
 
 
-register(_fakd_adapter("fakd_kd"))
-register(_fakd_adapter("fakd_cwd"))
-
-_MEMORY_UPDATE_OPTIONS = frozenset(inspect.signature(losses.update_cirkd_memory).parameters)
+register(_fakd_adapter("fakd_kd", options=("temperature",), forward_mode=True))
+register(_fakd_adapter("fakd_cwd", options=("tau", "c_norm", "images_per_chunk"),
+                       forward_mode=False))
 
 
 def _cirkd_memory(call: TermCall) -> Computed:
     """CIRKD's memory term (docs/methods.md §5.4): the queues take this batch's teacher pixels
     and regions, then the student contrasts against them."""
     inputs, state_options = call.inputs, call.term.state_options
-    update = {k: v for k, v in call.options.items() if k in _MEMORY_UPDATE_OPTIONS}
-    contrast = {k: v for k, v in call.options.items() if k not in _MEMORY_UPDATE_OPTIONS}
     update_key, contrast_key = jax.random.split(call.key)
     state = losses.update_cirkd_memory(
         call.state, call.teacher, inputs.labels, update_key, ignore_label=inputs.ignore_label,
         pixels_per_class=state_options["pixels_per_class"],
-        pixel_pool=state_options["pixel_pool"], **update)
+        pixel_pool=state_options["pixel_pool"])
     pixel, region = losses.cirkd_memory(call.student, call.teacher, inputs.labels, state,
-                                        contrast_key, ignore_label=inputs.ignore_label, **contrast)
+                                        contrast_key, ignore_label=inputs.ignore_label,
+                                        **call.options)
     value = pixel + state_options["region_weight"] * region
     return value, {"pixel": pixel, "region": region}, state
 
@@ -220,10 +252,13 @@ def _init_cirkd_memory(term, student_shapes, teacher_shapes, num_classes, key):
 
 register(LossAdapter(
     name="cirkd_memory", compute=_cirkd_memory,
-    signatures=(losses.cirkd_memory, losses.update_cirkd_memory),
+    functions=(losses.cirkd_memory,),
+    options=("tau", "kd_tau", "pixel_contrast", "region_contrast"),
     state_options={"pixel_size": 20000, "region_size": 2000, "pixels_per_class": 16,
                    "pixel_pool": "first_n", "region_weight": 1.0},
-    parts=("pixel", "region"), init_state=_init_cirkd_memory))
+    parts=("pixel", "region"), init_state=_init_cirkd_memory, forward_mode=False,
+    example=Example(**FEATURES, connector="cirkd_projection", options=dict(
+        pixel_size=64, region_size=16, pixel_contrast=32, region_contrast=8))))
 
 
 def _adversarial(call: TermCall) -> Computed:
@@ -235,14 +270,16 @@ def _adversarial(call: TermCall) -> Computed:
 
 
 register(LossAdapter(
-    name="skd_adversarial", compute=_adversarial, signatures=(losses.skd_adversarial_losses,),
+    name="skd_adversarial", compute=_adversarial, functions=(losses.skd_adversarial_losses,),
     # The discriminator's own optimizer (Adam, as SKD's) and the weight λ_d of its hinge loss.
     state_options={"conv_dim": 64, "learning_rate": 4e-4, "b1": 0.9, "b2": 0.99, "d_weight": 0.1},
     parts=("discriminator",),
     discriminator=lambda term, channels, rngs: SaganDiscriminator(
         channels, conv_dim=term.state_options["conv_dim"], rngs=rngs),
     discriminator_loss=lambda d_student, d_teacher: losses.skd_adversarial_losses(
-        d_student, d_teacher)[1]))
+        d_student, d_teacher)[1],
+    # The discriminator's strided convolutions need 64×64 maps.
+    example=Example(options=dict(conv_dim=8), size=(64, 64))))
 
 
 def _bpkd(call: TermCall) -> Computed:
@@ -259,7 +296,9 @@ def _bpkd(call: TermCall) -> Computed:
 
 _BPKD_WEIGHTS = {name: inspect.signature(losses.bpkd).parameters[name].default
                  for name in ("edge_weight", "body_weight")}
-register(LossAdapter(name="bpkd", compute=_bpkd, signatures=(losses.bpkd,),
+register(LossAdapter(name="bpkd", compute=_bpkd, functions=(losses.bpkd,),
+                     options=(*_BPKD_WEIGHTS, "edge_tau", "body_tau", "width", "ignore_borders",
+                              "edge_source", "edge_reduction", "body_masking"),
                      parts=("edge", "body")))
 
 
@@ -294,8 +333,8 @@ def _masked_reconstruction(call: TermCall) -> Computed:
 
 register(LossAdapter(
     name="masked_reconstruction", compute=_masked_reconstruction,
-    signatures=(losses.feature_reconstruction,), state_options=_GENERATOR_OPTIONS,
-    student_module=_masked_generator))
+    functions=(losses.feature_reconstruction,), state_options=_GENERATOR_OPTIONS,
+    student_module=_masked_generator, example=Example(**FEATURES)))
 
 
 def _dense_contrast(call: TermCall) -> Computed:
@@ -314,10 +353,12 @@ def _dense_contrast(call: TermCall) -> Computed:
 
 register(LossAdapter(
     name="dense_contrast", compute=_dense_contrast,
-    signatures=(losses.omni_contrast,),
+    functions=(losses.feature_reconstruction, losses.omni_contrast),
+    options=("groups", "patch", "pool", "crop", "tau", "patches_per_chunk"),
     state_options={**_GENERATOR_OPTIONS, "reconstruction_weight": 2e-6,
                    "contrast_weight": 5e-3},
-    parts=("reconstruction", "contrast"), student_module=_masked_generator))
+    parts=("reconstruction", "contrast"), student_module=_masked_generator,
+    example=Example(**FEATURES, options=dict(pool=0)), forward_mode=False))
 
 
 def _cirkd_channel(call: TermCall) -> Computed:
@@ -363,11 +404,15 @@ def _init_cirkd_channel(term, student_shapes, teacher_shapes, num_classes, key):
 
 register(LossAdapter(
     name="cirkd_channel", compute=_cirkd_channel,
-    signatures=(losses.cirkd_channel_minibatch, losses.cirkd_channel_memory),
+    functions=(losses.cirkd_channel_minibatch, losses.cirkd_channel_memory,
+               losses.cirkd_channel_mse),
+    options=("tau", "group_size", "block_size", "kd_tau", "channel_contrast"),
     # CIRKDv2's scripts: queue of 10000 channels, 256 enqueued per step, 4×4 pooling; the parts'
     # weights 1 (mini-batch), 0.1 (memory) and 100 (MSE).
     state_options={"size": 10000, "channels_per_step": 256, "pool": 4, "minibatch_weight": 1.0,
                    "memory_weight": 0.1, "mse_weight": 100.0},
     parts=("minibatch", "memory", "mse"), init_state=_init_cirkd_channel,
+    example=Example(**FEATURES, options=dict(size=256, channels_per_step=16,
+                                             channel_contrast=32)), forward_mode=False,
     student_module=lambda term, student_channels, teacher_channels, rngs: CirkdProjectionHead(
         student_channels, teacher_channels, rngs=rngs)))

@@ -43,6 +43,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+# The key of a terms group that declares its student modules rather than a term: part of the
+# config's format, which the config room writes.
+from kdjax.config.methods import STUDENT_MODULES
 from kdjax.distill.adapters import ADAPTERS, LossAdapter
 from kdjax.models import CirkdGcn
 
@@ -54,8 +57,6 @@ RESIZES = ("teacher_to_student", "student_to_teacher")
 TERM_FIELDS = ("loss", "student", "teacher", "weight", "schedule", "weight_start",
                "schedule_steps", "connector", "mask_ignore", "resize", "options")
 
-# The key of a terms group that declares its student modules rather than a term.
-STUDENT_MODULES = "student_modules"
 STUDENT_MODULE_FIELDS = ("module", "input")
 # Student module kinds: ``module`` value → ``build(channels, rngs=rngs)``, a module called as
 # ``module(x, train)`` on the (N, H, W, channels) input tensor. A new kind is one entry here.

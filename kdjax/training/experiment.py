@@ -96,10 +96,11 @@ class Experiment:
         the module casts for itself).
       abstract_state: the :class:`TrainState` as ``jax.ShapeDtypeStruct`` with shardings.
       metric_names: the names of the metrics :meth:`step` returns.
-      abstract_batch: the global batch :attr:`train_step` takes, as ``jax.ShapeDtypeStruct``.
-      train_step: the jitted step ``(state, teacher variables, global batch) -> (state,
-        metrics)`` with explicit shardings; ``state`` is donated
-        (:func:`kdjax.training.step.make_train_step`).
+      abstract_batch: the global batch the step takes, as ``jax.ShapeDtypeStruct``.
+
+    :meth:`step` is the one train step; :meth:`compile` gives its executable, ``(state, teacher
+    variables, global batch) -> (state, metrics)`` with explicit shardings and ``state``
+    donated (:func:`kdjax.training.step.make_train_step`), for a loop of your own.
     """
 
     config: ml_collections.ConfigDict
@@ -111,8 +112,8 @@ class Experiment:
     abstract_state: TrainState
     metric_names: tuple[str, ...]
     step_parts: StepParts
-    train_step: Any
     abstract_batch: dict
+    _jitted_step: Any
     _init: Any
     _compiled_step: Any
     # The weights of a student module given to setup(), replicated: init_state's default.
@@ -127,7 +128,7 @@ class Experiment:
         return tuple(self.dataset.class_names)
 
     def teacher_inputs(self):
-        """The teacher variables :meth:`train_step` takes (None without a teacher)."""
+        """The teacher variables the compiled step takes (None without a teacher)."""
         return self.teacher.variables if self.teacher is not None else None
 
     def global_batch(self, batch: Mapping[str, Any]) -> dict[str, Array]:
@@ -208,9 +209,9 @@ class Experiment:
         return state
 
     def compile(self) -> jax.stages.Compiled:
-        """Compiles the programs of :meth:`init_state` and :attr:`train_step` without running
-        them, once per experiment; returns the step's executable, which takes
-        :attr:`train_step`'s arguments. In JAX's persistent compilation cache the programs also
+        """Compiles the programs of :meth:`init_state` and :meth:`step` without running them, once
+        per experiment; returns the step's executable ``(state, teacher variables, global batch)
+        -> (state, metrics)``, ``state`` donated. In JAX's persistent compilation cache the programs also
         serve every experiment of the same programs, in this process or a later one (an
         abstract teacher's included: the teacher's weights are an argument of the step). Safe
         to call from several threads."""
@@ -241,7 +242,7 @@ class Experiment:
     def step_flops(self) -> float | None:
         """The floating-point operations XLA counts for one train step (None where it counts
         none), from the step's abstract arguments: nothing runs."""
-        return step_flops(self.train_step, self.abstract_state, self.teacher_inputs(),
+        return step_flops(self._jitted_step, self.abstract_state, self.teacher_inputs(),
                           self.abstract_batch)
 
     def merge(self, state: TrainState) -> Trainables:
@@ -354,7 +355,43 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
     terms_config = config.distill.terms if terms_config is None else terms_config
     sharding.check_batch_size(config.train.batch_size, mesh)
     terms = distill.parse_terms(terms_config, train_steps=config.train.steps)
+    _check_given_modules(terms, student, teacher)
+    if teacher is not None:
+        teacher = _frozen_network(teacher, mesh)
+    elif terms:
+        teacher = load_teacher(with_precision(config.teacher, config.train.precision),
+                               num_classes=info.num_classes, mesh=mesh, seed=seed,
+                               materialize=materialize)
+    images = jax.ShapeDtypeStruct((config.train.batch_size, *config.data.crop_size, 3),
+                                  jnp.float32)
+    given = _GivenStudent.of(student, mesh) if student is not None else None
     student_modules = distill.parse_student_modules(terms_config, terms)
+    modules = _module_builder(config, student_config, given, teacher, terms, student_modules,
+                              info, mesh, seed, images)
+    tx = optimizer if optimizer is not None else make_optimizer(config.train, terms)
+    parts, init_jit, abstract_state = _state_and_step_parts(
+        modules, tx, terms, student_modules, teacher, config, info, mesh, seed,
+        student_dtype=jnp.dtype(student_config.dtype if student is None else jnp.float32))
+    step, abstract_batch = _jitted_step(parts, abstract_state, teacher, images, mesh)
+    spec = (model_spec(student_config, info.num_classes) if student is None
+            else dict(getattr(student, "spec", None) or {}))
+    teacher_variables = teacher.variables if teacher is not None else None
+    return Experiment(
+        config=config, mesh=mesh, dataset=info, terms=terms, teacher=teacher,
+        student_spec={**spec, "dtype": parts.student_dtype},
+        # The step's metric names, sorted, as the abstract state's bad_metrics holds them.
+        abstract_state=abstract_state, metric_names=tuple(abstract_state.bad_metrics),
+        step_parts=parts, abstract_batch=abstract_batch, _jitted_step=step,
+        # Runs once per experiment: compiled without optimisation (kdjax.runtime.compilation).
+        _init=_CompiledOnce(lambda: init_jit.lower().compile(UNOPTIMIZED)),
+        _compiled_step=_CompiledOnce(lambda: step.lower(
+            abstract_state, teacher_variables, abstract_batch).compile()),
+        _student_weights=given.weights if given is not None else None)
+
+
+def _check_given_modules(terms: tuple[distill.Term, ...], student: nnx.Module | None,
+                         teacher: nnx.Module | None) -> None:
+    """What a student or teacher module given to :func:`setup` must have for the terms."""
     if teacher is not None and not terms:
         raise ValueError("a teacher module was given, but config.distill.terms is empty: set the "
                          "terms it should teach (e.g. config.distill.terms = "
@@ -363,33 +400,40 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
             and any(term.loss.startswith("fakd") for term in terms)):
         raise ValueError("FAKD's terms read the student's 1×1 classifier at "
                          "student.head.classifier, which the given student module lacks.")
-    if teacher is not None:
-        teacher = _frozen_network(teacher, mesh)
-    elif terms:
-        teacher = load_teacher(with_precision(config.teacher, config.train.precision),
-                               num_classes=info.num_classes, mesh=mesh, seed=seed,
-                               materialize=materialize)
-    student_weights = None
-    if student is not None:
-        student_graphdef, student_state = nnx.split(student)
-        abstract_student = _abstract(student_state)
-        # A copy: the weights the module has now, whatever the caller does with it later.
-        student_weights = jax.device_put(nnx.state(student, WEIGHTS), sharding.replicated(mesh),
-                                         may_alias=False)
-    tx = optimizer if optimizer is not None else make_optimizer(config.train, terms)
-    disc_tx = make_discriminator_optimizer(terms)
-    images = jax.ShapeDtypeStruct((config.train.batch_size, *config.data.crop_size, 3),
-                                  jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GivenStudent:
+    """A student module given to :func:`setup`: its graph, its variables' shapes, and a copy of
+    its weights as they are now (whatever the caller does with the module later), replicated."""
+
+    graphdef: Any
+    abstract: Any
+    weights: Any
+
+    @classmethod
+    def of(cls, student: nnx.Module, mesh: jax.sharding.Mesh) -> _GivenStudent:
+        graphdef, state = nnx.split(student)
+        return cls(graphdef=graphdef, abstract=_abstract(state),
+                   weights=jax.device_put(nnx.state(student, WEIGHTS),
+                                          sharding.replicated(mesh), may_alias=False))
+
+
+def _module_builder(config, student_config, given: _GivenStudent | None,
+                    teacher: Network | None, terms, student_modules, info: DatasetInfo,
+                    mesh, seed: int, images: jax.ShapeDtypeStruct) -> Callable[[], tuple]:
+    """``modules() -> (trainables, discriminators, term states, student tensor shapes)``: every
+    module the state holds, from the seed; traced abstractly by :func:`setup` and for real by the
+    compiled init."""
 
     def modules():
-        """Every module the state holds, from the seed: (trainables, discriminators, states)."""
         rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-        if student_weights is None:
+        if given is None:
             net = build_model(student_config, num_classes=info.num_classes, rngs=rngs)
         else:
             # Placeholders of the given module's shapes, not its arrays: these would become
             # constants of the compiled init. init_state puts its weights in.
-            net = nnx.merge(student_graphdef, fresh_rng_vars(abstract_student))
+            net = nnx.merge(given.graphdef, fresh_rng_vars(given.abstract))
         if config.train.bn_stats == "per_device":
             set_batch_norm_groups(net, mesh.devices.size)
         student_out = jax.eval_shape(lambda x: distill.named_tensors(net(x, train=False)),
@@ -408,6 +452,16 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
                                           key=jax.random.key(seed + 2))
         return Trainables(net, connectors), discs, states, student_out
 
+    return modules
+
+
+def _state_and_step_parts(modules: Callable[[], tuple], tx: optax.GradientTransformation,
+                          terms, student_modules, teacher: Network | None, config,
+                          info: DatasetInfo, mesh, seed: int, *,
+                          student_dtype) -> tuple[StepParts, Any, TrainState]:
+    """The static parts of the step, the jitted init (replicated) and the abstract state, with
+    its ``bad_metrics`` named by the step's metrics."""
+    disc_tx = make_discriminator_optimizer(terms)
     abstract_trainables, abstract_discs, _, student_out = nnx.eval_shape(modules)
     graphdef, _, _, abstract_rng = nnx.split(abstract_trainables, nnx.Param, nnx.BatchStat, ...)
     disc_graphdef, _, _, abstract_disc_rng = nnx.split(abstract_discs, nnx.Param, nnx.BatchStat,
@@ -428,11 +482,10 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
     # eval_shape makes here.
     init_jit = jax.jit(init, out_shardings=repl)
     has_aux_ce = "aux_logits" in student_out and bool(config.train.aux_weight)
-    names = tuple(distill.metric_names(terms, aux_ce=has_aux_ce))
+    names = distill.metric_names(terms, aux_ce=has_aux_ce)
     abstract_state = init_jit.eval_shape().replace(
         bad_metrics=sharding.placed({n: jax.ShapeDtypeStruct((), jnp.float32) for n in names},
                                     repl))
-    student_dtype = jnp.dtype(student_config.dtype if student is None else jnp.float32)
     parts = StepParts(
         graphdef=graphdef, rng_vars=abstract_rng, disc_graphdef=disc_graphdef,
         disc_rng_vars=abstract_disc_rng, tx=tx, disc_tx=disc_tx, terms=terms,
@@ -441,6 +494,16 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
         student_dtype=student_dtype, num_classes=info.num_classes,
         ignore_label=info.ignore_label, aux_weight=config.train.aux_weight,
         total_steps=config.train.steps)
+    return parts, init_jit, abstract_state
+
+
+def _jitted_step(parts: StepParts, abstract_state: TrainState, teacher: Network | None,
+                 images: jax.ShapeDtypeStruct, mesh) -> tuple[Any, dict]:
+    """The jitted train step with explicit shardings and a donated state, and its abstract
+    global batch. With terms, the step is traced here, abstractly: every term meets its tensors,
+    so a pairing that cannot work fails at setup (the step's compilation later reuses the
+    trace)."""
+    repl = sharding.replicated(mesh)
     state_sh = jax.tree.map(lambda s: s.sharding, abstract_state)
     teacher_sh = jax.tree.map(lambda _: repl, teacher.variables) if teacher is not None else None
     step = jax.jit(make_train_step(parts), donate_argnums=(0,),
@@ -449,23 +512,9 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
     abstract_batch = sharding.placed(
         {"image": images, "label": jax.ShapeDtypeStruct(images.shape[:3], jnp.int32)},
         sharding.batch_sharded(mesh))
-    if terms:
-        # Every term meets its tensors here, abstractly: a pairing that cannot work fails at
-        # setup. The step's compilation later reuses this trace.
+    if parts.terms:
         step.eval_shape(abstract_state, teacher.variables, abstract_batch)
-    spec = (model_spec(student_config, info.num_classes) if student is None
-            else dict(getattr(student, "spec", None) or {}))
-    return Experiment(
-        config=config, mesh=mesh, dataset=info, terms=terms, teacher=teacher,
-        student_spec={**spec, "dtype": student_dtype},
-        abstract_state=abstract_state, metric_names=names, step_parts=parts,
-        train_step=step, abstract_batch=abstract_batch,
-        # Runs once per experiment: compiled without optimisation (kdjax.runtime.compilation).
-        _init=_CompiledOnce(lambda: init_jit.lower().compile(UNOPTIMIZED)),
-        _compiled_step=_CompiledOnce(lambda: step.lower(
-            abstract_state, teacher.variables if teacher is not None else None,
-            abstract_batch).compile()),
-        _student_weights=student_weights)
+    return step, abstract_batch
 
 
 class _CompiledOnce:

@@ -60,6 +60,95 @@ def _in_background(fn: Callable[[], Any]) -> concurrent.futures.Future:
         pool.shutdown(wait=False)
 
 
+def due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action runs after ``step``: every ``every`` steps and after the last
+    (``total``)."""
+    return step % every == 0 or step == total
+
+
+class _PeriodicActions:
+    """What the loop does between steps, each on its own period: log the window's means, evaluate
+    and keep the best checkpoint, save, and stop on a signal. Holds what they share: the logs,
+    the checkpointer, the checkpoint metadata and the last logged and evaluated values."""
+
+    def __init__(self, exp: Experiment, workdir, checkpointer: TrainCheckpointer, *,
+                 start: int, label: str):
+        config = exp.config
+        self.exp, self.train = exp, config.train
+        self.checkpointer = checkpointer
+        self.checkpoints = workdir / "checkpoints"
+        self.logger = MetricsLog(workdir, total_steps=config.train.steps,
+                                 global_batch_size=config.train.batch_size, label=label)
+        self.logger.start(start)
+        self.window = MetricWindow()
+        self.meta = {"config": config_to_json(config), "recipe": recipe_fingerprint(config),
+                     "student": _json_spec(exp.student_spec)}
+        self.last_metrics: dict[str, float] = {}
+        self.evaluated: dict[int, dict] = {}   # step → its evaluation, for the reported checkpoint
+        self.input_seconds = 0.0
+
+    def after_step(self, step: int, state: TrainState, metrics, stops: StopRequests) -> None:
+        self.window.add(metrics)
+        total = self.train.steps
+        if due(step, self.train.log_every, total):
+            self.log(step, state)
+        if due(step, self.train.eval_every, total):
+            self.evaluate(step, state)
+        if due(step, self.train.checkpoint_every, total):
+            self.save(step, state)
+        if step != total and stops.reached(step):
+            self.save(step, state)
+            self.checkpointer.wait_until_finished()
+            raise StopRequested(stops.signal_name, step, str(self.checkpoints / str(step)))
+
+    def log(self, step: int, state: TrainState) -> None:
+        check_finite(state, self.checkpoints)
+        self.last_metrics = self.window.means()
+        self.logger.write(step, self.last_metrics, input_seconds=self.input_seconds)
+        self.input_seconds = 0.0
+
+    def evaluate(self, step: int, state: TrainState) -> None:
+        check_finite(state, self.checkpoints)
+        result = self.exp.evaluate(state)
+        self.evaluated = {step: result}
+        self.logger.write(step, {"miou": result["miou"],
+                                 "pixel_accuracy": result["pixel_accuracy"]}, prefix="val")
+        self.checkpointer.save_best(step, state, meta={**self.meta, "data_step": step,
+                                                       "eval": result},
+                                    metric_value=result["miou"])
+        self.logger.start(step, compiles=False)  # evaluation is not training throughput
+
+    def save(self, step: int, state: TrainState) -> None:
+        check_finite(state, self.checkpoints)
+        self.checkpointer.save(step, state, meta={**self.meta, "data_step": step,
+                                                  "metrics": self.last_metrics}, force=True)
+
+    def reported(self, state: TrainState) -> tuple[TrainState, str, dict[str, Any]]:
+        """The checkpoint the run reports (``eval.checkpoint``), the rule applied and its
+        evaluation."""
+        rule, steps = self.exp.config.eval.checkpoint, self.train.steps
+        if rule == "last" and steps in self.evaluated:
+            # This process trained, saved and evaluated the last step: its state is the one a
+            # restore would read.
+            return state, "last", self.evaluated[steps]
+        reported, saved_meta, rule = restore_reported(self.checkpointer, self.exp.abstract_state,
+                                                      rule)
+        evaluation = (saved_meta["eval"] if rule == "best"
+                      else self.evaluated.get(int(jax.device_get(reported.step)))
+                      or self.exp.evaluate(reported))
+        return reported, rule, evaluation
+
+
+def _initial_state(exp: Experiment, checkpointer: TrainCheckpointer, workdir) -> TrainState:
+    """The latest checkpoint in ``workdir`` (of the same recipe), or the initial state."""
+    if checkpointer.latest_step() is None:
+        return exp.init_state()
+    state, saved_meta = checkpointer.restore(exp.abstract_state)
+    check_same_recipe(saved_meta.get("recipe"), exp.config, workdir)
+    log.info("resumed %s at step %d", workdir, int(state.step))
+    return state
+
+
 def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     """Trains from the latest checkpoint in ``workdir`` (or from scratch) to ``train.steps``.
 
@@ -70,7 +159,6 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
 
     config = exp.config
     workdir = as_path(workdir)
-    steps = config.train.steps
     # With one process the step compiles on another thread while this one restores or
     # initialises the state and builds the input pipeline, which renders or decodes data in
     # Python: XLA compiles on its own threads, without the GIL. Several processes compile after
@@ -78,31 +166,12 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     compiling = _in_background(exp.compile) if jax.process_count() == 1 else None
     checkpointer = TrainCheckpointer(workdir, keep_last=config.train.keep_checkpoints,
                                      async_save=config.train.async_checkpoints)
-    if checkpointer.latest_step() is not None:
-        state, saved_meta = checkpointer.restore(exp.abstract_state)
-        check_same_recipe(saved_meta.get("recipe"), config, workdir)
-        log.info("resumed %s at step %d", workdir, int(state.step))
-    else:
-        state = exp.init_state()
+    state = _initial_state(exp, checkpointer, workdir)
     start = int(jax.device_get(state.step))
     teacher_variables = exp.teacher_inputs()
     batches = make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                   seed=config.seed, start_step=start)
-    logger = MetricsLog(workdir, total_steps=steps, global_batch_size=config.train.batch_size,
-                        label=label)
-    logger.start(start)
-    window = MetricWindow()
-    meta = {"config": config_to_json(config), "recipe": recipe_fingerprint(config),
-            "student": _json_spec(exp.student_spec)}
-    checkpoints = workdir / "checkpoints"
-    last_metrics: dict[str, float] = {}
-    evaluated: dict[int, dict] = {}   # step → its evaluation, for the reported checkpoint
-
-    def save(step: int) -> None:
-        check_finite(state, checkpoints)
-        checkpointer.save(step, state, meta={**meta, "data_step": step, "metrics": last_metrics},
-                          force=True)
-
+    actions = _PeriodicActions(exp, workdir, checkpointer, start=start, label=label)
     if compiling is not None:
         train_step = compiling.result()
     else:
@@ -113,17 +182,16 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
         coordination.barrier("train_step_compiled")
     profile = Profile(config.train.profile_steps, workdir / "profile")
     device_batches = sharding.device_batches(batches, exp.mesh)
-    input_seconds = 0.0
     # The first steps after compilation are waited for and timed: the run's step cost.
     timer = StepTimer()
     try:
         # Without JAX's preemption service the processes agree on a stop when they log, where
         # they wait for the device anyway.
         with StopRequests(agree_every=config.train.log_every) as stops:
-            for step in range(start + 1, steps + 1):
+            for step in range(start + 1, config.train.steps + 1):
                 waited = time.perf_counter()
                 batch = next(device_batches)
-                input_seconds += time.perf_counter() - waited
+                actions.input_seconds += time.perf_counter() - waited
                 profile.step_started(step)
                 timing = not timer.done
                 if timing:
@@ -133,46 +201,15 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
                 if timing:
                     timer.stop(metrics)
                 profile.step_dispatched(step, state)
-                window.add(metrics)
-                final = step == steps
-                if step % config.train.log_every == 0 or final:
-                    check_finite(state, checkpoints)
-                    last_metrics = window.means()
-                    logger.write(step, last_metrics, input_seconds=input_seconds)
-                    input_seconds = 0.0
-                if step % config.train.eval_every == 0 or final:
-                    check_finite(state, checkpoints)
-                    result = exp.evaluate(state)
-                    evaluated = {step: result}
-                    logger.write(step, {"miou": result["miou"],
-                                        "pixel_accuracy": result["pixel_accuracy"]}, prefix="val")
-                    checkpointer.save_best(step, state, meta={**meta, "data_step": step,
-                                                              "eval": result},
-                                           metric_value=result["miou"])
-                    logger.start(step, compiles=False)  # evaluation is not training throughput
-                if step % config.train.checkpoint_every == 0 or final:
-                    save(step)
-                if not final and stops.reached(step):
-                    save(step)
-                    checkpointer.wait_until_finished()
-                    raise StopRequested(stops.signal_name, step, str(checkpoints / str(step)))
+                actions.after_step(step, state, metrics, stops)
         checkpointer.wait_until_finished()
-        if config.eval.checkpoint == "last" and steps in evaluated:
-            # This process trained, saved and evaluated the last step: its state is the one a
-            # restore would read.
-            reported, rule, evaluation = state, "last", evaluated[steps]
-        else:
-            reported, saved_meta, rule = restore_reported(checkpointer, exp.abstract_state,
-                                                          config.eval.checkpoint)
-            evaluation = (saved_meta["eval"] if rule == "best"
-                          else evaluated.get(int(jax.device_get(reported.step)))
-                          or exp.evaluate(reported))
+        reported, rule, evaluation = actions.reported(state)
         reported_step = int(jax.device_get(reported.step))
     finally:
         timer.close()
         profile.close()
         checkpointer.close()
-        logger.close()
-    return RunResult(step=int(jax.device_get(state.step)), metrics=last_metrics,
+        actions.logger.close()
+    return RunResult(step=int(jax.device_get(state.step)), metrics=actions.last_metrics,
                      eval={**evaluation, "checkpoint": rule, "checkpoint_step": reported_step},
                      state=reported, workdir=workdir, step_seconds=timer.seconds)

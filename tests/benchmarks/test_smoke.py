@@ -206,6 +206,15 @@ def test_losses_quick_every_loss(tmp_path):
     check_loss_rows(result, expected)
 
 
+def test_losses_benchmark_has_a_case_for_every_registered_loss_function():
+    from kdjax.distill import ADAPTERS
+
+    registered = {fn.__name__ for adapter in ADAPTERS.values() for fn in adapter.functions}
+    # The task loss, and the SKD discriminator's hinge losses, which act on its scores (no map).
+    registered = registered - {"skd_adversarial_losses"} | {"cross_entropy"}
+    assert registered <= {case.loss for case in load_module("losses").cases()}
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_step_quick(tmp_path):

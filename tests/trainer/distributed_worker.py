@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     mine = slice(args.process_id * rows, (args.process_id + 1) * rows)
 
     state = exp.init_state()
-    step = exp.train_step
+    step = exp.compile()
     teacher = exp.teacher_inputs()
     history = []
     for seed in range(STEPS):

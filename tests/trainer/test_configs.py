@@ -116,8 +116,8 @@ def _one_step(spec, dtype="float32"):
     exp = train.setup(config)
     batch = next(make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                      seed=config.seed))
-    state, metrics = exp.train_step(exp.init_state(), exp.teacher_inputs(),
-                                    sharding.global_batch(batch, exp.mesh))
+    state, metrics = exp.step(exp.init_state(), sharding.global_batch(batch, exp.mesh),
+                              nonfinite="freeze")
     metrics = jax.device_get(metrics)
     assert int(state.step) == 1 and int(state.bad_step) == -1, metrics
     return state

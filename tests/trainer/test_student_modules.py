@@ -216,11 +216,3 @@ def test_bfloat16_precision_keeps_the_module_parameters_float32():
     exp = training.setup(config, terms_config=GROUP, materialize=False)
     leaves = jax.tree.leaves(exp.abstract_state.params["connectors"]["student_modules"])
     assert leaves and {x.dtype for x in leaves} == {jnp.dtype("float32")}
-
-
-
-def test_the_recipes_name_the_reserved_key_as_the_objective_does():
-    from kdjax.config import recipes
-    from kdjax.distill import terms
-
-    assert recipes.STUDENT_MODULES == terms.STUDENT_MODULES

@@ -62,7 +62,7 @@ def tie_free_batches(config, count):
 
 def _run_steps(exp, batches):
     state = exp.init_state()
-    step = exp.train_step
+    step = exp.compile()
     teacher = exp.teacher_inputs()
     history = []
     for batch in batches:
@@ -96,7 +96,7 @@ def test_eight_devices_match_one_device(tiny):
     batches = tie_free_batches(config, 3)
     one = train.setup(config, mesh=sharding.make_mesh(jax.devices()[:1]))
     assert tiny.mesh.devices.size == 8
-    step1, step8 = one.train_step, tiny.train_step
+    step1, step8 = one.compile(), tiny.compile()
     teacher1, teacher8 = one.teacher_inputs(), tiny.teacher_inputs()
     # Each step starts both meshes from the same state (the single-device trajectory's), so
     # differences cannot compound over steps.
