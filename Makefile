@@ -150,9 +150,10 @@ test-without-torch: $(STAMP) $(TEST_STAMP)
 # train and test extras under requirements-newest.txt's constraints.
 NEWEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 NEWEST := .venv-newest
-NEWEST_TESTS := tests/losses tests/models tests/ops tests/checkpoint tests/runtime \
-	tests/trainer/test_without_tensorflow.py tests/trainer/test_readme_example.py \
-	tests/trainer/test_distill.py tests/trainer/test_api.py tests/test_extras.py
+NEWEST_TESTS := tests/losses tests/models tests/ops tests/runtime tests/io/test_train_checkpointer.py \
+	tests/io/test_model_store.py tests/training/test_without_tensorflow.py \
+	tests/training/test_readme_example.py tests/distill/test_objective.py \
+	tests/training/test_api.py tests/test_extras.py
 $(NEWEST)/.installed: requirements-newest.txt pyproject.toml
 	$(NEWEST_PYTHON) -m venv $(NEWEST)
 	$(NEWEST)/bin/python -m pip install -c requirements-newest.txt -e '.[train,test]'

@@ -95,7 +95,7 @@ DRY = {"matmul_n": 256, "bandwidth_mib": 16, "reps": 1, "inner": 2,
        "loss_size": "small", "losses": "channel_wise_divergence,cirkd_memory", "loss_reps": 2,
        "budget": 90.0}
 STUDENT = "deeplabv3_resnet18"
-TRAINER_TEST = "tests/trainer/test_train.py::test_eight_devices_match_one_device"
+TRAINER_TEST = "tests/training/test_train.py::test_eight_devices_match_one_device"
 FIT = 0.85                 # share of the device memory a compiled step may take
 STEP_RESERVE_S = 30.0      # time kept for the kdjax repetitions when torch.compile starts
 # (name, library, dtype, mode). The ratio column is read against BASELINE.

@@ -29,4 +29,4 @@ use_persistent_cache()
 def pytest_collection_modifyitems(items):
     """The end-to-end trainer tests first (stable otherwise): they take minutes each, so started
     early they run beside the short tests on the other workers instead of after them."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/trainer/"))
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/training/"))

@@ -88,6 +88,10 @@ def base_config() -> ConfigDict:
     # outputs the terms can read, e.g. terms.student_modules.head_gcn = ConfigDict(dict(
     # module='gcn', input='head')) and terms.fitnet.student = 'head_gcn'.
     config.distill.terms = ConfigDict()
+    # The scratch budget of the losses that loop over chunks (FAKD-CWD, Af-DCD's contrast), in
+    # MiB: 'auto' (16 on CPU, 256 elsewhere; kdjax/ops/kernels.py), a number, or None (no loop).
+    # Not part of the recipe: a run may change it.
+    config.distill.loss_scratch_mb = "auto"
 
     # `kdjax compare`: method name → its distillation terms; 'student_alone' has none.
     config.methods = ConfigDict()

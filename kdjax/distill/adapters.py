@@ -45,6 +45,8 @@ class TermInputs:
     num_classes: int
     ignore_label: int
     total_steps: int
+    scratch_bytes: int | None = None   # the budget of losses that loop over chunks (FAKD-CWD,
+                                       # the contrast): distill.loss_scratch_mb, resolved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,8 @@ class LossAdapter:
         module trained with the student that ``compute`` applies to the raw student tensor itself
         (it takes the place of a connector); None when the loss has none. A state option
         ``grad_clip`` clips its gradient alone (:func:`kdjax.training.optimizer.make_optimizer`).
+      reads_classifier: whether ``compute`` reads the student's 1×1 classifier
+        (``TermInputs.classifier_kernel``); a student module without one is refused at setup.
       example: how the loss runs on the example problem.
       forward_mode: whether ``jax.jvp`` works through ``compute``: False where a loss writes out
         its backward pass (``jax.custom_vjp``; docs/losses.md).
@@ -125,6 +129,7 @@ class LossAdapter:
     discriminator: Callable[..., nnx.Module] | None = None
     discriminator_loss: Callable[[Array, Array], Array] | None = None
     student_module: Callable[..., nnx.Module] | None = None
+    reads_classifier: bool = False
     example: Example = Example()
     forward_mode: bool = True
 
@@ -197,7 +202,8 @@ register(LossAdapter(name="ifvd", compute=_ifvd, functions=(losses.ifvd,),
                      example=Example(**FEATURES)))
 
 
-def _fakd_adapter(name: str, *, options: tuple[str, ...], forward_mode: bool) -> LossAdapter:
+def _fakd_adapter(name: str, *, options: tuple[str, ...], forward_mode: bool,
+                  chunked: bool = False) -> LossAdapter:
     """FAKD (docs/methods.md §4, §9.4): the class covariance of the student's pre-classifier
     feature is updated first, then the loss reads it with the student's classifier."""
     fn = getattr(losses, name)
@@ -209,8 +215,9 @@ def _fakd_adapter(name: str, *, options: tuple[str, ...], forward_mode: bool) ->
                                                ignore_label=inputs.ignore_label)
         strength = losses.fakd_strength(inputs.step, inputs.total_steps,
                                         call.term.state_options["lam0"])
+        budget = {"scratch_bytes": inputs.scratch_bytes} if chunked else {}
         value = fn(call.student, call.teacher, inputs.classifier_kernel, state.var, inputs.labels,
-                   strength=strength, ignore_label=inputs.ignore_label, **call.options)
+                   strength=strength, ignore_label=inputs.ignore_label, **budget, **call.options)
         return value, {"strength": strength}, state
 
     def init_state(term, student_shapes, teacher_shapes, num_classes, key):
@@ -219,12 +226,12 @@ def _fakd_adapter(name: str, *, options: tuple[str, ...], forward_mode: bool) ->
 
     return LossAdapter(name=name, compute=compute, functions=(fn,), options=options,
                        state_options={"lam0": 7.5}, parts=("strength",), init_state=init_state,
-                       forward_mode=forward_mode)
+                       reads_classifier=True, forward_mode=forward_mode)
 
 
 register(_fakd_adapter("fakd_kd", options=("temperature",), forward_mode=True))
 register(_fakd_adapter("fakd_cwd", options=("tau", "c_norm", "images_per_chunk"),
-                       forward_mode=False))
+                       forward_mode=False, chunked=True))
 
 
 def _cirkd_memory(call: TermCall) -> Computed:
@@ -345,7 +352,8 @@ def _dense_contrast(call: TermCall) -> Computed:
     mask = options.pop("mask", None)
     generated = _generated(call)
     reconstruction = losses.feature_reconstruction(generated, call.teacher, mask=mask)
-    contrast = losses.omni_contrast(generated, call.teacher, **options)
+    contrast = losses.omni_contrast(generated, call.teacher,
+                                    scratch_bytes=call.inputs.scratch_bytes, **options)
     value = (state_options["reconstruction_weight"] * reconstruction
              + state_options["contrast_weight"] * contrast)
     return value, {"reconstruction": reconstruction, "contrast": contrast}, call.state

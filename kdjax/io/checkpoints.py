@@ -32,6 +32,7 @@ from etils import epath
 
 import kdjax
 from kdjax.io.paths import as_path
+from kdjax.runtime.platform import devices_in_host_memory
 
 Shape = tuple[int, ...]
 # Entries listed per section of a mismatch message; a changed backbone can differ in hundreds.
@@ -62,7 +63,7 @@ def pytree_handler() -> ocp.PyTreeCheckpointHandler:
     handlers = ocp.type_handlers
     scalar = handlers.ScalarHandler()
     array = handlers.get_type_handler(jax.Array)  # Orbax's registered default
-    if jax.default_backend() == "cpu":
+    if devices_in_host_memory():
         # The same handler without replica-parallel saving, keeping the per-array metadata store
         # of the default (a typed PRNG key's implementation is written there), which Orbax
         # exposes under no public name.

@@ -41,15 +41,6 @@ from kdjax.losses._common import (as_float32, check_optional_positive_int, check
 
 Array = jax.Array
 
-# Default patches per chunk: as many as keep the (N, K, K, C/M) float32 differences of a chunk
-# within this many bytes. 16 MB on CPU, where the differences are written out and XLA's scratch
-# then stays below glibc's mmap threshold (as FAKD-CWD's chunks, kdjax/losses/fakd.py); 256 MB on
-# other backends, whose fusions may never write them out, so that the budget only bounds the worst
-# case and the loop stays short.
-_CPU_SCRATCH_BYTES = 16 * 2**20
-_ACCELERATOR_SCRATCH_BYTES = 256 * 2**20
-
-
 # --------------------------------------------------------------------------------------------------
 # Keep-masks of the generator.
 
@@ -232,16 +223,16 @@ def _contrast_sum_bwd(groups, tau, patches_per_chunk, grad, cotangent):
 _contrast_sum.defvjp(_contrast_sum_fwd, _contrast_sum_bwd)
 
 
-def _default_chunk(batch: int, vectors: int, dim: int, backend: str) -> int:
-    """Patches per chunk whose (batch, K, K, D) float32 differences fit the backend's budget."""
-    budget = _CPU_SCRATCH_BYTES if backend == "cpu" else _ACCELERATOR_SCRATCH_BYTES
-    return max(1, budget // (4 * batch * vectors * vectors * dim))
+def _patches_within(scratch_bytes: int, batch: int, vectors: int, dim: int) -> int:
+    """Patches per chunk whose (batch, K, K, D) float32 differences fit ``scratch_bytes``."""
+    return max(1, scratch_bytes // (4 * batch * vectors * vectors * dim))
 
 
 def omni_contrast(generated: Array, teacher: Array, *, groups: int = 16,
                   patch: int | tuple[int, int] = (4, 4), pool: int = 4,
                   crop: tuple[int, int] | None = None, tau: float = 0.07,
-                  patches_per_chunk: int | None = None) -> Array:
+                  patches_per_chunk: int | None = None,
+                  scratch_bytes: int | None = None) -> Array:
     """The omni-contrast term of Af-DCD (docs/methods.md §10; arXiv 2312.04168).
 
     1. ``crop=(h, w)`` keeps the top-left h×w positions of both maps (the official CamVid path,
@@ -275,8 +266,11 @@ def omni_contrast(generated: Array, teacher: Array, *, groups: int = 16,
       tau: the temperature τ > 0; 0.07 in Af-DCD.
       patches_per_chunk: the patches processed at once (``lax.map`` over the patches of every
         image; the batch axis stays whole, so a batch sharded across devices stays sharded), which
-        bounds the scratch memory; None picks as many as keep the (N, K, K, D) float32 differences
-        of a chunk within 16 MB on CPU and 256 MB on other backends.
+        bounds the scratch memory. None: as many as ``scratch_bytes`` allows.
+      scratch_bytes: without ``patches_per_chunk``, as many patches at once as keep the
+        (N, K, K, D) float32 differences of a chunk within this many bytes; None: every patch in
+        one step. The trainer passes its platform's budget (``distill.loss_scratch_mb``,
+        :mod:`kdjax.ops.kernels`).
     Returns:
       float32 scalar. Reverse-mode differentiable only (the gradient is written out).
     Raises:
@@ -291,6 +285,7 @@ def omni_contrast(generated: Array, teacher: Array, *, groups: int = 16,
         raise ValueError(f"pool must be a non-negative int (the max-pool window; 0 for none), got "
                          f"{pool!r}.")
     check_optional_positive_int("patches_per_chunk", patches_per_chunk)
+    check_optional_positive_int("scratch_bytes", scratch_bytes)
     n, h, w, c = generated.shape
     if c % groups:
         raise ValueError(
@@ -327,6 +322,7 @@ def omni_contrast(generated: Array, teacher: Array, *, groups: int = 16,
     t_vectors = _patch_vectors(t, (ph, pw), groups)
     k, dim = g_vectors.shape[-2:]
     if patches_per_chunk is None:
-        patches_per_chunk = _default_chunk(n, k, dim, jax.default_backend())
+        patches_per_chunk = (_patches_within(scratch_bytes, n, k, dim) if scratch_bytes
+                             else g_vectors.shape[0])
     total = _contrast_sum(g_vectors, t_vectors, groups, float(tau), patches_per_chunk)
     return total / (n * h * w)

@@ -290,31 +290,24 @@ def _kd_augmentation(student_logits, teacher_logits, kernel, variance, labels, s
     return temperature**2 * masked_mean(excess, mask)
 
 
-# On the CPU backend FAKD-CWD's default chunk of images keeps its scratch near this many bytes. A
-# call's scratch there is one fresh allocation, and glibc serves allocations above 32 MB with mmap,
-# so their pages fault in again on every call; below that the allocator reuses them
-# (benchmarks/NOTES.md, 'FAKD-CWD in chunks of images'). Other backends take the batch in one
-# step: a loop over a batch that is sharded across devices would gather it.
-_CPU_CHUNK_SCRATCH_BYTES = 16 * 2**20
-
-
 def _chunk_of_images(images_per_chunk: int | None, batch: int, bytes_per_image: int,
-                     backend: str) -> int:
+                     scratch_bytes: int | None) -> int:
     """The number of images FAKD-CWD processes at once (at most ``batch``).
 
     Args:
-      images_per_chunk: the user's choice, a positive integer, or None: on the 'cpu' backend as
-        many images as keep ``bytes_per_image`` each within ``_CPU_CHUNK_SCRATCH_BYTES`` (at least
-        one), elsewhere the whole batch.
+      images_per_chunk: the user's choice, a positive integer, or None: as many images as keep
+        ``bytes_per_image`` each within ``scratch_bytes`` (at least one), or the whole batch
+        when that is None too.
       batch: the batch size N.
       bytes_per_image: the scratch one image needs.
-      backend: the JAX backend the loss runs on.
+      scratch_bytes: the scratch budget, or None.
     """
     check_optional_positive_int("images_per_chunk", images_per_chunk)
+    check_optional_positive_int("scratch_bytes", scratch_bytes)
     if images_per_chunk is None:
-        if backend != "cpu":
+        if scratch_bytes is None:
             return batch
-        images_per_chunk = max(1, _CPU_CHUNK_SCRATCH_BYTES // bytes_per_image)
+        images_per_chunk = max(1, scratch_bytes // bytes_per_image)
     return min(images_per_chunk, batch)
 
 
@@ -420,7 +413,8 @@ _chunked_bound.defvjp(_chunked_bound_fwd, _chunked_bound_bwd)
 def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Array,
              variance: Array, labels: Array, *, strength, tau: float = 4.0,
              c_norm: int | None = None, ignore_label: int = 255,
-             mask: Array | None = None, images_per_chunk: int | None = None) -> Array:
+             mask: Array | None = None, images_per_chunk: int | None = None,
+             scratch_bytes: int | None = None) -> Array:
     """FAKD-CWD: the closed-form upper bound of CWD under infinite feature augmentation (§9.4).
 
     Per image and channel c over the positions i, with ``q = softmax_i(z^T_{c,i}/τ)``,
@@ -451,8 +445,10 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
       mask: optional bool (N, H, W); masked positions leave both spatial distributions, and images
         without a valid position leave the mean.
       images_per_chunk: the bound runs over chunks of this many images (``lax.map``), which bounds
-        its scratch memory. None: on CPU, chunks that keep that scratch near 16 MB; on other
-        backends the whole batch in one step.
+        its scratch memory. None: as many as ``scratch_bytes`` allows.
+      scratch_bytes: without ``images_per_chunk``, chunks of as many images as keep the scratch
+        within this many bytes; None: the whole batch in one step. The trainer passes its
+        platform's budget (``distill.loss_scratch_mb``, :mod:`kdjax.ops.kernels`).
     Returns:
       float32 scalar.
     """
@@ -468,7 +464,7 @@ def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Ar
     n, h, w, num_classes = student_logits.shape
     images_per_chunk = _chunk_of_images(images_per_chunk, n,
                                         h * w * num_classes * 4 * _LEAVE_ONE_OUT_ARRAYS,
-                                        jax.default_backend())
+                                        scratch_bytes)
 
     def plain():
         return channel_wise_divergence(student_logits, teacher_logits, tau=tau, c_norm=c_norm,

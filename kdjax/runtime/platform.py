@@ -68,6 +68,14 @@ def configure_process(environ: Mapping[str, str] = os.environ) -> str:
     return platform
 
 
+def devices_in_host_memory() -> bool:
+    """Whether JAX's devices keep their arrays in host memory (the CPU backend), so that reading
+    a replicated array to the host takes no copy per replica."""
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
 def report() -> None:
     """Logs the platform, device kind and count, and process count; warns loudly when an
     accelerator is visible but JAX runs on the CPU, and says which install fixes that."""

@@ -39,6 +39,7 @@ from kdjax.io.model_dir import WEIGHTS, save_model
 from kdjax.io.networks import (Network, build_model, load_backbone_weights, load_student_weights,
                                load_teacher, model_spec)
 from kdjax.models.layers import set_batch_norm_groups
+from kdjax.ops.kernels import resolve_loss_scratch
 from kdjax.runtime import sharding
 from kdjax.runtime.compilation import UNOPTIMIZED
 from kdjax.training.budget import step_flops
@@ -396,10 +397,12 @@ def _check_given_modules(terms: tuple[distill.Term, ...], student: nnx.Module | 
         raise ValueError("a teacher module was given, but config.distill.terms is empty: set the "
                          "terms it should teach (e.g. config.distill.terms = "
                          "config.methods.cwd_logits).")
-    if (student is not None and classifier_kernel(student) is None
-            and any(term.loss.startswith("fakd") for term in terms)):
-        raise ValueError("FAKD's terms read the student's 1×1 classifier at "
-                         "student.head.classifier, which the given student module lacks.")
+    if student is not None and classifier_kernel(student) is None:
+        for term in terms:
+            if term.adapter.reads_classifier:
+                raise ValueError(f"{term.describe()} reads the student's 1×1 classifier at "
+                                 "student.head.classifier, which the given student module "
+                                 "lacks.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,7 +496,8 @@ def _state_and_step_parts(modules: Callable[[], tuple], tx: optax.GradientTransf
         teacher=functools.partial(teacher_tensors, teacher) if teacher is not None else None,
         student_dtype=student_dtype, num_classes=info.num_classes,
         ignore_label=info.ignore_label, aux_weight=config.train.aux_weight,
-        total_steps=config.train.steps)
+        total_steps=config.train.steps,
+        loss_scratch_bytes=resolve_loss_scratch(config.distill.loss_scratch_mb))
     return parts, init_jit, abstract_state
 
 

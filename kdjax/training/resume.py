@@ -15,7 +15,7 @@ from kdjax.io.checkpoints import CheckpointError, TrainCheckpointer
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.async_checkpoints", "eval", "distributed",
                      "seeds", "methods", "teacher_steps", "student.kernels", "teacher.kernels",
-                     "train.profile_steps", "budget")
+                     "train.profile_steps", "budget", "distill.loss_scratch_mb")
 
 
 def recipe_fingerprint(config: ml_collections.ConfigDict) -> str:

@@ -83,6 +83,7 @@ class StepParts:
     ignore_label: int
     aux_weight: float
     total_steps: int
+    loss_scratch_bytes: int | None = None
 
 
 def _loss(parts: StepParts, params, state: TrainState, teacher: dict, batch: dict, key: Array):
@@ -103,7 +104,7 @@ def _loss(parts: StepParts, params, state: TrainState, teacher: dict, batch: dic
             student=student, teacher=teacher, labels=labels, step=state.step, key=key,
             classifier_kernel=classifier_kernel(trainables.student),
             num_classes=parts.num_classes, ignore_label=parts.ignore_label,
-            total_steps=parts.total_steps)
+            total_steps=parts.total_steps, scratch_bytes=parts.loss_scratch_bytes)
         kd, kd_metrics, term_states = distill.distillation_loss(
             parts.terms, inputs, trainables.connectors, discs, state.term_states, train=True)
         total = total + kd

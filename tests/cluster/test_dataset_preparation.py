@@ -9,7 +9,7 @@ from tests.cluster import slurm
 
 pytestmark = pytest.mark.multiprocess
 
-TINY = slurm.REPO / "tests" / "trainer" / "tiny_config.py"
+TINY = slurm.REPO / "tests" / "training" / "tiny_config.py"
 FAKE_CAMVID = slurm.REPO / "datasets" / "camvid" / "dummy_data"
 JOB_TIMEOUT = 900
 

@@ -96,7 +96,7 @@ def test_an_salloc_shell_runs_one_process(tmp_path):
                             SLURM_CPUS_PER_TASK="1")
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
         "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=2")
-    proc = run(["-m", "kdjax", "train", f"--config={slurm.REPO}/tests/trainer/tiny_config.py",
+    proc = run(["-m", "kdjax", "train", f"--config={slurm.REPO}/tests/training/tiny_config.py",
                 f"--workdir={tmp_path / 'run'}", "--config.train.steps=2",
                 "--config.train.eval_every=2", "--config.train.checkpoint_every=2"],
                env, tmp_path, timeout=JOB_TIMEOUT)

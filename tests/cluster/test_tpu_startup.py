@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RECORDER = Path(__file__).with_name("tpu_recorder")
-TINY = REPO / "tests" / "trainer" / "tiny_config.py"
+TINY = REPO / "tests" / "training" / "tiny_config.py"
 
 
 def test_the_command_initializes_before_touching_a_device_on_tpu(tmp_path):

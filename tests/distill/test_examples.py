@@ -13,7 +13,7 @@ from kdjax.distill import ADAPTERS
 from kdjax.distill.examples import example_problem
 
 # The SKD discriminator's example needs 64×64 maps, and compiles for half a minute; the trainer
-# tests run its adversarial step (tests/trainer/test_distill.py).
+# tests run its adversarial step (tests/distill/test_objective.py).
 SLOW = {"skd_adversarial"}
 KINDS = [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
          for name in ADAPTERS]

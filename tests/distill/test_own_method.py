@@ -17,7 +17,7 @@ from kdjax.config.methods import Method, method_terms, register_method, term
 from kdjax.distill import ADAPTERS, register
 from kdjax.distill.adapters import Example, pair_adapter
 
-TINY = str(Path(__file__).parents[1] / "trainer" / "tiny_config.py")
+TINY = str(Path(__file__).parents[1] / "training" / "tiny_config.py")
 
 
 def smooth_l1_kd(student, teacher, *, beta=1.0, mask=None):

@@ -3,7 +3,7 @@ alone and with the tiny config's terms, 2 steps each."""
 
 import ml_collections
 
-from tests.trainer.tiny_config import get_config as tiny_config
+from tests.training.tiny_config import get_config as tiny_config
 
 
 def get_config(arg=None):

@@ -1,4 +1,4 @@
-"""Restores the latest step that ``tests.checkpoint.save_until_killed`` committed in WORKDIR and
+"""Restores the latest step that ``tests.io.save_until_killed`` committed in WORKDIR and
 prints ``{"latest": step, "intact": bool}`` as JSON (run it with the emulator's environment).
 
 ``python -m tests.io.latest_checkpoint WORKDIR``
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from kdjax.io.checkpoints import TrainCheckpointer
-from tests.checkpoint.save_until_killed import abstract_train_state, train_state
+from tests.io.save_until_killed import abstract_train_state, train_state
 
 if __name__ == "__main__":
     with TrainCheckpointer(sys.argv[1], keep_last=2) as checkpointer:

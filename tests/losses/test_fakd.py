@@ -363,14 +363,17 @@ def test_cwd_tied_maxima_match_reference():
     assert_matches_reference(fakd_cwd, fakd_ref.fakd_cwd, inputs, STUDENT, strength=3.0, tau=2.0)
 
 
-def test_default_chunks_bound_the_scratch_on_cpu_only():
+def test_chunks_of_images_keep_the_scratch_within_the_budget():
     mb = 2**20
-    assert _chunk_of_images(None, 8, 7 * mb, "cpu") == 2
-    assert _chunk_of_images(None, 8, 40 * mb, "cpu") == 1
-    assert _chunk_of_images(None, 8, mb, "cpu") == 8
-    # Elsewhere the batch may be sharded across devices: one step, no loop over it.
-    assert _chunk_of_images(None, 8, 40 * mb, "gpu") == 8
-    assert _chunk_of_images(3, 8, 40 * mb, "tpu") == 3
+    assert _chunk_of_images(None, 8, 7 * mb, 16 * mb) == 2
+    assert _chunk_of_images(None, 8, 40 * mb, 16 * mb) == 1
+    assert _chunk_of_images(None, 8, mb, 16 * mb) == 8
+    # Without a budget the batch is one step (it may be sharded across devices); a chunk the
+    # caller names wins.
+    assert _chunk_of_images(None, 8, 40 * mb, None) == 8
+    assert _chunk_of_images(3, 8, 40 * mb, 16 * mb) == 3
+    with pytest.raises(ValueError, match="scratch_bytes"):
+        _chunk_of_images(None, 8, mb, 0)
 
 
 def test_kd_stable_for_large_logits_and_large_augmentation():

@@ -13,7 +13,7 @@ from kdjax import convert, losses, models, training
 from kdjax.config import load_config
 from kdjax.io.checkpoints import TrainCheckpointer
 
-config = load_config("tests/trainer/tiny_config.py")
+config = load_config("tests/training/tiny_config.py")
 exp = training.setup(config)
 state = exp.init_state()
 rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """One process of the two-process ``jax.distributed`` check in test_multiprocess.py.
 
-    python tests/trainer/distributed_worker.py --process-id=I --num-processes=2 --port=P --out=FILE
+    python tests/training/distributed_worker.py --process-id=I --num-processes=2 --port=P --out=FILE
 
 Each process starts with its own simulated CPU devices (``XLA_FLAGS`` set by the caller), joins
 the coordinator on 127.0.0.1:P, builds the tiny experiment over the mesh of all global devices and
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdjax import training as train
     from kdjax.config.loading import load_config
     from kdjax.data import make_train_iterator
-    from tests.trainer.test_train import tie_free
+    from tests.training.test_train import tie_free
 
     assert distributed.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes,
                                            args.process_id)

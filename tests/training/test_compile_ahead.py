@@ -18,7 +18,7 @@ from kdjax.io.model_dir import save_model
 from kdjax.io.networks import build_model
 from kdjax.training import compile_ahead
 from kdjax.training.compile_ahead import CompileAhead
-from tests.trainer.test_train import CONFIG
+from tests.training.test_train import CONFIG
 
 
 def _save_teacher(config, seed: int) -> None:

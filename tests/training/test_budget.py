@@ -15,7 +15,7 @@ from kdjax.evaluation import report
 from kdjax.runtime.sharding import global_batch
 from kdjax.training.budget import (Budget, BudgetError, StepCost, StepTimer, affordable_steps,
                                    measure_step_cost, parse_budget)
-from tests.trainer import tiny_config
+from tests.training import tiny_config
 
 
 def test_budgets_parse_and_bad_ones_say_what_is_accepted():

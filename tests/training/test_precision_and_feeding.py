@@ -11,7 +11,7 @@ import pytest
 from kdjax import losses, training
 from kdjax.config.loading import load_config
 from kdjax.runtime import sharding
-from tests.trainer.test_train import CONFIG
+from tests.training.test_train import CONFIG
 
 
 def _batch(exp, seed=0):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from kdjax import training as train
-from tests.trainer.distributed_worker import GLOBAL_DEVICES, STEPS, flat_state
-from tests.trainer.test_train import CONFIG, _config, _run_steps, tie_free_batches
+from tests.training.distributed_worker import GLOBAL_DEVICES, STEPS, flat_state
+from tests.training.test_train import CONFIG, _config, _run_steps, tie_free_batches
 
 pytestmark = pytest.mark.multiprocess
 

@@ -16,7 +16,7 @@ from kdjax.io.checkpoints import TrainCheckpointer
 from kdjax.io.model_dir import load_model
 from kdjax.models import CirkdGcn
 from kdjax.training.optimizer import connector_mask
-from tests.trainer import tiny_config
+from tests.training import tiny_config
 
 ConfigDict = ml_collections.ConfigDict
 K = 4

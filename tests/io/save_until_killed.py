@@ -1,6 +1,6 @@
 """Saves a 32 MB train state at steps 1, 2, 3, … into WORKDIR until the process is killed.
 
-``python -m tests.checkpoint.save_until_killed WORKDIR``. The state at a step is
+``python -m tests.io.save_until_killed WORKDIR``. The state at a step is
 ``train_state(step)``, so whoever restores it can check every value.
 """
 

@@ -11,7 +11,7 @@ from flax import nnx
 from kdjax import distill, losses, training
 from kdjax.config.recipes import method_terms, term
 from kdjax.training.optimizer import connector_mask, make_optimizer
-from tests.trainer import tiny_config
+from tests.training import tiny_config
 
 K = 4
 

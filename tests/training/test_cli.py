@@ -3,7 +3,7 @@
 import pytest
 
 from kdjax.commands import main as cli
-from tests.trainer.test_train import CONFIG
+from tests.training.test_train import CONFIG
 
 
 def test_overrides_are_split_from_the_arguments():

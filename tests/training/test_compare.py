@@ -14,7 +14,7 @@ from kdjax.evaluation import report
 from kdjax.config.loading import ConfigError, load_config
 from kdjax.evaluation.overlays import PANEL_GAP
 from kdjax.config.recipes import method_terms
-from tests.trainer.test_train import CONFIG
+from tests.training.test_train import CONFIG
 
 
 def _config():

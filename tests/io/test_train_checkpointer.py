@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import kdjax
 from kdjax.io.checkpoints import CheckpointError, TrainCheckpointer
-from tests.checkpoint.save_until_killed import abstract_train_state, train_state
+from tests.io.save_until_killed import abstract_train_state, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TMP_MARKER = "orbax-checkpoint-tmp"
@@ -203,7 +203,7 @@ def partial_saves(directory):
 
 def test_save_killed_midway_leaves_the_last_committed_step(tmp_path):
     workdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    process = subprocess.Popen([sys.executable, "-m", "tests.checkpoint.save_until_killed",
+    process = subprocess.Popen([sys.executable, "-m", "tests.io.save_until_killed",
                                 str(workdir)], cwd=REPO, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
