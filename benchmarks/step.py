@@ -194,7 +194,7 @@ def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):
     start = time.perf_counter()
     exp = train.setup(kdjax_config(args, dtype, distill), mesh=mesh)
     state = exp.init_state()
-    params = sum(x.size for x in jax.tree.leaves(state.params))
+    params = sum(x.size for x in jax.tree.leaves(state.student.params))
     batch = sharding.global_batch(batch, mesh)
     teacher = exp.teacher_inputs()
     # The experiment's own step, compiled once here so its costs can be read; the state is

@@ -14,16 +14,15 @@ from kdjax import training
 from kdjax.evaluation import predict_classes, report
 from kdjax.evaluation.predictions import network_predictor, write_prediction_overlays
 from kdjax.evaluation.validation import eval_mode
-from kdjax.io.checkpoints import TrainCheckpointer
 from kdjax.io.paths import as_path
-from kdjax.training.resume import restore_reported
+from kdjax.training.resume import restore_reported, train_checkpointer
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates ``workdir``'s reported checkpoint; returns the metrics record (percent)."""
     workdir = as_path(workdir)
     exp = training.setup(config)
-    with TrainCheckpointer(workdir, async_save=False) as checkpointer:
+    with train_checkpointer(workdir, async_save=False) as checkpointer:
         state, _, rule = restore_reported(checkpointer, exp.abstract_state, config.eval.checkpoint)
     record = {**exp.evaluate(state), "checkpoint": rule,
               "checkpoint_step": int(jax.device_get(state.step))}
@@ -36,7 +35,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (out_dir / "metrics.md").write_text(table)
         print(table)
         predictors = {"student": jax.jit(functools.partial(predict_classes, functools.partial(
-            exp.eval_logits, (state.params, state.rest)), eval_mode=mode,
+            exp.eval_logits, (state.student.params, state.student.batch_stats)), eval_mode=mode,
             num_classes=exp.num_classes))}
         if exp.teacher is not None:
             predictors = {"teacher": network_predictor(exp.teacher, config, exp.num_classes),

@@ -87,7 +87,7 @@ def example_problem(loss: str, *, seed: int = 0) -> ExampleProblem:
     def objective(student: dict[str, Any]) -> Array:
         # The modules are merged from the parameters inside the traced function: nothing outside
         # it changes, and the student's connector trains with it.
-        connectors = nnx.merge(graph, student["modules"], rest)
+        term_modules = nnx.merge(graph, student["modules"], rest)
         discs = nnx.merge(disc_graph, disc_state)
         inputs = TermInputs(
             student=_student_tensors(student["feature"], student["kernel"]),
@@ -95,7 +95,7 @@ def example_problem(loss: str, *, seed: int = 0) -> ExampleProblem:
             labels=teacher["labels"], step=jnp.int32(STEPS // 2), key=keys[5],
             classifier_kernel=student["kernel"][None, None], num_classes=CLASSES,
             ignore_label=IGNORE_LABEL, total_steps=STEPS)
-        value, _, _ = distillation_loss((parsed,), inputs, connectors, discs, states,
+        value, _, _ = distillation_loss((parsed,), inputs, term_modules, discs, states,
                                         train=False)
         return value
 

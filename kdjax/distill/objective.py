@@ -12,9 +12,9 @@ the train state, and adversarial terms train a discriminator of their own
 Student modules (the ``student_modules`` of a terms group, :mod:`kdjax.distill.terms`) extend
 the student's named tensors before any term reads them: :func:`build_student_modules` builds each
 on its input tensor and adds its output's shape, :func:`apply_student_modules` adds its output to
-the tensors of a train step. They are kept in the connectors' ``nnx.Dict`` under the reserved key
+the tensors of a train step. They are kept in the term modules' ``nnx.Dict`` under the reserved key
 ``student_modules`` (no term can have that name), so they are part of the trainables, train with
-the student's optimizer and are saved with the connectors; ``connectors[<term>]`` stays the module
+the student's optimizer and are saved with the term modules; ``term_modules[<term>]`` stays the module
 of that term alone.
 """
 
@@ -79,31 +79,32 @@ def build_student_modules(modules: tuple[StudentModule, ...], student_shapes: Ma
     return nnx.Dict(built), shapes
 
 
-def apply_student_modules(modules: tuple[StudentModule, ...], connectors: nnx.Dict,
+def apply_student_modules(modules: tuple[StudentModule, ...], term_modules: nnx.Dict,
                           tensors: Mapping[str, Array], *, train: bool) -> dict[str, Array]:
     """``tensors`` (the student's named tensors) with each module's output added under its name;
-    the modules are those :func:`build_term_modules` placed in ``connectors``."""
+    the modules are those :func:`build_term_modules` placed in ``term_modules``."""
     tensors = dict(tensors)
     for spec in modules:
-        tensors[spec.name] = connectors[STUDENT_MODULES][spec.name](tensors[spec.input], train)
+        tensors[spec.name] = term_modules[STUDENT_MODULES][spec.name](tensors[spec.input], train)
     return tensors
 
 
 def build_term_modules(terms: tuple[Term, ...], student_shapes: Mapping[str, Any],
                        teacher_shapes: Mapping[str, Any], *, rngs: nnx.Rngs,
                        student_modules: nnx.Dict | None = None) -> tuple[nnx.Dict, nnx.Dict]:
-    """The trainable pieces the terms need: ``(connectors, discriminators)``, keyed by term name.
+    """The trainable pieces the terms need: ``(term_modules, discriminators)``, keyed by term
+    name.
 
     Connectors map the student tensor's channels to the teacher tensor's (they train with the
     student), as do the modules a loss applies itself (``LossAdapter.student_module``, kept with
-    the connectors); discriminators train with their own optimizer. ``*_shapes`` map tensor names to
+    the connectors in ``term_modules``); discriminators train with their own optimizer. ``*_shapes`` map tensor names to
     shapes (e.g. from ``jax.eval_shape``); ``student_shapes`` includes the student modules'
     outputs. ``student_modules`` (from :func:`build_student_modules`), if any, are kept in the
-    connectors under the key ``student_modules``.
+    term modules under the key ``student_modules``.
     """
-    connectors, discriminators = {}, {}
+    term_modules, discriminators = {}, {}
     if student_modules is not None and len(student_modules):
-        connectors[STUDENT_MODULES] = student_modules
+        term_modules[STUDENT_MODULES] = student_modules
     for term in terms:
         s_ch = _tensor(student_shapes, term.student, "student", term).shape[-1]
         t_ch = _tensor(teacher_shapes, term.teacher, "teacher", term).shape[-1]
@@ -111,15 +112,15 @@ def build_term_modules(terms: tuple[Term, ...], student_shapes: Mapping[str, Any
             if term.connector is not None:
                 raise ObjectiveError(f"{term.describe()}: {term.loss} trains a module of its own on "
                                      f"the student tensor; set connector=None.")
-            connectors[term.name] = term.adapter.student_module(term, s_ch, t_ch, rngs)
+            term_modules[term.name] = term.adapter.student_module(term, s_ch, t_ch, rngs)
         elif term.connector == "cirkd_projection":
-            connectors[term.name] = CirkdProjectionHead(s_ch, t_ch, rngs=rngs)
+            term_modules[term.name] = CirkdProjectionHead(s_ch, t_ch, rngs=rngs)
         elif term.connector is not None:
-            connectors[term.name] = Connector(s_ch, t_ch, bn_relu=term.connector == "conv_bn_relu",
-                                              rngs=rngs)
+            term_modules[term.name] = Connector(s_ch, t_ch,
+                                                bn_relu=term.connector == "conv_bn_relu", rngs=rngs)
         if term.adapter.discriminator is not None:
             discriminators[term.name] = term.adapter.discriminator(term, t_ch, rngs)
-    return nnx.Dict(connectors), nnx.Dict(discriminators)
+    return nnx.Dict(term_modules), nnx.Dict(discriminators)
 
 
 def init_term_states(terms: tuple[Term, ...], student_shapes: Mapping[str, Any],
@@ -172,7 +173,7 @@ def _label_mask(labels: Array, spatial_of: Array, num_classes: int, ignore_label
     return (resized != ignore_label) & (resized >= 0) & (resized < num_classes)
 
 
-def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, connectors: nnx.Dict,
+def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, term_modules: nnx.Dict,
                       discriminators: nnx.Dict, states: Mapping[str, Any], *,
                       train: bool) -> tuple[Array, dict[str, Array], dict[str, Any]]:
     """``Σ w_term(step)·L_term`` with per-term metrics and the new term states.
@@ -191,8 +192,8 @@ def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, connectors: n
         t = t.astype(jnp.float32)
         student_channels = s.shape[-1]
         own_module = term.adapter.student_module is not None
-        if term.name in connectors and not own_module:
-            s = connectors[term.name](s, train)
+        if term.name in term_modules and not own_module:
+            s = term_modules[term.name](s, train)
         s = s.astype(jnp.float32)
         if term.resize == "teacher_to_student":
             t = resize_bilinear_align_corners(t, s.shape[1:3])
@@ -206,7 +207,8 @@ def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, connectors: n
                         options=options, inputs=inputs, state=states.get(term.name),
                         discriminator=discriminators[term.name] if term.name in discriminators
                         else None, key=jax.random.fold_in(inputs.key, index),
-                        student_module=connectors[term.name] if own_module else None, train=train)
+                        student_module=term_modules[term.name] if own_module else None,
+                        train=train)
         try:
             value, parts, new_state = term.adapter.compute(call)
         except (ValueError, TypeError) as err:

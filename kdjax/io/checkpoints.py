@@ -5,7 +5,7 @@ Layout under the workdir::
     WORKDIR/checkpoints/<step>/{state,meta}   the last ``keep_last`` saves
     WORKDIR/best/<step>/{state,meta}          the single best save by ``best_metric``
 
-``state`` is the train-state pytree (student, connectors, discriminator, optimizer, step, rng,
+``state`` is the train-state pytree (student, term modules, discriminator, optimizer, step, rng,
 distillation state; never the teacher). ``meta`` is JSON: the caller's fields (metrics, the config as
 a JSON string, …) plus ``step``, ``data_step`` (the input pipeline's position; its batches are a
 pure function of the step, so it equals ``step`` unless the caller says otherwise) and
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -97,6 +97,10 @@ def _stored_shape(leaf: Any) -> Shape:
     return tuple(getattr(leaf, "shape", ()))
 
 
+def _dotted(path: Any) -> str:
+    return ".".join(_key_name(k) for k in path)
+
+
 def flat_shapes(tree: Any) -> dict[str, Shape]:
     """{dotted path: shape} of a pytree's leaves, e.g. ``'opt.0.trace.w': (3,)``.
 
@@ -104,7 +108,7 @@ def flat_shapes(tree: Any) -> dict[str, Shape]:
     Orbax's metadata tree holds dicts where the saved state held other containers.
     """
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(_key_name(k) for k in path): _stored_shape(leaf) for path, leaf in leaves}
+    return {_dotted(path): _stored_shape(leaf) for path, leaf in leaves}
 
 
 def _listing(title: str, entries: dict[str, str]) -> list[str]:
@@ -150,16 +154,21 @@ class TrainCheckpointer:
         the devices. ``wait_until_finished`` (also called by ``close``) blocks until committed.
       save_interval_steps: ``save`` writes only when ``step`` is a multiple of this, when forced,
         or at the first step after a preemption notice.
+      earlier_paths: maps a leaf's dotted path in the state's current layout (as
+        :func:`flat_shapes` writes it) to the path an earlier layout stored it at; a checkpoint
+        in that layout is then read into the current one.
 
     Every process of a multi-process run must make the same calls (Orbax coordinates the writes).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, keep_last: int = 3, keep_best: bool = True,
-                 best_metric: str = "miou", async_save: bool = True, save_interval_steps: int = 1):
+                 best_metric: str = "miou", async_save: bool = True, save_interval_steps: int = 1,
+                 earlier_paths: Callable[[str], str] | None = None):
         if keep_last < 1:
             raise ValueError(f"keep_last must be at least 1; got {keep_last!r}.")
         self.workdir = as_path(workdir)
         self.best_metric = best_metric
+        self._earlier_paths = earlier_paths
         self._latest = self._manager("checkpoints", keep_last, async_save, save_interval_steps)
         self._best = self._manager("best", 1, async_save, 1) if keep_best else None
         self._best_value: float | None = None
@@ -330,10 +339,15 @@ class TrainCheckpointer:
     def _restore(self, manager: ocp.CheckpointManager, step: int,
                  abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         try:
-            saved = flat_shapes(manager.item_metadata(step)["state"])
+            saved_tree = manager.item_metadata(step)["state"]
         except Exception as error:
             raise self._unreadable(manager, step, error) from error
-        differences = describe_mismatch(saved, flat_shapes(abstract_state))
+        saved = flat_shapes(saved_tree)
+        expected = flat_shapes(abstract_state)
+        differences = describe_mismatch(saved, expected)
+        if differences and self._earlier_paths is not None and not describe_mismatch(
+                saved, {self._earlier_paths(path): shape for path, shape in expected.items()}):
+            return self._restore_earlier(manager, step, abstract_state, saved_tree)
         if differences:
             raise CheckpointError("\n".join([
                 f"the checkpoint {_step_directory(manager, step)} does not fit the state this run "
@@ -346,3 +360,19 @@ class TrainCheckpointer:
         except Exception as error:
             raise self._unreadable(manager, step, error) from error
         return restored["state"], restored["meta"]
+
+    def _restore_earlier(self, manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                         saved_tree: Any) -> tuple[Any, dict[str, Any]]:
+        """Reads a step written in an earlier layout (``earlier_paths``) into
+        ``abstract_state``'s: into the saved structure first, each leaf with the shape, dtype and
+        sharding of the leaf it becomes, then moved to its current place."""
+        current = {_dotted(path): leaf for path, leaf in
+                   jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        by_earlier = {self._earlier_paths(path): leaf for path, leaf in current.items()}
+        target = jax.tree_util.tree_map_with_path(lambda path, _: by_earlier[_dotted(path)],
+                                                  saved_tree)
+        restored, meta = self._restore(manager, step, target)
+        read = {_dotted(path): leaf for path, leaf in
+                jax.tree_util.tree_flatten_with_path(restored)[0]}
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: read[self._earlier_paths(_dotted(path))], abstract_state), meta

@@ -44,9 +44,9 @@ from kdjax.runtime import sharding
 from kdjax.runtime.compilation import UNOPTIMIZED
 from kdjax.training.budget import step_flops
 from kdjax.training.optimizer import make_discriminator_optimizer, make_optimizer
-from kdjax.training.state import Trainables, TrainState
-from kdjax.training.step import (StepParts, check_finite, classifier_kernel, fresh_rng_vars,
-                                 make_train_step)
+from kdjax.training.state import Trainables, Trained, TrainState
+from kdjax.training.step import (ModuleParts, StepParts, check_finite, classifier_kernel,
+                                 fresh_rng_vars, make_train_step)
 
 Array = jax.Array
 
@@ -205,8 +205,8 @@ class Experiment:
                                             self.mesh)
         if weights is not None:
             params, stats = nnx.split_state(weights, nnx.Param, nnx.BatchStat)
-            _replace_student(state.params, params, part)
-            _replace_student(state.rest, stats, part)
+            _replace_student(state.student.params, params, part)
+            _replace_student(state.student.batch_stats, stats, part)
         return state
 
     def compile(self) -> jax.stages.Compiled:
@@ -247,14 +247,13 @@ class Experiment:
                           self.abstract_batch)
 
     def merge(self, state: TrainState) -> Trainables:
-        """The student and connectors of ``state`` as modules."""
-        parts = self.step_parts
-        return nnx.merge(parts.graphdef, state.params, state.rest, fresh_rng_vars(parts.rng_vars))
+        """The student and its terms' modules of ``state`` as modules."""
+        return self.step_parts.student.merge(state.student.params, state.student.batch_stats)
 
     def eval_logits(self, weights, images: Array) -> Array:
-        """Eval-mode student logits; ``weights`` = (params, rest) of a :class:`TrainState`."""
-        parts = self.step_parts
-        trainables = nnx.merge(parts.graphdef, *weights, fresh_rng_vars(parts.rng_vars))
+        """Eval-mode student logits; ``weights`` = (params, batch_stats) of a train state's
+        ``student``."""
+        trainables = self.step_parts.student.merge(*weights)
         return trainables.student(images.astype(self.student_spec["dtype"]), train=False).logits
 
     def evaluate(self, state: TrainState,
@@ -275,8 +274,8 @@ class Experiment:
         """
         if batches is not None:
             batches = map(self.global_batch, batches)
-        return validate(self._logits_fn, (state.params, state.rest), self.config, self.mesh,
-                        batches)
+        return validate(self._logits_fn, (state.student.params, state.student.batch_stats),
+                        self.config, self.mesh, batches)
 
     @functools.cached_property
     def _logits_fn(self):
@@ -448,12 +447,12 @@ def _module_builder(config, student_config, given: _GivenStudent | None,
             set_batch_norm_groups(extra, mesh.devices.size)
         teacher_out = (jax.eval_shape(functools.partial(teacher_tensors, teacher),
                                       teacher.variables, images) if teacher is not None else {})
-        connectors, discs = distill.build_term_modules(terms, student_out, teacher_out,
-                                                       rngs=rngs, student_modules=extra)
+        term_modules, discs = distill.build_term_modules(terms, student_out, teacher_out,
+                                                         rngs=rngs, student_modules=extra)
         states = distill.init_term_states(terms, student_out, teacher_out,
                                           num_classes=info.num_classes,
                                           key=jax.random.key(seed + 2))
-        return Trainables(net, connectors), discs, states, student_out
+        return Trainables(net, term_modules), discs, states, student_out
 
     return modules
 
@@ -464,20 +463,25 @@ def _state_and_step_parts(modules: Callable[[], tuple], tx: optax.GradientTransf
                           student_dtype) -> tuple[StepParts, Any, TrainState]:
     """The static parts of the step, the jitted init (replicated) and the abstract state, with
     its ``bad_metrics`` named by the step's metrics."""
-    disc_tx = make_discriminator_optimizer(terms)
     abstract_trainables, abstract_discs, _, student_out = nnx.eval_shape(modules)
-    graphdef, _, _, abstract_rng = nnx.split(abstract_trainables, nnx.Param, nnx.BatchStat, ...)
-    disc_graphdef, _, _, abstract_disc_rng = nnx.split(abstract_discs, nnx.Param, nnx.BatchStat,
-                                                       ...)
+
+    def module_parts(abstract: nnx.Module, optimizer) -> ModuleParts:
+        graphdef, _, _, rng_vars = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+        return ModuleParts(graphdef=graphdef, rng_vars=rng_vars, tx=optimizer)
+
+    student_parts = module_parts(abstract_trainables, tx)
+    discriminator_parts = module_parts(abstract_discs, make_discriminator_optimizer(terms))
+
+    def trained(modules: nnx.Module, optimizer: optax.GradientTransformation) -> Trained:
+        _, params, batch_stats, _ = nnx.split(modules, nnx.Param, nnx.BatchStat, ...)
+        return Trained(params=params, batch_stats=batch_stats, opt_state=optimizer.init(params))
 
     def init() -> TrainState:
         trainables, discs, states, _ = modules()
-        _, params, rest, _ = nnx.split(trainables, nnx.Param, nnx.BatchStat, ...)
-        _, disc_params, disc_rest, _ = nnx.split(discs, nnx.Param, nnx.BatchStat, ...)
         return TrainState(
-            step=jnp.int32(0), rng=jax.random.key_data(jax.random.key(seed + 3)), params=params,
-            rest=rest, opt_state=tx.init(params), disc_params=disc_params, disc_rest=disc_rest,
-            disc_opt_state=disc_tx.init(disc_params), term_states=states,
+            step=jnp.int32(0), rng=jax.random.key_data(jax.random.key(seed + 3)),
+            student=trained(trainables, student_parts.tx),
+            discriminators=trained(discs, discriminator_parts.tx), term_states=states,
             bad_step=jnp.int32(-1), bad_metrics={})
 
     repl = sharding.replicated(mesh)
@@ -490,8 +494,7 @@ def _state_and_step_parts(modules: Callable[[], tuple], tx: optax.GradientTransf
         bad_metrics=sharding.placed({n: jax.ShapeDtypeStruct((), jnp.float32) for n in names},
                                     repl))
     parts = StepParts(
-        graphdef=graphdef, rng_vars=abstract_rng, disc_graphdef=disc_graphdef,
-        disc_rng_vars=abstract_disc_rng, tx=tx, disc_tx=disc_tx, terms=terms,
+        student=student_parts, discriminators=discriminator_parts, terms=terms,
         student_modules=student_modules,
         teacher=functools.partial(teacher_tensors, teacher) if teacher is not None else None,
         student_dtype=student_dtype, num_classes=info.num_classes,

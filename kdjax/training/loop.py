@@ -25,7 +25,8 @@ from kdjax.runtime.preemption import StopRequested, StopRequests
 from kdjax.training.budget import StepTimer
 from kdjax.training.experiment import Experiment
 from kdjax.training.metrics_log import MetricsLog, MetricWindow, Profile
-from kdjax.training.resume import check_same_recipe, recipe_fingerprint, restore_reported
+from kdjax.training.resume import (check_same_recipe, recipe_fingerprint, restore_reported,
+                                   train_checkpointer)
 from kdjax.training.state import TrainState
 from kdjax.training.step import check_finite
 
@@ -164,8 +165,8 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     # Python: XLA compiles on its own threads, without the GIL. Several processes compile after
     # the pipeline, in which process 0 may prepare the dataset that the others wait for.
     compiling = _in_background(exp.compile) if jax.process_count() == 1 else None
-    checkpointer = TrainCheckpointer(workdir, keep_last=config.train.keep_checkpoints,
-                                     async_save=config.train.async_checkpoints)
+    checkpointer = train_checkpointer(workdir, keep_last=config.train.keep_checkpoints,
+                                      async_save=config.train.async_checkpoints)
     state = _initial_state(exp, checkpointer, workdir)
     start = int(jax.device_get(state.step))
     teacher_variables = exp.teacher_inputs()

@@ -1,4 +1,4 @@
-"""The optimizers of a run: the student's (with its connectors) and the discriminators'."""
+"""The optimizers of a run: the student's (with its terms' modules) and the discriminators'."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import ml_collections
 import optax
 
 
-def connector_mask(name: str):
-    """The optax mask of the parameters of connector ``name`` (``params['connectors'][name]``)."""
+def term_module_mask(name: str):
+    """The optax mask of the parameters of term ``name``'s module
+    (``params['term_modules'][name]``)."""
     def mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: [getattr(k, "key", None) for k in path[:2]] == ["connectors", name],
+            lambda path, _: [getattr(k, "key", None) for k in path[:2]] == ["term_modules", name],
             params)
     return mask
 
@@ -42,7 +43,7 @@ def make_optimizer(train: ml_collections.ConfigDict, terms=()) -> optax.Gradient
     for term in terms:
         if term.adapter.student_module is not None and term.state_options.get("grad_clip"):
             parts.insert(0, optax.masked(optax.clip_by_global_norm(term.state_options["grad_clip"]),
-                                         connector_mask(term.name)))
+                                         term_module_mask(term.name)))
     return optax.chain(*parts)
 
 

@@ -10,6 +10,7 @@ import ml_collections
 
 from kdjax.config.loading import ConfigError
 from kdjax.io.checkpoints import CheckpointError, TrainCheckpointer
+from kdjax.training.state import earlier_path
 
 # Fields that do not change what a run computes; a resumed run may change them.
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -47,6 +48,13 @@ def check_same_recipe(saved: str | None, config: ml_collections.ConfigDict, work
     raise ConfigError(
         f"{workdir} holds a run with another recipe (changed: {', '.join(changed[:8])}). Resuming "
         f"would mix two experiments; use a new --workdir, or revert the config.")
+
+
+def train_checkpointer(workdir, **options) -> TrainCheckpointer:
+    """The checkpointer of a run's train states in ``workdir`` (``options``: those of
+    :class:`TrainCheckpointer`); it also reads checkpoints of the earlier state layout
+    (:func:`kdjax.training.state.earlier_path`)."""
+    return TrainCheckpointer(workdir, earlier_paths=earlier_path, **options)
 
 
 def restore_reported(checkpointer: TrainCheckpointer, target: Any, rule: str

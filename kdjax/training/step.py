@@ -10,6 +10,7 @@ constants of the loss.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ import optax
 from flax import nnx
 
 from kdjax import distill
-from kdjax.training.state import TrainState
+from kdjax.training.state import Trained, TrainState
 
 Array = jax.Array
 
@@ -60,21 +61,34 @@ def _select(keep_new: Array, new, old):
 
 
 @dataclasses.dataclass(frozen=True)
-class StepParts:
-    """The static pieces a train step closes over.
-
-    ``graphdef``/``rng_vars`` rebuild :class:`~kdjax.training.state.Trainables` (the student and
-    connectors) from a state's ``params`` and ``rest``; ``disc_*`` the discriminators. ``teacher``
-    maps (teacher variables, images) to the teacher's named tensors, or is None.
-    ``student_modules`` add their outputs to the student's named tensors (in the train step only).
-    """
+class ModuleParts:
+    """What rebuilds trained modules from a :class:`Trained` and moves them: the graph
+    definition, the abstract rng variables (placeholders, reseeded where dropout runs) and the
+    optimizer."""
 
     graphdef: Any
     rng_vars: Any
-    disc_graphdef: Any
-    disc_rng_vars: Any
     tx: optax.GradientTransformation
-    disc_tx: optax.GradientTransformation
+
+    def merge(self, params, batch_stats) -> nnx.Module:
+        """The modules, owned by the current trace (see :func:`_fresh`)."""
+        return nnx.merge(self.graphdef, params, _fresh(batch_stats),
+                         fresh_rng_vars(self.rng_vars))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """The static pieces a train step closes over.
+
+    ``student`` rebuilds the :class:`~kdjax.training.state.Trainables` (the student and its
+    terms' modules), ``discriminators`` the adversarial terms' discriminators. ``teacher`` maps
+    (teacher variables, images) to the teacher's named tensors, or is None. ``student_modules``
+    add their outputs to the student's named tensors (in the train step only). The rest is what
+    the terms read besides their tensors (:class:`kdjax.distill.TermInputs`).
+    """
+
+    student: ModuleParts
+    discriminators: ModuleParts
     terms: tuple[distill.Term, ...]
     student_modules: tuple[distill.StudentModule, ...]
     teacher: Any
@@ -86,44 +100,12 @@ class StepParts:
     loss_scratch_bytes: int | None = None
 
 
-def _loss(parts: StepParts, params, state: TrainState, teacher: dict, batch: dict, key: Array):
-    trainables = nnx.merge(parts.graphdef, params, _fresh(state.rest),
-                           fresh_rng_vars(parts.rng_vars))
-    nnx.reseed(trainables, dropout=key)
-    discs = nnx.merge(parts.disc_graphdef, *_fresh((state.disc_params, state.disc_rest)),
-                      fresh_rng_vars(parts.disc_rng_vars))
-    images, labels = batch["image"], batch["label"]
-    out = trainables.student(images.astype(parts.student_dtype), train=True)
-    total, metrics = distill.task_loss(out, labels, ignore_label=parts.ignore_label,
-                                       aux_weight=parts.aux_weight)
-    student = distill.apply_student_modules(parts.student_modules, trainables.connectors,
-                                            distill.named_tensors(out), train=True)
-    term_states = state.term_states
-    if parts.terms:
-        inputs = distill.TermInputs(
-            student=student, teacher=teacher, labels=labels, step=state.step, key=key,
-            classifier_kernel=classifier_kernel(trainables.student),
-            num_classes=parts.num_classes, ignore_label=parts.ignore_label,
-            total_steps=parts.total_steps, scratch_bytes=parts.loss_scratch_bytes)
-        kd, kd_metrics, term_states = distill.distillation_loss(
-            parts.terms, inputs, trainables.connectors, discs, state.term_states, train=True)
-        total = total + kd
-        metrics.update(kd_metrics)
-    metrics["loss"] = total
-    rest = nnx.state(trainables, nnx.BatchStat)
-    return total, (metrics, rest, term_states, student)
-
-
-def _discriminator_update(parts: StepParts, state: TrainState, student: dict, teacher: dict):
-    def loss(disc_params):
-        discs = nnx.merge(parts.disc_graphdef, disc_params, _fresh(state.disc_rest),
-                          fresh_rng_vars(parts.disc_rng_vars))
-        value, metrics = distill.discriminator_loss(parts.terms, student, teacher, discs)
-        return value, (metrics, nnx.state(discs, nnx.BatchStat))
-
-    (_, (metrics, disc_rest)), grads = jax.value_and_grad(loss, has_aux=True)(state.disc_params)
-    updates, disc_opt_state = parts.disc_tx.update(grads, state.disc_opt_state, state.disc_params)
-    return optax.apply_updates(state.disc_params, updates), disc_rest, disc_opt_state, metrics
+def _update(trained: Trained, parts: ModuleParts, loss: Callable) -> tuple[Trained, Any, Any]:
+    """One optimizer step of ``trained`` on ``loss(params) -> (value, (batch_stats, aux))``:
+    the new :class:`Trained`, the gradient and ``aux``."""
+    (_, (batch_stats, aux)), grads = jax.value_and_grad(loss, has_aux=True)(trained.params)
+    updates, opt_state = parts.tx.update(grads, trained.opt_state, trained.params)
+    return Trained(optax.apply_updates(trained.params, updates), batch_stats, opt_state), grads, aux
 
 
 def updated_state(parts: StepParts, state: TrainState, teacher_variables,
@@ -131,19 +113,49 @@ def updated_state(parts: StepParts, state: TrainState, teacher_variables,
     """One optimizer step of ``state``, finite or not, and its float32 metrics; ``step``,
     ``bad_step`` and ``bad_metrics`` are left to the guard of :func:`make_train_step`."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    teacher = parts.teacher(teacher_variables, batch["image"]) if parts.teacher else {}
-    grad_fn = jax.value_and_grad(_loss, argnums=1, has_aux=True)
-    (_, (metrics, rest, term_states, student)), grads = grad_fn(parts, state.params, state,
-                                                                teacher, batch, key)
-    updates, opt_state = parts.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    images, labels = batch["image"], batch["label"]
+    teacher = parts.teacher(teacher_variables, images) if parts.teacher else {}
+
+    def student_loss(params):
+        trainables = parts.student.merge(params, state.student.batch_stats)
+        discs = parts.discriminators.merge(state.discriminators.params,
+                                           state.discriminators.batch_stats)
+        nnx.reseed(trainables, dropout=key)
+        out = trainables.student(images.astype(parts.student_dtype), train=True)
+        total, metrics = distill.task_loss(out, labels, ignore_label=parts.ignore_label,
+                                           aux_weight=parts.aux_weight)
+        tensors = distill.apply_student_modules(parts.student_modules, trainables.term_modules,
+                                                distill.named_tensors(out), train=True)
+        term_states = state.term_states
+        if parts.terms:
+            inputs = distill.TermInputs(
+                student=tensors, teacher=teacher, labels=labels, step=state.step, key=key,
+                classifier_kernel=classifier_kernel(trainables.student),
+                num_classes=parts.num_classes, ignore_label=parts.ignore_label,
+                total_steps=parts.total_steps, scratch_bytes=parts.loss_scratch_bytes)
+            kd, kd_metrics, term_states = distill.distillation_loss(
+                parts.terms, inputs, trainables.term_modules, discs, term_states, train=True)
+            total = total + kd
+            metrics.update(kd_metrics)
+        metrics["loss"] = total
+        return total, (nnx.state(trainables, nnx.BatchStat), (metrics, term_states, tensors))
+
+    student, grads, (metrics, term_states, tensors) = _update(state.student, parts.student,
+                                                               student_loss)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    disc = (state.disc_params, state.disc_rest, state.disc_opt_state)
-    if jax.tree.leaves(state.disc_params):
-        *disc, d_metrics = _discriminator_update(parts, state, student, teacher)
+
+    def discriminator_loss(params):
+        # The student's tensors are constants here: this step never moves the student.
+        modules = parts.discriminators.merge(params, state.discriminators.batch_stats)
+        value, d_metrics = distill.discriminator_loss(parts.terms, tensors, teacher, modules)
+        return value, (nnx.state(modules, nnx.BatchStat), d_metrics)
+
+    discriminators = state.discriminators
+    if jax.tree.leaves(discriminators.params):
+        discriminators, _, d_metrics = _update(discriminators, parts.discriminators,
+                                               discriminator_loss)
         metrics.update(d_metrics)
-    new = state.replace(params=params, rest=rest, opt_state=opt_state, disc_params=disc[0],
-                        disc_rest=disc[1], disc_opt_state=disc[2], term_states=term_states)
+    new = state.replace(student=student, discriminators=discriminators, term_states=term_states)
     return new, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 

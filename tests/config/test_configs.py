@@ -128,7 +128,7 @@ def _one_step(spec, dtype="float32"):
 def test_config_runs_one_step_in_bf16(spec):
     # bf16 compute for both networks; parameters, optimizer state and losses stay float32.
     state = _one_step(spec, dtype="bfloat16")
-    assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} <= {
+    assert {x.dtype for x in jax.tree.leaves((state.student.params, state.student.opt_state))} <= {
         np.dtype("float32"), np.dtype("int32")}
 
 

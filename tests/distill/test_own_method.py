@@ -48,7 +48,7 @@ def test_a_method_of_your_own_trains_two_steps(own_method):
     config.train.steps = 2
     exp = training.setup(config)
     state = exp.init_state()
-    before = jax.tree.map(np.asarray, state.params)
+    before = jax.tree.map(np.asarray, state.student.params)
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((8, 32, 32, 3), np.float32),
              "label": rng.integers(0, exp.num_classes, (8, 32, 32), np.int32)}
@@ -60,7 +60,7 @@ def test_a_method_of_your_own_trains_two_steps(own_method):
     assert float(metrics["loss"]) == pytest.approx(float(metrics["ce"]) + 0.5 * value + float(
         metrics.get("aux_ce", 0.0)) * config.train.aux_weight, rel=1e-5)
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before,
-                           state.params)
+                           state.student.params)
     assert any(jax.tree.leaves(changed))
 
 

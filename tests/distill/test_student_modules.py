@@ -15,7 +15,7 @@ from kdjax.config.recipes import term
 from kdjax.io.checkpoints import TrainCheckpointer
 from kdjax.io.model_dir import load_model
 from kdjax.models import CirkdGcn
-from kdjax.training.optimizer import connector_mask
+from kdjax.training.optimizer import term_module_mask
 from tests.training import tiny_config
 
 ConfigDict = ml_collections.ConfigDict
@@ -156,36 +156,36 @@ def _batch(seed=0):
 
 
 def test_the_module_lives_beside_the_connectors_and_the_pairing_sees_it(exp):
-    params = exp.abstract_state.params["connectors"]
+    params = exp.abstract_state.student.params["term_modules"]
     gcn = params["student_modules"]["head_gcn"]
-    head = exp.abstract_state.params["connectors"]["fitnet"]["conv"]["kernel"].shape[2]
+    head = exp.abstract_state.student.params["term_modules"]["fitnet"]["conv"]["kernel"].shape[2]
     assert gcn["node_q"]["kernel"].shape == (1, 1, head, head // 2)
-    assert "out_bn" in exp.abstract_state.rest["connectors"]["student_modules"]["head_gcn"]
+    assert "out_bn" in exp.abstract_state.student.batch_stats["term_modules"]["student_modules"]["head_gcn"]
     assert {x.dtype for x in jax.tree.leaves(gcn)} == {jnp.dtype("float32")}
     # A term's mask still selects that term's module alone.
-    selected = jax.tree.leaves(connector_mask("fitnet")(exp.abstract_state.params))
+    selected = jax.tree.leaves(term_module_mask("fitnet")(exp.abstract_state.student.params))
     assert sum(selected) == len(jax.tree.leaves(params["fitnet"]))
     assert set(exp.metric_names) >= {"kd/fitnet", "kd/pfs", "kd/kd"}
 
 
 def test_it_trains_with_the_student_is_saved_and_stays_out_of_eval_and_export(exp, tmp_path):
     state = exp.init_state()
-    before = jax.device_get((state.params, state.rest))
+    before = jax.device_get((state.student.params, state.student.batch_stats))
     for seed in range(2):
         state, metrics = exp.step(state, _batch(seed))
     assert all(np.isfinite(float(v)) for v in metrics.values())
-    after = jax.device_get((state.params, state.rest))
+    after = jax.device_get((state.student.params, state.student.batch_stats))
     for tree_before, tree_after in zip(before, after):
         moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                             tree_before["connectors"]["student_modules"],
-                             tree_after["connectors"]["student_modules"])
+                             tree_before["term_modules"]["student_modules"],
+                             tree_after["term_modules"]["student_modules"])
         assert all(jax.tree.leaves(moved)), "every GCN parameter and BN statistic moves"
 
     with TrainCheckpointer(tmp_path / "run", async_save=False) as checkpointer:
         checkpointer.save(2, state, meta={}, force=True)
         restored, _ = checkpointer.restore(exp.abstract_state)
-    for a, b in zip(jax.tree.leaves(after[0]["connectors"]["student_modules"]),
-                    jax.tree.leaves(restored.params["connectors"]["student_modules"])):
+    for a, b in zip(jax.tree.leaves(after[0]["term_modules"]["student_modules"]),
+                    jax.tree.leaves(restored.student.params["term_modules"]["student_modules"])):
         np.testing.assert_array_equal(a, np.asarray(b))
 
     images = jnp.asarray(_batch(5)["image"])
@@ -193,7 +193,7 @@ def test_it_trains_with_the_student_is_saved_and_stays_out_of_eval_and_export(ex
     assert not any("node_q" in str(path) for path, _ in
                    jax.tree_util.tree_leaves_with_path(nnx.state(model)))
     np.testing.assert_allclose(np.asarray(model(images, train=False).logits),
-                               np.asarray(exp.eval_logits((state.params, state.rest), images)),
+                               np.asarray(exp.eval_logits((state.student.params, state.student.batch_stats), images)),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -214,5 +214,5 @@ def test_bfloat16_precision_keeps_the_module_parameters_float32():
     config = tiny_config.get_config()
     config.train.precision = "bfloat16"
     exp = training.setup(config, terms_config=GROUP, materialize=False)
-    leaves = jax.tree.leaves(exp.abstract_state.params["connectors"]["student_modules"])
+    leaves = jax.tree.leaves(exp.abstract_state.student.params["term_modules"]["student_modules"])
     assert leaves and {x.dtype for x in leaves} == {jnp.dtype("float32")}

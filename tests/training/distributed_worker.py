@@ -37,8 +37,7 @@ def flat_state(state) -> dict:
     """The student's weights, BN statistics and optimizer state of a ``TrainState`` by tree path:
     the part of the state the comparison with a single-process run checks."""
     import jax
-    leaves, _ = jax.tree_util.tree_flatten_with_path(
-        {"params": state.params, "rest": state.rest, "opt_state": state.opt_state})
+    leaves, _ = jax.tree_util.tree_flatten_with_path(state.student)
     return {_key(path): host_value(leaf) for path, leaf in leaves}
 
 

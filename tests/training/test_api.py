@@ -81,12 +81,12 @@ def test_a_non_finite_step_raises_naming_the_terms_and_the_step(exp):
 
 def test_freezing_keeps_the_last_finite_state_and_raises_when_checked(exp):
     state, _ = exp.step(exp.init_state(), _batch(exp.num_classes))
-    kept = jax.device_get(state.params)
+    kept = jax.device_get(state.student.params)
     state, metrics = exp.step(state, _poisoned(exp), nonfinite="freeze")
     state, _ = exp.step(state, _batch(exp.num_classes, seed=3), nonfinite="freeze")
     assert not np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 1
-    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(state.params)):
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(state.student.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
     with pytest.raises(training.NonFiniteLossError, match="non-finite at step 2: "):
         exp.check_finite(state)
@@ -107,11 +107,11 @@ def test_setup_takes_a_student_a_teacher_and_an_optimizer():
                          optimizer=optax.set_to_zero())
     state = exp.init_state()
     given = nnx.state(student, nnx.Param)
-    for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(state.params["student"])):
+    for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(state.student.params["student"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     state, metrics = exp.step(state, _batch(exp.num_classes))
     assert int(state.step) == 1 and all(np.isfinite(float(v)) for v in metrics.values())
-    for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(state.params["student"])):
+    for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(state.student.params["student"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The teacher's logits are the given module's.
     images = jnp.asarray(_batch(exp.num_classes)["image"])
@@ -150,7 +150,7 @@ def test_a_student_of_ones_own_trains_with_a_teacher_of_the_config():
     assert set(metrics) == set(exp.metric_names) >= {"ce", "kd/cwd_logits", "loss"}
     assert int(state.step) == 3
     # BatchNorm's running statistics are kept in the state.
-    assert not np.allclose(np.asarray(state.rest["student"]["norm"]["mean"][...]), 0.0)
+    assert not np.allclose(np.asarray(state.student.batch_stats["student"]["norm"]["mean"][...]), 0.0)
     assert 0.0 <= exp.evaluate(state, [_batch(exp.num_classes)])["miou"] <= 100.0
     with pytest.raises(ValueError, match="records no spec"):
         exp.export(state, "unused")

@@ -52,7 +52,7 @@ def test_a_run_takes_the_experiment_compiled_before_its_teacher_was_trained(tmp_
     fresh = training.setup(config)
     fresh_state, fresh_metrics = fresh.step(fresh.init_state(), _batch())
     np.testing.assert_allclose(metrics["loss"], fresh_metrics["loss"], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh_state.params)):
+    for a, b in zip(jax.tree.leaves(state.student.params), jax.tree.leaves(fresh_state.student.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

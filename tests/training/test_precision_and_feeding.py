@@ -52,7 +52,7 @@ def test_a_bfloat16_step_is_close_to_the_float32_step_and_keeps_float32_state(mo
     for name, exp in (("float32", f32), ("bfloat16", bf16)):
         state, step_metrics = exp.step(exp.init_state(), _batch(exp))
         metrics[name] = {k: float(v) for k, v in step_metrics.items()}
-        assert {x.dtype for x in jax.tree.leaves((state.params, state.rest, state.opt_state))
+        assert {x.dtype for x in jax.tree.leaves((state.student.params, state.student.batch_stats, state.student.opt_state))
                 if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
     for key in ("ce", "loss", "kd/cwd", "kd/nfd"):
         assert metrics["bfloat16"][key] == pytest.approx(metrics["float32"][key], rel=3e-2), key

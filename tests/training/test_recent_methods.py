@@ -10,7 +10,7 @@ from flax import nnx
 
 from kdjax import distill, losses, training
 from kdjax.config.recipes import method_terms, term
-from kdjax.training.optimizer import connector_mask, make_optimizer
+from kdjax.training.optimizer import term_module_mask, make_optimizer
 from tests.training import tiny_config
 
 K = 4
@@ -45,23 +45,23 @@ def test_recipe_trains_and_reports_its_parts(method, parts):
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
              "label": rng.integers(0, 19, size=(8, 32, 32)).astype(np.int32)}
-    before = jax.tree.map(np.asarray, state.params)
+    before = jax.tree.map(np.asarray, state.student.params)
     for _ in range(2):
         state, metrics = exp.step(state, batch)
     assert set(metrics) == set(exp.metric_names)
     assert all(np.isfinite(float(v)) for v in metrics.values())
-    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, state.params)
-    if "connectors" in moved:
-        assert all(jax.tree.leaves(moved["connectors"])), "every term module trains"
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, state.student.params)
+    if "term_modules" in moved:
+        assert all(jax.tree.leaves(moved["term_modules"])), "every term module trains"
 
 
 def test_the_clip_mask_selects_the_generator_in_a_train_state():
     config = tiny_config.get_config()
     config.distill.terms = _tiny_options("af_dcd", method_terms("af_dcd"))
     exp = training.setup(config)
-    selected = connector_mask("af_dcd")(exp.abstract_state.params)
+    selected = term_module_mask("af_dcd")(exp.abstract_state.student.params)
     flags = jax.tree.leaves(selected)
-    generator = jax.tree.leaves(exp.abstract_state.params["connectors"]["af_dcd"])
+    generator = jax.tree.leaves(exp.abstract_state.student.params["term_modules"]["af_dcd"])
     assert sum(flags) == len(generator) > 0
 
 
@@ -114,11 +114,11 @@ def test_only_the_generator_gradient_is_clipped():
                                            warmup_steps=0, optimizer="sgd", weight_decay=0.0,
                                            momentum=0.0, grad_clip=None))
     tx = make_optimizer(train, terms)
-    params = {"student": {"w": jnp.zeros(3)}, "connectors": {"g": {"w": jnp.zeros(4)}}}
-    grads = {"student": {"w": jnp.full(3, 10.0)}, "connectors": {"g": {"w": jnp.full(4, 10.0)}}}
+    params = {"student": {"w": jnp.zeros(3)}, "term_modules": {"g": {"w": jnp.zeros(4)}}}
+    grads = {"student": {"w": jnp.full(3, 10.0)}, "term_modules": {"g": {"w": jnp.full(4, 10.0)}}}
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(np.asarray(updates["student"]["w"]), -10.0)
-    assert np.linalg.norm(updates["connectors"]["g"]["w"]) == pytest.approx(1.0, rel=1e-6)
+    assert np.linalg.norm(updates["term_modules"]["g"]["w"]) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_the_channel_terms_take_the_label_mask_at_the_pooled_size():

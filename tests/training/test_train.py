@@ -87,7 +87,7 @@ def uninterrupted(tiny, tmp_path_factory):
 
 def _leaves(tree):
     if isinstance(tree, train.TrainState):
-        tree = (tree.params, tree.rest)
+        tree = (tree.student.params, tree.student.batch_stats)
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
@@ -116,8 +116,8 @@ def test_eight_devices_match_one_device(tiny):
         assert int(new1.step) == int(new8.step) == int(state.step) + 1
         # Gradients that are sums with heavy cancellation (e.g. the stem BN bias, summed over
         # every pixel) keep the summation-order noise, so every tensor is compared at its scale.
-        for a, b in zip(_leaves(new1) + _leaves(new1.opt_state),
-                        _leaves(new8) + _leaves(new8.opt_state)):
+        for a, b in zip(_leaves(new1) + _leaves(new1.student.opt_state),
+                        _leaves(new8) + _leaves(new8.student.opt_state)):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-3 * np.abs(a).max() + 1e-7)
         losses.append(float(metrics1["loss"]))
         state = new1
@@ -205,7 +205,7 @@ def test_non_finite_loss_stops_naming_the_terms_and_keeps_the_good_checkpoint(
     with TrainCheckpointer(tmp_path, async_save=False) as checkpointer:
         good, _ = checkpointer.restore(tiny.abstract_state)
     assert int(good.step) == 2 and int(good.bad_step) == -1
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.student.params))
 
 
 def _student_only(**overrides):
@@ -216,13 +216,14 @@ def _student_only(**overrides):
 def test_student_starts_from_a_model_dir(tiny, tmp_path):
     from kdjax.io.networks import NetworkError
     source = tiny.init_state()
-    source = source.replace(params=jax.tree.map(lambda x: x + 1.0, source.params))
+    source = source.replace(student=source.student.replace(
+        params=jax.tree.map(lambda x: x + 1.0, source.student.params)))
     model_dir = tiny.export(source, tmp_path / "model")
     config = _student_only(**{"student.checkpoint": str(model_dir)})
     exp = train.setup(config)
     state = exp.init_state()
-    for a, b in zip(jax.tree.leaves(state.params["student"]),
-                    jax.tree.leaves(source.params["student"])):
+    for a, b in zip(jax.tree.leaves(state.student.params["student"]),
+                    jax.tree.leaves(source.student.params["student"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     wrong = _student_only(**{"student.checkpoint": str(model_dir), "student.head_width": 16})
     with pytest.raises(NetworkError, match=r"head_width: saved 8, config 16"):
@@ -250,14 +251,14 @@ def test_student_backbone_starts_from_an_imagenet_state_dict(tiny, tmp_path):
     exp = train.setup(_student_only(**{"student.backbone_checkpoint": str(path)}))
     state = exp.init_state()
     loaded = jax.tree.leaves(nnx.state(backbone, (nnx.Param, nnx.BatchStat)))
-    student = jax.tree.leaves((state.params["student"]["backbone"],
-                               state.rest["student"]["backbone"]))
+    student = jax.tree.leaves((state.student.params["student"]["backbone"],
+                               state.student.batch_stats["student"]["backbone"]))
     assert sorted(np.asarray(x).tobytes() for x in loaded) == sorted(
         np.asarray(x).tobytes() for x in student)
     # The head keeps its fresh initialisation.
     fresh = tiny.init_state()
-    np.testing.assert_array_equal(state.params["student"]["head"]["classifier"]["kernel"],
-                                  fresh.params["student"]["head"]["classifier"]["kernel"])
+    np.testing.assert_array_equal(state.student.params["student"]["head"]["classifier"]["kernel"],
+                                  fresh.student.params["student"]["head"]["classifier"]["kernel"])
     assert spec["variant"] == "cirkd"
     wrong = _student_only(**{"student.backbone_checkpoint": str(path),
                              "student.backbone_source": "torchvision"})

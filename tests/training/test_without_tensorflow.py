@@ -27,7 +27,7 @@ workdir = tempfile.mkdtemp()
 with TrainCheckpointer(workdir, async_save=False) as checkpointer:
     checkpointer.save(1, state, meta={}, force=True)
     restored, meta = checkpointer.restore(exp.abstract_state)
-for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+for a, b in zip(jax.tree.leaves(restored.student.params), jax.tree.leaves(state.student.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 exp.export(state, workdir + "/model")
 assert "tensorflow" not in [m for m in sys.modules if sys.modules[m] is not None]
