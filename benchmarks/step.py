@@ -136,7 +136,8 @@ def make_batch(args, seed: int = 0) -> dict:
 # kdjax side.
 
 def demo_networks() -> dict:
-    """The teacher and student sections of ``configs/demo.py`` (names, widths, heads)."""
+    """The teacher and student sections of ``configs/demo.py`` (names, widths, heads), its crop,
+    batch, and its CWD terms (which resize the teacher's logits to the student's stride)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("demo", Path(__file__).parents[1] / "configs/demo.py")
@@ -144,7 +145,8 @@ def demo_networks() -> dict:
     spec.loader.exec_module(demo)
     config = demo.get_config()
     return {"teacher": config.teacher.to_dict(), "student": config.student.to_dict(),
-            "size": tuple(config.data.crop_size), "batch": config.train.batch_size}
+            "size": tuple(config.data.crop_size), "batch": config.train.batch_size,
+            "terms": config.methods.cwd_logits}
 
 
 def kdjax_config(args, dtype: str, distill: bool):
@@ -154,10 +156,12 @@ def kdjax_config(args, dtype: str, distill: bool):
     config = base_config()
     config.data.name = "cityscapes"          # 19 classes; only its metadata is read
     config.data.crop_size = tuple(args.size)
+    terms = method_terms("cwd_logits")
     if args.demo:
         networks = demo_networks()
         config.teacher.update(networks["teacher"])
         config.student.update(networks["student"])
+        terms = networks["terms"]
     config.student.name, config.teacher.name = args.student, args.teacher
     config.student.kernels = config.teacher.kernels = args.kernels
     config.teacher.checkpoint = "random"
@@ -168,7 +172,7 @@ def kdjax_config(args, dtype: str, distill: bool):
     config.train.poly_power, config.train.steps = POLY_POWER, TOTAL_STEPS
     config.train.aux_weight = AUX_WEIGHT
     if distill:
-        config.distill.terms = method_terms("cwd_logits")
+        config.distill.terms = terms
     return config
 
 

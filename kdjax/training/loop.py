@@ -61,7 +61,7 @@ def _in_background(fn: Callable[[], Any]) -> concurrent.futures.Future:
         pool.shutdown(wait=False)
 
 
-def due(step: int, every: int, total: int) -> bool:
+def _due(step: int, every: int, total: int) -> bool:
     """Whether a periodic action runs after ``step``: every ``every`` steps and after the last
     (``total``)."""
     return step % every == 0 or step == total
@@ -91,11 +91,11 @@ class _PeriodicActions:
     def after_step(self, step: int, state: TrainState, metrics, stops: StopRequests) -> None:
         self.window.add(metrics)
         total = self.train.steps
-        if due(step, self.train.log_every, total):
+        if _due(step, self.train.log_every, total):
             self.log(step, state)
-        if due(step, self.train.eval_every, total):
+        if _due(step, self.train.eval_every, total):
             self.evaluate(step, state)
-        if due(step, self.train.checkpoint_every, total):
+        if _due(step, self.train.checkpoint_every, total):
             self.save(step, state)
         if step != total and stops.reached(step):
             self.save(step, state)
