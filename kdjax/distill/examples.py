@@ -72,10 +72,8 @@ def example_problem(loss: str, *, seed: int = 0) -> ExampleProblem:
     (parsed,) = parse_terms({loss: term(loss, student=example.student, teacher=example.teacher,
                                         connector=example.connector, **example.options)},
                             train_steps=STEPS)
-    shapes = lambda tensors: {k: jax.ShapeDtypeStruct(v.shape, v.dtype)  # noqa: E731
-                              for k, v in tensors.items()}
-    student_shapes = shapes(_student_tensors(feature, kernel))
-    teacher_shapes = shapes({k: teacher[k] for k in ("logits", "head")})
+    student_shapes = jax.eval_shape(_student_tensors, feature, kernel)
+    teacher_shapes = jax.eval_shape(lambda: {k: teacher[k] for k in ("logits", "head")})
     modules, discriminators = build_term_modules((parsed,), student_shapes, teacher_shapes,
                                                  rngs=nnx.Rngs(seed))
     graph, params, rest = nnx.split(modules, nnx.Param, ...)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from kdjax.models import build_segmentor
 from kdjax.models.layers import set_kernels
-from kdjax.ops.kernels import resolve_kernels
+from kdjax.ops.kernels import resolve_kernels, resolve_loss_scratch
 
 
 def _model(kernels):
@@ -45,6 +45,16 @@ def test_auto_is_the_cpu_kernels_on_cpu_and_bad_names_are_refused():
     assert resolve_kernels("xla") == "xla"
     with pytest.raises(ValueError, match="kernels must be one of"):
         resolve_kernels("cudnn")
+
+
+def test_the_losses_scratch_budget_is_16_mib_on_cpu_and_bad_settings_are_refused():
+    mib = 2**20
+    assert resolve_loss_scratch("auto") == (16 if jax.default_backend() == "cpu" else 256) * mib
+    assert resolve_loss_scratch(64) == 64 * mib
+    assert resolve_loss_scratch(None) is None
+    for bad in (0, -1, 1.5, True, "big"):
+        with pytest.raises(ValueError, match="distill.loss_scratch_mb must be"):
+            resolve_loss_scratch(bad)
 
 
 def test_the_two_paths_agree_on_outputs_and_gradients():
