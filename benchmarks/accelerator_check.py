@@ -25,7 +25,10 @@ what it had), then a short table printed last:
    and model FLOP utilisation: the step's FLOPs (XLA's cost analysis of kdjax's float32 step, the
    same work for every variant) / step time / the measured matmul peak of the variant's dtype (the
    faster library's). kdjax compiles first, PyTorch runs and empties its cache, then kdjax runs:
-   the two allocators do not share memory.
+   the two allocators do not share memory. Last, ``--profile-steps`` (3) steps of kdjax's bfloat16
+   step (float32 where that did not run) are traced by ``jax.profiler``: the trace
+   (``profile_step.xplane.pb.gz``) and the compiled HLO (``profile_step.hlo.txt.gz``) go beside the
+   JSON file, and the JSON gets each device timeline line's busy time and its longest events.
 3. ``losses``: every ``kdjax.losses`` case of ``benchmarks/losses.py`` at its Cityscapes size,
    forward + backward, jitted, against ``benchmarks/torch_losses.py`` eager and ``torch.compile``
    on the same device: median ms, the ratios PyTorch / kdjax, both values' and gradients' relative
@@ -47,12 +50,12 @@ to preallocate GPU memory, so PyTorch can run in the same process. ``--budget`` 
 bounds the run. The step comes first with ``--step-budget`` (240 s): its optional parts (a larger
 batch, kdjax bfloat16, ``torch.compile``) are skipped or stopped when the time left would not
 cover them. The losses get ``--losses-budget`` (90 s; each ``torch.compile`` a third of what is
-left), the tests what remains, at most ``--tests-timeout`` (150 s). A section that fails is
+left; ``--no-losses-compile`` skips it), the tests what remains, at most ``--tests-timeout`` (150 s). A section that fails is
 recorded with its error and the others still run.
 
 ``--dry-run``: the same code on the CPU at toy sizes (64×64 crops, batch 2, ResNet-18 teacher, one
 timed repetition, two small losses, one test file, no ``torch.compile`` or kdjax bfloat16 step, no
-``kdjax compare``), so that the script is exercised without an accelerator. ``--no-torch`` or a
+``kdjax compare``; the profile reads the XLA CPU client's threads), so that the script is exercised without an accelerator. ``--no-torch`` or a
 missing torch skips the PyTorch parts with a note.
 """
 
@@ -373,7 +376,7 @@ def loss_case(case, size: str, device: TorchDevice | None, compile_timeout: floa
             checks[label] = {"value_rel_diff": abs(float(value) - t_value) / max(abs(t_value), 1e-30),
                              "grad_rel_diff": losses.relative_difference(grad, t_grad)}
         calls["torch_eager"] = lambda: torch_losses.value_and_grad(loss, t_inputs)
-        compiled, compile_info = None, "skipped: --dry-run"
+        compiled, compile_info = None, "skipped: --dry-run or --no-losses-compile"
         if compile_timeout is not None:
             compiled, compile_info = losses.compile_torch(loss, t_inputs, compile_timeout)
         if compiled is not None:
@@ -410,7 +413,7 @@ def loss_section(args, clock: Clock, device: TorchDevice | None) -> dict:
                       "status": "skipped: time budget"} for label in case.variants]
             continue
         # torch.compile gets a third of the time left, so one slow compile leaves room for the rest.
-        compile_timeout = None if args.dry_run else left / 3
+        compile_timeout = left / 3 if args.losses_compile else None
         try:
             rows += loss_case(case, args.loss_size, device, compile_timeout, args.loss_reps)
         except Exception as error:  # noqa: BLE001 - one failing loss must not stop the check
@@ -566,6 +569,15 @@ def step_section(args, settings: dict, clock: Clock, device: TorchDevice | None,
         except Exception as error:  # noqa: BLE001 - e.g. out of memory: reported
             rows[name]["status"] = f"failed: {first_line(error)}"
         log(f"step {name}: {rows[name].get('images_per_s', 0):.1f} img/s ({rows[name]['status']})")
+    profile = None
+    if args.profile_steps > 0:
+        name = next((n for n in ("kdjax bfloat16", "kdjax float32") if rows.get(n, {}).get("status") == "ok"),
+                    None)
+        try:
+            profile = (profile_step(impls[name], name, args.profile_steps, args.out_dir) if name
+                       else {"status": "skipped: no kdjax step ran"})
+        except Exception as error:  # noqa: BLE001 - the timings stand without it
+            profile = {"status": f"failed: {first_line(error)}"}
     baseline = rows.get(BASELINE, {}).get("images_per_s")
     for name, library, dtype, mode in VARIANTS:
         row = rows[name] if name in rows else {"status": skipped[name]}
@@ -583,7 +595,86 @@ def step_section(args, settings: dict, clock: Clock, device: TorchDevice | None,
             "batch": n, "classes": step.CLASSES, "batch_search": search, "gflop_per_step": flops / 1e9,
             "baseline": BASELINE, "reps": settings["reps"],
             "jax_device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
-            "variants": [{"name": name, **rows[name]} for name, *_ in VARIANTS]}
+            "variants": [{"name": name, **rows[name]} for name, *_ in VARIANTS], "profile": profile}
+
+
+# --------------------------------------------------------------------------------------------------
+# Profile.
+
+TOP_OPS = 25
+
+
+def merged_ns(intervals: list[tuple[float, float]]) -> float:
+    """Nanoseconds covered by the union of ``(start, end)`` intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def timeline_summary(xplane: Path) -> dict:
+    """Where the traced steps spent their time, per line of the trace's device planes (on a GPU:
+    'XLA Ops' holds HLO instructions, the 'Stream #…' lines the kernels they launched; on the CPU,
+    the XLA client's threads): each line's busy time (overlaps merged) against its span, and its
+    ``TOP_OPS`` longest events by total time, with their count and the first event's statistics
+    (an HLO instruction's text among them, so that fusions can be read afterwards)."""
+    import jax
+
+    data = jax.profiler.ProfileData.from_file(str(xplane))
+    lines = []
+    for plane in data.planes:
+        on_device = plane.name.startswith("/device:")
+        for line in plane.lines:
+            if not (on_device or line.name.startswith("tf_XLAPjRt")):
+                continue
+            totals, counts, stats, spans = {}, {}, {}, []
+            for event in line.events:
+                if event.duration_ns <= 0:
+                    continue
+                totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
+                counts[event.name] = counts.get(event.name, 0) + 1
+                stats.setdefault(event.name, {k: str(v)[:400] for k, v in event.stats})
+                spans.append((event.start_ns, event.start_ns + event.duration_ns))
+            if not spans:
+                continue
+            busy = merged_ns(spans)
+            span = max(e for _, e in spans) - min(s for s, _ in spans)
+            top = sorted(totals, key=totals.get, reverse=True)[:TOP_OPS]
+            lines.append({"plane": plane.name, "line": line.name, "busy_ms": busy / 1e6,
+                          "span_ms": span / 1e6, "busy_percent": 100.0 * busy / max(span, 1.0),
+                          "events": len(spans), "distinct": len(totals),
+                          "top": [{"name": n, "ms": totals[n] / 1e6, "count": counts[n],
+                                   "share_percent": 100.0 * totals[n] / busy, "stats": stats[n]}
+                                  for n in top]})
+    return {"lines": sorted(lines, key=lambda line: line["busy_ms"], reverse=True)}
+
+
+def profile_step(impl, name: str, steps: int, out_dir: Path) -> dict:
+    """``steps`` calls of a compiled step under ``jax.profiler.trace``: the trace (gzipped, one
+    folder up from the profiler's nested layout so that it travels back with the JSON), the
+    compiled program's HLO text beside it, and :func:`timeline_summary`."""
+    import gzip
+    import shutil
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(steps):
+                impl.call()
+        xplane = next(Path(trace_dir).rglob("*.xplane.pb"))
+        summary = timeline_summary(xplane)
+        trace = out_dir / "profile_step.xplane.pb.gz"
+        with open(xplane, "rb") as source, gzip.open(trace, "wb") as target:
+            shutil.copyfileobj(source, target)
+    result = {"variant": name, "steps": steps, "trace": trace.name, **summary}
+    if impl.compiled is not None:
+        hlo = out_dir / "profile_step.hlo.txt.gz"
+        hlo.write_bytes(gzip.compress(impl.compiled.as_text().encode()))
+        result["hlo"] = hlo.name
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -635,6 +726,24 @@ def step_lines(result: dict) -> list[str]:
         cells = [row["name"], *(fmt(row.get(key)) for key in ("images_per_s", "ratio_vs_baseline", "compile_s",
                                                                "peak_mb", "mfu_percent")), row["status"]]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines + profile_lines(result.get("profile"))
+
+
+def profile_lines(profile: dict | None, top: int = 8) -> list[str]:
+    """The profiled step's HLO-op timeline line (else its busiest) and its longest events."""
+    if not profile:
+        return []
+    if "lines" not in profile:
+        return [f"profile: {profile['status']}"]
+    if not profile["lines"]:
+        return [f"profile ({profile['variant']}): no device or XLA thread events in {profile['trace']}"]
+    # On a GPU, 'XLA Ops' (one event per HLO instruction) rather than 'XLA Modules' (one per step).
+    busiest = next((line for line in profile["lines"] if line["line"] == "XLA Ops"), profile["lines"][0])
+    lines = [(f"profile ({profile['variant']}, {profile['steps']} steps, {profile['trace']}): "
+              f"{busiest['plane']} '{busiest['line']}' busy {fmt(busiest['busy_ms'])} of "
+              f"{fmt(busiest['span_ms'])} ms ({fmt(busiest['busy_percent'])} %), {busiest['distinct']} distinct")]
+    lines += [f"  {fmt(e['share_percent'])} %  {fmt(e['ms'])} ms  ×{e['count']}  {e['name'][:90]}"
+              for e in busiest["top"][:top]]
     return lines
 
 
@@ -694,6 +803,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--tests-timeout", type=float, default=150.0, help="seconds for the tests")
     parser.add_argument("--losses", default=None, help="comma list of loss names (default: all)")
     parser.add_argument("--losses-budget", type=float, default=90.0, help="seconds for the losses")
+    parser.add_argument("--losses-compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time torch.compile of each loss too (default: yes, except in a dry run)")
+    parser.add_argument("--profile-steps", type=int, default=3,
+                        help="steps of kdjax's step (bfloat16, else float32) traced by jax.profiler; 0: none")
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                         help="run kdjax compare (default: yes, except in a dry run)")
     parser.add_argument("--compare-config", default="configs/demo.py:local")
@@ -709,8 +822,11 @@ def main(argv=None) -> dict:
     if args.batches:
         settings = {**settings, "batches": tuple(int(b) for b in args.batches.split(","))}
     args.compare = (not args.dry_run) if args.compare is None else args.compare
+    if args.losses_compile is None:
+        args.losses_compile = not args.dry_run
     json_path = Path(args.json or Path(os.environ.get("OUT", "."), "accelerator_check.json"))
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    args.out_dir = json_path.parent
 
     # Before JAX starts its backends: PyTorch shares the GPU, so JAX allocates as it goes.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -115,6 +115,8 @@ class Impl:
     extra: dict = field(default_factory=dict)
     # The state and metrics of the latest call, for callers that check the values (not reported).
     last: dict = field(default_factory=dict)
+    # The compiled executable, where there is one (its optimized HLO for profiles; not reported).
+    compiled: object = None
 
 
 def timed(fn) -> float:
@@ -213,7 +215,7 @@ def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):
 
     flops, peak, memory = compiled_costs(compiled)
     impl = Impl(call, flops, peak, {"compile_s": compile_s, "memory_analysis": memory},
-                last=holder)
+                last=holder, compiled=compiled)
     return impl, exp, params
 
 

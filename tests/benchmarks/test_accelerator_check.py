@@ -53,7 +53,7 @@ def test_dry_run_writes_every_section_and_prints_the_table_last(tmp_path):
         assert row["kdjax"]["peak_mb"] > 0
         if with_torch:
             assert row["ratio_eager"] > 0 and row["check"]["grad_rel_diff"] < 1e-3
-            assert row["torch_compile"]["status"] == "skipped: --dry-run"
+            assert row["torch_compile"]["status"].startswith("skipped: --dry-run")
 
     step = result["step"]
     assert step["batch"] == 2 and step["size"] == [64, 64] and step["gflop_per_step"] > 0
@@ -74,6 +74,13 @@ def test_dry_run_writes_every_section_and_prints_the_table_last(tmp_path):
         # Without PyTorch its variants say so, whatever else would have skipped them.
         assert all(variants[name]["status"] == "skipped: no torch" for name in torch_variants)
 
+    profile = step["profile"]
+    assert profile["variant"] == "kdjax float32" and profile["steps"] == 3
+    assert (out.parent / profile["trace"]).stat().st_size > 0 and (out.parent / profile["hlo"]).exists()
+    busiest = profile["lines"][0]
+    assert 0 < busiest["busy_ms"] <= busiest["span_ms"] and 0 < busiest["busy_percent"] <= 100
+    assert busiest["top"] and all(e["ms"] > 0 and e["count"] >= 1 for e in busiest["top"])
+
     assert result["compare"]["status"].startswith("skipped")
 
     # The table is the last thing printed, after every log line.
@@ -83,5 +90,6 @@ def test_dry_run_writes_every_section_and_prints_the_table_last(tmp_path):
     assert lines[-1].startswith("compare: skipped")
     table = "\n".join(lines[first:])
     for text in ("matmul TFLOP/s", "tests (tests/ops/test_ordering.py): ", "| kdjax float32 |",
+                 "profile (kdjax float32, 3 steps, profile_step.xplane.pb.gz): ",
                  "| channel_wise_divergence |"):
         assert text in table
