@@ -17,14 +17,15 @@ what it had), then a short table printed last:
    crops, random weights and inputs): kdjax jitted in float32 and bfloat16, PyTorch (the CIRKD
    networks of tests/torch_reference) eager in float32, eager under bfloat16 autocast (AMP) and
    ``torch.compile`` of both networks under AMP. The batch is the largest of 8, 16, 32
-   (``--batches``) whose compiled kdjax float32 step fits the device memory, estimated from the
-   smallest one's buffer assignment (its temporaries grow with the batch) and checked on the
-   compiled step; every variant runs that batch. Reported per variant: images/s (median of the
-   repetitions after one warm-up step), the ratio to PyTorch eager AMP, compile time, peak memory
-   (kdjax: the compiled step's buffer assignment; PyTorch: ``torch.cuda.max_memory_allocated``)
-   and model FLOP utilisation: the step's FLOPs (XLA's cost analysis of kdjax's float32 step, the
-   same work for every variant) / step time / the measured matmul peak of the variant's dtype (the
-   faster library's). kdjax compiles first, PyTorch runs and empties its cache, then kdjax runs:
+   (``--batches``) whose compiled kdjax step (float32, or the first kdjax variant of
+   ``--variants``) fits the device memory, estimated from the smallest one's buffer assignment
+   (its temporaries grow with the batch) and checked on the compiled step; every variant runs that
+   batch. Reported per variant: images/s (median of the repetitions after one warm-up step), the
+   ratio to PyTorch eager AMP, compile time, peak memory (kdjax: the compiled step's buffer
+   assignment; PyTorch: ``torch.cuda.max_memory_allocated``) and model FLOP utilisation: the
+   step's FLOPs (XLA's cost analysis of kdjax's step as lowered, before a GPU compiler hands the
+   convolutions to cuDNN and out of the count; the same work for every variant) / step time / the
+   measured matmul peak of the variant's dtype (the faster library's). kdjax compiles first, PyTorch runs and empties its cache, then kdjax runs:
    the two allocators do not share memory. Last, ``--profile-steps`` (3) steps of kdjax's bfloat16
    step (float32 where that did not run) are traced by ``jax.profiler``: the trace
    (``profile_step.xplane.pb.gz``) and the compiled HLO (``profile_step.hlo.txt.gz``) go beside the
@@ -476,12 +477,12 @@ def kdjax_step(settings: dict, batch_size: int, dtype: str):
     return impl, batch
 
 
-def choose_batch(settings: dict, clock: Clock) -> tuple[object, dict, dict]:
-    """The largest batch of ``settings['batches']`` whose compiled float32 step is estimated to
+def choose_batch(settings: dict, clock: Clock, dtype: str) -> tuple[object, dict, dict]:
+    """The largest batch of ``settings['batches']`` whose compiled ``dtype`` step is estimated to
     fit (the smallest batch's buffers, its temporaries scaled with the batch), checked by
     compiling it; (Impl, batch arrays, record of the search)."""
     candidates = sorted(settings["batches"])
-    impl, batch = kdjax_step(settings, candidates[0], "float32")
+    impl, batch = kdjax_step(settings, candidates[0], dtype)
     limit = memory_limit()
     temp = impl.extra["memory_analysis"]["temp"]
     estimates = {b: impl.peak_bytes + temp * (b / candidates[0] - 1) for b in candidates}
@@ -491,7 +492,7 @@ def choose_batch(settings: dict, clock: Clock) -> tuple[object, dict, dict]:
               "first_compile_s": impl.extra["compile_s"]}
     if chosen != candidates[0] and clock.left() > 4 * impl.extra["compile_s"] + STEP_RESERVE_S:
         try:
-            bigger, bigger_batch = kdjax_step(settings, chosen, "float32")
+            bigger, bigger_batch = kdjax_step(settings, chosen, dtype)
         except Exception as error:  # noqa: BLE001 - the smallest batch's step still runs
             record["check_failed"] = first_line(error)
         else:
@@ -542,14 +543,18 @@ def torch_variants(settings: dict, batch: dict, device: TorchDevice, clock: Cloc
 
 def step_section(args, settings: dict, clock: Clock, device: TorchDevice | None, peaks: dict) -> dict:
     skipped = {name: "skipped: --dry-run" for name in NOT_IN_DRY_RUN} if args.dry_run else {}
+    skipped.update({v[0]: "skipped: not in --variants" for v in VARIANTS
+                    if args.variants and v[0] not in args.variants})
     if device is None:
         skipped.update({v[0]: "skipped: no torch" for v in VARIANTS if v[1] == "torch"})
+    # The first kdjax variant left chooses the batch; every variant runs that batch.
+    first = next((v for v in VARIANTS if v[1] == "kdjax" and v[0] not in skipped), VARIANTS[0])
     impls = {}
-    impls["kdjax float32"], batch, search = choose_batch(settings, clock)
+    impls[first[0]], batch, search = choose_batch(settings, clock, first[2])
     n = len(batch["image"])
     log(f"step: batch {n} (search {search})")
-    flops = impls["kdjax float32"].flops
-    if "kdjax bfloat16" not in skipped:
+    flops = impls[first[0]].flops
+    if "kdjax bfloat16" not in skipped and "kdjax bfloat16" not in impls:
         if clock.left() < 2 * search["first_compile_s"] + STEP_RESERVE_S:
             skipped["kdjax bfloat16"] = "skipped: time budget"
         else:
@@ -795,6 +800,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (450; dry run 90)")
     parser.add_argument("--step-budget", type=float, default=240.0,
                         help="seconds for the train step; its optional parts fit in or are skipped")
+    parser.add_argument("--variants", default="",
+                        help="comma list of the step's variants to run (default: all; "
+                             + ", ".join(v[0] for v in VARIANTS) + ")")
     parser.add_argument("--batches", default=None,
                         help="comma list of batch sizes to choose from (default 8,16,32; dry run 2)")
     parser.add_argument("--tests", nargs="+", default=None,
@@ -815,6 +823,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     settings = DRY if args.dry_run else FULL
     args.tests_default = args.tests is None
+    args.variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    if unknown := set(args.variants) - {v[0] for v in VARIANTS}:
+        parser.error(f"unknown --variants {sorted(unknown)}; known: {[v[0] for v in VARIANTS]}")
     for name in ("tests", "test_workers", "losses", "budget"):
         if getattr(args, name) is None:
             setattr(args, name, settings[name])

@@ -18,6 +18,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
 add_cpu_flags(os.environ)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# On a GPU, float32 matrix products and convolutions run in TF32 unless asked otherwise (relative
+# errors near 1e-3); the tests hold float32 formulas to float64 and PyTorch CPU references, so
+# they ask for float32 (JAX_DEFAULT_MATMUL_PRECISION, where set, decides instead).
+if os.environ["JAX_PLATFORMS"] != "cpu" and "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same tiny train and eval steps, in this process and in the `kdjax`
 # subprocesses they start (which inherit the variable); JAX's persistent cache compiles each once,
 # in the same user cache directory as the `kdjax` command's (its keys tell programs apart). JAX is
