@@ -23,8 +23,8 @@ what it had), then a short table printed last:
    batch. Reported per variant: images/s (median of the repetitions after one warm-up step), the
    ratio to PyTorch eager AMP, compile time, peak memory (kdjax: the compiled step's buffer
    assignment; PyTorch: ``torch.cuda.max_memory_allocated``) and model FLOP utilisation: the
-   step's FLOPs (XLA's cost analysis of kdjax's step as lowered, before a GPU compiler hands the
-   convolutions to cuDNN and out of the count; the same work for every variant) / step time / the
+   step's FLOPs (``kdjax.ops.cost.traced_flops`` of kdjax's step: its matrix products and
+   convolutions, the same work for every variant) / step time / the
    measured matmul peak of the variant's dtype (the faster library's). kdjax compiles first, PyTorch runs and empties its cache, then kdjax runs:
    the two allocators do not share memory. Last, ``--profile-steps`` (3) steps of kdjax's bfloat16
    step (float32 where that did not run) are traced by ``jax.profiler``: the trace
@@ -270,19 +270,27 @@ NODE = re.compile(r"\btests/\S+?\.py(::\S+)?(?=\s|$)")   # a test, or a module t
 SUMMARY = re.compile(r"^=+ (.*\b(passed|failed|error|errors|skipped|deselected|no tests ran)\b.*) =+$")
 
 
+INTERRUPT_GRACE_S = 15.0
+
+
 def run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -> tuple[int | None, float]:
     """Runs ``command`` in the repository root with its output in ``log_path``; (exit code, or
-    None when it was stopped at ``timeout``, seconds). The whole process group is stopped, so
-    workers it started cannot outlive it."""
+    None when it was stopped at ``timeout``, seconds). At ``timeout`` the whole process group is
+    interrupted (SIGINT, as Ctrl-C would), so that pytest still prints its summary of the failures
+    so far, and ``INTERRUPT_GRACE_S`` later killed, so workers it started cannot outlive it."""
     start = time.perf_counter()
     with open(log_path, "w") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            code = proc.wait(timeout=max(timeout, 1.0))
+            code = proc.wait(timeout=max(timeout - INTERRUPT_GRACE_S, 1.0))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             code = None
     return code, time.perf_counter() - start
 
@@ -623,8 +631,9 @@ def timeline_summary(xplane: Path) -> dict:
     """Where the traced steps spent their time, per line of the trace's device planes (on a GPU:
     'XLA Ops' holds HLO instructions, the 'Stream #…' lines the kernels they launched; on the CPU,
     the XLA client's threads): each line's busy time (overlaps merged) against its span, and its
-    ``TOP_OPS`` longest events by total time, with their count and the first event's statistics
-    (an HLO instruction's text among them, so that fusions can be read afterwards)."""
+    ``TOP_OPS`` longest events by total time, with their count and the first event's statistics,
+    and, where events name the HLO instruction they ran for (a GPU's kernels do: ``hlo_op``), the
+    ``TOP_OPS`` instructions of the longest total time, to be looked up in the compiled HLO."""
     import jax
 
     data = jax.profiler.ProfileData.from_file(str(xplane))
@@ -634,13 +643,16 @@ def timeline_summary(xplane: Path) -> dict:
         for line in plane.lines:
             if not (on_device or line.name.startswith("tf_XLAPjRt")):
                 continue
-            totals, counts, stats, spans = {}, {}, {}, []
+            totals, counts, stats, by_hlo, spans = {}, {}, {}, {}, []
             for event in line.events:
                 if event.duration_ns <= 0:
                     continue
+                event_stats = {k: str(v)[:400] for k, v in event.stats}
                 totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
                 counts[event.name] = counts.get(event.name, 0) + 1
-                stats.setdefault(event.name, {k: str(v)[:400] for k, v in event.stats})
+                stats.setdefault(event.name, event_stats)
+                if "hlo_op" in event_stats:
+                    by_hlo[event_stats["hlo_op"]] = by_hlo.get(event_stats["hlo_op"], 0.0) + event.duration_ns
                 spans.append((event.start_ns, event.start_ns + event.duration_ns))
             if not spans:
                 continue
@@ -652,7 +664,9 @@ def timeline_summary(xplane: Path) -> dict:
                           "events": len(spans), "distinct": len(totals),
                           "top": [{"name": n, "ms": totals[n] / 1e6, "count": counts[n],
                                    "share_percent": 100.0 * totals[n] / busy, "stats": stats[n]}
-                                  for n in top]})
+                                  for n in top],
+                          "top_hlo_ops": [{"hlo_op": op, "ms": by_hlo[op] / 1e6}
+                                          for op in sorted(by_hlo, key=by_hlo.get, reverse=True)[:TOP_OPS]]})
     return {"lines": sorted(lines, key=lambda line: line["busy_ms"], reverse=True)}
 
 

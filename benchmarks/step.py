@@ -212,7 +212,7 @@ def kdjax_train_step(args, dtype: str, distill: bool, batch: dict):
         jax.block_until_ready(holder)
 
     peak, memory = compiled_costs(compiled)
-    impl = Impl(call, exp.step_flops() or 0.0, peak, {"compile_s": compile_s, "memory_analysis": memory},
+    impl = Impl(call, exp.step_flops(), peak, {"compile_s": compile_s, "memory_analysis": memory},
                 last=holder, compiled=compiled)
     return impl, exp, params
 
@@ -221,7 +221,7 @@ def kdjax_teacher_forward(exp, batch: dict) -> Impl:
     """A jitted inference forward of the experiment's frozen teacher."""
     import jax
 
-    from kdjax.ops.cost import counted_flops
+    from kdjax.ops.cost import traced_flops
     from kdjax.runtime import sharding
     from kdjax.training.experiment import teacher_tensors
 
@@ -232,14 +232,12 @@ def kdjax_teacher_forward(exp, batch: dict) -> Impl:
     images = sharding.global_batch({"image": batch["image"]}, exp.mesh)["image"]
     variables = exp.teacher_inputs()
     start = time.perf_counter()
-    lowered = jax.jit(forward).lower(variables, images)
-    compiled = lowered.compile()
+    traced = jax.jit(forward).trace(variables, images)
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
     peak, memory = compiled_costs(compiled)
-    # Counted before optimisation: a GPU's compiled program hands its convolutions to cuDNN as
-    # custom calls, which XLA's cost analysis does not count.
-    return Impl(lambda: jax.block_until_ready(compiled(variables, images)),
-                counted_flops(lowered) or 0.0, peak, {"compile_s": compile_s, "memory_analysis": memory})
+    return Impl(lambda: jax.block_until_ready(compiled(variables, images)), traced_flops(traced), peak,
+                {"compile_s": compile_s, "memory_analysis": memory})
 
 
 def param_count(module, kind) -> int:
@@ -368,7 +366,7 @@ def valid_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> 
 def conv_flops(x_shape, w_shape, _bias, stride, padding, dilation, transposed, *args, out_shape=None,
                **kwargs) -> int:
     """Convolution FLOPs over the kernel taps that fall inside the input, as XLA's cost analysis
-    counts them. FlopCounterMode's own formula also counts the taps on the zero padding, which
+    and `kdjax.ops.cost` count them. FlopCounterMode's own formula also counts the taps on the zero padding, which
     matters for the dilated ASPP convolutions (rates 12/24/36) on small feature maps."""
     from torch.utils.flop_counter import conv_flop_count
 
@@ -596,7 +594,7 @@ def dtype_table(result: dict, block: dict) -> str:
         f"with CE + {AUX_WEIGHT:g}·aux CE (logits upsampled to the labels) and the SGD update; "
         f"distill = both + CWD on the logits (weight {CWD_WEIGHT:g}, τ = {CWD_TAU:g}). Times in ms per "
         f"step: median (min–max) of {s['reps']} interleaved repetitions after one warm-up call; "
-        "ratio = PyTorch / kdjax (> 1: kdjax faster). GFLOP per step: kdjax from XLA's cost analysis, "
+        "ratio = PyTorch / kdjax (> 1: kdjax faster). GFLOP per step: kdjax from `kdjax.ops.cost`, "
         "PyTorch from `FlopCounterMode` with convolutions counted over the kernel taps inside the "
         "input, as XLA counts them; % of peak = GFLOP / time / the CPU's peak, the faster "
         "library's float32 matmul rate. MB: kdjax = XLA buffer assignment (arguments + outputs + temporaries − donated); "

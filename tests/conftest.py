@@ -3,6 +3,9 @@ compilation cache for the whole session."""
 
 import os
 
+import jax
+import pytest
+
 from kdjax.runtime.compilation import CACHE_DIR_ENV, default_cache_dir, use_persistent_cache
 from kdjax.runtime.cpu_flags import add_cpu_flags
 
@@ -22,8 +25,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # errors near 1e-3); the tests hold float32 formulas to float64 and PyTorch CPU references, so
 # they ask for float32 (JAX_DEFAULT_MATMUL_PRECISION, where set, decides instead).
 if os.environ["JAX_PLATFORMS"] != "cpu" and "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
-    import jax
-
     jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same tiny train and eval steps, in this process and in the `kdjax`
 # subprocesses they start (which inherit the variable); JAX's persistent cache compiles each once,
@@ -31,6 +32,14 @@ if os.environ["JAX_PLATFORMS"] != "cpu" and "JAX_DEFAULT_MATMUL_PRECISION" not i
 # imported already and read no variable: the cache is turned on in this process explicitly.
 os.environ.setdefault(CACHE_DIR_ENV, str(default_cache_dir()))
 use_persistent_cache()
+
+
+@pytest.fixture
+def eight_devices():
+    """Skips the test where fewer than eight devices exist: the CPU run simulates eight, and a
+    one-accelerator machine (the accelerator check's) has one."""
+    if jax.device_count() < 8:
+        pytest.skip(f"needs 8 devices; {jax.device_count()} {jax.default_backend()} device(s) here")
 
 
 def pytest_collection_modifyitems(items):

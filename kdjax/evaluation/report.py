@@ -47,7 +47,7 @@ class ResultRow:
       steps: the steps the run trained (None where unknown, e.g. a given teacher).
       step_seconds: the measured seconds of one train step, after compilation
         (:mod:`kdjax.training.budget`).
-      step_flops: the FLOPs XLA counts for one train step.
+      step_flops: one train step's FLOPs (kdjax.ops.cost.traced_flops).
     """
 
     method: str
@@ -233,8 +233,8 @@ def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str], *,
         "or 'no' when |Δ| exceeds twice its standard error (the seeds' variance pooled over "
         "the method and the student alone), else 'unclear'. Step time is one train step's, "
         "measured after compilation (the teacher's forward pass and every term included, the "
-        "input pipeline not); cost is steps × step time, and TFLOP steps × the FLOPs XLA counts "
-        "for a step; all are means over seeds.",
+        "input pipeline not); cost is steps × step time, and TFLOP steps × the FLOPs of a "
+        "step's matrix products and convolutions; all are means over seeds.",
         "",
         "| method | seeds | mIoU | Δ vs student alone | better "
         + COST_COLUMNS + " " + " | ".join(class_names) + " |",

@@ -28,7 +28,7 @@ from kdjax.models.mobilenet import MobileNetV2
 from kdjax.models.resnet import VARIANTS, ResNet
 from kdjax.models.segformer import (DROP_PATH_RATE, MIT_VARIANTS, SegFormerHead,
                                     build_mix_transformer)
-from kdjax.ops.cost import counted_flops
+from kdjax.ops.cost import traced_flops
 
 Array = jax.Array
 
@@ -222,18 +222,18 @@ def count_params(model: nnx.Module) -> int:
 class ModelSummary:
     """Size and cost of one forward pass.
 
-    ``flops`` counts a multiply-add as 2 (XLA's convention; halve it for "MACs" / "multi-adds");
-    None when the backend offers no cost analysis.
+    ``flops`` counts the matrix products and convolutions, a multiply-add as 2 (XLA's convention;
+    halve it for "MACs" / "multi-adds"), the same on every platform
+    (:func:`kdjax.ops.cost.traced_flops`).
     """
 
     name: str
     input_shape: tuple[int, ...]
     params: int
-    flops: float | None
+    flops: float
 
     def __str__(self) -> str:
-        cost = ("FLOPs unavailable" if self.flops is None
-                else f"{self.flops / 1e9:,.1f} GFLOPs per forward pass (eval mode)")
+        cost = f"{self.flops / 1e9:,.1f} GFLOPs per forward pass (eval mode)"
         return f"{self.name} on input {self.input_shape} (NHWC): {self.params:,} parameters, {cost}"
 
 
@@ -241,10 +241,9 @@ def summary(name: str, input_shape: Sequence[int], num_classes: int = 19,
             **kwargs) -> ModelSummary:
     """Prints and returns the parameter count and the forward FLOPs of a named segmentor.
 
-    The model is built under ``nnx.eval_shape`` (no weights are allocated) and the FLOPs come from
-    XLA's cost analysis of the eval-mode forward pass as lowered, before any backend's compiler
-    runs (a GPU's compiled program hands convolutions to cuDNN as custom calls, which the analysis
-    does not count), e.g. 235.6 GFLOPs for ``summary('deeplabv3_resnet18', (1, 512, 1024, 3))``.
+    The model is built under ``nnx.eval_shape`` (no weights are allocated) and the FLOPs are
+    counted from the traced eval-mode forward pass (:func:`kdjax.ops.cost.traced_flops`), e.g.
+    234.4 GFLOPs for ``summary('deeplabv3_resnet18', (1, 512, 1024, 3))``.
 
     Args:
       name: a model name accepted by :func:`build_segmentor`.
@@ -264,8 +263,7 @@ def summary(name: str, input_shape: Sequence[int], num_classes: int = 19,
         return nnx.merge(graphdef, state)(images, train=False).logits
 
     images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
-    lowered = jax.jit(forward).lower(state, images)
     result = ModelSummary(name=name, input_shape=input_shape, params=count_params(model),
-                          flops=counted_flops(lowered))
+                          flops=traced_flops(jax.jit(forward).trace(state, images)))
     print(result)
     return result

@@ -6,8 +6,9 @@ compute. ``config.budget`` makes the comparison compute-matched instead:
 - ``'steps'`` (the default): every run trains ``train.steps``;
 - ``'seconds:S'``: every student run trains as many steps as S seconds of its measured step time
   buy;
-- ``'flops:F'``: as many steps as F floating-point operations buy, at the FLOPs XLA counts for one
-  step (e.g. ``'flops:2.5e15'``);
+- ``'flops:F'``: as many steps as F floating-point operations buy, at one step's FLOPs as
+  :func:`kdjax.ops.cost.traced_flops` counts them, the same on every platform (e.g.
+  ``'flops:2.5e15'``);
 - ``'seconds:student_alone'`` / ``'flops:student_alone'``: the budget is what the student alone
   spends on ``train.steps`` (of the same seed), so the baseline trains its usual schedule and
   every method is held to its cost.
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kdjax.ops.cost import counted_flops
+from kdjax.ops.cost import traced_flops
 from kdjax.runtime import background
 
 KINDS = ("steps", "seconds", "flops")
@@ -93,23 +94,24 @@ def parse_budget(spec: str) -> Budget:
 
 @dataclasses.dataclass(frozen=True)
 class StepCost:
-    """The measured cost of one train step: wall-clock seconds (after compilation) and the
-    floating-point operations XLA counts for the compiled step (None where it counts none)."""
+    """The measured cost of one train step: wall-clock seconds (after compilation) and its
+    floating-point operations (:func:`step_flops`)."""
 
     seconds: float
-    flops: float | None
+    flops: float
 
-    def of(self, kind: str) -> float | None:
+    def of(self, kind: str) -> float:
         return self.seconds if kind == "seconds" else self.flops
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def step_flops(jitted, *args) -> float | None:
-    """The FLOPs of ``jitted(*args)`` (arrays or ``jax.ShapeDtypeStruct``) from XLA's cost
-    analysis of the lowered program. ``trace`` reuses a trace the function already has."""
-    return counted_flops(jitted.trace(*args).lower())
+def step_flops(jitted, *args) -> float:
+    """The FLOPs of ``jitted(*args)`` (arrays or ``jax.ShapeDtypeStruct``): its matrix products
+    and convolutions, counted from the traced program (:func:`kdjax.ops.cost.traced_flops`).
+    ``trace`` reuses a trace the function already has."""
+    return traced_flops(jitted.trace(*args))
 
 
 class StepTimer:
@@ -153,14 +155,13 @@ class StepTimer:
         return statistics.median(self.times) if self.times else None
 
 
-def agreed_cost(seconds: float, flops: float | None) -> StepCost:
+def agreed_cost(seconds: float, flops: float) -> StepCost:
     """The cost every process uses: process 0's, so that all agree on the steps to train."""
-    seconds, flops = multihost_utils.broadcast_one_to_all(
-        np.array([seconds, -1.0 if flops is None else flops], np.float64))
-    return StepCost(seconds=float(seconds), flops=None if flops < 0 else float(flops))
+    seconds, flops = multihost_utils.broadcast_one_to_all(np.array([seconds, flops], np.float64))
+    return StepCost(seconds=float(seconds), flops=float(flops))
 
 
-def measure_step_cost(step, state, teacher_variables, batch, *, flops: float | None,
+def measure_step_cost(step, state, teacher_variables, batch, *, flops: float,
                       timed_steps: int = TIMED_STEPS) -> StepCost:
     """The cost of ``step(state, teacher_variables, batch)``, a jitted or compiled train step that
     donates its state: run once first (compiling a jitted one), then timed over ``timed_steps``
@@ -185,11 +186,8 @@ def affordable_steps(budget: Budget, cost: StepCost, steps: int,
     if not budget.matched:
         return steps
     per_step = cost.of(budget.kind)
-    if per_step is None:
-        raise BudgetError(f"a {budget.kind} budget needs the FLOPs of every step, and XLA counts "
-                          "none for this one on this platform; use a 'seconds' budget.")
     if budget.relative:
-        if reference is None or reference.of(budget.kind) is None:
+        if reference is None:
             raise BudgetError(f"config.budget '{budget.kind}:{RELATIVE}' needs the student alone: "
                               "list 'student_alone' in config.methods.")
         amount = reference.of(budget.kind) * steps

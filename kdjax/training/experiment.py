@@ -240,9 +240,9 @@ class Experiment:
                              "this experiment was built for; build it again with setup().")
         return dataclasses.replace(self, teacher=teacher)
 
-    def step_flops(self) -> float | None:
-        """The floating-point operations XLA counts for one train step (None where it counts
-        none), from the step's abstract arguments: nothing runs."""
+    def step_flops(self) -> float:
+        """The floating-point operations of one train step's matrix products and convolutions
+        (:func:`kdjax.ops.cost.traced_flops`), from the step's abstract arguments: nothing runs."""
         return step_flops(self._jitted_step, self.abstract_state, self.teacher_inputs(),
                           self.abstract_batch)
 

@@ -46,11 +46,9 @@ def test_affordable_steps():
     assert affordable_steps(Budget("flops"), cost, 120, alone) == 30
     with pytest.raises(BudgetError, match="student_alone"):
         affordable_steps(Budget("seconds"), cost, 120)
-    with pytest.raises(BudgetError, match="'seconds' budget"):
-        affordable_steps(Budget("flops", 1e10), StepCost(0.5, None), 120)
 
 
-def test_a_step_is_measured_after_its_compilation_with_xlas_flop_count():
+def test_a_step_is_measured_after_its_compilation_with_its_flop_count():
     exp = training.setup(tiny_config.get_config())
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
