@@ -163,8 +163,7 @@ def pair_adapter(name: str, *, function: Callable[..., Array] | None = None,
 RELATIONAL = ("pool", "form", "block_size")
 register(pair_adapter("pixel_kd", options=("temperature", "normalize")))
 register(pair_adapter("weighted_pixel_imitation", options=("temperature", "gap_weight")))
-register(pair_adapter("dist", options=("beta", "gamma", "tau", "group_size"),
-                      forward_mode=False))
+register(pair_adapter("dist", options=("beta", "gamma", "tau", "group_size")))
 register(pair_adapter("normalized_feature_distillation",
                       options=("axes", "normalize_student", "eps", "ddof", "distance"),
                       example=Example(**FEATURES, connector="conv"), forward_mode=False))

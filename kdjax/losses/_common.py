@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._reductions import softmax_shifts, sums
+from kdjax.ops.cpu.reductions import normalize_axis
+from kdjax.ops.reductions import sums
 
 Array = jax.Array
 
@@ -212,7 +213,7 @@ def softmax_kl(student: Array, teacher: Array, axis: int, valid: Array | None = 
     Computed as ``Σ e^T (x^T − x^S) / (T Σ e^T) + log Σ e^S − log Σ e^T + (m^S − m^T)/T`` with
     ``e = exp((x − m)/T)`` and ``m`` the (valid) maximum of the raw ``x``. The log-probabilities are
     never formed, nor are the scaled logits ``x/T``: the maxima read the inputs themselves and the
-    three sums are one reduction along the class axis (:func:`kdjax.losses._reductions.sums`), so
+    three sums are one reduction along the class axis (:func:`kdjax.ops.reductions.sums`), so
     the inputs are read about once forward and once backward (the gradient is ``(p^S − p^T)/T``). A
     slice without a valid entry gives 0.
 
@@ -261,3 +262,22 @@ def safe_sqrt(x: Array) -> Array:
     """Element-wise ``sqrt`` of a non-negative array whose gradient at 0 is 0 instead of inf/NaN."""
     positive = x > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def softmax_shifts(*operands: Array, axis: int) -> tuple[Array, ...]:
+    """The shift of a stable softmax for each operand: its maximum along ``axis`` (kept, size 1),
+    0 where that maximum is not finite (a slice of −inf, as :func:`jax.nn.logsumexp` does).
+
+    One reduction per operand, and no gradient: a softmax does not depend on its shift. (The
+    maxima read the logits themselves, with no producer to fuse, so several in one pass gain
+    nothing, on the CPU either.)
+
+    Args:
+      operands: float arrays of one shape and dtype (masked entries already −inf).
+      axis: the softmax axis.
+    Returns:
+      one array per operand, the operands' shape with ``axis`` of size 1.
+    """
+    axis, _ = normalize_axis(operands, axis)
+    maxima = (jnp.max(jax.lax.stop_gradient(x), axis=axis, keepdims=True) for x in operands)
+    return tuple(jnp.where(jnp.isfinite(m), m, 0.0) for m in maxima)

@@ -405,8 +405,8 @@ def _rows_kl_parts(student: Array, teacher: Array, valid: Array, contrasts: tupl
 
 # Anchor rows per step of the loop over the similarity maps: each step holds a few (R, M) maps per
 # contrast set (M = 4,104 pixel slots for K = 19: 4.2 MB each at R = 256), however many pixels the
-# batch has. Maps that stay in the cache make the step faster than larger blocks: 256 rows took
-# 0.83× the time of 2,048 at both benchmark sizes, and 64 or 128 rows were slower again.
+# batch has. Maps that stay in the cache make the step faster than larger blocks, and smaller
+# blocks were slower again (benchmarks/NOTES.md item 51).
 _ROWS_PER_STEP = 256
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_group_size, check_pair, check_positive, frozen,
-                                  masked_mean, safe_sqrt)
-from kdjax.losses._reductions import softmax_shifts, sums
+                                  masked_mean, safe_sqrt, softmax_shifts)
+from kdjax.ops.reductions import sums
 
 Array = jax.Array
 
@@ -26,8 +24,7 @@ def pearson(a: Array, b: Array, axis: int, valid: Array | None = None) -> Array:
     """DIST's Pearson correlation ``⟨a−ā, b−b̄⟩ / (||a−ā||·||b−b̄|| + 1e-8)`` along ``axis``.
 
     The two means are one reduction and the three sums of products another
-    (:func:`kdjax.losses._reductions.sums`). The gradient is written out
-    (:func:`_centered_pearson`).
+    (:func:`kdjax.ops.reductions.sums`).
 
     Args:
       a, b: float32 arrays of the same shape.
@@ -50,42 +47,15 @@ def pearson(a: Array, b: Array, axis: int, valid: Array | None = None) -> Array:
     return _centered_pearson(a, b, axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _centered_pearson(a: Array, b: Array, axis: int) -> Array:
     """``r = P / (√A·√B + eps)`` of centred ``a``, ``b`` (``P = Σab``, ``A = Σa²``, ``B = Σb²``).
 
-    Gradient: ``∂r/∂a = b/D − (P/D²)·√B·a/√A`` with ``D = √A·√B + eps`` (``a/√A`` = 0 where A = 0,
-    as :func:`safe_sqrt`'s zero gradient at 0 gives), and likewise for b. Both parts sum to zero
-    over the valid entries of a slice, because ``a`` and ``b`` do, so the gradient passes through
-    the centring unchanged; :func:`pearson` therefore stops the gradient at the means, and the
-    backward pass is one element-wise pass instead of autodiff's passes through the sums and the
-    means.
+    Its gradient with respect to a centred slice sums to zero over the slice's valid entries, so
+    it passes through the centring unchanged: :func:`pearson` stops the gradient at the means.
+    ``safe_sqrt``: a constant slice (e.g. a uniform softmax) has a zero norm.
     """
-    return _centered_pearson_fwd(a, b, axis)[0]
-
-
-def _centered_pearson_fwd(a, b, axis):
     squares_a, squares_b, products = sums(a * a, b * b, a * b, axis=axis)
-    # safe_sqrt: a constant slice (e.g. a uniform softmax) has a zero norm.
-    norm_a, norm_b = safe_sqrt(squares_a), safe_sqrt(squares_b)
-    denominator = norm_a * norm_b + PEARSON_EPS
-    return products / denominator, (a, b, norm_a, norm_b, products, denominator)
-
-
-def _centered_pearson_bwd(axis, residuals, cotangent):
-    a, b, norm_a, norm_b, products, denominator = residuals
-
-    def share(x, y, norm_x, norm_y):
-        """∂r/∂x times the cotangent, for x the first argument and y the other."""
-        inverse_x = jnp.where(norm_x > 0, 1.0 / jnp.where(norm_x > 0, norm_x, 1.0), 0.0)
-        first = cotangent / denominator
-        second = cotangent * products * norm_y * inverse_x / jnp.square(denominator)
-        return jnp.expand_dims(first, axis) * y - jnp.expand_dims(second, axis) * x
-
-    return share(a, b, norm_a, norm_b), share(b, a, norm_b, norm_a)
-
-
-_centered_pearson.defvjp(_centered_pearson_fwd, _centered_pearson_bwd)
+    return products / (safe_sqrt(squares_a) * safe_sqrt(squares_b) + PEARSON_EPS)
 
 
 def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gamma: float = 1.0,
@@ -126,7 +96,7 @@ def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gam
         # Masked pixels become uniform distributions: nothing (not even a NaN) reaches the gradient.
         z_s = jnp.where(mask[..., None], z_s, 0.0)
         z_t = jnp.where(mask[..., None], z_t, 0.0)
-    # Both softmaxes share the pass of their sums over the logits (kdjax.losses._reductions).
+    # Both softmaxes share the pass of their sums over the logits (kdjax.ops.reductions).
     e_s, e_t = (jnp.exp(z - m) for z, m in zip((z_s, z_t), softmax_shifts(z_s, z_t, axis=-1)))
     total_s, total_t = sums(e_s, e_t, axis=-1)
     y_s = e_s / total_s[..., None]
@@ -137,9 +107,9 @@ def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gam
 
     groups = n // group
     # Each class's column laid out as a row (groups, K, pixels): the five sums of the correlation
-    # then run along the last axis in two passes (kdjax.losses._reductions), and the transposing
-    # copy fuses into the softmax that produces it (1.4× faster forward + backward at the
-    # Cityscapes size than reducing the pixel axis in place; benchmarks/NOTES.md, 'Several sums in one reduction').
+    # then run along the last axis in two passes (kdjax.ops.reductions), and the transposing
+    # copy fuses into the softmax that produces it (faster than reducing the pixel axis in place;
+    # benchmarks/NOTES.md, 'Several sums in one reduction').
     cols_s = jnp.swapaxes(y_s.reshape(groups, group * h * w, k), 1, 2)
     cols_t = jnp.swapaxes(y_t.reshape(groups, group * h * w, k), 1, 2)
     if mask is None:

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_labels, check_mask, check_optional_positive_int,
                                   check_pair, check_positive, check_rank, combine_masks, frozen,
-                                  masked_mean, nearest_resize_labels, valid_label_mask)
-from kdjax.losses._reductions import softmax_shifts, sums
+                                  masked_mean, nearest_resize_labels, softmax_shifts,
+                                  valid_label_mask)
+from kdjax.ops.reductions import sums
 from kdjax.losses.channel_wise import channel_wise_divergence, spatial_log_softmax
 from kdjax.losses.pixel_kd import pixel_kd
 
@@ -220,7 +221,7 @@ def _kd_excess(log_p: Array, q: Array, kernel: Array, variance: Array, classes: 
     @jax.checkpoint
     def for_two_targets(i):
         # Two target classes per step share one pass over log_p for their sums
-        # (kdjax.losses._reductions; 1.2× faster at the small benchmark size than one per step).
+        # (kdjax.ops.reductions; benchmarks/NOTES.md item 51).
         # An odd K repeats the last target; its copy is dropped below.
         logits = augmented(2 * i), augmented(jnp.minimum(2 * i + 1, num_classes - 1))
         shifts = softmax_shifts(*logits, axis=-1)

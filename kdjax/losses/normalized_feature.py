@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_choice, check_mask, check_positive, check_rank,
                                   check_same_shape, frozen, safe_sqrt)
-from kdjax.losses._reductions import sums
+from kdjax.ops.reductions import sums
 
 Array = jax.Array
 

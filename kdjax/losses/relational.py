@@ -196,9 +196,8 @@ def _per_group(group_fn, student: Array, teacher: Array, valid: Array | None):
     """``group_fn(student_g, teacher_g, valid_g)`` for every group in turn, results stacked.
 
     The groups run one after another rather than batched, so that a block holds k rows of one
-    group, (B, k, B, P) per map: its memory does not grow with the number of groups (PFS in
-    blocks at the Cityscapes size: 190 MB of scratch instead of 482, and 0.8× the time;
-    benchmarks/NOTES.md, 'One group per block').
+    group, (B, k, B, P) per map: its memory does not grow with the number of groups, and the
+    smaller blocks are no slower (benchmarks/NOTES.md, 'One group per block').
     """
     _, stacked = jax.lax.scan(lambda _, group: (None, group_fn(*group)), None,
                               (student, teacher, valid))
@@ -271,7 +270,7 @@ def _squared_difference_rows(a_s: Array, a_t: Array, col_valid: Array | None) ->
     if col_valid is not None:
         squared = jnp.where(col_valid, squared, 0.0)
     # Summed as a (rows, P) matrix: inside the block loop, XLA's CPU backend kept the unit axes of
-    # a (B, k, B) result (B = 1 for PFS and SKD) in a reduction that ran 30× slower than this one.
+    # a (B, k, B) result (B = 1 for PFS and SKD) in a reduction many times slower than this one.
     return jnp.sum(squared.reshape(-1, squared.shape[-1]), axis=-1).reshape(squared.shape[:-1])
 
 

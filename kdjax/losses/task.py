@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_mask, check_rank, combine_masks, masked_mean,
-                                  valid_label_mask)
-from kdjax.losses._reductions import softmax_shifts, sums
+                                  softmax_shifts, valid_label_mask)
+from kdjax.ops.reductions import sums
 
 Array = jax.Array
 
@@ -45,7 +45,7 @@ def cross_entropy(logits: Array, labels: Array, *, ignore_label: int = 255,
     safe_labels = jnp.where(valid, labels, 0)
     z = as_float32(logits)
     # The label's logit by comparison with a class iota rather than a gather, summed in the same
-    # pass as the exponentials (kdjax.losses._reductions): the logits are read once for the shift
+    # pass as the exponentials (kdjax.ops.reductions): the logits are read once for the shift
     # and once for both sums.
     (shift,) = softmax_shifts(z, axis=-1)
     total, label_logit = sums(

@@ -1,2 +1,2 @@
-"""Convolution and batch normalisation, the two operations whose fastest form depends on the
-platform."""
+"""Convolution, batch normalisation and the losses' reductions: the operations whose fastest form
+depends on the platform."""

@@ -5,6 +5,9 @@ reverse mode: what GPUs and TPUs run. ``'cpu'`` uses the forms of :mod:`kdjax.op
 for XLA's CPU backend (reverse mode only: their gradients are written out). ``'auto'`` is
 ``'cpu'`` when JAX's default backend is the CPU and ``'xla'`` otherwise.
 
+The losses' reductions (:mod:`kdjax.ops.reductions`) take their CPU forms under the same rule as
+``'auto'``: :func:`cpu_forms`.
+
 The losses that loop over chunks (FAKD-CWD's images, Af-DCD's contrast patches) take a scratch
 budget (``scratch_bytes``); the trainer resolves ``distill.loss_scratch_mb`` once here. On the CPU
 a loop's scratch is one fresh allocation per call, and glibc serves allocations above 32 MB with
@@ -35,6 +38,12 @@ def resolve_kernels(kernels: str) -> str:
     if kernels == "auto":
         return "cpu" if jax.default_backend() == "cpu" else "xla"
     return kernels
+
+
+def cpu_forms() -> bool:
+    """Whether the losses' reductions take their CPU forms (:mod:`kdjax.ops.reductions`): where
+    JAX's default backend is the CPU, as ``'auto'`` kernels do."""
+    return resolve_kernels("auto") == "cpu"
 
 
 def resolve_loss_scratch(setting: str | int | None) -> int | None:

@@ -7,11 +7,10 @@ cache compiles each program once per machine. Its key holds the program, the JAX
 compiler flags, so a cached program is never used for another.
 
 Initialising a model is a long straight-line program (a random draw per parameter) that runs
-once, in milliseconds. On CPU, compiling the tiny test experiment's initial state took 13.1 s at
-the default optimisation level and 2.8 s at level 0, and ran in 0.02 and 0.04 s. The draws'
-float transforms may round differently at the two levels (34 of that state's 268 arrays differ,
-by at most 2.4e-7); every run compiles with the same options, so a seed still gives the same
-state each time.
+once, in milliseconds: at level 0 it compiles several times faster and runs as fast
+(``benchmarks/NOTES.md`` item 51). The draws' float transforms may round differently at the two
+levels (a few arrays differ in their last bits); every run compiles with the same options, so a
+seed still gives the same state each time.
 """
 
 from __future__ import annotations

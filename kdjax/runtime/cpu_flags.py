@@ -2,14 +2,15 @@
 
 - ``--xla_cpu_enable_concurrency_optimized_scheduler=false``. XLA's CPU scheduler orders a program
   for concurrency by default, which keeps more temporaries live at once. Without it, the compiled
-  DeepLabV3-R101 → R18 distillation step at 256×256, batch 8 needs 2.4 GB instead of 4.9 GB, at the
-  same step time (``benchmarks/memory.py --train_step``). This jaxlib reads the
+  distillation step needs about half the memory at the same step time. This jaxlib reads the
   scheduler choice from the process-wide flags only: the same option given to one program as
   ``compiler_options`` is accepted and changes nothing.
 - ``--xla_cpu_prefer_vector_width=512``. XLA's own loops use 256-bit vectors by default, also on
   AVX-512 CPUs. The softmax losses' exponentials run in such loops over (N, H, W, K) maps, and
-  with 512-bit vectors their forward + backward is 1.1–1.7× faster at the Cityscapes size, while
-  the train step does not move (``benchmarks/losses.py``). CPUs without AVX-512 keep their widest vectors.
+  with 512-bit vectors their forward + backward is faster, while the train step does not move.
+  CPUs without AVX-512 keep their widest vectors.
+
+The measurements: ``benchmarks/NOTES.md`` item 51.
 
 Each flag applies only where the environment does not name the option already, so a user's own
 setting wins (e.g. ``--xla_cpu_prefer_vector_width=256`` on a CPU that lowers its clock for

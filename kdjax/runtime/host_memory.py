@@ -1,12 +1,12 @@
 """The C allocator setting that kdjax's commands make before JAX starts: freed host memory is kept
 for reuse instead of being handed back to the kernel.
 
-An XLA CPU program allocates its temporaries and outputs afresh on every call: about 2 GB per
-DeepLabV3-ResNet18 train step at 256×256, batch 8. glibc serves a large block with a fresh
-``mmap`` and unmaps it when it is freed; a worker thread's arena grows in 64 MB heaps and falls
-back to ``mmap`` above that whatever the thresholds say. So every 4 KB page of those 2 GB faults
-and is zeroed by the kernel again on every step: 1–2 s of a 6–7 s step on a 2-core CPU
-(``benchmarks/memory.py --train_step``). With one arena, no ``mmap`` for allocations
+An XLA CPU program allocates its temporaries and outputs afresh on every call, gigabytes per
+train step. glibc serves a large block with a fresh ``mmap`` and unmaps it when it is freed; a
+worker thread's arena grows in 64 MB heaps and falls back to ``mmap`` above that whatever the
+thresholds say. So every 4 KB page of those buffers faults and is zeroed by the kernel again on
+every step, a large share of the step on a small CPU (``benchmarks/NOTES.md`` item 51). With one
+arena, no ``mmap`` for allocations
 and no trimming, the step's buffers come from one heap that is reused from the second step on,
 and the faults stop. The input pipeline's tf.data threads, which then share that arena, delivered
 the same images/s.

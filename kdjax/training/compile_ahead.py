@@ -3,7 +3,7 @@ evaluates and exports, and handing each its compiled experiment when it starts.
 
 ``kdjax compare`` trains its runs one after the other, and each builds its experiment (tracing
 its modules and its train step) and compiles its initial state and its train step before its
-first step (on 2 CPU cores, 15–35 s for each run of the demo, which then trains for 5–12 s).
+first step, which on a small CPU takes longer than the demo's runs train.
 Around that, a run spends seconds to tens of seconds in single-threaded Python: tracing,
 evaluation, checkpoints, the export. :class:`CompileAhead` builds the later runs' experiments on
 one background thread, a few runs ahead, and compiles their programs; each run then takes its

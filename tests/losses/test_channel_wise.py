@@ -39,7 +39,8 @@ def test_matches_reference(tau, c_norm, masked):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_reference_where_the_positions_are_summed_in_blocks(masked):
-    # 16×16 = 256 positions: the spatial sums run in blocks (kdjax.losses._reductions.sums).
+    # 16×16 = 256 positions: the spatial sums run in blocks (the CPU form of
+    # kdjax.ops.reductions.sums).
     inputs = make_inputs(np.random.default_rng(5), 2, size=(16, 16))
     if not masked:
         inputs.pop("mask")

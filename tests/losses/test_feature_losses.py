@@ -132,11 +132,12 @@ def test_bad_input_raises():
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_fitnet_keeps_no_feature_sized_temporary(masked):
-    # The tests run under the `kdjax` command's CPU flags (conftest), whose memory-saving scheduler
-    # once formed the gradient beside the stored difference. The gradient is now the only map.
-    # XLA's GPU compiler assigns buffers by its own rules (benchmarks/NOTES.md item 50).
+    # The CPU form of the squared difference (kdjax.ops.cpu.reductions) under the `kdjax`
+    # command's CPU flags (conftest), whose memory-saving scheduler once formed the gradient
+    # beside the stored difference. The gradient is now the only map. Other platforms take the
+    # plain form, whose buffers their compilers assign (benchmarks/NOTES.md item 50).
     if jax.default_backend() != "cpu":
-        pytest.skip("a property of the CPU compiler's schedule")
+        pytest.skip("a property of the CPU form under the CPU compiler's schedule")
     rng = np.random.default_rng(4)
     s = jnp.asarray(rng.normal(0, 1, (2, 16, 16, 32)), jnp.float32)
     t = jnp.asarray(rng.normal(0, 1, (2, 16, 16, 32)), jnp.float32)

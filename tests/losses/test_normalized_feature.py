@@ -127,7 +127,8 @@ def test_constant_features_stay_finite():
 
 @pytest.mark.parametrize("axes", ["spatial", "spatial_channel"])
 def test_matches_reference_where_the_positions_are_summed_in_blocks(axes):
-    # 16×16 = 256 positions: the spatial moments are summed in blocks (_reductions.sums).
+    # 16×16 = 256 positions: the spatial moments are summed in blocks (the CPU form of
+    # kdjax.ops.reductions.sums).
     inputs = make_inputs(np.random.default_rng(8), 2, size=(16, 16))
     assert_matches_reference(nfd, normalized_feature_ref.normalized_feature_distillation, inputs,
                              ("student",), axes=axes)

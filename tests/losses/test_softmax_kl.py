@@ -51,7 +51,8 @@ def test_value_and_both_gradients_match_reference(axis):
 
 @pytest.mark.parametrize("axis", [1, -1])
 def test_masked_value_and_both_gradients_match_reference(axis):
-    # Along the last axis the sums are one reduction (kdjax.losses._reductions): both paths.
+    # Along the last axis the sums are one reduction (the CPU form of kdjax.ops.reductions): both
+    # paths.
     inputs = make_inputs(1, axis=axis)
     valid = np.random.default_rng(2).random((2, 5, 3)) > 0.4
     valid[1] = False           # slices without a valid entry: 0, with zero gradients

@@ -3,7 +3,7 @@ with less wasted work.
 
 1. **The kernel gradient is a matrix product.** XLA's CPU backend computes it as a convolution
    whose "kernel" is the output cotangent (a window the size of the feature map over a
-   contraction of only N channels), 4–14× slower than the forward pass. With ``patches``
+   contraction of only N channels), several times slower than the forward pass. With ``patches``
    (N·H'·W', T·C_in) the input windows of the T kernel taps, ``dK = gᵀ · patches`` contracts over
    N·H'·W' (:func:`tap_backward`). At stride 1 (ungrouped, float32) the same product is formed
    from the input's column windows and the cotangent's row shifts
@@ -11,16 +11,16 @@ with less wasted work.
    9. The input gradient stays XLA's.
 2. **Stride-1 3×3 convolutions of at least ``WINOGRAD_MIN_CHANNELS`` channels run by Winograd's
    F(2×2, 3×3)** (:mod:`kdjax.ops.cpu.winograd`), forward and backward: 2.25× fewer products,
-   for the students' 128–512-channel convolutions 1.1–1.4× faster forward + backward than the
-   forms below.
+   which pays for the students' 128–512-channel convolutions against the forms below.
 3. **1×1 convolutions and those whose products mostly read padding run in the tap form**
    (:func:`runs_in_tap_form`): forward as a sum of per-tap matrix products over the outputs each
    tap reads inside the input (:func:`tap_convolution`); backward, at stride 1, block by block
    over the same products (:func:`block_backward`). A 1×1 convolution is a matrix product, which
-   XLA's CPU convolution runs up to 2.6× slower than its dot; the ASPP's partly-outside rates
-   spend most of XLA's products, forward and backward, on zeros.
+   XLA's CPU convolution runs slower than its dot; the ASPP's partly-outside rates spend most of
+   XLA's products, forward and backward, on zeros.
 
-:func:`convolve` joins them under one ``custom_vjp``. All tensors are NHWC with HWIO kernels.
+:func:`convolve` joins them under one ``custom_vjp``. All tensors are NHWC with HWIO kernels. The
+measurements behind each form and threshold: ``benchmarks/NOTES.md`` item 51.
 """
 
 from __future__ import annotations
@@ -38,30 +38,22 @@ from kdjax.ops.xla import Geometry, xla_convolution
 Array = jax.Array
 
 # On CPU, convolutions of which at most this share of the products reads the input (not padding)
-# run in the tap form, forward and backward: for the ASPP at rate 24 on a 32×32 map (a quarter of
-# the products) the forward is 9× and the backward 5× faster than XLA's convolution and the
-# full-window backward. At 0.84 (rate 4 on 32×32) both are as fast or faster (forward 1.08×,
-# backward 1.26×), and at 0.92 (rate 2) they are even.
+# run in the tap form, forward and backward: the ASPP's outer rates spend most of XLA's products
+# on zeros, and up to this share the tap form is as fast or faster; above it the two are even.
 TAP_FORM_FRACTION = 0.9
 # Convolutions of fewer floating-point operations than this keep XLA's convolution. The tap form
 # compiles an operation per (block, tap) pair of its backward, 49 for a 3×3 with padding 1, and
-# for small convolutions that costs more compile time than it saves at run time: the tests' tiny
-# distillation step compiled in 51 s with every small convolution in tap form, 21 s without.
+# for small convolutions that costs more compile time than it saves at run time.
 TAP_FORM_MIN_FLOP = 1e8
 # Ungrouped convolutions of fewer floating-point operations than this keep XLA's convolution and
 # XLA's gradients on the CPU too (kdjax.ops.convolution): their written-out backward saves little
-# run time on such small products and doubles the compile time. The demo's quarter-width
-# DeepLabV3-ResNet18 student (64×128 crops, batch 8, all its convolutions below this) compiles its
-# train step in 11.5 s instead of 21.5 s, at 139 against 127 ms per step, on a 2-core AVX2 host.
+# run time on such small products and doubles the compile time (the demo's student has all its
+# convolutions below this).
 CPU_FORMS_MIN_FLOP = 1e8
-# Winograd's form pays where the products dominate its three memory-bound transforms: at 128
-# channels and more it is 1.1–1.4× faster forward + backward (3×3 on 32×32 maps, batch 8, the
-# backward forming its tiles again); at 64 channels on 64×64 and 128×128 maps its input transform
-# makes it 0.6–0.9×.
+# Winograd's form pays where the products dominate its three memory-bound transforms: from 128
+# channels; at 64 channels its input transform costs more than the products it saves.
 WINOGRAD_MIN_CHANNELS = 128
-# It multiplies the padding too, so convolutions of which much is padding keep the tap form: it
-# wins at rate 4 on 32×32 (0.84 of the products read the input, 1.4× faster forward + backward
-# than the tap form).
+# It multiplies the padding too, so convolutions of which much is padding keep the tap form.
 WINOGRAD_MIN_VALID_FRACTION = 0.8
 
 
@@ -228,8 +220,7 @@ def _kernel_gradient_product(g: Array, windows: Array, groups: int) -> Array:
     # The product's output is ordered (C_out, T, C_in), so that XLA transposes the cotangent for
     # it, not the T times larger windows.
     if groups == 1 and g.dtype == windows.dtype == jnp.float32:
-        # Without the unit group axis XLA's CPU dot is up to 1.3× faster (3×3 64→64 on 128×128,
-        # ``benchmarks/convolutions.py``). This jaxlib's CPU dot has no bfloat16 × bfloat16 →
+        # Without the unit group axis XLA's CPU dot is faster. This jaxlib's CPU dot has no bfloat16 × bfloat16 →
         # float32 kernel for this form, so other dtypes keep the grouped one.
         product = jnp.einsum("po,ptc->otc", g, windows, preferred_element_type=jnp.float32)
         return product.transpose(1, 2, 0)
@@ -250,9 +241,8 @@ def row_shifted_kernel_gradient(padded: Array, cotangent: Array, taps: tuple[int
     ``H_p = H' + d_h·(kh − 1)``, so every shift stays inside its own image. The full window matrix
     of :func:`tap_backward`'s general form writes T = kh·kw copies of the input; this writes kw of
     the input and kh of the cotangent, and multiplies ``H_p / H'`` times as many rows (1.03 for a
-    3×3 on 64×64). Alone, with a fused producer of the cotangent, 1.2–2× faster for the
-    students' 3×3 convolutions up to dilation 2, and even at dilation 4 on 32×32
-    (``benchmarks/convolutions.py``).
+    3×3 on 64×64). With a fused producer of the cotangent it is faster than the general form for
+    the students' 3×3 convolutions up to dilation 2, and even at dilation 4.
 
     Args:
       padded: (N, H_p, W_p, C_in) the zero-padded input; cotangent: (N, H', W', C_out) float32;
@@ -267,7 +257,7 @@ def row_shifted_kernel_gradient(padded: Array, cotangent: Array, taps: tuple[int
     columns = jnp.stack([padded[:, :, j * dw:j * dw + ow] for j in range(kw)], axis=3)
     shifted = jnp.stack([jnp.pad(cotangent, ((0, 0), (i * dh, (kh - 1 - i) * dh), (0, 0), (0, 0)))
                          for i in range(kh)], axis=3)
-    # Ordered (kh·C_out, kw·C_in): 1.0–1.3× faster than the other order in the same measurement.
+    # Ordered (kh·C_out, kw·C_in): as fast as the other order or faster.
     product = jnp.einsum("mb,ma->ba", shifted.reshape(rows, kh * c_out),
                          columns.reshape(rows, kw * c_in), preferred_element_type=jnp.float32)
     return product.reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1)
@@ -281,7 +271,7 @@ def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     P = N·H'·W' outputs, ``dK = gᵀ · patches``: a product contracting over P, where XLA's CPU
     backend would run a convolution contracting over only N. The input gradient is XLA's own
     transposed convolution, which is as fast as the forward; forming it from the patches instead
-    (``g · K_allᵀ`` added back tap by tap) was 1.3× slower for 3×3 kernels and compiled T more
+    (``g · K_allᵀ`` added back tap by tap) was slower for 3×3 kernels and compiled T more
     pads and adds per convolution. One product for all taps uses the cotangent once, so XLA
     computes the (BN, ReLU) backward that produces it once; per-tap products each fused and
     recomputed it.
@@ -357,8 +347,8 @@ def block_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     windows ``w_b`` (P_b, |S|·C_in), ``dK[S] += g_bᵀ · w_b`` and ``g_b · K[S]ᵀ`` is added back
     where each tap read. The blocks partition the cotangent, so each product reads it once and
     XLA computes its producer (the BN and ReLU backward) once in all, as in :func:`tap_backward`.
-    For the ASPP's partly-outside rates this is 2–5× faster than :func:`tap_backward`, which
-    multiplies the zeros of the padding in both products (``benchmarks/convolutions.py``).
+    For the ASPP's partly-outside rates this is faster than :func:`tap_backward`, which multiplies
+    the zeros of the padding in both products.
 
     Shapes as :func:`conv2d`; ``geometry.stride`` must be (1, 1).
     """

@@ -1,25 +1,21 @@
-"""Several sums along one axis, read in a single pass where that pays, and the shifts of softmaxes.
+"""The CPU forms of the losses' reductions (:mod:`kdjax.ops.reductions` chooses them on the CPU):
+several sums along one axis read in a single pass, and a masked mean squared difference summed
+from its own gradient.
 
 A softmax loss sums a handful of element-wise expressions of the same logits along the same axis:
 the exponentials of student and teacher, the cross term of a KL. As separate reductions, XLA's CPU
 backend hands each float32 sum to YNNPACK, which cannot take a fused producer, so every sum's
 element-wise input is first written out in full and read back. One reduction with several outputs
 stays in XLA's own loop emitter, which fuses the element-wise producers into it and reads the
-logits once (on GPU and TPU it is one fused kernel as well).
+logits once.
 
 That loop walks the reduced axis innermost, which is fast when the axis is the last (contiguous)
 one, as the class axis of NHWC logits is. Along another axis, such as the positions of (N, P, C)
 maps, one long pass reads with a stride of the trailing size and was no faster than YNNPACK's
-separate reductions (benchmarks/NOTES.md, 'Several sums in one reduction'). There
-:func:`sums` splits the axis into blocks, sums the entries of every block in one pass and then
-the few block sums: 1.2–1.3× faster than separate sums for CWD's logits and 1.4× for NFD's
-features ('CWD and NFD in blocks of positions'). An axis the block does not divide falls back to
-one reduction per operand.
-
-The maxima that shift the softmaxes read the logits themselves, with no producer to fuse, and
-YNNPACK takes them faster one by one than XLA's loop takes them together: 0.38 against 0.79 ms
-for pixel KD's two maxima at the Cityscapes size (``benchmarks/losses.py``). So
-:func:`softmax_shifts` takes one reduction per operand.
+separate reductions. There :func:`sums` splits the axis into blocks, sums the entries of every
+block in one pass and then the few block sums. An axis the block does not divide falls back to
+one reduction per operand. The measurements: benchmarks/NOTES.md, 'Several sums in one
+reduction', 'CWD and NFD in blocks of positions' and item 52.
 """
 
 from __future__ import annotations
@@ -48,7 +44,7 @@ def _sums_one_pass_jvp(axis, primals, tangents):
             tuple(jnp.sum(t, axis=axis) for t in tangents))
 
 
-def _normalize_axis(operands: tuple[Array, ...], axis: int) -> tuple[int, bool]:
+def normalize_axis(operands: tuple[Array, ...], axis: int) -> tuple[int, bool]:
     """(axis in [0, ndim), whether it is the last axis); checks the operands agree in shape and dtype."""
     first = operands[0]
     for other in operands[1:]:
@@ -82,7 +78,7 @@ def sums(*operands: Array, axis: int) -> tuple[Array, ...]:
     Returns:
       one array per operand, the operands' shape without ``axis``. Differentiable in every operand.
     """
-    axis, last = _normalize_axis(operands, axis)
+    axis, last = normalize_axis(operands, axis)
     if last:
         if len(operands) > 1:
             return _sums_one_pass(axis, *operands)
@@ -95,18 +91,58 @@ def sums(*operands: Array, axis: int) -> tuple[Array, ...]:
     return tuple(jnp.sum(x, axis=axis) for x in operands)
 
 
-def softmax_shifts(*operands: Array, axis: int) -> tuple[Array, ...]:
-    """The shift of a stable softmax for each operand: its maximum along ``axis`` (kept, size 1),
-    0 where that maximum is not finite (a slice of −inf, as :func:`jax.nn.logsumexp` does).
+@jax.custom_jvp
+def mean_squared_difference(student: Array, teacher: Array, valid: Array | None) -> Array:
+    """``Σ_valid (s − t)² / max(count_valid, 1)``, with the derivative ``2(s − t)/count`` at valid
+    elements and 0 elsewhere (also where a masked element is NaN or infinite).
 
-    One reduction per operand, and no gradient: a softmax does not depend on its shift.
+    The value is computed from the gradient: :func:`_gradient_and_value`. Its derivative is
+    written out so that reverse mode returns that same map; forward mode applies too.
 
     Args:
-      operands: float arrays of one shape and dtype (masked entries already −inf).
-      axis: the softmax axis.
+      student, teacher: float32 (N, H, W, C).
+      valid: bool (N, H, W, 1), or None for every element.
     Returns:
-      one array per operand, the operands' shape with ``axis`` of size 1.
+      float32 scalar.
     """
-    axis, _ = _normalize_axis(operands, axis)
-    maxima = (jnp.max(jax.lax.stop_gradient(x), axis=axis, keepdims=True) for x in operands)
-    return tuple(jnp.where(jnp.isfinite(m), m, 0.0) for m in maxima)
+    return _gradient_and_value(student, teacher, valid)[1]
+
+
+def _gradient_and_value(student: Array, teacher: Array, valid: Array | None) -> tuple[Array, Array]:
+    """The gradient ``g = 2(s − t)/count`` (0 at masked elements) and the value ``Σ g² · count/4``.
+
+    Two passes, where the value's own sum of ``(s − t)²`` made three: the sum runs in YNNPACK,
+    which cannot take a fused producer, so the difference was written out, summed, and read
+    again for the gradient. The sum of ``g²`` reads the gradient itself, which is an output
+    anyway.
+
+    ``g²`` is smaller than ``(s − t)²`` by ``count²/4``, so squares of tiny differences can fall
+    below float32's normal range and be flushed to 0. Each such square loses less than 2⁻¹²⁶,
+    the value at most ``count² · 2⁻¹²⁸``; below ``count² · 2⁻¹⁰⁴`` that could exceed float32's
+    rounding, and the value is summed again from ``g · count/2 = s − t``. That branch runs only
+    then (a ``lax.cond``), and reads the gradient again.
+    """
+    difference = student - teacher
+    if valid is None:
+        count = float(difference.size)
+    else:
+        # where() rather than a product: a masked NaN or inf must leave the sum and the gradient.
+        difference = jnp.where(valid, difference, 0.0)
+        count = jnp.maximum(jnp.sum(valid, dtype=jnp.float32) * difference.shape[-1], 1.0)
+    gradient = difference * (2.0 / count)
+    value = jnp.sum(gradient * gradient) * (count / 4.0)
+
+    def from_differences(gradient: Array) -> Array:
+        return jnp.sum(jnp.square(gradient * (count / 2.0))) / count
+
+    value = jax.lax.cond(value < count * count * 2.0 ** -104, from_differences,
+                         lambda _: value, gradient)
+    return gradient, value
+
+
+@mean_squared_difference.defjvp
+def _mean_squared_difference_jvp(primals, tangents):
+    student, teacher, valid = primals
+    student_tangent, teacher_tangent, _ = tangents
+    gradient, value = _gradient_and_value(student, teacher, valid)
+    return value, jnp.sum(gradient * (student_tangent - teacher_tangent))

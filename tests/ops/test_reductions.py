@@ -1,11 +1,23 @@
-"""``kdjax.losses._reductions``: several sums along one axis in one pass, and softmax shifts."""
+"""``kdjax.ops.reductions``: several sums along one axis and a masked mean squared difference,
+the same in their CPU forms (``kdjax.ops.cpu.reductions``: one pass, written-out derivatives) and
+their plain ones, in value, gradient, forward mode and under jit and vmap."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.losses._reductions import _BLOCK, softmax_shifts, sums
+from kdjax.ops import kernels
+from kdjax.ops.cpu.reductions import _BLOCK
+from kdjax.ops.cpu.reductions import sums as cpu_sums
+from kdjax.ops.reductions import mean_squared_difference, sums
+
+
+@pytest.fixture(params=["cpu", "plain"], autouse=True)
+def forms(request, monkeypatch):
+    """Every test runs with each form of the reductions."""
+    monkeypatch.setattr(kernels, "cpu_forms", lambda: request.param == "cpu")
+    return request.param
 
 
 def operands(shape=(3, 4, 7), count=3, seed=0, dtype=jnp.float32):
@@ -36,8 +48,8 @@ def test_sums_match_float64_sums_in_value_and_gradient(axis):
 
 @pytest.mark.parametrize("size, reductions", [(3 * _BLOCK, 4), (3 * _BLOCK + 1, 3)])
 def test_sums_along_a_long_inner_axis_in_blocks(size, reductions):
-    # A size the block divides: one pass over the blocks' entries, then a sum of the block sums
-    # per operand; one it does not divide: one reduction per operand.
+    # The CPU form: a size the block divides takes one pass over the blocks' entries, then a sum
+    # of the block sums per operand; one it does not divide, one reduction per operand.
     xs = operands((2, size, 5))
     weights = operands((2, 5), seed=1)
     for x, out in zip(xs, sums(*xs, axis=1), strict=True):
@@ -46,34 +58,16 @@ def test_sums_along_a_long_inner_axis_in_blocks(size, reductions):
                      argnums=(0, 1, 2))(*xs)
     for g, w in zip(grads, weights, strict=True):
         np.testing.assert_array_equal(g, np.broadcast_to(np.expand_dims(w, 1), g.shape))
-    text = jax.jit(lambda *xs: sums(*xs, axis=1)).lower(*xs).as_text()
+    text = jax.jit(lambda *xs: cpu_sums(*xs, axis=1)).lower(*xs).as_text()
     assert text.count("stablehlo.reduce") == reductions, text
 
 
-@pytest.mark.parametrize("axis", [-1, 1])
-def test_softmax_shifts_match_the_maxima_and_stop_the_gradient(axis):
-    xs = operands(count=2)
-    for x, out in zip(xs, softmax_shifts(*xs, axis=axis), strict=True):
-        np.testing.assert_array_equal(out, np.max(np.asarray(x), axis=axis, keepdims=True))
-    grads = jax.grad(lambda a, b: jnp.sum(sum(softmax_shifts(a, b, axis=axis))),
-                     argnums=(0, 1))(*xs)
-    for g in grads:
-        assert not np.any(np.asarray(g))
-
-
-def test_the_last_axis_is_one_reduction_with_an_output_per_operand():
+def test_the_cpu_form_sums_the_last_axis_in_one_reduction_with_an_output_per_operand():
     xs = operands()
-    text = jax.jit(lambda *xs: sums(*xs, axis=-1)).lower(*xs).as_text()
+    text = jax.jit(lambda *xs: cpu_sums(*xs, axis=-1)).lower(*xs).as_text()
     assert text.count("stablehlo.reduce") == 1, text
     # Another axis: one reduction per operand (XLA's loop would read that axis strided).
-    text = jax.jit(lambda *xs: sums(*xs, axis=1)).lower(*xs).as_text()
-    assert text.count("stablehlo.reduce") == 3, text
-
-
-def test_softmax_shifts_are_one_reduction_per_operand():
-    # YNNPACK takes plain maxima one by one faster than XLA's loop takes them together.
-    xs = operands()
-    text = jax.jit(lambda *xs: softmax_shifts(*xs, axis=-1)).lower(*xs).as_text()
+    text = jax.jit(lambda *xs: cpu_sums(*xs, axis=1)).lower(*xs).as_text()
     assert text.count("stablehlo.reduce") == 3, text
 
 
@@ -112,19 +106,42 @@ def test_mismatched_operands_and_axes_are_rejected():
     a, b = operands(count=2)
     with pytest.raises(ValueError, match="share shape and dtype"):
         sums(a, b[:, :2], axis=-1)
-    with pytest.raises(ValueError, match="share shape and dtype"):
-        softmax_shifts(a, b.astype(jnp.bfloat16), axis=-1)
     with pytest.raises(ValueError, match="out of range"):
         sums(a, b, axis=3)
 
 
-def test_softmax_shifts_keep_the_axis_and_replace_a_non_finite_maximum_by_zero():
-    x = jnp.array([[1.0, 3.0, 2.0], [-np.inf, -np.inf, -np.inf], [0.0, np.inf, 1.0]])
-    for axis in (-1, 0):
-        (shift,) = softmax_shifts(x, axis=axis)
-        maximum = np.max(np.asarray(x), axis=axis, keepdims=True)
-        assert shift.shape == maximum.shape
-        np.testing.assert_array_equal(shift, np.where(np.isfinite(maximum), maximum, 0.0))
-    shift_x, shift_y = softmax_shifts(x, 2 * x, axis=-1)
-    np.testing.assert_array_equal(shift_y, [[6.0], [0.0], [0.0]])
-    np.testing.assert_array_equal(shift_x, [[3.0], [0.0], [0.0]])
+def squared_difference_reference(s, t, valid):
+    """float64: the value, and the gradient with respect to ``s``."""
+    valid = np.ones(s.shape[:-1] + (1,), bool) if valid is None else np.asarray(valid)
+    difference = np.where(valid, np.float64(s) - np.float64(t), 0.0)
+    count = max(valid.sum() * s.shape[-1], 1)
+    return np.sum(difference ** 2) / count, 2.0 * difference / count
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_mean_squared_difference_matches_float64_in_value_gradient_and_forward_mode(masked):
+    rng = np.random.default_rng(3)
+    s, t = (jnp.asarray(rng.normal(size=(2, 5, 6, 4)), jnp.float32) for _ in range(2))
+    valid = jnp.asarray(rng.random((2, 5, 6, 1)) > 0.4) if masked else None
+    value, grad = jax.jit(jax.value_and_grad(mean_squared_difference))(s, t, valid)
+    want_value, want_grad = squared_difference_reference(s, t, valid)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-9)
+    direction = jnp.asarray(rng.normal(size=s.shape), jnp.float32)
+    _, tangent = jax.jvp(lambda s: mean_squared_difference(s, t, valid), (s,), (direction,))
+    np.testing.assert_allclose(tangent, np.sum(want_grad * np.float64(direction)), rtol=1e-5)
+    batched = jax.vmap(mean_squared_difference, in_axes=(0, 0, None if valid is None else 0))(
+        s[:, None], t[:, None], None if valid is None else valid[:, None])
+    np.testing.assert_allclose(batched, [squared_difference_reference(
+        s[i:i + 1], t[i:i + 1], None if valid is None else valid[i:i + 1])[0] for i in range(2)],
+        rtol=1e-6)
+
+
+def test_mean_squared_difference_leaves_out_masked_non_finite_values_and_empty_masks():
+    s = jnp.asarray(np.arange(8.0).reshape(1, 2, 2, 2), jnp.float32)
+    t = s.at[0, 0, 0].set(jnp.array([jnp.nan, jnp.inf]))
+    valid = jnp.array([[[[False], [True]], [[True], [True]]]])
+    value, grad = jax.value_and_grad(mean_squared_difference)(s + 1.0, t, valid)
+    assert float(value) == 1.0 and np.all(np.isfinite(grad)) and not np.any(grad[0, 0, 0])
+    value, grad = jax.value_and_grad(mean_squared_difference)(s, t, jnp.zeros_like(valid))
+    assert float(value) == 0.0 and not np.any(grad)
