@@ -1,4 +1,5 @@
-"""Test-wide set-up: eight simulated CPU devices for the sharding tests, quiet TensorFlow, and one
+"""Test-wide set-up: eight simulated CPU devices for the sharding tests (skipped where an
+accelerator has fewer), float32 matrix products on accelerators, quiet TensorFlow, and one
 compilation cache for the whole session."""
 
 import os
@@ -8,6 +9,7 @@ import pytest
 
 from kdjax.runtime.compilation import CACHE_DIR_ENV, default_cache_dir, use_persistent_cache
 from kdjax.runtime.cpu_flags import add_cpu_flags
+from tests.devices import skip_unless_devices
 
 # Must be set before jax is imported anywhere in the test process. The tests' programs are tiny
 # and run for milliseconds, while XLA's backend optimisation (LLVM codegen) of each takes seconds:
@@ -36,10 +38,8 @@ use_persistent_cache()
 
 @pytest.fixture
 def eight_devices():
-    """Skips the test where fewer than eight devices exist: the CPU run simulates eight, and a
-    one-accelerator machine (the accelerator check's) has one."""
-    if jax.device_count() < 8:
-        pytest.skip(f"needs 8 devices; {jax.device_count()} {jax.default_backend()} device(s) here")
+    """Skips the test where fewer than eight devices exist (tests.devices)."""
+    skip_unless_devices(8)
 
 
 def pytest_collection_modifyitems(items):

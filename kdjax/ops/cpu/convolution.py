@@ -158,7 +158,7 @@ def runs_in_tap_form(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                      geometry: Geometry) -> bool:
     """Whether the CPU path computes this convolution tap by tap: one of at least
     ``TAP_FORM_MIN_FLOP`` whose kernel is 1×1 (a matrix product, which XLA's CPU convolution runs
-    up to 2.6× slower than its dot) or of whose products at most ``TAP_FORM_FRACTION`` read the
+    slower than its dot) or of whose products at most ``TAP_FORM_FRACTION`` read the
     input (XLA's convolution computes them all)."""
     return convolution_flop(x_shape, kernel_shape, geometry) >= TAP_FORM_MIN_FLOP and (
         kernel_shape[:2] == (1, 1) or valid_fraction(x_shape, kernel_shape, geometry) <= TAP_FORM_FRACTION)
