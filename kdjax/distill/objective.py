@@ -209,9 +209,11 @@ def distillation_loss(terms: tuple[Term, ...], inputs: TermInputs, term_modules:
                         else None, key=jax.random.fold_in(inputs.key, index),
                         student_module=term_modules[term.name] if own_module else None,
                         train=train)
+        # The losses reject tensors they cannot pair with a ValueError; anything else (e.g. JAX's
+        # TypeError for forward mode through a written-out backward) keeps its own message.
         try:
             value, parts, new_state = term.adapter.compute(call)
-        except (ValueError, TypeError) as err:
+        except ValueError as err:
             raise ObjectiveError(
                 f"{term.describe()} cannot be computed: {err} Choose tensors of matching shape "
                 f"(student {term.student!r}: {tuple(s.shape)}, teacher {term.teacher!r}: "

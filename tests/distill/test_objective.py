@@ -132,6 +132,24 @@ def test_unpairable_tensors_fail_naming_the_term_and_shapes():
                                   {}, train=True)
 
 
+def test_errors_other_than_pairing_keep_their_own_message():
+    # NFD's backward is written out (reverse mode only): forward mode fails in JAX, and that
+    # error is not dressed as a question of shapes.
+    terms = _parse({"nfd": term("normalized_feature_distillation", student="head",
+                                teacher="head")})
+    s, t = _tensors(0), _tensors(1)
+
+    def total(head):
+        inputs = _inputs({**s, "head": head}, t, _labels())
+        return distill.distillation_loss(terms, inputs, nnx.Dict({}), nnx.Dict({}), {},
+                                         train=True)[0]
+
+    with pytest.raises(TypeError, match="forward-mode") as raised:
+        jax.jvp(total, (s["head"],), (jnp.ones_like(s["head"]),))
+    assert not isinstance(raised.value, distill.ObjectiveError)
+    assert np.isfinite(float(total(s["head"])))
+
+
 def test_connectors_map_student_to_teacher_channels():
     terms = _parse({"feat": term("fitnet", student="head", teacher="head", connector="conv"),
                     "nfd": term("normalized_feature_distillation", student="head",
