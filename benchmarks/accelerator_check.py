@@ -24,12 +24,13 @@ what it had), then a short table printed last:
    ratio to PyTorch eager AMP, compile time, peak memory (kdjax: the compiled step's buffer
    assignment; PyTorch: ``torch.cuda.max_memory_allocated``) and model FLOP utilisation: the
    step's FLOPs (``kdjax.ops.cost.traced_flops`` of kdjax's step: its matrix products and
-   convolutions, the same work for every variant) / step time / the
-   measured matmul peak of the variant's dtype (the faster library's). kdjax compiles first, PyTorch runs and empties its cache, then kdjax runs:
-   the two allocators do not share memory. Last, ``--profile-steps`` (3) steps of kdjax's bfloat16
-   step (float32 where that did not run) are traced by ``jax.profiler``: the trace
-   (``profile_step.xplane.pb.gz``) and the compiled HLO (``profile_step.hlo.txt.gz``) go beside the
-   JSON file, and the JSON gets each device timeline line's busy time and its longest events.
+   convolutions, the same work for every variant) / step time / the measured matmul peak of the
+   variant's dtype (the faster library's). kdjax compiles first, PyTorch runs and empties its
+   cache, then kdjax runs: the two allocators do not share memory. Last, ``--profile-steps`` (3)
+   steps of kdjax's bfloat16 step (float32 where that did not run) are traced by
+   ``jax.profiler``: the trace (``profile_step.xplane.pb.gz``) and the compiled HLO
+   (``profile_step.hlo.txt.gz``) go beside the JSON file, and the JSON gets each device timeline
+   line's busy time, its longest events and the HLO instructions they ran for.
 3. ``losses``: every ``kdjax.losses`` case of ``benchmarks/losses.py`` at its Cityscapes size,
    forward + backward, jitted, against ``benchmarks/torch_losses.py`` eager and ``torch.compile``
    on the same device: median ms, the ratios PyTorch / kdjax, both values' and gradients' relative
@@ -51,13 +52,14 @@ to preallocate GPU memory, so PyTorch can run in the same process. ``--budget`` 
 bounds the run. The step comes first with ``--step-budget`` (240 s): its optional parts (a larger
 batch, kdjax bfloat16, ``torch.compile``) are skipped or stopped when the time left would not
 cover them. The losses get ``--losses-budget`` (90 s; each ``torch.compile`` a third of what is
-left; ``--no-losses-compile`` skips it), the tests what remains, at most ``--tests-timeout`` (150 s). A section that fails is
-recorded with its error and the others still run.
+left; ``--no-losses-compile`` skips it), the tests what remains, at most ``--tests-timeout``
+(150 s). A section that fails is recorded with its error and the others still run.
 
 ``--dry-run``: the same code on the CPU at toy sizes (64×64 crops, batch 2, ResNet-18 teacher, one
 timed repetition, two small losses, one test file, no ``torch.compile`` or kdjax bfloat16 step, no
-``kdjax compare``; the profile reads the XLA CPU client's threads), so that the script is exercised without an accelerator. ``--no-torch`` or a
-missing torch skips the PyTorch parts with a note.
+``kdjax compare``; the profile reads the XLA CPU client's threads), so that the script is
+exercised without an accelerator. ``--no-torch`` or a missing torch skips the PyTorch parts with a
+note.
 """
 
 from __future__ import annotations

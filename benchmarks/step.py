@@ -236,8 +236,8 @@ def kdjax_teacher_forward(exp, batch: dict) -> Impl:
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
     peak, memory = compiled_costs(compiled)
-    return Impl(lambda: jax.block_until_ready(compiled(variables, images)), traced_flops(traced), peak,
-                {"compile_s": compile_s, "memory_analysis": memory})
+    return Impl(lambda: jax.block_until_ready(compiled(variables, images)), traced_flops(traced),
+                peak, {"compile_s": compile_s, "memory_analysis": memory})
 
 
 def param_count(module, kind) -> int:
@@ -366,8 +366,9 @@ def valid_taps(size: int, kernel: int, stride: int, pad: int, dilation: int) -> 
 def conv_flops(x_shape, w_shape, _bias, stride, padding, dilation, transposed, *args, out_shape=None,
                **kwargs) -> int:
     """Convolution FLOPs over the kernel taps that fall inside the input, as XLA's cost analysis
-    and `kdjax.ops.cost` count them. FlopCounterMode's own formula also counts the taps on the zero padding, which
-    matters for the dilated ASPP convolutions (rates 12/24/36) on small feature maps."""
+    and `kdjax.ops.cost` count them. FlopCounterMode's own formula also counts the taps on the
+    zero padding, which matters for the dilated ASPP convolutions (rates 12/24/36) on small
+    feature maps."""
     from torch.utils.flop_counter import conv_flop_count
 
     if transposed or isinstance(padding, str):

@@ -12,8 +12,7 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from kdjax.ops.cpu.reductions import normalize_axis
-from kdjax.ops.reductions import sums
+from kdjax.ops.reductions import normalize_axis, sums
 
 Array = jax.Array
 
@@ -278,6 +277,6 @@ def softmax_shifts(*operands: Array, axis: int) -> tuple[Array, ...]:
     Returns:
       one array per operand, the operands' shape with ``axis`` of size 1.
     """
-    axis, _ = normalize_axis(operands, axis)
+    axis = normalize_axis(operands, axis)
     maxima = (jnp.max(jax.lax.stop_gradient(x), axis=axis, keepdims=True) for x in operands)
     return tuple(jnp.where(jnp.isfinite(m), m, 0.0) for m in maxima)

@@ -15,6 +15,24 @@ from kdjax.ops.cpu import reductions as cpu
 Array = jax.Array
 
 
+def normalize_axis(operands: tuple[Array, ...], axis: int) -> int:
+    """``axis`` in [0, ndim), after checking that the operands agree in shape and dtype.
+
+    Raises:
+      ValueError: the operands differ, or ``axis`` is out of range.
+    """
+    first = operands[0]
+    for other in operands[1:]:
+        if other.shape != first.shape or other.dtype != first.dtype:
+            raise ValueError(
+                "operands of one reduction must share shape and dtype, got "
+                f"{[(o.shape, str(o.dtype)) for o in operands]}.")
+    ndim = first.ndim
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for arrays of rank {ndim}.")
+    return axis % ndim
+
+
 def sums(*operands: Array, axis: int) -> tuple[Array, ...]:
     """``tuple(jnp.sum(x, axis) for x in operands)``.
 
@@ -24,9 +42,9 @@ def sums(*operands: Array, axis: int) -> tuple[Array, ...]:
     Returns:
       one array per operand, the operands' shape without ``axis``.
     """
+    axis = normalize_axis(operands, axis)
     if kernels.cpu_forms():
         return cpu.sums(*operands, axis=axis)
-    axis, _ = cpu.normalize_axis(operands, axis)
     return tuple(jnp.sum(x, axis=axis) for x in operands)
 
 

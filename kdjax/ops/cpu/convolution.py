@@ -3,8 +3,8 @@ with less wasted work.
 
 1. **The kernel gradient is a matrix product.** XLA's CPU backend computes it as a convolution
    whose "kernel" is the output cotangent (a window the size of the feature map over a
-   contraction of only N channels), several times slower than the forward pass. With ``patches``
-   (N·H'·W', T·C_in) the input windows of the T kernel taps, ``dK = gᵀ · patches`` contracts over
+   contraction of only N channels), several times slower than the forward pass. With
+   ``patches`` (N·H'·W', T·C_in) the input windows of the T kernel taps, ``dK = gᵀ · patches`` contracts over
    N·H'·W' (:func:`tap_backward`). At stride 1 (ungrouped, float32) the same product is formed
    from the input's column windows and the cotangent's row shifts
    (:func:`row_shifted_kernel_gradient`), which write 3 + 3 copies for a 3×3 kernel instead of
@@ -158,8 +158,8 @@ def runs_in_tap_form(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                      geometry: Geometry) -> bool:
     """Whether the CPU path computes this convolution tap by tap: one of at least
     ``TAP_FORM_MIN_FLOP`` whose kernel is 1×1 (a matrix product, which XLA's CPU convolution runs
-    slower than its dot) or of whose products at most ``TAP_FORM_FRACTION`` read the
-    input (XLA's convolution computes them all)."""
+    slower than its dot) or of whose products at most ``TAP_FORM_FRACTION`` read the input (XLA's
+    convolution computes them all)."""
     return convolution_flop(x_shape, kernel_shape, geometry) >= TAP_FORM_MIN_FLOP and (
         kernel_shape[:2] == (1, 1) or valid_fraction(x_shape, kernel_shape, geometry) <= TAP_FORM_FRACTION)
 
@@ -220,8 +220,8 @@ def _kernel_gradient_product(g: Array, windows: Array, groups: int) -> Array:
     # The product's output is ordered (C_out, T, C_in), so that XLA transposes the cotangent for
     # it, not the T times larger windows.
     if groups == 1 and g.dtype == windows.dtype == jnp.float32:
-        # Without the unit group axis XLA's CPU dot is faster. This jaxlib's CPU dot has no bfloat16 × bfloat16 →
-        # float32 kernel for this form, so other dtypes keep the grouped one.
+        # Without the unit group axis XLA's CPU dot is faster. This jaxlib's CPU dot has no
+        # bfloat16 × bfloat16 → float32 kernel for this form, so other dtypes keep the grouped one.
         product = jnp.einsum("po,ptc->otc", g, windows, preferred_element_type=jnp.float32)
         return product.transpose(1, 2, 0)
     product = jnp.einsum("pgo,ptgc->gotc", g.reshape(points, groups, c_out // groups),

@@ -44,21 +44,6 @@ def _sums_one_pass_jvp(axis, primals, tangents):
             tuple(jnp.sum(t, axis=axis) for t in tangents))
 
 
-def normalize_axis(operands: tuple[Array, ...], axis: int) -> tuple[int, bool]:
-    """(axis in [0, ndim), whether it is the last axis); checks the operands agree in shape and dtype."""
-    first = operands[0]
-    for other in operands[1:]:
-        if other.shape != first.shape or other.dtype != first.dtype:
-            raise ValueError(
-                "operands of one reduction must share shape and dtype, got "
-                f"{[(o.shape, str(o.dtype)) for o in operands]}.")
-    ndim = first.ndim
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for arrays of rank {ndim}.")
-    axis %= ndim
-    return axis, axis == ndim - 1
-
-
 # Entries per block of a sum along a non-last axis: short float32 accumulations, and block sums
 # few enough to cost nothing (64 and 32 measured alike for CWD, 64 and 128 for NFD).
 _BLOCK = 64
@@ -73,13 +58,13 @@ def sums(*operands: Array, axis: int) -> tuple[Array, ...]:
     operand.
 
     Args:
-      operands: arrays of one shape and dtype (usually float32 element-wise expressions).
+      operands: arrays of one shape and dtype (checked by :func:`kdjax.ops.reductions.sums`).
       axis: the axis to sum over (removed from the results).
     Returns:
       one array per operand, the operands' shape without ``axis``. Differentiable in every operand.
     """
-    axis, last = normalize_axis(operands, axis)
-    if last:
+    axis %= operands[0].ndim
+    if axis == operands[0].ndim - 1:
         if len(operands) > 1:
             return _sums_one_pass(axis, *operands)
         return (jnp.sum(operands[0], axis=axis),)
