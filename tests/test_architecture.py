@@ -1,6 +1,7 @@
 """docs/architecture.md's rules, read from the source: which rooms each room imports, that no
 command imports another, that only the kernels room and the platform module ask which platform
-runs, and that only the registries dispatch on a loss kind's name."""
+runs, that only the registries dispatch on a loss kind's name, and that the losses' own derivative
+rules live in one module."""
 
 import ast
 from pathlib import Path
@@ -31,6 +32,9 @@ OPEN_TO_ALL = {"kdjax", "_extras"}
 PLATFORM_QUERIES = ("ops/kernels.py", "ops/cpu/", "runtime/platform.py")
 # Where a loss kind's name may decide what runs: the adapters and the methods that name them.
 LOSS_NAMES = ("distill/adapters.py", "config/methods.py")
+# The one module of the losses room that may define a derivative rule, and the words that name one.
+DERIVATIVE_RULES = "losses/_derivative_rules.py"
+RULE_WORDS = ("custom_vjp", "custom_jvp", "defvjp", "defjvp")
 
 
 def modules():
@@ -140,3 +144,25 @@ def test_the_platform_check_sees_what_it_forbids():
     for source in ("jax.default_backend() == 'cpu'", "jax.devices()[0].platform != 'gpu'"):
         assert any(_asks_the_platform(n) for n in ast.walk(ast.parse(source)))
     assert not any(_asks_the_platform(n) for n in ast.walk(ast.parse("jax.devices()")))
+
+
+def _rule_lines(text: str) -> list[int]:
+    """The lines of ``text`` that name a derivative rule (code, comment or docstring alike)."""
+    return [number for number, line in enumerate(text.splitlines(), 1)
+            if any(word in line for word in RULE_WORDS)]
+
+
+def test_only_the_rules_module_defines_the_losses_derivative_rules():
+    wrong = [f"kdjax/{path.relative_to(PACKAGE).as_posix()}:{line}"
+             for path in sorted((PACKAGE / "losses").rglob("*.py"))
+             if path.relative_to(PACKAGE).as_posix() != DERIVATIVE_RULES
+             for line in _rule_lines(path.read_text())]
+    assert not wrong, f"derivative rules outside kdjax/{DERIVATIVE_RULES}:\n" + "\n".join(wrong)
+
+
+def test_the_rules_check_sees_what_it_forbids():
+    assert _rule_lines("x = 1\n@jax.custom_vjp\ndef f(x): ...\nf.defvjp(fwd, bwd)\n") == [2, 4]
+    assert _rule_lines("g = functools.partial(jax.custom_jvp, nondiff_argnums=(0,))") == [1]
+    assert _rule_lines("rule = gradient_from_forward(parts)\n") == []
+    # The module the check exempts exists and holds the rules.
+    assert _rule_lines((PACKAGE / DERIVATIVE_RULES).read_text())

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from kdjax.losses._common import (as_float32, check_choice, check_labels, check_mask, check_positive, check_rank,
                                   check_same_shape, combine_masks, frozen, l2_normalize,
                                   nearest_resize_labels, softmax_kl, valid_label_mask)
+from kdjax.losses._derivative_rules import gradient_from_forward
 
 Array = jax.Array
 
@@ -424,7 +425,6 @@ def _blocks_of(student: Array, teacher: Array, anchors: Array) -> tuple[Array, A
     return _row_blocks(student, rows), _row_blocks(teacher, rows), _row_blocks(anchors, rows)
 
 
-@jax.custom_vjp
 def _contrast_kl_sums(student: Array, teacher: Array, anchors: Array, contrasts: tuple[Array, ...],
                       temperature: Array) -> Array:
     """(X,) sums over all anchors of the row KLs, one per contrast set; differentiable in the
@@ -433,8 +433,9 @@ def _contrast_kl_sums(student: Array, teacher: Array, anchors: Array, contrasts:
     Every anchor's KL is a function of its own row, so the rows of the whole batch run in blocks
     of ``_ROWS_PER_STEP`` (``lax.map``): only a few (R, M) similarity maps are alive at any
     moment, whatever the batch. Under differentiation the forward pass also forms the gradient,
-    an (R, C) product per block and set, and the backward pass only scales it: three matrix
-    products per set instead of the five of a rematerialised autodiff.
+    an (R, C) product per block and set, and the backward pass only scales it
+    (:func:`~kdjax.losses._derivative_rules.gradient_from_forward`): three matrix products per
+    set instead of the five of a rematerialised autodiff. The value alone forms no gradient.
 
     Args:
       student, teacher: float32 (N, P, C) L2-normalised embeddings.
@@ -442,25 +443,29 @@ def _contrast_kl_sums(student: Array, teacher: Array, anchors: Array, contrasts:
       contrasts: X float32 (M_x, C) contrast sets.
       temperature: float32 scalar ``τ·kd_tau``.
     """
+    rule = gradient_from_forward(_contrast_kl_parts, value=_contrast_kl_values)
+    return rule(student, teacher, anchors, contrasts, temperature)
+
+
+def _contrast_kl_values(student: Array, teacher: Array, anchors: Array,
+                        contrasts: tuple[Array, ...], temperature: Array) -> Array:
+    """:func:`_contrast_kl_sums`, the value alone: (X,)."""
     sums = jax.lax.map(lambda block: _rows_kl_sums(*block, contrasts, temperature),
                        _blocks_of(student, teacher, anchors))
     return jnp.sum(sums, axis=0)
 
 
-def _contrast_kl_sums_fwd(student, teacher, anchors, contrasts, temperature):
+def _contrast_kl_parts(student: Array, teacher: Array, anchors: Array,
+                       contrasts: tuple[Array, ...], temperature: Array
+                       ) -> tuple[Array, tuple[Array, None, None, None, None]]:
+    """:func:`_contrast_kl_sums`, (X,), and its gradient w.r.t. the student, (X, N, P, C); None
+    for the other arguments."""
     sums, grads = jax.lax.map(lambda block: _rows_kl_parts(*block, contrasts, temperature),
                               _blocks_of(student, teacher, anchors))
     n, p, c = student.shape
     # (blocks, X, R, C) -> (X, N, P, C), without the padded rows.
     grads = jnp.moveaxis(grads, 1, 0).reshape(len(contrasts), -1, c)[:, :n * p]
-    return jnp.sum(sums, axis=0), grads.reshape(len(contrasts), n, p, c)
-
-
-def _contrast_kl_sums_bwd(grads, cotangent):
-    return jnp.sum(cotangent[:, None, None, None] * grads, axis=0), None, None, None, None
-
-
-_contrast_kl_sums.defvjp(_contrast_kl_sums_fwd, _contrast_kl_sums_bwd)
+    return jnp.sum(sums, axis=0), (grads.reshape(len(contrasts), n, p, c), None, None, None, None)
 
 
 def _contrast_kd(student: Array, teacher: Array, anchors: Array, contrasts: tuple[Array, ...],

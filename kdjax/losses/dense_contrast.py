@@ -38,6 +38,7 @@ import numpy as np
 
 from kdjax.losses._common import (as_float32, check_optional_positive_int, check_pair,
                                   check_positive, frozen)
+from kdjax.losses._derivative_rules import gradient_from_forward
 
 Array = jax.Array
 
@@ -195,16 +196,21 @@ def _patch_parts(generated: Array, teacher: Array, groups: int, tau: float) -> t
     return value, grad
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _contrast_sum(generated: Array, teacher: Array, groups: int, tau: float,
                   patches_per_chunk: int) -> Array:
     """Σ over patches of :func:`_patch_parts` for (P, N, K, D) stacks, ``patches_per_chunk``
     patches at a time (``lax.map``; each chunk vmapped). The gradient comes from the same pass, so
-    the backward pass only scales it; the teacher gets none."""
-    return _contrast_sum_fwd(generated, teacher, groups, tau, patches_per_chunk)[0]
+    the backward pass only scales it
+    (:func:`~kdjax.losses._derivative_rules.gradient_from_forward`); the teacher gets none."""
+    rule = gradient_from_forward(
+        functools.partial(_contrast_sum_parts, groups, tau, patches_per_chunk))
+    return rule(generated, teacher)
 
 
-def _contrast_sum_fwd(generated, teacher, groups, tau, patches_per_chunk):
+def _contrast_sum_parts(groups: int, tau: float, patches_per_chunk: int, generated: Array,
+                        teacher: Array) -> tuple[Array, tuple[Array, None]]:
+    """:func:`_contrast_sum` and its gradient w.r.t. ``generated`` (P, N, K, D); None for the
+    teacher."""
     def parts(args):
         return _patch_parts(*args, groups, tau)
 
@@ -212,15 +218,7 @@ def _contrast_sum_fwd(generated, teacher, groups, tau, patches_per_chunk):
         values, grad = jax.vmap(parts)((generated, teacher))
     else:
         values, grad = jax.lax.map(parts, (generated, teacher), batch_size=patches_per_chunk)
-    return jnp.sum(values), grad
-
-
-def _contrast_sum_bwd(groups, tau, patches_per_chunk, grad, cotangent):
-    del groups, tau, patches_per_chunk
-    return cotangent * grad, None
-
-
-_contrast_sum.defvjp(_contrast_sum_fwd, _contrast_sum_bwd)
+    return jnp.sum(values), (grad, None)
 
 
 def _patches_within(scratch_bytes: int, batch: int, vectors: int, dim: int) -> int:

@@ -27,6 +27,7 @@ from kdjax.losses._common import (as_float32, check_labels, check_mask, check_op
                                   check_pair, check_positive, check_rank, combine_masks, frozen,
                                   masked_mean, nearest_resize_labels, softmax_shifts,
                                   valid_label_mask)
+from kdjax.losses._derivative_rules import gradient_from_forward
 from kdjax.ops.reductions import sums
 from kdjax.losses.channel_wise import channel_wise_divergence, spatial_log_softmax
 from kdjax.losses.pixel_kd import pixel_kd
@@ -387,28 +388,25 @@ def _image_bound_parts(student: Array, u: Array, teacher: Array, valid: Array,
     return value + jnp.sum(q * log_q), (grad_z / tau).reshape(h, w, num_classes), grad_u[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _chunked_bound(student: Array, u: Array, teacher: Array, valid: Array, tau: float,
                    images_per_chunk: int) -> Array:
     """The sum over images of :func:`_image_bound_parts`, for (N, ...) stacks of its arguments,
     over chunks of ``images_per_chunk`` images (``lax.map``, each chunk vmapped). The gradients
-    come from the same pass, so the backward only scales them; the teacher and τ get none."""
-    return _chunked_bound_fwd(student, u, teacher, valid, tau, images_per_chunk)[0]
+    come from the same pass, so the backward only scales them
+    (:func:`~kdjax.losses._derivative_rules.gradient_from_forward`); the teacher and τ get none."""
+    rule = gradient_from_forward(functools.partial(_chunked_bound_parts, images_per_chunk))
+    return rule(student, u, teacher, valid, tau)
 
 
-def _chunked_bound_fwd(student, u, teacher, valid, tau, images_per_chunk):
+def _chunked_bound_parts(images_per_chunk: int, student: Array, u: Array, teacher: Array,
+                         valid: Array, tau: float
+                         ) -> tuple[Array, tuple[Array, Array, None, None, None]]:
+    """:func:`_chunked_bound` and its gradients w.r.t. ``student`` (N, H, W, K) and ``u``
+    (N, H·W, K); None for the teacher, the validity and τ."""
     values, grad_student, grad_u = jax.lax.map(
         lambda args: _image_bound_parts(*args, tau), (student, u, teacher, valid),
         batch_size=images_per_chunk)
-    return jnp.sum(values), (grad_student, grad_u)
-
-
-def _chunked_bound_bwd(images_per_chunk, grads, cotangent):
-    grad_student, grad_u = grads
-    return cotangent * grad_student, cotangent * grad_u, None, None, None
-
-
-_chunked_bound.defvjp(_chunked_bound_fwd, _chunked_bound_bwd)
+    return jnp.sum(values), (grad_student, grad_u, None, None, None)
 
 
 def fakd_cwd(student_logits: Array, teacher_logits: Array, classifier_kernel: Array,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from kdjax.losses._common import (as_float32, check_choice, check_mask, check_positive, check_rank,
                                   check_same_shape, frozen, safe_sqrt)
+from kdjax.losses._derivative_rules import backward_from_residuals
 from kdjax.ops.reductions import sums
 
 Array = jax.Array
@@ -99,7 +100,6 @@ def _scales(m: _Moments, normalize_student: bool, eps: float,
     return 1.0 / root_t, 1.0 / root_s, variance_gap / ((root_s + root_t) * root_t), divisor
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _squared_distance(student: Array, teacher: Array, valid: Array, axes: str,
                       normalize_student: bool, eps: float, ddof: int) -> Array:
     """``Σ_valid (N(F^T) − N̂(F^S))²`` with N̂ the student's normalisation (or none).
@@ -112,7 +112,8 @@ def _squared_distance(student: Array, teacher: Array, valid: Array, axes: str,
     there). The gradient w.r.t. the student, from ``g = −2(y_t − y_s)``, is the normalisation's
     backward ``a_s·(g − mean(g) − y_s·Σ(g·y_s)/(count − ddof))``, where ``mean(g) = 0`` (both
     normalised slices have zero mean) and ``Σ(y_t − y_s)·y_s = a_s²·(Σδ·c_s + (r − 1)·Σc_t·c_s)``
-    with ``Σδ·c_s = Σδ·c_t − Σδ²``: one element-wise pass in the backward. The teacher gets no
+    with ``Σδ·c_s = Σδ·c_t − Σδ²``: one element-wise pass in the backward
+    (:func:`~kdjax.losses._derivative_rules.backward_from_residuals`). The teacher gets no
     gradient.
 
     Args:
@@ -121,10 +122,16 @@ def _squared_distance(student: Array, teacher: Array, valid: Array, axes: str,
     Returns:
       float32 scalar.
     """
-    return _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps, ddof)[0]
+    rule = backward_from_residuals(
+        functools.partial(_squared_distance_forward, axes, normalize_student, eps, ddof),
+        functools.partial(_squared_distance_backward, normalize_student, eps, ddof))
+    return rule(student, teacher, valid)
 
 
-def _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps, ddof):
+def _squared_distance_forward(axes: str, normalize_student: bool, eps: float, ddof: int,
+                              student: Array, teacher: Array, valid: Array
+                              ) -> tuple[Array, tuple[Array, Array, Array, _Moments]]:
+    """:func:`_squared_distance` and its residuals: the inputs and the group moments."""
     m = _moments(student, teacher, valid, AXES[axes], normalize_student)
     _, scale_s, ratio_gap, _ = _scales(m, normalize_student, eps, ddof)
     value = jnp.sum(scale_s**2 * (m.gap_squares + 2.0 * ratio_gap * m.gap_teacher
@@ -132,7 +139,11 @@ def _squared_distance_fwd(student, teacher, valid, axes, normalize_student, eps,
     return value, (student, teacher, valid, m)
 
 
-def _squared_distance_bwd(axes, normalize_student, eps, ddof, residuals, cotangent):
+def _squared_distance_backward(normalize_student: bool, eps: float, ddof: int,
+                               residuals: tuple[Array, Array, Array, _Moments],
+                               cotangent: Array) -> tuple[Array, None, None]:
+    """The cotangent of ``student`` (N, H, W, C) from the residuals; None for the teacher and the
+    validity."""
     student, teacher, valid, m = residuals
     _, scale_s, ratio_gap, divisor = _scales(m, normalize_student, eps, ddof)
     gap = _gap(student, teacher, valid, m.mean_t, m.mean_s)
@@ -144,9 +155,6 @@ def _squared_distance_bwd(axes, normalize_student, eps, ddof, residuals, cotange
         grad = scale_s * (grad - scale_s * (student - m.mean_s) * projection)
     grad = jnp.where(valid, cotangent * grad, 0.0)
     return grad, None, None
-
-
-_squared_distance.defvjp(_squared_distance_fwd, _squared_distance_bwd)
 
 
 def normalized_feature_distillation(student: Array, teacher: Array, *, axes: str = "spatial",

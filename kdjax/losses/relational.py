@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from kdjax.losses._common import (as_float32, check_choice, check_group_size, check_mask,
                                   check_optional_positive_int, check_positive, check_rank,
                                   check_same_spatial, frozen, l2_normalize, softmax_kl)
+from kdjax.losses._derivative_rules import gradient_from_forward
 from kdjax.losses.pooling import pool_ceil
 
 Array = jax.Array
@@ -123,8 +124,9 @@ def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid:
     Differentiable in ``student`` only; the teacher is a constant (callers pass it frozen). Under
     differentiation each block of rows forms its gradient w.r.t. its A^S rows in the forward pass
     and turns it at once into the gradient w.r.t. X^S (rows and columns), so the backward pass only
-    scales that: four matrix products per block, where a rematerialised autodiff needs six. A
-    symmetric ``pair_term`` needs three (see ``symmetric``).
+    scales that (:func:`~kdjax.losses._derivative_rules.gradient_from_forward`): four matrix
+    products per block, where a rematerialised autodiff needs six. A symmetric ``pair_term`` needs
+    three (see ``symmetric``).
 
     Args:
       pair_term: ``(a_s, a_t, col_valid) -> terms``. ``a_s``, ``a_t``: (B, k, B, P) rows of one
@@ -145,7 +147,10 @@ def pairwise_row_sum(pair_term: PairTerm, student: Array, teacher: Array, valid:
     Returns:
       float32 scalar.
     """
-    return _row_sum(pair_term, block_size, symmetric, student, teacher, valid)
+    rule = gradient_from_forward(
+        functools.partial(_row_sum_and_grad, pair_term, block_size, symmetric),
+        value=functools.partial(_row_sum, pair_term, block_size))
+    return rule(student, teacher, valid)
 
 
 def _blocks(block_size: int | None, student: Array, teacher: Array,
@@ -204,9 +209,8 @@ def _per_group(group_fn, student: Array, teacher: Array, valid: Array | None):
     return stacked
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _row_sum(pair_term: PairTerm, block_size: int | None, symmetric: bool, student: Array,
-             teacher: Array, valid: Array | None) -> Array:
+def _row_sum(pair_term: PairTerm, block_size: int | None, student: Array, teacher: Array,
+             valid: Array | None) -> Array:
     """:func:`pairwise_row_sum` (value only: no gradient is formed)."""
 
     def group_total(student_g, teacher_g, valid_g):
@@ -223,7 +227,11 @@ def _row_sum(pair_term: PairTerm, block_size: int | None, symmetric: bool, stude
     return jnp.sum(_per_group(group_total, student, teacher, valid))
 
 
-def _row_sum_fwd(pair_term, block_size, symmetric, student, teacher, valid):
+def _row_sum_and_grad(pair_term: PairTerm, block_size: int | None, symmetric: bool,
+                      student: Array, teacher: Array,
+                      valid: Array | None) -> tuple[Array, tuple[Array, None, None]]:
+    """:func:`pairwise_row_sum` and its gradient w.r.t. ``student`` (G, B, P, C_s), block by
+    block; the teacher and the validity get none."""
 
     def group_total_and_grad(student_g, teacher_g, valid_g):
         maps, kept_sum = _block_functions(pair_term, student_g, teacher_g, valid_g)
@@ -254,14 +262,7 @@ def _row_sum_fwd(pair_term, block_size, symmetric, student, teacher, valid):
         return total, jnp.einsum("cjq->jqc", grad_columns) + grad_rows
 
     totals, grad_student = _per_group(group_total_and_grad, student, teacher, valid)
-    return jnp.sum(totals), grad_student
-
-
-def _row_sum_bwd(pair_term, block_size, symmetric, grad_student, cotangent):
-    return cotangent * grad_student, None, None
-
-
-_row_sum.defvjp(_row_sum_fwd, _row_sum_bwd)
+    return jnp.sum(totals), (grad_student, None, None)
 
 
 def _squared_difference_rows(a_s: Array, a_t: Array, col_valid: Array | None) -> Array:
