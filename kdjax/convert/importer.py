@@ -24,6 +24,7 @@ Every key and shape is checked before anything is loaded; any difference raises 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -41,7 +42,6 @@ from kdjax.models.resnet import ResNet
 from kdjax.models.segformer import (MIT_VARIANTS, LayerNorm, Linear, build_mix_transformer,
                                     mit_widths)
 from kdjax.models.segmentor import build_segmentor
-from kdjax.runtime.compilation import compile_unoptimized
 
 BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenetv2")
 MIT_BACKBONES = tuple(MIT_VARIANTS)
@@ -111,28 +111,6 @@ def _slots(layers: Layers) -> dict[str, tuple[nnx.Variable, str | None]]:
         else:
             raise TypeError(f"no PyTorch layout for {type(layer).__name__} at {prefix}")
     return slots
-
-
-def _abstract_model(build: Callable[[], nnx.Module]) -> nnx.Module:
-    """``build()``'s model without allocating or initialising its weights (they stay abstract).
-
-    Random initialisation of a ResNet-101 segmentor takes tens of seconds on a CPU; only the rng
-    streams (dropout) need concrete values, and the jitted ``init`` returns nothing else, so XLA
-    drops the weight initialisers.
-    """
-    captured = {}
-
-    def init():
-        graphdef, weights, rest = nnx.split(build(), (nnx.Param, nnx.BatchStat), ...)
-        leaves, treedef = jax.tree.flatten(weights)
-        # Only shapes leave the trace: Variables made inside it could not be updated outside.
-        captured.update(graphdef=graphdef, treedef=treedef,
-                        shapes=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves])
-        return rest
-
-    rest = compile_unoptimized(init)()
-    weights = jax.tree.unflatten(captured["treedef"], captured["shapes"])
-    return nnx.merge(captured["graphdef"], weights, rest)
 
 
 def _mismatch_error(name: str, description: str, weights: Mapping[str, np.ndarray],
@@ -218,7 +196,7 @@ def _build_backbone(origin: str, backbone: str, rngs: nnx.Rngs, **kwargs) -> nnx
 
 
 def from_torch(name: str, state_dict: Mapping[str, Any], num_classes: int | None = None, *,
-               seed: int = 0, **build_kwargs) -> nnx.Module:
+               seed: int | None = None, **build_kwargs) -> nnx.Module:
     """Builds kdjax's model for a PyTorch state dict and loads its tensors.
 
     Args:
@@ -229,7 +207,8 @@ def from_torch(name: str, state_dict: Mapping[str, Any], num_classes: int | None
         a ``module.`` prefix, ``num_batches_tracked`` entries and a 'state_dict'/'model' wrapper
         are accepted.
       num_classes: K for segmentors; None reads it from the classifier. Not allowed for backbones.
-      seed: seeds the dropout rng stream (the only state not read from the checkpoint).
+      seed: deprecated and unused: models hold no rng state, their dropout keys are arguments
+        of the call (``model(images, train=True, rngs=nnx.Rngs(dropout=key))``).
       **build_kwargs: passed to :func:`~kdjax.models.segmentor.build_segmentor` (e.g.
         ``output_stride``, ``dtype``, ``param_dtype``, SegFormer's ``drop_path_rate``;
         ``head_width`` and ``aux`` default to what the shapes say) or to the backbone
@@ -248,7 +227,11 @@ def from_torch(name: str, state_dict: Mapping[str, Any], num_classes: int | None
         raise ValueError(f"name must be one of {', '.join(SOURCES)}; got {name!r}")
     weights = normalize_state_dict(state_dict)
     hints: list[str] = []
-    rngs = lambda: nnx.Rngs(seed)  # noqa: E731 - built inside the traced init
+    if seed is not None:
+        warnings.warn("from_torch's seed is unused and deprecated: dropout keys are passed at "
+                      "call time (model(images, train=True, rngs=nnx.Rngs(dropout=key))).",
+                      DeprecationWarning, stacklevel=2)
+    rngs = lambda: nnx.Rngs(0)  # noqa: E731 - built inside the traced shapes
     if name in SEGMENTOR_SOURCES:
         num_classes = _segmentor_setup(name, weights, num_classes, build_kwargs, hints)
         build = lambda: build_segmentor(  # noqa: E731
@@ -265,7 +248,8 @@ def from_torch(name: str, state_dict: Mapping[str, Any], num_classes: int | None
         ignored = (MIT_IMAGENET_ONLY_PREFIXES if backbone in MIT_BACKBONES
                    else IMAGENET_ONLY_PREFIXES)
         description = _describe(name, **build_kwargs)
-    model = _abstract_model(build)
+    # Abstract weights: nothing is initialised, every one is set from the checkpoint below.
+    model = nnx.eval_shape(build)
     slots = _slots(layers_of(model))
     error = _mismatch_error(name, description, weights, slots, ignored, hints)
     if error is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ from kdjax.models.segmentor import SPEC_KEYS, Segmentor, build_segmentor
 
 SPEC_FILE = "model_spec.json"
 WEIGHTS_DIR = "weights"
-# What a model directory stores; rng streams (dropout) are re-seeded on load.
+# What a model directory stores: all of a segmentor's state (dropout keys are call arguments).
 WEIGHTS = (nnx.Param, nnx.BatchStat)
 
 
@@ -169,20 +170,22 @@ def _damaged(path: os.PathLike, error: Exception) -> CheckpointError:
 
 
 def load_model(directory: str | os.PathLike, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, seed: int = 0) -> Segmentor:
+               param_dtype: Dtype = jnp.float32, seed: int | None = None) -> Segmentor:
     """Rebuilds the segmentor stored in ``directory`` with its weights, on the default device.
 
     Args:
       directory: a model directory (from ``save_model`` or ``kdjax convert``).
       dtype, param_dtype: compute and parameter dtypes (stored weights are cast).
-      seed: seeds the dropout rng streams, the only state not stored.
+      seed: deprecated and unused: models hold no rng state, their dropout keys are arguments
+        of the call (``model(images, train=True, rngs=nnx.Rngs(dropout=key))``).
 
     Raises:
       CheckpointError: as ``read_spec`` and ``load_model_state``.
     """
+    if seed is not None:
+        warnings.warn("load_model's seed is unused and deprecated: dropout keys are passed at "
+                      "call time (model(images, train=True, rngs=nnx.Rngs(dropout=key))).",
+                      DeprecationWarning, stacklevel=2)
     model = _abstract_segmentor(read_spec(directory), dtype, param_dtype)
-    # Besides the weights, which are restored below, only the rng streams need concrete values.
-    tags = {v.tag for _, v in nnx.to_flat_state(nnx.state(model, nnx.RngKey))}
-    nnx.reseed(model, **{tag: seed for tag in tags})
-    graphdef, abstract_weights, rest = nnx.split(model, WEIGHTS, ...)
-    return nnx.merge(graphdef, load_model_state(directory, abstract_weights), rest)
+    graphdef, abstract_weights = nnx.split(model, WEIGHTS)
+    return nnx.merge(graphdef, load_model_state(directory, abstract_weights))

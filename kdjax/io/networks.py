@@ -32,8 +32,9 @@ class NetworkError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Network:
-    """A frozen network as data: graph definition, (replicated) weights, the remaining variables
-    (dropout rng state, unused in inference) and the compute dtype.
+    """A frozen network as data: graph definition, (replicated) weights, its other variables
+    (none for kdjax's segmentors; a teacher module of the caller's own may have some) and the
+    compute dtype.
 
     ``state`` holds the ``nnx.Param`` and ``nnx.BatchStat`` variables, as a model dir does.
     """

@@ -9,7 +9,8 @@ returns
 at the resolution of the feature it reads (nothing is upsampled inside a model, §3.1). ``feature``
 is CIRKD's ``outputs[-1]``: the tensor the final 1×1 classifier reads, i.e. after the last 3×3 conv,
 BN, ReLU and Dropout(0.1) (the dropout is the identity in eval mode). Each head names the backbone
-taps it reads in its class attribute ``taps``, in call order.
+taps it reads in its class attribute ``taps``, in call order. In train mode the dropout masks come
+from the call's ``rngs`` (:func:`kdjax.models.layers.dropout`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.models.layers import (Conv2d, ConvBNReLU, Dtype, adaptive_avg_pool, check_nhwc,
-                                 resize_bilinear_align_corners)
+                                 dropout, resize_bilinear_align_corners)
 
 Array = jax.Array
 
@@ -39,15 +40,6 @@ def aspp_rates(output_stride: int) -> tuple[int, int, int]:
         raise ValueError(
             f"output_stride must be one of {sorted(ASPP_RATES)}, got {output_stride!r}.")
     return ASPP_RATES[output_stride]
-
-
-def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
-    """Dropout drawing masks from the 'dropout' stream (else 'default').
-
-    A model built from Rngs with neither stream still runs in eval mode; only train mode needs one.
-    """
-    has_stream = "dropout" in rngs or "default" in rngs
-    return nnx.Dropout(rate, rngs=rngs if has_stream else None)
 
 
 class ImagePooling(ConvBNReLU):
@@ -87,12 +79,12 @@ class ASPP(nnx.Module):
             ConvBNReLU(in_ch, width, 3, padding=rate, dilation=rate, **kw) for rate in rates)
         self.b4 = ImagePooling(in_ch, width, **kw)
         self.project = ConvBNReLU(5 * width, width, 1, **kw)
-        self.dropout = _dropout(0.5, rngs)
+        self.dropout = nnx.Dropout(0.5)
 
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, *, rngs: nnx.Rngs | None = None) -> Array:
         branches = (self.b0, self.b1, self.b2, self.b3, self.b4)
         x = jnp.concatenate([branch(x, train) for branch in branches], axis=-1)
-        return self.dropout(self.project(x, train), deterministic=not train)
+        return dropout(self.dropout, self.project(x, train), train, rngs)
 
 
 class PyramidPooling(nnx.Module):
@@ -131,12 +123,12 @@ class ClassifierTail(nnx.Module):
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.block = ConvBNReLU(in_ch, width, 3, padding=1, **kw)
-        self.dropout = _dropout(0.1, rngs)
+        self.dropout = nnx.Dropout(0.1)
         self.classifier = Conv2d(width, num_classes, 1, use_bias=True, **kw)
 
-    def classify(self, x: Array, train: bool) -> dict[str, Array]:
+    def classify(self, x: Array, train: bool, rngs: nnx.Rngs | None) -> dict[str, Array]:
         """(N, h, w, in_ch) → {'logits': (N, h, w, K), 'feature': (N, h, w, width)}."""
-        feature = self.dropout(self.block(x, train), deterministic=not train)
+        feature = dropout(self.dropout, self.block(x, train), train, rngs)
         return {"logits": self.classifier(feature), "feature": feature}
 
 
@@ -160,9 +152,10 @@ class DeepLabV3Head(ClassifierTail):
         self.aspp = ASPP(in_ch, width, rates, **kw)
         super().__init__(width, width, num_classes, **kw)
 
-    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool, *,
+                 rngs: nnx.Rngs | None = None) -> dict[str, Array]:
         check_nhwc("x", x)
-        return self.classify(self.aspp(x, train), train)
+        return self.classify(self.aspp(x, train, rngs=rngs), train, rngs)
 
 
 class DeepLabV3PlusHead(ClassifierTail):
@@ -189,12 +182,14 @@ class DeepLabV3PlusHead(ClassifierTail):
         self.fuse = ConvBNReLU(width + low_level_width, width, 3, padding=1, **kw)
         super().__init__(width, width, num_classes, **kw)
 
-    def __call__(self, x: Array, low_level: Array, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, low_level: Array, train: bool, *,
+                 rngs: nnx.Rngs | None = None) -> dict[str, Array]:
         check_nhwc("x", x)
         check_nhwc("low_level", low_level)
-        context = resize_bilinear_align_corners(self.aspp(x, train), low_level.shape[1:3])
+        context = resize_bilinear_align_corners(self.aspp(x, train, rngs=rngs),
+                                                low_level.shape[1:3])
         fused = jnp.concatenate([context, self.low_level(low_level, train)], axis=-1)
-        return self.classify(self.fuse(fused, train), train)
+        return self.classify(self.fuse(fused, train), train, rngs)
 
 
 class PSPHead(ClassifierTail):
@@ -215,9 +210,10 @@ class PSPHead(ClassifierTail):
         self.psp = PyramidPooling(in_ch, **kw)
         super().__init__(2 * in_ch, width, num_classes, **kw)
 
-    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool, *,
+                 rngs: nnx.Rngs | None = None) -> dict[str, Array]:
         check_nhwc("x", x)
-        return self.classify(self.psp(x, train), train)
+        return self.classify(self.psp(x, train), train, rngs)
 
 
 class FCNHead(ClassifierTail):
@@ -236,6 +232,7 @@ class FCNHead(ClassifierTail):
         super().__init__(in_ch, in_ch // 4, num_classes, dtype=dtype, param_dtype=param_dtype,
                          rngs=rngs)
 
-    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool, *,
+                 rngs: nnx.Rngs | None = None) -> dict[str, Array]:
         check_nhwc("x", x)
-        return self.classify(x, train)
+        return self.classify(x, train, rngs)

@@ -55,6 +55,21 @@ def check_nhwc(name: str, x: Array) -> None:
         raise ValueError(f"{name} must have rank 4 (N, H, W, C); got shape {jnp.shape(x)}")
 
 
+def dropout(layer: nnx.Dropout | None, x: Array, train: bool, rngs: nnx.Rngs | None) -> Array:
+    """``layer`` on ``x`` in train mode, its masks drawn from the 'dropout' stream of ``rngs``
+    (else 'default'); the identity in eval mode, at rate 0 and for ``layer=None``. Any shape.
+
+    Dropout keys are arguments of a call, not state of a model: a split model holds only its
+    parameters and batch statistics, and a train step passes ``nnx.Rngs(dropout=key)``.
+    """
+    if layer is None or not train or layer.rate == 0.0:
+        return x
+    if rngs is None:
+        raise ValueError("train=True applies dropout, whose masks need keys: pass "
+                         "rngs=nnx.Rngs(dropout=key) to the call (train=False needs none).")
+    return layer(x, deterministic=False, rngs=rngs)
+
+
 def _pair(name: str, value: IntPair, minimum: int) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
     if len(pair) != 2 or any(int(v) != v or v < minimum for v in pair):

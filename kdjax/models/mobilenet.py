@@ -120,7 +120,9 @@ class MobileNetV2(nnx.Module):
         self.features = nnx.List(features)
         self.channels = tuple(widths[i] for i in FEATURE_TAPS.values())
 
-    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool, *,
+                 rngs: nnx.Rngs | None = None) -> dict[str, Array]:
+        del rngs  # no dropout; accepted for the backbones' one call signature
         check_nhwc("x", x)
         taps = {index: name for name, index in FEATURE_TAPS.items()}
         features = {}

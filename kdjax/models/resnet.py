@@ -192,7 +192,9 @@ class ResNet(nnx.Module):
             previous_dilation = dilation
         self.channels = tuple(w * block.expansion for w in widths)
 
-    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool, *,
+                 rngs: nnx.Rngs | None = None) -> dict[str, Array]:
+        del rngs  # no dropout; accepted for the backbones' one call signature
         check_nhwc("x", x)
         for i in range(1, self.stem_depth + 1):
             x = jax.nn.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x), train))

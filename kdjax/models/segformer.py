@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax.models.layers import BatchNorm2d, Conv2d, Dtype, check_nhwc, resize_bilinear
+from kdjax.models.layers import (BatchNorm2d, Conv2d, Dtype, check_nhwc, dropout,
+                                 resize_bilinear)
 
 Array = jax.Array
 
@@ -81,13 +82,6 @@ linear_kernel_init = jax.nn.initializers.truncated_normal(0.02)
 
 def conv_kernel_init(kernel: int, out_ch: int, groups: int = 1) -> Callable[..., Array]:
     return jax.nn.initializers.normal(math.sqrt(2.0 * groups / (kernel * kernel * out_ch)))
-
-
-def _dropout(rate: float, broadcast_dims: Sequence[int], rngs: nnx.Rngs) -> nnx.Dropout:
-    """Dropout with masks from the 'dropout' stream (else 'default'); without either stream the
-    model still runs in eval mode."""
-    has_stream = "dropout" in rngs or "default" in rngs
-    return nnx.Dropout(rate, broadcast_dims=broadcast_dims, rngs=rngs if has_stream else None)
 
 
 def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> list[float]:
@@ -262,16 +256,11 @@ class MiTBlock(nnx.Module):
         self.norm2 = LayerNorm(dim, eps=BLOCK_NORM_EPS, **kw)
         self.mlp = MixFFN(dim, dim * mlp_ratio, rngs=rngs, **kw)
         # One mask value per sample, shared by every position and channel.
-        self.drop_path = _dropout(drop_path, (1, 2, 3), rngs) if drop_path > 0 else None
+        self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3)) if drop_path > 0 else None
 
-    def _branch(self, y: Array, train: bool) -> Array:
-        if self.drop_path is None:
-            return y
-        return self.drop_path(y, deterministic=not train)
-
-    def __call__(self, x: Array, train: bool) -> Array:
-        x = x + self._branch(self.attn(self.norm1(x)), train)
-        return x + self._branch(self.mlp(self.norm2(x)), train)
+    def __call__(self, x: Array, train: bool, *, rngs: nnx.Rngs | None = None) -> Array:
+        x = x + dropout(self.drop_path, self.attn(self.norm1(x)), train, rngs)
+        return x + dropout(self.drop_path, self.mlp(self.norm2(x)), train, rngs)
 
 
 class MixTransformer(nnx.Module):
@@ -284,8 +273,8 @@ class MixTransformer(nnx.Module):
       drop_path_rate: the last block's stochastic-depth rate (0.1 in CIRKD).
 
     Attributes ``patch_embed1..4``, ``block1..4`` (each an ``nnx.List`` of :class:`MiTBlock`),
-    ``norm1..4`` and ``channels`` (the four widths). ``train=True`` applies stochastic depth (rng
-    stream 'dropout'); the encoder has no batch statistics.
+    ``norm1..4`` and ``channels`` (the four widths). ``train=True`` applies stochastic depth, with
+    masks from the call's ``rngs``; the encoder has no batch statistics.
     """
 
     def __init__(self, embed_dims: Sequence[int], depths: Sequence[int], *,
@@ -316,7 +305,8 @@ class MixTransformer(nnx.Module):
             setattr(self, f"norm{i}", LayerNorm(dim, eps=BLOCK_NORM_EPS, **kw))
             in_ch = dim
 
-    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool, *,
+                 rngs: nnx.Rngs | None = None) -> dict[str, Array]:
         check_nhwc("x", x)
         sizes = stage_sizes(*x.shape[1:3])
         if any(min(hw) < sr for hw, sr in zip(sizes, self.sr_ratios)):
@@ -328,7 +318,7 @@ class MixTransformer(nnx.Module):
         for i in range(1, 5):
             x = getattr(self, f"patch_embed{i}")(x)
             for block in getattr(self, f"block{i}"):
-                x = block(x, train)
+                x = block(x, train, rngs=rngs)
             x = getattr(self, f"norm{i}")(x)
             features[f"c{i}"] = x
         return features
@@ -372,7 +362,7 @@ class SegFormerHead(nnx.Module):
         for i, ch in enumerate(in_channels, start=1):
             setattr(self, f"linear_c{i}", Linear(ch, width, rngs=rngs, **kw))
         self.linear_fuse = LinearFuse(4 * width, width, rngs=rngs, **kw)
-        self.dropout = _dropout(dropout_rate, (1, 2), rngs) if dropout_rate > 0 else None
+        self.dropout = nnx.Dropout(dropout_rate, broadcast_dims=(1, 2)) if dropout_rate > 0 else None
         self.linear_pred = Conv2d(width, num_classes, 1, use_bias=True,
                                   kernel_init=conv_kernel_init(1, num_classes), rngs=rngs, **kw)
 
@@ -381,16 +371,16 @@ class SegFormerHead(nnx.Module):
         """The final 1×1 classifier under the name every head gives it (FAKD reads its kernel)."""
         return self.linear_pred
 
-    def __call__(self, c1: Array, c2: Array, c3: Array, c4: Array,
-                 train: bool) -> dict[str, Array]:
+    def __call__(self, c1: Array, c2: Array, c3: Array, c4: Array, train: bool, *,
+                 rngs: nnx.Rngs | None = None) -> dict[str, Array]:
         for name, x in zip(self.taps, (c1, c2, c3, c4)):
             check_nhwc(name, x)
         size = c1.shape[1:3]
         embedded = [getattr(self, f"linear_c{i}")(x) for i, x in enumerate((c1, c2, c3, c4), 1)]
         resized = [embedded[0]] + [resize_bilinear(x, size) for x in embedded[1:]]
         feature = self.linear_fuse(jnp.concatenate(resized[::-1], axis=-1), train)
-        x = feature if self.dropout is None else self.dropout(feature, deterministic=not train)
-        return {"logits": self.linear_pred(x), "feature": feature}
+        return {"logits": self.linear_pred(dropout(self.dropout, feature, train, rngs)),
+                "feature": feature}
 
 
 def mit_widths(variant: str, width_multiplier: float = 1.0) -> tuple[int, ...]:

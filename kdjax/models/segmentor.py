@@ -79,9 +79,10 @@ class Segmentor(nnx.Module):
     (cirkd-models §3.1).
 
     Each head reads the backbone taps listed in its ``taps`` attribute. Call
-    ``model(images, train)`` with NHWC images (N, H, W, 3) → :class:`SegmentorOutput`.
+    ``model(images, train, rngs=None)`` with NHWC images (N, H, W, 3) → :class:`SegmentorOutput`.
     ``train=True`` normalises with batch statistics, updates the BN running statistics and applies
-    dropout and stochastic depth (rng stream 'dropout'); ``train=False`` changes nothing.
+    dropout and stochastic depth, with masks from the call's ``rngs`` (its 'dropout' stream, e.g.
+    ``nnx.Rngs(dropout=key)``; the model holds no rng state); ``train=False`` changes nothing.
 
     ``spec`` holds the :func:`build_segmentor` arguments (``SPEC_KEYS``) that rebuild its
     structure, with the head width and aux head resolved, so paper-era layouts round-trip.
@@ -94,15 +95,17 @@ class Segmentor(nnx.Module):
         self.aux_head = aux_head
         self.spec = spec
 
-    def __call__(self, images: Array, train: bool) -> SegmentorOutput:
+    def __call__(self, images: Array, train: bool, *,
+                 rngs: nnx.Rngs | None = None) -> SegmentorOutput:
         if images.ndim != 4:
             raise ValueError(
                 f"images must be an NHWC array of rank 4, got shape {tuple(images.shape)}.")
-        taps = self.backbone(images, train)
-        out = self.head(*(taps[name] for name in self.head.taps), train)
+        taps = self.backbone(images, train, rngs=rngs)
+        out = self.head(*(taps[name] for name in self.head.taps), train, rngs=rngs)
         aux_logits = None
         if self.aux_head is not None:
-            aux_out = self.aux_head(*(taps[name] for name in self.aux_head.taps), train)
+            aux_out = self.aux_head(*(taps[name] for name in self.aux_head.taps), train,
+                                    rngs=rngs)
             aux_logits = aux_out["logits"]
         features = {**taps, "head": out["feature"], "pre_classifier": out["feature"]}
         return SegmentorOutput(logits=out["logits"], aux_logits=aux_logits, features=features)
@@ -136,7 +139,7 @@ def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", outp
       param_dtype: the parameters' dtype.
       drop_path_rate: SegFormer's stochastic depth, the last block's rate (None: CIRKD's 0.1);
         not part of the structure, so not in ``spec``. The CNN segmentors have none.
-      rngs: parameter initialisation (and dropout) streams.
+      rngs: the parameter initialisation stream.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"name must be one of {', '.join(MODEL_NAMES)}; got {name!r}.")

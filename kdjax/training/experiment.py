@@ -44,9 +44,9 @@ from kdjax.runtime import sharding
 from kdjax.runtime.compilation import UNOPTIMIZED
 from kdjax.training.budget import step_flops
 from kdjax.training.optimizer import make_discriminator_optimizer, make_optimizer
-from kdjax.training.state import Trainables, Trained, TrainState
+from kdjax.training.state import Trainables, Trained, TrainState, check_only_weights
 from kdjax.training.step import (ModuleParts, StepParts, check_finite, classifier_kernel,
-                                 fresh_rng_vars, make_train_step)
+                                 make_train_step)
 
 Array = jax.Array
 
@@ -326,9 +326,11 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
       student: an NNX module to train in place of ``config.student``, with its current weights
         as the initial ones. Called as ``student(images, train=bool)`` on (N, H, W, 3) float32
         images, it returns a :class:`kdjax.models.SegmentorOutput`: ``logits`` (N, h, w, K),
-        ``aux_logits`` or None, and the named ``features`` the terms pair. Its ``nnx.Param`` and
-        ``nnx.BatchStat`` variables are trained and checkpointed; rng streams are reseeded every
-        step. It computes in its own dtype (``train.precision`` applies to config-built models).
+        ``aux_logits`` or None, and the named ``features`` the terms pair. If its call takes
+        ``rngs``, training passes its dropout keys as ``rngs=nnx.Rngs(dropout=key)``, a fresh key
+        each step. Its state is ``nnx.Param`` and ``nnx.BatchStat`` variables only, which are
+        trained and checkpointed (build its ``nnx.Dropout`` without rngs). It computes in its
+        own dtype (``train.precision`` applies to config-built models).
       teacher: an NNX module with the same calling convention to distil from in place of
         ``config.teacher``; frozen, run in inference mode (``train=False``).
       optimizer: an optax transformation for every trainable parameter (the student's and the
@@ -415,6 +417,7 @@ class _GivenStudent:
 
     @classmethod
     def of(cls, student: nnx.Module, mesh: jax.sharding.Mesh) -> _GivenStudent:
+        check_only_weights(student, "the student module given to setup()")
         graphdef, state = nnx.split(student)
         return cls(graphdef=graphdef, abstract=_abstract(state),
                    weights=jax.device_put(nnx.state(student, WEIGHTS),
@@ -429,13 +432,14 @@ def _module_builder(config, student_config, given: _GivenStudent | None,
     compiled init."""
 
     def modules():
-        rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+        rngs = nnx.Rngs(params=seed)
         if given is None:
             net = build_model(student_config, num_classes=info.num_classes, rngs=rngs)
         else:
-            # Placeholders of the given module's shapes, not its arrays: these would become
-            # constants of the compiled init. init_state puts its weights in.
-            net = nnx.merge(given.graphdef, fresh_rng_vars(given.abstract))
+            # Zeros of the given module's shapes, not its arrays: these would become constants
+            # of the compiled init. init_state puts its weights in.
+            net = nnx.merge(given.graphdef, jax.tree.map(
+                lambda x: jnp.zeros(x.shape, x.dtype), given.abstract))
         if config.train.bn_stats == "per_device":
             set_batch_norm_groups(net, mesh.devices.size)
         student_out = jax.eval_shape(lambda x: distill.named_tensors(net(x, train=False)),
@@ -465,15 +469,16 @@ def _state_and_step_parts(modules: Callable[[], tuple], tx: optax.GradientTransf
     its ``bad_metrics`` named by the step's metrics."""
     abstract_trainables, abstract_discs, _, student_out = nnx.eval_shape(modules)
 
-    def module_parts(abstract: nnx.Module, optimizer) -> ModuleParts:
-        graphdef, _, _, rng_vars = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
-        return ModuleParts(graphdef=graphdef, rng_vars=rng_vars, tx=optimizer)
+    def module_parts(abstract: nnx.Module, optimizer, what: str) -> ModuleParts:
+        check_only_weights(abstract, what)
+        return ModuleParts(graphdef=nnx.graphdef(abstract), tx=optimizer)
 
-    student_parts = module_parts(abstract_trainables, tx)
-    discriminator_parts = module_parts(abstract_discs, make_discriminator_optimizer(terms))
+    student_parts = module_parts(abstract_trainables, tx, "the student and its terms' modules")
+    discriminator_parts = module_parts(abstract_discs, make_discriminator_optimizer(terms),
+                                       "the terms' discriminators")
 
     def trained(modules: nnx.Module, optimizer: optax.GradientTransformation) -> Trained:
-        _, params, batch_stats, _ = nnx.split(modules, nnx.Param, nnx.BatchStat, ...)
+        _, params, batch_stats = nnx.split(modules, nnx.Param, nnx.BatchStat)
         return Trained(params=params, batch_stats=batch_stats, opt_state=optimizer.init(params))
 
     def init() -> TrainState:

@@ -21,6 +21,21 @@ class Trainables(nnx.Module):
         self.term_modules = term_modules
 
 
+def check_only_weights(module: nnx.Module, what: str) -> None:
+    """Raises ValueError, naming them, if ``module`` has variables other than ``nnx.Param`` and
+    ``nnx.BatchStat``: a :class:`Trained` keeps only those, so any other would be lost between
+    steps. Dropout keys in particular are arguments of a call, not state."""
+    _, _, other = nnx.split(module, (nnx.Param, nnx.BatchStat), ...)
+    found = [f"{'.'.join(map(str, path))} ({type(variable).__name__})"
+             for path, variable in nnx.to_flat_state(other)]
+    if found:
+        listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ValueError(
+            f"{what} hold variables other than nnx.Param and nnx.BatchStat, which the train state "
+            f"does not keep: {listed}. Rng streams are not state here: build nnx.Dropout without "
+            f"rngs and pass the call's rngs on (model(images, train, rngs=...)).")
+
+
 @flax.struct.dataclass
 class Trained:
     """Modules one optimizer trains: their ``nnx.Param`` variables (``params``), their
@@ -37,8 +52,8 @@ class TrainState:
 
     ``student`` holds the :class:`Trainables` (the student and its terms' modules),
     ``discriminators`` the adversarial terms' discriminators (empty without), each trained by its
-    own optimizer. Dropout keys are not state: each step reseeds them from ``fold_in(rng, step)``,
-    so a resumed run draws the same masks. ``term_states`` holds CIRKD queues and FAKD
+    own optimizer. Dropout keys are not state: each step passes ``fold_in(rng, step)`` to the
+    student's call, so a resumed run draws the same masks. ``term_states`` holds CIRKD queues and FAKD
     covariances by term name. ``bad_step`` is the first step whose loss or gradient was
     non-finite (−1 if none) and ``bad_metrics`` that step's metrics; from that step on the state
     stops changing so the last good values survive.

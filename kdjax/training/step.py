@@ -10,6 +10,7 @@ constants of the loss.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -29,31 +30,20 @@ class NonFiniteLossError(FloatingPointError):
     step."""
 
 
-def _fresh(tree):
-    """A copy of an NNX variable tree owned by the current trace: NNX only lets a module update
-    (BN statistics, rng counters) variables created in the trace it runs in, and states that
-    enter through an outer ``jit`` belong to that trace."""
-    return jax.tree.map(lambda x: x, tree)
-
-
-def _placeholder(leaf):
-    """A concrete value of an abstract rng variable (the dropout stream is reseeded every step,
-    so its value does not matter)."""
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return jax.random.split(jax.random.key(0), leaf.shape) if leaf.shape else jax.random.key(0)
-    return jnp.zeros(leaf.shape, leaf.dtype)
-
-
-def fresh_rng_vars(abstract_rng_vars):
-    """Placeholders for the rng variables of a split module (see :func:`_placeholder`)."""
-    return jax.tree.map(_placeholder, abstract_rng_vars)
-
-
 def classifier_kernel(student: nnx.Module) -> Array | None:
     """The (1, 1, C, K) kernel of the student's final classifier, which FAKD's terms read; None
     for a student module without kdjax's ``head.classifier`` (setup rejects FAKD for it)."""
     classifier = getattr(getattr(student, "head", None), "classifier", None)
     return classifier.kernel[...] if hasattr(classifier, "kernel") else None
+
+
+def _train_forward(student: nnx.Module, images: Array, key: Array):
+    """``student(images, train=True)``, with its dropout keys ``rngs=nnx.Rngs(dropout=key)``
+    where its call takes ``rngs`` (a module of the caller's own without dropout need not)."""
+    parameters = inspect.signature(type(student).__call__).parameters.values()
+    if any(p.name == "rngs" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return student(images, train=True, rngs=nnx.Rngs(dropout=key))
+    return student(images, train=True)
 
 
 def _select(keep_new: Array, new, old):
@@ -63,17 +53,16 @@ def _select(keep_new: Array, new, old):
 @dataclasses.dataclass(frozen=True)
 class ModuleParts:
     """What rebuilds trained modules from a :class:`Trained` and moves them: the graph
-    definition, the abstract rng variables (placeholders, reseeded where dropout runs) and the
-    optimizer."""
+    definition and the optimizer."""
 
     graphdef: Any
-    rng_vars: Any
     tx: optax.GradientTransformation
 
     def merge(self, params, batch_stats) -> nnx.Module:
-        """The modules, owned by the current trace (see :func:`_fresh`)."""
-        return nnx.merge(self.graphdef, params, _fresh(batch_stats),
-                         fresh_rng_vars(self.rng_vars))
+        """The modules, their variables made in the current trace (``copy``): NNX lets a module
+        update variables (BN statistics) only in the trace that made them, and states that enter
+        through an outer ``jit`` belong to that trace."""
+        return nnx.merge(self.graphdef, params, batch_stats, copy=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +109,7 @@ def updated_state(parts: StepParts, state: TrainState, teacher_variables,
         trainables = parts.student.merge(params, state.student.batch_stats)
         discs = parts.discriminators.merge(state.discriminators.params,
                                            state.discriminators.batch_stats)
-        nnx.reseed(trainables, dropout=key)
-        out = trainables.student(images.astype(parts.student_dtype), train=True)
+        out = _train_forward(trainables.student, images.astype(parts.student_dtype), key)
         total, metrics = distill.task_loss(out, labels, ignore_label=parts.ignore_label,
                                            aux_weight=parts.aux_weight)
         tensors = distill.apply_student_modules(parts.student_modules, trainables.term_modules,

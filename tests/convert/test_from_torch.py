@@ -85,14 +85,16 @@ def test_param_dtype_option_is_honoured(mobile_reference):
 
 
 def test_converted_model_trains(mobile_reference):
-    # Dropout streams are real (not abstract) and train mode moves the BN statistics.
-    model = from_torch("pspnet_mobilenetv2", mobile_reference.state_dict(), seed=1)
+    # The converted model holds its weights only (dropout keys are call arguments), and train mode
+    # moves the BN statistics.
+    model = from_torch("pspnet_mobilenetv2", mobile_reference.state_dict())
+    assert not jax.tree.leaves(nnx.state(model, nnx.RngState))
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def train_forward(state, images):
         model = nnx.merge(graphdef, state)
-        logits = model(images, train=True).logits
+        logits = model(images, train=True, rngs=nnx.Rngs(dropout=1)).logits
         return logits, nnx.state(model)
 
     logits, new_state = train_forward(state, jnp.asarray(random_images(33, 41)))
@@ -101,6 +103,11 @@ def test_converted_model_trains(mobile_reference):
     after = nnx.split(nnx.merge(graphdef, new_state), nnx.BatchStat, ...)[1]
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
     assert all(changed)
+
+
+def test_the_seed_argument_is_deprecated(mobile_reference):
+    with pytest.warns(DeprecationWarning, match="rngs=nnx.Rngs"):
+        from_torch("pspnet_mobilenetv2", mobile_reference.state_dict(), seed=1)
 
 
 def test_missing_unexpected_and_misshaped_keys_are_listed_together():

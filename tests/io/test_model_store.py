@@ -60,7 +60,13 @@ def test_round_trip_keeps_every_weight_and_the_spec(model, model_dir):
     assert sorted(actual) == sorted(expected)
     for path, value in expected.items():
         np.testing.assert_array_equal(actual[path], value, err_msg=str(path))
-    assert nnx.state(loaded, nnx.RngKey)  # dropout streams are concrete, so the model can train
+    # A model dir holds all of a model's state: dropout keys are arguments of a call.
+    assert not jax.tree.leaves(nnx.state(loaded, nnx.RngState))
+
+
+def test_the_seed_argument_is_deprecated(model_dir):
+    with pytest.warns(DeprecationWarning, match="rngs=nnx.Rngs"):
+        load_model(model_dir, seed=1)
 
 
 def test_parameter_dtype_is_cast_on_load(model_dir):

@@ -14,9 +14,9 @@ K = 5
 
 
 @nnx.jit(static_argnames="train")
-def run(module, *inputs, train=False):
-    """The module's forward pass, compiled once per module and shape: much faster than eager."""
-    return module(*inputs, train)
+def run(module, *inputs, train=False, rngs=None):
+    """The module's forward pass; ``rngs`` keys a head's dropout in train mode."""
+    return module(*inputs, train) if rngs is None else module(*inputs, train, rngs=rngs)
 
 
 def _state_arrays(module):
@@ -77,7 +77,7 @@ C4, C1 = 16, 6
 @pytest.fixture(scope="module")
 def heads():
     def rngs():
-        return nnx.Rngs(0, dropout=1)
+        return nnx.Rngs(0)
 
     return {
         "deeplabv3": random_module(lambda: DeepLabV3Head(C4, K, width=8, rngs=rngs()), 1),
@@ -232,22 +232,27 @@ def test_train_uses_batch_stats_updates_running_stats_and_drops_out(heads):
     head = nnx.clone(heads["psp"])
     x = randn(6, 2, 7, 11, C4)
     mean_before = np.asarray(head.block.bn.mean[...])
-    a = run(head, x, train=True)
+    rngs = nnx.Rngs(dropout=1)
+    a = run(head, x, train=True, rngs=rngs)
     assert not np.allclose(head.block.bn.mean[...], mean_before)
-    b = run(head, x, train=True)
-    # Dropout(0.1) zeroes about a tenth of the classifier input, differently on each call.
+    b = run(head, x, train=True, rngs=rngs)
+    # Dropout(0.1) zeroes about a tenth of the classifier input, differently on each draw of
+    # the stream, and the same way for the same key.
     zeros_a, zeros_b = (np.asarray(o["feature"]) == 0 for o in (a, b))
     assert not np.array_equal(zeros_a, zeros_b)
+    again = run(head, x, train=True, rngs=nnx.Rngs(dropout=1))
+    np.testing.assert_array_equal(np.asarray(again["feature"]) == 0, zeros_a)
     eval_feature = np.asarray(run(head, x)["feature"])
     dropped = zeros_a.mean() - (eval_feature == 0).mean()
     assert 0.03 < dropped < 0.2, dropped
 
 
-def test_models_without_dropout_stream_run_in_eval_mode(heads):
+def test_dropout_keys_are_call_arguments_not_state(heads):
     head = random_module(lambda: FCNHead(C4, K, rngs=nnx.Rngs(params=0)))
+    assert not jax.tree.leaves(nnx.state(head, nnx.RngState))
     x = randn(7, 2, 5, 7, C4)
     assert head(x, train=False)["logits"].shape == (2, 5, 7, K)
-    with pytest.raises(ValueError, match="rngs"):
+    with pytest.raises(ValueError, match=r"rngs=nnx.Rngs\(dropout=key\)"):
         head(x, train=True)
 
 

@@ -156,6 +156,38 @@ def test_a_student_of_ones_own_trains_with_a_teacher_of_the_config():
         exp.export(state, "unused")
 
 
+class DropoutNet(TinyNet):
+    """A student of the caller's own with dropout, keyed by the call's ``rngs``."""
+
+    def __init__(self, num_classes, rngs, *, stream=False):
+        super().__init__(num_classes, rngs)
+        # stream=True: the NNX default of a stream held by the module, which a train state
+        # cannot keep.
+        self.dropout = nnx.Dropout(0.5, rngs=rngs if stream else None)
+
+    def __call__(self, images, train, rngs=None):
+        feature = nnx.relu(self.norm(self.stem(images), use_running_average=not train))
+        feature = self.dropout(feature, deterministic=not train, rngs=rngs)
+        return SegmentorOutput(logits=self.classifier(feature), aux_logits=None,
+                               features={"head": feature})
+
+
+def test_a_student_with_dropout_gets_fresh_keys_and_one_holding_a_stream_is_refused():
+    config = _config("cwd_logits")
+    config.distill.terms.cwd_logits.resize = "teacher_to_student"
+    exp = training.setup(config, student=DropoutNet(8, nnx.Rngs(0)), optimizer=optax.sgd(0.0))
+    state = exp.init_state()
+    batch = _batch(exp.num_classes)
+    # Same weights, same batch, a new key each step: the masks, and so the losses, differ.
+    losses = []
+    for _ in range(2):
+        state, metrics = exp.step(state, batch)
+        losses.append(float(metrics["kd/cwd_logits"]))
+    assert losses[0] != losses[1] and all(np.isfinite(losses))
+    with pytest.raises(ValueError, match=r"dropout\.rngs.*RngKey.*build nnx\.Dropout without rngs"):
+        training.setup(config, student=DropoutNet(8, nnx.Rngs(0), stream=True))
+
+
 def test_setup_refuses_what_cannot_work():
     config = _config()
     with pytest.raises(ValueError, match=re.escape("config.distill.terms is empty")):
