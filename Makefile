@@ -96,11 +96,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kdjax compare --config=configs/demo.py --workdir=runs/demo
 
-# The CamVid comparison at equal steps, then at the student alone's time and at its FLOPs with the
-# same teacher (needs ../shared/data/camvid), then their published files in benchmarks/camvid/ (the
-# overlays without dataset pixels: the data's licence).
+# The CamVid comparison at equal steps, then at the student alone's time with the same teacher
+# (needs ../shared/data/camvid; CAMVID_MATCHED="seconds flops" adds equal FLOPs), then their
+# published files in benchmarks/camvid/ (the overlays without dataset pixels: the data's licence).
+# Interrupted, the same command resumes where it stopped.
 CAMVID_RUN ?= runs/camvid
-CAMVID_MATCHED := seconds flops
+CAMVID_MATCHED ?= seconds
 camvid: $(STAMP)
 	$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN)
 	for budget in $(CAMVID_MATCHED); do \
@@ -108,11 +109,13 @@ camvid: $(STAMP)
 			--config.budget=$$budget:student_alone \
 			--config.teacher.checkpoint=$(CAMVID_RUN)/teacher/model || exit 1; \
 	done
-	cp $(CAMVID_RUN)/results.json $(CAMVID_RUN)/results.md $(CAMVID_RUN)/results.png benchmarks/camvid/
+	cp $(CAMVID_RUN)/results.json $(CAMVID_RUN)/results.md $(CAMVID_RUN)/results.png \
+		$(CAMVID_RUN)/curves.png benchmarks/camvid/
 	for budget in $(CAMVID_MATCHED); do \
 		mkdir -p benchmarks/camvid/$$budget && \
 		cp $(CAMVID_RUN)/$$budget/results.json $(CAMVID_RUN)/$$budget/results.md \
-			$(CAMVID_RUN)/$$budget/results.png benchmarks/camvid/$$budget/ || exit 1; \
+			$(CAMVID_RUN)/$$budget/results.png $(CAMVID_RUN)/$$budget/curves.png \
+			benchmarks/camvid/$$budget/ || exit 1; \
 	done
 	cp $(CAMVID_RUN)/overlays/predictions_*.png benchmarks/camvid/
 

@@ -1,6 +1,6 @@
 """``kdjax compare``: one teacher, then every listed student method under the identical recipe and
-seeds, all evaluated the same way, reported as ``results.json``, ``results.md`` and
-``results.png``.
+seeds, all evaluated the same way, reported as ``results.json``, ``results.md``, ``results.png``
+and the validation curves of the runs, ``curves.png``.
 
 Layout of WORKDIR::
 
@@ -10,6 +10,8 @@ Layout of WORKDIR::
                              model/ (the reported student), cost.json (its measured step cost)
                              and result.json
     results.json, results.md, results.png
+    curves.png               validation mIoU against the step (every train.eval_every steps),
+                             per method: the mean over seeds and their band
     overlays/                image | label | teacher | student alone | best method on the first
                              validation images (overlay_*.png), and the prediction panels alone
                              (predictions_*.png, free of dataset pixels); sources.json names the
@@ -44,6 +46,7 @@ from kdjax.io.paths import as_path
 from kdjax.runtime.compilation import release_compiled_programs
 from kdjax.runtime.sharding import device_batches, make_mesh
 from kdjax.training.compile_ahead import CompileAhead
+from kdjax.training.metrics_log import read_records
 from kdjax.training.budget import (Budget, StepCost, affordable_steps, agreed_cost,
                                    measure_step_cost, parse_budget, read_cost, write_cost)
 from kdjax.training.resume import check_same_recipe, recipe_fingerprint
@@ -51,6 +54,7 @@ from kdjax.training.resume import check_same_recipe, recipe_fingerprint
 RESULT_FILE = "result.json"
 COST_FILE = "cost.json"
 OVERLAY_DIR = "overlays"
+CURVES_FILE = "curves.png"
 OVERLAY_SOURCES = "sources.json"
 MODEL_DIR = "model"
 
@@ -224,6 +228,23 @@ def drawn_overlays(out_dir: Path, sources: dict) -> list[Path] | None:
     return paths
 
 
+def validation_curves(workdir: Path, runs: dict[tuple[str, int], Path],
+                      with_teacher: bool) -> dict[str, list[list[tuple[int, float]]]]:
+    """Method → per seed, the (step, validation mIoU) of each evaluation during training, from the
+    runs' ``metrics.jsonl`` (the teacher's too where this comparison trained it)."""
+    curves: dict[str, list[list[tuple[int, float]]]] = {}
+    if with_teacher:
+        curves[report.TEACHER] = [_curve(workdir / "teacher")]
+    for (method, _), run_dir in runs.items():
+        name = report.STUDENT_ALONE if method == "student_alone" else method
+        curves.setdefault(name, []).append(_curve(run_dir))
+    return curves
+
+
+def _curve(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["miou"]) for r in read_records(run_dir, "val")]
+
+
 def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.ResultRow]:
     """Runs the whole comparison of ``config`` in ``workdir`` and writes the reports."""
     workdir = as_path(workdir)
@@ -280,10 +301,11 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
         table = report.write_results(workdir, rows, info.class_names, budget=budget.describe(),
                                      matched=budget.matched)
         print(table)
+        report.plot_curves(workdir / CURVES_FILE, validation_curves(workdir, runs, train_teacher))
         overlays = []
         if config.eval.overlays:
             overlays = write_comparison_overlays(config, rows, workdir / OVERLAY_DIR, mesh)
         print(f"\nresults: {workdir / 'results.md'}, {workdir / 'results.json'}; "
-              f"plot: {workdir / 'results.png'}; {len(overlays)} overlays in "
-              f"{workdir / OVERLAY_DIR}")
+              f"plots: {workdir / 'results.png'}, {workdir / CURVES_FILE}; {len(overlays)} "
+              f"overlays in {workdir / OVERLAY_DIR}")
     return rows

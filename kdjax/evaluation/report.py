@@ -1,4 +1,5 @@
-"""Result reporting: per-run rows, the comparison table (Markdown + JSON) and its bar plot.
+"""Result reporting: per-run rows, the comparison table (Markdown + JSON), its bar plot and the
+validation curves.
 
 Units: mIoU and IoU are in percent everywhere in reports (results.json, results.md, plots), as
 papers report them; ``SegmentationMetrics`` holds fractions and ``ResultRow.from_metrics``
@@ -17,6 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib
 import numpy as np
 from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -289,6 +291,54 @@ def plot_results(path, rows: Sequence[ResultRow]) -> epath.Path:
                    + _protocol_line("Checkpoint", groups, "checkpoint"), fontsize=8)
     if teacher is not None or any(s.method == STUDENT_ALONE for s in bars):
         axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = as_path(path)
+    with path.open("wb") as file:
+        figure.savefig(file, format="png")
+    return path
+
+
+Curve = Sequence[tuple[int, float]]
+
+
+def _mean_curve(seeds: Sequence[Curve]) -> tuple[list[int], np.ndarray]:
+    """The steps every seed evaluated and the (seeds, steps) mIoU there."""
+    steps = sorted(set.intersection(*(set(dict(curve)) for curve in seeds)))
+    return steps, np.array([[dict(curve)[step] for step in steps] for curve in seeds])
+
+
+def plot_curves(path, curves: Mapping[str, Sequence[Curve]]) -> epath.Path:
+    """Validation mIoU (%) against the training step, saved as a PNG; returns the path.
+
+    Args:
+      path: the PNG to write.
+      curves: method → one curve per seed, each a sequence of (step, mIoU). A method's line is the
+        mean over its seeds at the steps every seed evaluated, with a band from the lowest to the
+        highest seed; the teacher is dashed black, the student alone grey.
+    """
+    figure = Figure(figsize=(8.0, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    palette = iter(matplotlib.colormaps["tab10"].colors * 2)
+    for method, seeds in curves.items():
+        seeds = [curve for curve in seeds if curve]
+        if not seeds:
+            continue
+        steps, values = _mean_curve(seeds)
+        colour = {TEACHER: "black", STUDENT_ALONE: "tab:gray"}.get(method) or next(palette)
+        style = "--" if method == TEACHER else "-"
+        axes.plot(steps, values.mean(axis=0), style, color=colour, marker=".",
+                  label=f"{method} ({len(seeds)})")
+        if len(seeds) > 1:
+            axes.fill_between(steps, values.min(axis=0), values.max(axis=0), color=colour,
+                              alpha=0.15, linewidth=0)
+    axes.set_xlabel("step")
+    axes.set_ylabel("validation mIoU (%)")
+    axes.set_title("mean over seeds (in brackets), band from the lowest to the highest seed",
+                   fontsize=8)
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     path = as_path(path)
     with path.open("wb") as file:

@@ -16,7 +16,26 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kdjax.io.paths import LocalMirror
+from kdjax.io.paths import LocalMirror, as_path
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_records(workdir, split: str) -> list[dict]:
+    """The ``split`` records (``'train'`` or ``'val'``) of ``WORKDIR/metrics.jsonl`` in step order,
+    one per step: where a resumed run logged a step again, its latest record. Empty without the
+    file."""
+    path = as_path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("split") == split:
+                records[record["step"]] = record
+    return [records[step] for step in sorted(records)]
 
 
 def _format_seconds(seconds: float) -> str:
@@ -68,8 +87,8 @@ class MetricsLog:
         self._writer = None
         if self.active:
             self._mirror = LocalMirror(workdir)
-            self._mirror.pull("metrics.jsonl")
-            self._jsonl = open(self._mirror.local / "metrics.jsonl", "a", encoding="utf-8")
+            self._mirror.pull(METRICS_FILE)
+            self._jsonl = open(self._mirror.local / METRICS_FILE, "a", encoding="utf-8")
             if tensorboard:
                 from tensorboard.summary.writer.event_file_writer import EventFileWriter
                 self._writer = EventFileWriter(str(self._mirror.local / "tensorboard"))

@@ -51,6 +51,13 @@ def test_compare_trains_reports_and_resumes(tmp_path, capsys, monkeypatch):
          "checkpoint_path", "steps", "step_seconds", "step_flops"]))}
     assert [r.steps for r in rows] == [2, 2, 2] and all(r.step_seconds > 0 for r in rows)
     assert (tmp_path / "results.png").stat().st_size > 0
+    # The validation curves: every evaluation during training, per method and seed.
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    curves = compare.validation_curves(
+        tmp_path, {("student_alone", 0): tmp_path / "student_alone" / "seed_0"}, True)
+    assert list(curves) == [report.TEACHER, report.STUDENT_ALONE]
+    assert [[step for step, _ in seed] for seed in curves[report.STUDENT_ALONE]] == [[2]]
+    assert curves[report.TEACHER][0][-1][1] == pytest.approx(rows[0].miou, abs=1e-6)
     table = (tmp_path / "results.md").read_text()
     assert "| teacher |" in table and "| student alone |" in table and "| kd |" in table
     assert "results.md" in capsys.readouterr().out
