@@ -21,10 +21,14 @@ Memory. The official code forms, for each patch, the K×K matrix of L1 distances
 K = 16·M generated and teacher vectors (``torch.cdist``). :func:`omni_contrast` forms those
 distances and, in the same pass, their gradient ``Σ_j w_ij sign(g_ic − t_jc)``, so the backward
 pass only scales a stored gradient of the input's size and nothing of size K×K outlives the pass.
-The distances and the gradient are reductions of the (K, K, C/M) element-wise differences, which a
-backend may compute inside the reductions or write out (XLA's CPU backend does); the patches go
-through in chunks (``patches_per_chunk``), so that a chunk's differences stay within a fixed budget
-(16 MB on CPU, 256 MB elsewhere) either way.
+Both are sums over the (K, K, C/M) element-wise differences (:mod:`kdjax.ops.distances`). Their
+plain forms leave it to the backend to compute those inside the sums or to write them out; the
+CPU forms never form them, and write out only a patch's K×K maps. The patches go through in
+chunks (``patches_per_chunk``), so that a chunk's differences would stay within a fixed budget
+(16 MB on CPU, 256 MB elsewhere) even where they are written out. On the CPU, at 8 images,
+K = 256 and C/M = 16, that is one patch at a time, whose K×K maps take about 4 MB: the term's
+scratch on the pooled 16×32 maps is 14 MB (46 MB with the differences written out), and larger
+chunks only ran slower (benchmarks/NOTES.md, item 53).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 from kdjax.losses._common import (as_float32, check_optional_positive_int, check_pair,
                                   check_positive, frozen)
 from kdjax.losses._derivative_rules import gradient_from_forward
+from kdjax.ops import distances
 
 Array = jax.Array
 
@@ -168,12 +173,17 @@ def _patch_vectors(x: Array, patch: tuple[int, int], groups: int) -> Array:
 def _patch_parts(generated: Array, teacher: Array, groups: int, tau: float) -> tuple[Array, Array]:
     """One patch of every image: the sum of its rows' cross-entropies and its gradient.
 
-    With ``d_ij = Σ_c |g_ic − t_jc|``, logits ``−d_ij/τ`` over the allowed columns (j = i and
+    With ``d_ij = Σ_c |g_ic − t_cj|``, logits ``−d_ij/τ`` over the allowed columns (j = i and
     every j of another group) and ``p_i`` their softmax, row i adds
-    ``ℓ_i = d_ii/τ + log Σ_j e^{−d_ij/τ}``, and ``∂ℓ/∂g_ic = Σ_j (δ_ij − p_ij)/τ · sign(g_ic − t_jc)`` (sign 0 at 0, as PyTorch's cdist).
+    ``ℓ_i = d_ii/τ + log Σ_j e^{−d_ij/τ}``, and
+    ``∂ℓ/∂g_ic = Σ_j (δ_ij − p_ij)/τ · sign(g_ic − t_cj)`` (sign 0 at 0, as PyTorch's cdist).
+    The distances and the gradient come from :mod:`kdjax.ops.distances`, whose plain forms reduce
+    the (N, K, K, D) differences and whose CPU forms never form them.
 
     Args:
-      generated, teacher: float32 (N, K, D), the patch's vectors in :func:`_patch_vectors` order.
+      generated: float32 (N, K, D), the patch's vectors in :func:`_patch_vectors` order.
+      teacher: float32 (N, D, K), the teacher's, as columns (as :mod:`kdjax.ops.distances`
+        takes them).
     Returns:
       float32 scalar and float32 (N, K, D).
     """
@@ -181,8 +191,7 @@ def _patch_parts(generated: Array, teacher: Array, groups: int, tau: float) -> t
     group = np.arange(k) % groups
     own = np.eye(k, dtype=bool)
     allowed = own | (group[:, None] != group[None, :])
-    diff = generated[..., :, None, :] - teacher[..., None, :, :]
-    dist = jnp.sum(jnp.abs(diff), axis=-1)
+    dist = distances.l1_distances(generated, teacher)
     logits = jnp.where(allowed, dist * (-1.0 / tau), -jnp.inf)
     # The diagonal is always allowed, so the shift is finite and the total at least 1. The positive
     # is read from the same logits, so that shift − positive is exactly 0 where it is the maximum.
@@ -192,15 +201,14 @@ def _patch_parts(generated: Array, teacher: Array, groups: int, tau: float) -> t
     positive = jnp.diagonal(logits, axis1=-2, axis2=-1)
     value = jnp.sum((shift[..., 0] - positive) + jnp.log(total[..., 0]))
     weight = (own - e / total) / tau
-    grad = jnp.sum(weight[..., None] * jnp.sign(diff), axis=-2)
-    return value, grad
+    return value, distances.l1_distance_gradient(weight, generated, teacher)
 
 
 def _contrast_sum(generated: Array, teacher: Array, groups: int, tau: float,
                   patches_per_chunk: int) -> Array:
-    """Σ over patches of :func:`_patch_parts` for (P, N, K, D) stacks, ``patches_per_chunk``
-    patches at a time (``lax.map``; each chunk vmapped). The gradient comes from the same pass, so
-    the backward pass only scales it
+    """Σ over patches of :func:`_patch_parts` for the (P, N, K, D) generated and (P, N, D, K)
+    teacher stacks, ``patches_per_chunk`` patches at a time (``lax.map``; each chunk vmapped). The
+    gradient comes from the same pass, so the backward pass only scales it
     (:func:`~kdjax.losses._derivative_rules.gradient_from_forward`); the teacher gets none."""
     rule = gradient_from_forward(
         functools.partial(_contrast_sum_parts, groups, tau, patches_per_chunk))
@@ -307,8 +315,8 @@ def omni_contrast(generated: Array, teacher: Array, *, groups: int = 16,
         after = f" after {' and '.join(stages)}" if stages else ""
         raise ValueError(
             f"the patch {ph}×{pw} does not tile the {h}×{w} map{after}; choose a patch that "
-            f"divides it, or a crop/pool that makes the map a multiple of the patch (the official CamVid "
-            f"path is crop=(44, 44), pool=0).")
+            f"divides it, or a crop/pool that makes the map a multiple of the patch (the official "
+            f"CamVid path is crop=(44, 44), pool=0).")
 
     g = as_float32(generated)
     t = frozen(teacher)
@@ -317,7 +325,8 @@ def omni_contrast(generated: Array, teacher: Array, *, groups: int = 16,
     if pool:
         g, t = _max_pool_floor(g, pool), _max_pool_floor(t, pool)
     g_vectors = _patch_vectors(g, (ph, pw), groups)
-    t_vectors = _patch_vectors(t, (ph, pw), groups)
+    # The teacher's vectors as columns, (P, N, D, K): the layout kdjax.ops.distances takes.
+    t_vectors = jnp.swapaxes(_patch_vectors(t, (ph, pw), groups), -1, -2)
     k, dim = g_vectors.shape[-2:]
     if patches_per_chunk is None:
         patches_per_chunk = (_patches_within(scratch_bytes, n, k, dim) if scratch_bytes

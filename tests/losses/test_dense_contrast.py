@@ -10,6 +10,7 @@ from flax import nnx
 from kdjax.losses.dense_contrast import (centre_third_keep_mask, feature_reconstruction,
                                          omni_contrast, random_keep_mask)
 from kdjax.models.distill_modules import MaskedGenerator
+from kdjax.ops import kernels
 from tests.losses.contract import (LossCase, LossContract, assert_matches_reference,
                                    relative_error, to_jax)
 from tests.references import dense_contrast_ref
@@ -198,6 +199,30 @@ def test_omni_contrast_scratch_stays_within_the_budget():
     compiled = step.lower(spec, spec).compile()
     whole_batch = 2 * 64 * 256 * 256 * 16 * 4
     assert compiled.memory_analysis().temp_size_in_bytes < whole_batch / 8
+
+
+def test_omni_contrast_matches_reference_across_blocks():
+    # K = 24 vectors of D = 18 channels: more than one block of 16 in the distances' channel loop
+    # and in the gradient's loop over the teacher's vectors, each with a remainder.
+    inputs = make_features(np.random.default_rng(12), 1, (2, 3), 72)
+    assert_matches_reference(omni_contrast, dense_contrast_ref.omni_contrast, inputs,
+                             ("generated",), groups=4, patch=(2, 3), pool=0, tau=1.0)
+
+
+@pytest.mark.parametrize("size, channels, options", [
+    ((16, 16), 64, dict(groups=4, patch=(4, 4), pool=2, patches_per_chunk=1)),  # K = 64, D = 16
+    ((9, 9), 40, dict(groups=2, patch=(4, 4), pool=0, crop=(8, 8))),      # the CamVid path, D = 20
+])
+def test_omni_contrast_same_in_both_forms_of_the_distances(monkeypatch, size, channels, options):
+    """The CPU forms of :mod:`kdjax.ops.distances` (the default here) and the plain ones agree up
+    to float32 rounding (the sums run in different orders)."""
+    inputs = make_features(np.random.default_rng(13), 2, size, channels)
+    cpu = value(omni_contrast, inputs, **options), gradient(omni_contrast, inputs, **options)
+    monkeypatch.setattr(kernels, "cpu_forms", lambda: False)
+    plain = value(omni_contrast, inputs, **options), gradient(omni_contrast, inputs, **options)
+    np.testing.assert_allclose(cpu[0], plain[0], rtol=1e-6)
+    err = relative_error(cpu[1], plain[1])
+    assert err < 1e-5, err
 
 
 def test_omni_contrast_bad_inputs():
