@@ -1,7 +1,7 @@
 """docs/architecture.md's rules, read from the source: which rooms each room imports, that no
 command imports another, that only the kernels room and the platform module ask which platform
-runs, that only the registries dispatch on a loss kind's name, and that the losses' own derivative
-rules live in one module."""
+runs, that only the registries dispatch on a loss kind's name, that the losses' own derivative
+rules live in one module, and that the tests' folders mirror the rooms."""
 
 import ast
 from pathlib import Path
@@ -166,3 +166,19 @@ def test_the_rules_check_sees_what_it_forbids():
     assert _rule_lines("rule = gradient_from_forward(parts)\n") == []
     # The module the check exempts exists and holds the rules.
     assert _rule_lines((PACKAGE / DERIVATIVE_RULES).read_text())
+
+
+# Test folders of what is not a room of the package: the project's own folders (benchmarks/,
+# datasets/, launch/), the simulated cluster, and the references and modules the tests share.
+OUTSIDE_ROOMS = {"benchmarks", "datasets", "launch", "cluster", "references", "torch_reference",
+                 "hidden_modules"}
+
+
+def test_the_tests_folders_mirror_the_rooms():
+    tests = Path(__file__).resolve().parent
+    folders = {path.name for path in tests.iterdir() if (path / "__init__.py").exists()
+               or path.name in OUTSIDE_ROOMS}
+    rooms = {path.name for path in PACKAGE.iterdir()
+             if path.is_dir() and (path / "__init__.py").exists()}
+    assert folders - OUTSIDE_ROOMS == rooms, (sorted(folders - OUTSIDE_ROOMS - rooms),
+                                             sorted(rooms - folders))

@@ -120,7 +120,7 @@ def test_a_save_killed_midway_leaves_the_previous_step_as_the_latest(gcs, tmp_pa
     assert result["intact"] and result["latest"] < in_progress, (result, in_progress)
 
 
-# Slow: a local comparison resuming (tests/training/test_compare.py) and a whole workdir in the
+# Slow: a local comparison resuming (tests/commands/test_compare.py) and a whole workdir in the
 # bucket (above) stay in the default run.
 @pytest.mark.slow
 def test_compare_on_gcs_reuses_finished_runs(gcs, tmp_path):
