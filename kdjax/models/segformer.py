@@ -362,7 +362,8 @@ class SegFormerHead(nnx.Module):
         for i, ch in enumerate(in_channels, start=1):
             setattr(self, f"linear_c{i}", Linear(ch, width, rngs=rngs, **kw))
         self.linear_fuse = LinearFuse(4 * width, width, rngs=rngs, **kw)
-        self.dropout = nnx.Dropout(dropout_rate, broadcast_dims=(1, 2)) if dropout_rate > 0 else None
+        self.dropout = (nnx.Dropout(dropout_rate, broadcast_dims=(1, 2)) if dropout_rate > 0
+                        else None)
         self.linear_pred = Conv2d(width, num_classes, 1, use_bias=True,
                                   kernel_init=conv_kernel_init(1, num_classes), rngs=rngs, **kw)
 

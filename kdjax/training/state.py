@@ -53,8 +53,8 @@ class TrainState:
     ``student`` holds the :class:`Trainables` (the student and its terms' modules),
     ``discriminators`` the adversarial terms' discriminators (empty without), each trained by its
     own optimizer. Dropout keys are not state: each step passes ``fold_in(rng, step)`` to the
-    student's call, so a resumed run draws the same masks. ``term_states`` holds CIRKD queues and FAKD
-    covariances by term name. ``bad_step`` is the first step whose loss or gradient was
+    student's call, so a resumed run draws the same masks. ``term_states`` holds CIRKD queues
+    and FAKD covariances by term name. ``bad_step`` is the first step whose loss or gradient was
     non-finite (−1 if none) and ``bad_metrics`` that step's metrics; from that step on the state
     stops changing so the last good values survive.
     """
