@@ -21,7 +21,8 @@ echo "$*" >>"$SCONTROL_RECORD"
 """
 # A task of kdjax: a step every 0.1 s (TASK_STEPS of them, then it ends); at SIGINT or SIGTERM it
 # saves at the next step (in TASK_SAVE_SECONDS) and exits with 128 + the signal, at a second signal
-# at once.
+# at once. As kdjax's checkpoint save, the task's ends at a barrier of all tasks: srun's
+# --kill-on-bad-exit ends the others when the first exits with 130, and by then all have saved.
 TASK = """#!/usr/bin/env bash
 log="$TASK_LOGS/task-$SLURM_PROCID.log"
 printf 'arg: %s\\n' "$@" >>"$log"
@@ -41,6 +42,9 @@ done
 # `wait` returns at a signal, so the second signal exits at once and not after the save.
 sleep "${TASK_SAVE_SECONDS:-0}" & wait $!
 echo "saved step $step" >>"$log"
+until [ "$(cat "$TASK_LOGS"/task-*.log | grep -c '^saved step')" -ge "$SLURM_NTASKS" ]; do
+  sleep 0.05
+done
 exit "$stop"
 """
 
