@@ -99,11 +99,18 @@ demo: $(STAMP)
 # The CamVid comparison at equal steps, then at the student alone's time with the same teacher
 # (needs ../shared/data/camvid; CAMVID_MATCHED="seconds flops" adds equal FLOPs), then their
 # published files in benchmarks/camvid/ (the overlays without dataset pixels: the data's licence).
-# Interrupted, the same command resumes where it stopped.
+# Interrupted, the same command resumes where it stopped. The finished runs' records (result, step
+# cost, curve) and the teacher are kept in benchmarks/camvid/runs/ whenever the comparisons stop, and
+# are restored from there first, so the comparison goes on from another machine and a clean
+# checkout reports the published runs without training them; CAMVID_REUSE=0 trains every run.
 CAMVID_RUN ?= runs/camvid
 CAMVID_MATCHED ?= seconds
+CAMVID_REUSE ?= 1
+CAMVID_RECORDS := $(BIN)/python benchmarks/camvid/run_records.py
 camvid: $(STAMP)
-	$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN)
+	$(if $(filter 1,$(CAMVID_REUSE)),$(CAMVID_RECORDS) restore $(CAMVID_RUN))
+	trap '$(CAMVID_RECORDS) save $(CAMVID_RUN)' EXIT; \
+	$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN) && \
 	for budget in $(CAMVID_MATCHED); do \
 		$(BIN)/kdjax compare --config=configs/camvid/compare.py --workdir=$(CAMVID_RUN)/$$budget \
 			--config.budget=$$budget:student_alone \

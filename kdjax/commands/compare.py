@@ -183,6 +183,10 @@ def write_comparison_overlays(config: ml_collections.ConfigDict, rows: list[repo
         if row is None or row.checkpoint_path is None:
             continue
         label = method if method in (report.TEACHER, report.STUDENT_ALONE) else f"best: {method}"
+        if not as_path(row.checkpoint_path).exists():
+            # A finished run whose record was copied without its model: the others are drawn.
+            print(f"overlays: no '{label}' panel: its model {row.checkpoint_path} is not there")
+            continue
         panels[label] = row
     sources = overlay_sources(config, panels)
     if (drawn := drawn_overlays(out_dir, sources)) is not None:
