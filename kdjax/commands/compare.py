@@ -63,16 +63,20 @@ def _run_name(method: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
 
 
-def _measured_cost(exp: training.Experiment) -> StepCost:
-    """The cost of one train step of ``exp`` on a batch of its own data, before training."""
+def _measured_cost(exp: training.Experiment,
+                   reference: training.Experiment | None = None) -> StepCost:
+    """The cost of one train step of ``exp`` on a batch of its own data, before training;
+    ``reference`` (the student alone's experiment) is timed in turns with it on that batch."""
     from kdjax.data.pipeline import make_train_iterator  # tf.data: imported when a pipeline is built
 
     config = exp.config
     batches = make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                   seed=config.seed)
     batch = next(device_batches(batches, exp.mesh))
+    beside = None if reference is None else (
+        reference.compile(), reference.init_state(), reference.teacher_inputs(), batch)
     return measure_step_cost(exp.compile(), exp.init_state(), exp.teacher_inputs(), batch,
-                             flops=exp.step_flops())
+                             flops=exp.step_flops(), reference=beside)
 
 
 def _run_config(config: ml_collections.ConfigDict, *, seed: int,
@@ -89,7 +93,8 @@ def _run_config(config: ml_collections.ConfigDict, *, seed: int,
 def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method: str, seed: int,
                      student_config: ml_collections.ConfigDict,
                      terms: ml_collections.ConfigDict, mesh, budget: Budget = Budget("steps"),
-                     reference: StepCost | None = None, prepared: training.Experiment | None = None
+                     reference: StepCost | None = None, prepared: training.Experiment | None = None,
+                     alone_terms: ml_collections.ConfigDict | None = None
                      ) -> tuple[report.ResultRow, StepCost | None]:
     """Trains one model (or reads its finished result) and returns its result row and its
     measured step cost (None for a run finished before costs were kept, under equal steps).
@@ -99,7 +104,9 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
     Under a matched ``budget`` the run trains the steps its cost affords (``reference``: the
     student alone's cost, for a budget relative to it): the cost is measured once, before
     training, and kept in WORKDIR/cost.json, so that a resumed run trains to the same step. Under
-    equal steps the run's own first steps after compilation give it.
+    equal steps the run's own first steps after compilation give it. Under
+    ``'seconds:student_alone'`` the student alone (``alone_terms``: its terms) is timed in turns
+    with the run, and the ratio of the two times sets the steps.
     """
     result_path = workdir / RESULT_FILE
     run_config = _run_config(config, seed=seed, student_config=student_config, terms=terms)
@@ -124,7 +131,11 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
     else:
         exp = training.setup(run_config, mesh=mesh)
     if cost is None and budget.matched:  # the steps depend on it: measured before training
-        cost = _measured_cost(exp)
+        beside = None
+        if budget.relative and budget.kind == "seconds" and method != report.STUDENT_ALONE:
+            beside = training.setup(_run_config(config, seed=seed, student_config=student_config,
+                                                terms=alone_terms), mesh=mesh)
+        cost = _measured_cost(exp, beside)
         write_cost(workdir / COST_FILE, cost)
     steps = affordable(cost) if budget.matched else run_config.train.steps
     if steps != run_config.train.steps:
@@ -296,7 +307,8 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
             row, cost = train_and_report(
                 config, run_dir, method=name, seed=seed, student_config=config.student,
                 terms=methods[method], mesh=mesh, budget=budget,
-                reference=alone_costs.get(seed), prepared=ahead.claim(str(run_dir)))
+                reference=alone_costs.get(seed), prepared=ahead.claim(str(run_dir)),
+                alone_terms=methods.get("student_alone"))
             release_compiled_programs()  # a long comparison would run out of memory mappings
             rows.append(row)
             if method == "student_alone":

@@ -17,7 +17,8 @@ A run's schedule (learning-rate decay, weight ramps) is stretched or shrunk to t
 afford. Step time is the median of a few steps after compilation, each waited for: under a
 matched budget on one batch of the run's own data before it trains, under equal steps on the
 run's first steps. It holds the teacher's forward pass and every term, and not the input
-pipeline, which every method shares.
+pipeline, which every method shares. Under ``'seconds:student_alone'`` the student alone's step is
+timed in turns with each method's, and their ratio sets the method's steps.
 """
 
 from __future__ import annotations
@@ -95,10 +96,16 @@ def parse_budget(spec: str) -> Budget:
 @dataclasses.dataclass(frozen=True)
 class StepCost:
     """The measured cost of one train step: wall-clock seconds (after compilation) and its
-    floating-point operations (:func:`step_flops`)."""
+    floating-point operations (:func:`step_flops`).
+
+    ``reference_seconds``: under ``'seconds:student_alone'``, the student alone's step timed in
+    turns with this one, on the same batch (:func:`measure_step_costs`). The budget then uses the
+    ratio of the two, which a machine that is slower or busier at the time moves far less than
+    either time; None where the student alone's own run gives the reference."""
 
     seconds: float
     flops: float
+    reference_seconds: float | None = None
 
     def of(self, kind: str) -> float:
         return self.seconds if kind == "seconds" else self.flops
@@ -155,38 +162,62 @@ class StepTimer:
         return statistics.median(self.times) if self.times else None
 
 
-def agreed_cost(seconds: float, flops: float) -> StepCost:
+def agreed_cost(seconds: float, flops: float,
+                reference_seconds: float | None = None) -> StepCost:
     """The cost every process uses: process 0's, so that all agree on the steps to train."""
-    seconds, flops = multihost_utils.broadcast_one_to_all(np.array([seconds, flops], np.float64))
-    return StepCost(seconds=float(seconds), flops=float(flops))
+    values = [seconds, flops, np.nan if reference_seconds is None else reference_seconds]
+    seconds, flops, reference = multihost_utils.broadcast_one_to_all(np.array(values, np.float64))
+    return StepCost(seconds=float(seconds), flops=float(flops),
+                    reference_seconds=None if np.isnan(reference) else float(reference))
+
+
+def measure_step_costs(runs, *, timed_steps: int = TIMED_STEPS) -> list[float]:
+    """The median seconds of each ``step(state, teacher_variables, batch)`` of ``runs`` (tuples of
+    those four), jitted or compiled train steps that donate their state, timed in turns: each run
+    once first (compiling a jitted one), then a step of each in turn, ``timed_steps`` times.
+    Timed in turns, their ratio holds while the machine's speed drifts.
+    Each ``state`` is consumed: pass one that is not needed afterwards (e.g. a fresh one)."""
+    runs = [list(run) for run in runs]
+    timers = [StepTimer(timed_steps) for _ in runs]
+    try:
+        while not all(timer.done for timer in timers):
+            for run, timer in zip(runs, timers):
+                step, state, teacher_variables, batch = run
+                timer.start()
+                run[1], metrics = step(state, teacher_variables, batch)
+                timer.stop(metrics)
+    finally:
+        for timer in timers:
+            timer.close()
+    return [timer.seconds for timer in timers]
 
 
 def measure_step_cost(step, state, teacher_variables, batch, *, flops: float,
-                      timed_steps: int = TIMED_STEPS) -> StepCost:
+                      timed_steps: int = TIMED_STEPS, reference=None) -> StepCost:
     """The cost of ``step(state, teacher_variables, batch)``, a jitted or compiled train step that
     donates its state: run once first (compiling a jitted one), then timed over ``timed_steps``
     steps (the median).
     ``state`` is consumed: pass one that is not needed afterwards (e.g. a fresh initial state).
-    ``flops``: the step's FLOPs (:func:`step_flops`)."""
-    timer = StepTimer(timed_steps)
-    try:
-        while not timer.done:
-            timer.start()
-            state, metrics = step(state, teacher_variables, batch)
-            timer.stop(metrics)
-    finally:
-        timer.close()
-    return agreed_cost(timer.seconds, flops)
+    ``flops``: the step's FLOPs (:func:`step_flops`). ``reference``: the student alone's
+    ``(step, state, teacher_variables, batch)``, timed in turns with this step into
+    ``reference_seconds``."""
+    runs = [(step, state, teacher_variables, batch)] + ([reference] if reference else [])
+    seconds = measure_step_costs(runs, timed_steps=timed_steps)
+    return agreed_cost(seconds[0], flops, seconds[1] if reference else None)
 
 
 def affordable_steps(budget: Budget, cost: StepCost, steps: int,
                      reference: StepCost | None = None) -> int:
     """The steps a run of ``cost`` per step trains under ``budget``; ``steps`` is the config's
-    ``train.steps``, and ``reference`` the student alone's cost for a relative budget."""
+    ``train.steps``, and ``reference`` the student alone's cost for a relative budget (in seconds,
+    the student alone's step timed beside this one, ``cost.reference_seconds``, where there is
+    one)."""
     if not budget.matched:
         return steps
     per_step = cost.of(budget.kind)
-    if budget.relative:
+    if budget.relative and budget.kind == "seconds" and cost.reference_seconds is not None:
+        amount = cost.reference_seconds * steps
+    elif budget.relative:
         if reference is None:
             raise BudgetError(f"config.budget '{budget.kind}:{RELATIVE}' needs the student alone: "
                               "list 'student_alone' in config.methods.")
@@ -200,7 +231,7 @@ def read_cost(path) -> StepCost | None:
     """The step cost saved at ``path`` (an etils path), or None when there is none."""
     if not path.exists():
         return None
-    return StepCost(**json.loads(path.read_text()))
+    return StepCost(**json.loads(path.read_text()))  # files without reference_seconds too
 
 
 def write_cost(path, cost: StepCost) -> None:

@@ -2,6 +2,7 @@
 matched budget every student trains the steps its cost affords, ranked in a second table."""
 
 import json
+import time
 
 import jax.numpy as jnp
 import ml_collections
@@ -14,7 +15,7 @@ from kdjax.config.recipes import method_terms
 from kdjax.evaluation import report
 from kdjax.runtime.sharding import global_batch
 from kdjax.training.budget import (Budget, BudgetError, StepCost, StepTimer, affordable_steps,
-                                   measure_step_cost, parse_budget)
+                                   measure_step_cost, measure_step_costs, parse_budget)
 from tests.training import tiny_config
 
 
@@ -46,6 +47,12 @@ def test_affordable_steps():
     assert affordable_steps(Budget("flops"), cost, 120, alone) == 30
     with pytest.raises(BudgetError, match="student_alone"):
         affordable_steps(Budget("seconds"), cost, 120)
+    # In seconds, the student alone timed beside the run sets the ratio, whatever its own run
+    # measured on a busier machine (and FLOPs do not drift).
+    beside = StepCost(seconds=0.5, flops=2e9, reference_seconds=0.125)
+    assert affordable_steps(Budget("seconds"), beside, 120, StepCost(1.0, 1e9)) == 30
+    assert affordable_steps(Budget("flops"), beside, 120, alone) == 60
+    assert affordable_steps(Budget("seconds", 10.0), beside, 120) == 20
 
 
 def test_a_step_is_measured_after_its_compilation_with_its_flop_count():
@@ -65,6 +72,25 @@ def test_a_step_is_measured_after_its_compilation_with_its_flop_count():
     cost = measure_step_cost(counted, exp.init_state(), exp.teacher_inputs(), batch, flops=flops,
                              timed_steps=2)
     assert len(calls) == 3 and cost.seconds > 0 and cost.flops == flops
+
+
+def test_steps_timed_in_turns_each_after_its_compilation():
+    calls = []
+
+    def step(name, pause):
+        def run(state, teacher_variables, batch):
+            calls.append(name)
+            time.sleep(pause)
+            return state + 1, jnp.zeros(())
+        return run
+
+    seconds = measure_step_costs([(step("a", 0.02), 0, None, None),
+                                  (step("b", 0.06), 0, None, None)], timed_steps=2)
+    assert calls == ["a", "b"] * 3
+    assert 0.02 <= seconds[0] < seconds[1] and seconds[1] >= 0.06
+    cost = measure_step_cost(step("c", 0.0), 0, None, None, flops=1.0, timed_steps=1,
+                             reference=(step("d", 0.0), 0, None, None))
+    assert calls[-4:] == ["c", "d", "c", "d"] and cost.reference_seconds > 0
 
 
 def test_the_timer_leaves_out_the_first_step():
@@ -95,7 +121,9 @@ def test_compare_under_the_student_alones_budget(tmp_path):
     assert alone.steps == 4
     costs = {m: json.loads((tmp_path / d / "seed_0" / "cost.json").read_text())
              for m, d in (("alone", "student_alone"), ("method", "pfs_wpi"))}
-    expected = max(1, int(costs["alone"]["seconds"] * 4 // costs["method"]["seconds"]))
+    # The student alone timed beside the method sets the ratio.
+    assert costs["alone"]["reference_seconds"] is None
+    expected = max(1, int(costs["method"]["reference_seconds"] * 4 // costs["method"]["seconds"]))
     assert method.steps == expected
     assert method.step_seconds == costs["method"]["seconds"] and method.step_flops > 0
     table = (tmp_path / "results.md").read_text()
