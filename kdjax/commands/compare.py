@@ -20,6 +20,7 @@ Layout of WORKDIR::
 ``config.budget`` (:mod:`kdjax.training.budget`) holds every student run to equal steps (the
 default) or to equal measured cost: seconds or FLOPs, or the student alone's cost.
 
+Runs go seed by seed (every method's first seed, the student alone's first, before any second).
 Finished runs (those with ``result.json``) are not repeated, so an interrupted comparison resumes
 where it stopped; an unfinished run resumes from its last checkpoint. The overlays are drawn again
 only if the rows they show, the data or the evaluation settings changed.
@@ -272,11 +273,12 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
     if not methods:
         raise ValueError("config.methods is empty: list the student methods to compare, e.g. "
                          "methods.student_alone = ConfigDict() and methods.cwd = <terms>.")
-    # The baseline first (a budget relative to it needs its cost), then the methods in name order
-    # (ConfigDict keeps keys sorted).
+    # Seed by seed, so that an interrupted comparison has every method's first seed before any
+    # second one; in each, the baseline first (a budget relative to it needs its cost), then the
+    # methods in name order (ConfigDict keeps keys sorted).
     order = sorted(methods, key=lambda m: (m != "student_alone", m))
     runs = {(method, seed): workdir / _run_name(method) / f"seed_{seed}"
-            for method in order for seed in config.seeds}
+            for seed in config.seeds for method in order}
     train_teacher = config.teacher.checkpoint is None
     student_runs = ml_collections.ConfigDict(config.to_dict())
     student_runs.teacher.checkpoint = (str(workdir / "teacher" / MODEL_DIR) if train_teacher

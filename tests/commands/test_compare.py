@@ -111,3 +111,45 @@ def test_overlays_are_drawn_again_unless_their_sources_and_files_are_unchanged(t
     assert compare.drawn_overlays(tmp_path, sources) is None
     (tmp_path / compare.OVERLAY_SOURCES).write_text("{")  # killed while writing it
     assert compare.drawn_overlays(tmp_path, sources) is None
+
+
+def test_runs_go_seed_by_seed_with_the_student_alone_first_in_each(tmp_path, monkeypatch):
+    """An interrupted comparison holds every method's first seed before any second one; the
+    table still lists each method once, its seeds together."""
+    trained = []
+
+    def fake_train(config, workdir, *, method, seed, **kwargs):
+        trained.append((method, seed))
+        row = report.ResultRow(method=method, seed=seed, miou=float(len(trained)),
+                               per_class_iou={}, eval_mode="whole", checkpoint="last",
+                               checkpoint_path=None, steps=2, step_seconds=0.1, step_flops=1e9)
+        return row, compare.StepCost(seconds=0.1, flops=1e9)
+
+    class NothingAhead:  # nothing is trained, so nothing is compiled ahead
+        def __init__(self, builds):
+            del builds
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def claim(self, key):
+            del key
+
+    monkeypatch.setattr(compare, "train_and_report", fake_train)
+    monkeypatch.setattr(compare, "CompileAhead", NothingAhead)
+    config = _config()
+    config.seeds = (0, 1)
+    config.eval.overlays = 0
+    config.methods = ml_collections.ConfigDict({"student_alone": ml_collections.ConfigDict(),
+                                                "kd": method_terms("kd"),
+                                                "dist": method_terms("dist")})
+    rows = compare.run_compare(config, tmp_path)
+    assert trained == [(report.TEACHER, 0), (report.STUDENT_ALONE, 0), ("dist", 0), ("kd", 0),
+                       (report.STUDENT_ALONE, 1), ("dist", 1), ("kd", 1)]
+    assert len(rows) == 7
+    methods = [line.split("|")[1].strip() for line in
+               (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert methods.count("kd") == 1 and methods.count("dist") == 1
