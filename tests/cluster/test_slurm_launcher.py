@@ -23,29 +23,56 @@ echo "$*" >>"$SCONTROL_RECORD"
 # saves at the next step (in TASK_SAVE_SECONDS) and exits with 128 + the signal, at a second signal
 # at once. As kdjax's checkpoint save, the task's ends at a barrier of all tasks: srun's
 # --kill-on-bad-exit ends the others when the first exits with 130, and by then all have saved.
-TASK = """#!/usr/bin/env bash
-log="$TASK_LOGS/task-$SLURM_PROCID.log"
-printf 'arg: %s\\n' "$@" >>"$log"
-stop=
-on_signal() {
-  if [ -n "$stop" ]; then echo "second signal: exiting now" >>"$log" && exit "$1"; fi
-  echo "signal $1" >>"$log" && stop=$1
-}
-trap 'on_signal 130' INT
-trap 'on_signal 143' TERM
-step=0
-while [ -z "$stop" ] && [ $step -lt "${TASK_STEPS:-100000}" ]; do
-  step=$((step + 1)) && echo "step $step" >>"$log" && sleep 0.1
-done
-[ -n "$stop" ] || exit 0
-# In the background and waited for: bash runs a trap only once its foreground command ends, while
-# `wait` returns at a signal, so the second signal exits at once and not after the save.
-sleep "${TASK_SAVE_SECONDS:-0}" & wait $!
-echo "saved step $step" >>"$log"
-until [ "$(cat "$TASK_LOGS"/task-*.log | grep -c '^saved step')" -ge "$SLURM_NTASKS" ]; do
-  sleep 0.05
-done
-exit "$stop"
+# In Python, whose handlers run as soon as the signal arrives, whatever the task is doing.
+TASK = """#!/usr/bin/env python3
+import glob, os, signal, sys, time
+
+log_path = os.path.join(os.environ["TASK_LOGS"], f"task-{os.environ['SLURM_PROCID']}.log")
+
+
+def log(line):
+    with open(log_path, "a") as file:
+        file.write(line + "\\n")
+
+
+for arg in sys.argv[1:]:
+    log(f"arg: {arg}")
+stop = None
+
+
+def on_signal(code):
+    def handler(signum, frame):
+        global stop
+        if stop is not None:
+            log("second signal: exiting now")
+            os._exit(code)
+        log(f"signal {code}")
+        stop = code
+    return handler
+
+
+signal.signal(signal.SIGINT, on_signal(130))
+signal.signal(signal.SIGTERM, on_signal(143))
+step = 0
+while stop is None and step < int(os.environ.get("TASK_STEPS", "100000")):
+    step += 1
+    log(f"step {step}")
+    time.sleep(0.1)
+if stop is None:
+    sys.exit(0)
+time.sleep(float(os.environ.get("TASK_SAVE_SECONDS", "0")))
+log(f"saved step {step}")
+ntasks = int(os.environ["SLURM_NTASKS"])
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    saved = 0
+    for path in glob.glob(os.path.join(os.environ["TASK_LOGS"], "task-*.log")):
+        with open(path) as file:
+            saved += sum(line.startswith("saved step") for line in file)
+    if saved >= ntasks:
+        break
+    time.sleep(0.05)
+sys.exit(stop)
 """
 
 
@@ -86,7 +113,11 @@ class Job:
             time.sleep(0.1)
 
     def end(self):
-        return self.script.wait(timeout=60)
+        try:
+            return self.script.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(("the job did not end", [self.log(task) for task in range(TASKS)],
+                                  self.srun_calls())) from None
 
     def srun_calls(self):
         """srun's argument lists and pids, and "SIGINT" for each SIGINT it got."""
