@@ -81,6 +81,10 @@ def write_script(path, text):
     path.chmod(0o755)
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Job:
     """launch/slurm.sbatch started as sbatch starts a job's script."""
 
@@ -98,8 +102,11 @@ class Job:
                "TASK_LOGS": str(self.logs), "FAKE_SRUN_RECORD": str(self.srun_record),
                "SCONTROL_RECORD": str(self.scontrol_record), **env}
         # A session of its own, as the job's script has: its process group is the script's alone.
+        # And SIGINT's default action, as sbatch starts it, whatever the test runner was started
+        # with (a runner in a shell's background ignores SIGINT, and bash cannot trap a signal
+        # ignored when it starts).
         self.script = subprocess.Popen(["bash", SBATCH, *KDJAX_ARGS], env=env, cwd=tmp_path,
-                                       start_new_session=True)
+                                       start_new_session=True, preexec_fn=_default_sigint)
 
     def log(self, task):
         path = self.logs / f"task-{task}.log"
