@@ -284,8 +284,8 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
     student_runs.teacher.checkpoint = (str(workdir / "teacher" / MODEL_DIR) if train_teacher
                                        else config.teacher.checkpoint)
     # The students' experiments are built and compiled on a background thread while the
-    # foreground traces, evaluates and exports (it pauses while a run trains); their teacher need
-    # not exist yet (materialize=False).
+    # foreground traces, trains, evaluates and exports (it pauses while a run's step is timed);
+    # their teacher need not exist yet (materialize=False).
     builds = {str(run_dir): functools.partial(
         training.setup, _run_config(student_runs, seed=seed, student_config=config.student,
                                     terms=methods[method]), mesh=mesh, materialize=False)

@@ -125,10 +125,12 @@ class StepTimer:
     """Times train steps after the first (which compiles): each step it is given a finished step
     of, up to ``timed_steps``. ``seconds`` is their median, or None before any.
 
-    From the end of the first step until :meth:`close`, no background work runs
-    (:data:`kdjax.runtime.background.GATE`): not during the timed steps, nor, in a training loop
-    that closes the timer when it ends, during the later ones, whose cores it would slow (with
-    XLA's intra-op threads, a step runs at the pace of its most contended core)."""
+    From the end of the first step until the timed steps are done (or :meth:`close`), no
+    background work runs (:data:`kdjax.runtime.background.GATE`): with XLA's intra-op threads, a
+    step runs at the pace of its most contended core, so a compile beside a timed step would be
+    measured with it. The later steps share the cores with background work again: compiling the
+    runs to come beside them costs them less than the cores left idle while a single-threaded
+    compile runs alone (``benchmarks/NOTES.md`` item 54)."""
 
     def __init__(self, timed_steps: int = TIMED_STEPS):
         self.timed_steps = timed_steps
@@ -149,6 +151,8 @@ class StepTimer:
         jax.block_until_ready(outputs)
         if self._skipped:
             self.times.append(time.perf_counter() - self._started)
+            if self.done:
+                self.close()
         else:
             self._skipped = True
             self._quiet.enter_context(background.GATE.quiet())

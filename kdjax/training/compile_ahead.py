@@ -1,5 +1,5 @@
 """Building and compiling the runs to come on a background thread, while the current run traces,
-evaluates and exports, and handing each its compiled experiment when it starts.
+trains, evaluates and exports, and handing each its compiled experiment when it starts.
 
 ``kdjax compare`` trains its runs one after the other, and each builds its experiment (tracing
 its modules and its train step) and compiles its initial state and its train step before its
@@ -12,9 +12,10 @@ experiment as it is, with its teacher's weights read in
 trained yet, so it is built abstractly from its config (its weights are an argument of the step,
 so the programs are the same).
 
-The background thread gives way while a run trains, from the end of its first step
-(:data:`kdjax.runtime.background.GATE`, held by the run's step timer): a compile beside the step
-would slow it, and its measured cost would no longer be the step's own. With one process only:
+The background thread gives way while a run's step is timed, from the end of its first step
+until its timed steps are done (:data:`kdjax.runtime.background.GATE`, held by the run's step
+timer): a compile beside the step would slow it, and its measured cost would no longer be the
+step's own. With one process only:
 several processes compile at a barrier before their first step
 (:func:`kdjax.training.run_training`).
 """
@@ -33,8 +34,9 @@ from kdjax.training.experiment import Experiment
 log = logging.getLogger(__name__)
 
 # How many runs beyond the current one are built ahead: each holds its compiled programs (and, on
-# CPU, their memory mappings) until its run takes it.
-LOOKAHEAD = 2
+# CPU, their memory mappings) until its run takes it. Enough to keep the builder busy through a
+# teacher's training, when nothing else is waiting for it (benchmarks/NOTES.md item 54).
+LOOKAHEAD = 4
 
 
 def useful() -> bool:
@@ -62,6 +64,9 @@ class CompileAhead:
         self.active = useful()
         self._pending = list(builds.items())
         self._lookahead = lookahead
+        # One builder: XLA compiles a program on one thread, and a second builder beside the
+        # foreground's own compile delays the teacher, which every later run waits for
+        # (benchmarks/NOTES.md item 54).
         self._executor = (concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="kdjax-compile-ahead") if self.active else None)
         self._jobs: dict[str, concurrent.futures.Future] = {}

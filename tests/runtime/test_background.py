@@ -61,7 +61,8 @@ def test_work_waits_for_a_quiet_span_and_a_waiting_span_goes_first():
         thread.join(TIMEOUT)
 
 
-def test_the_step_timer_holds_background_work_from_its_first_step_until_closed(monkeypatch):
+def test_the_step_timer_holds_background_work_from_its_first_step_to_its_last_timed_one(
+        monkeypatch):
     gate = Gate()
     monkeypatch.setattr("kdjax.runtime.background.GATE", gate)
     timer = StepTimer(timed_steps=2)
@@ -70,10 +71,27 @@ def test_the_step_timer_holds_background_work_from_its_first_step_until_closed(m
     timer.stop(jnp.zeros(()))      # the first step, which compiles: work may run beside it
     worker = _in_thread(gate.busy, working, finish)
     assert not working.wait(WAIT)
-    for _ in range(3):              # past its timed steps, still held until closed
+    timer.start()
+    timer.stop(jnp.zeros(()))      # one timed step of two: still held
+    assert not timer.done and not working.wait(WAIT)
+    timer.start()
+    timer.stop(jnp.zeros(()))      # the last timed step: later steps share the cores
+    assert timer.done and working.wait(TIMEOUT)
+    finish.set()
+    timer.close()                   # closing after the release changes nothing
+    worker.join(TIMEOUT)
+
+
+def test_a_step_timer_closed_before_its_timed_steps_lets_work_run(monkeypatch):
+    gate = Gate()
+    monkeypatch.setattr("kdjax.runtime.background.GATE", gate)
+    timer = StepTimer(timed_steps=3)
+    for _ in range(2):              # a run that ends before its timed steps are done
         timer.start()
         timer.stop(jnp.zeros(()))
-    assert timer.done and not working.wait(WAIT)
+    working, finish = threading.Event(), threading.Event()
+    worker = _in_thread(gate.busy, working, finish)
+    assert not working.wait(WAIT)
     timer.close()
     assert working.wait(TIMEOUT)
     finish.set()
