@@ -15,9 +15,8 @@ so the programs are the same).
 The background thread gives way while a run's step is timed, from the end of its first step
 until its timed steps are done (:data:`kdjax.runtime.background.GATE`, held by the run's step
 timer): a compile beside the step would slow it, and its measured cost would no longer be the
-step's own. With one process only:
-several processes compile at a barrier before their first step
-(:func:`kdjax.training.run_training`).
+step's own. With one process only: several processes compile at a barrier before their first
+step (:func:`kdjax.training.run_training`).
 """
 
 from __future__ import annotations
