@@ -333,12 +333,14 @@ def _signal_twice(stopped: Path) -> tuple[int, str]:
 
 
 def test_a_second_signal_exits_at_once_and_keeps_the_previous_checkpoint(tiny, tmp_path):
-    # The tiny run's stop can finish before the second signal lands (then it exits as after one
-    # signal); the scenario is tried again in a fresh workdir until the second signal meets it.
+    # The tiny run's stop can finish before the second signal lands: then it exits as after one
+    # signal, or, when the signal meets the process after its stop handler is gone, as after a
+    # plain Ctrl-C. The scenario is tried again in a fresh workdir until the second signal meets
+    # the stop.
     for attempt in range(4):
         stopped = tmp_path / f"stopped_{attempt}"
         returncode, stderr = _signal_twice(stopped)
-        if returncode != 128 + signal.SIGTERM:
+        if "second signal" in stderr or returncode not in (128 + signal.SIGTERM, 130):
             break
     assert returncode == 128 + signal.SIGINT, stderr
     assert "second signal (SIGINT): exiting now" in stderr
