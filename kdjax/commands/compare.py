@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -95,12 +96,14 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
                      student_config: ml_collections.ConfigDict,
                      terms: ml_collections.ConfigDict, mesh, budget: Budget = Budget("steps"),
                      reference: StepCost | None = None, prepared: training.Experiment | None = None,
-                     alone_terms: ml_collections.ConfigDict | None = None
+                     alone_terms: ml_collections.ConfigDict | None = None,
+                     teacher: Callable[[], Network] | None = None
                      ) -> tuple[report.ResultRow, StepCost | None]:
     """Trains one model (or reads its finished result) and returns its result row and its
     measured step cost (None for a run finished before costs were kept, under equal steps).
     ``prepared``: the run's experiment built (and compiled) ahead, its teacher possibly abstract
-    (:mod:`kdjax.training.compile_ahead`); used if its config is the run's.
+    (:mod:`kdjax.training.compile_ahead`); used if its config is the run's. ``teacher``: gives
+    the trained teacher that ``prepared`` takes (read once for every run of a comparison).
 
     Under a matched ``budget`` the run trains the steps its cost affords (``reference``: the
     student alone's cost, for a budget relative to it): the cost is measured once, before
@@ -128,7 +131,7 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
         check_same_recipe(saved["recipe"], run_config, workdir)
         return report.ResultRow(**saved["row"]), cost
     if prepared is not None and prepared.config.to_dict() == run_config.to_dict():
-        exp = prepared.with_trained_teacher()
+        exp = prepared.with_trained_teacher(teacher() if teacher and prepared.teacher else None)
     else:
         exp = training.setup(run_config, mesh=mesh)
     if cost is None and budget.matched:  # the steps depend on it: measured before training
@@ -303,6 +306,7 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
         else:
             rows.append(_teacher_row(config, mesh))
         config = student_runs
+        teacher = functools.cache(functools.partial(training.trained_teacher, config, mesh))
         alone_costs: dict[int, StepCost] = {}
         for (method, seed), run_dir in runs.items():
             name = report.STUDENT_ALONE if method == "student_alone" else method
@@ -310,7 +314,7 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
                 config, run_dir, method=name, seed=seed, student_config=config.student,
                 terms=methods[method], mesh=mesh, budget=budget,
                 reference=alone_costs.get(seed), prepared=ahead.claim(str(run_dir)),
-                alone_terms=methods.get("student_alone"))
+                alone_terms=methods.get("student_alone"), teacher=teacher)
             release_compiled_programs()  # a long comparison would run out of memory mappings
             rows.append(row)
             if method == "student_alone":

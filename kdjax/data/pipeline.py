@@ -229,7 +229,7 @@ def _shard(source: sources.Source, data_config: ml_collections.ConfigDict, split
 def _cached_shard(source: sources.Source, split: str, start: int, stop: int,
                   num_parallel_calls: int) -> sources.Shard:
     # Memoised: evaluation builds a new iterator every time it runs and should reuse the decoded shard.
-    return sources.cache_shard(source.shard(split, start, stop), num_parallel_calls)
+    return source.cached_shard(split, start, stop, num_parallel_calls)
 
 
 @functools.lru_cache(maxsize=32)

@@ -23,9 +23,16 @@ def network_predictor(network, config: ml_collections.ConfigDict,
                       num_classes: int) -> Predictor:
     """Jitted (N, H, W, 3) images → (N, H, W) classes of a frozen network
     (:class:`kdjax.io.networks.Network`), in the eval mode."""
-    logits = functools.partial(network.logits, network.variables)
-    return jax.jit(functools.partial(predict_classes, logits, eval_mode=eval_mode(config),
-                                     num_classes=num_classes))
+    mode = eval_mode(config)
+
+    # The weights are an argument, not constants of the program: networks of one architecture
+    # then share one program (JAX's persistent cache), and none compiles its weights in.
+    @jax.jit
+    def predict(variables, images):
+        logits = functools.partial(network.logits, variables)
+        return predict_classes(logits, images, eval_mode=mode, num_classes=num_classes)
+
+    return functools.partial(predict, network.variables)
 
 
 def write_prediction_overlays(config: ml_collections.ConfigDict,

@@ -27,11 +27,11 @@ from kdjax._extras import require
 # Before the imports below: without the extra, one line says what to install.
 require("train", by=__name__)
 
-from kdjax.training.experiment import Experiment, setup  # noqa: E402
+from kdjax.training.experiment import Experiment, setup, trained_teacher  # noqa: E402
 from kdjax.training.loop import RunResult, run_training  # noqa: E402
 from kdjax.training.optimizer import make_optimizer  # noqa: E402
 from kdjax.training.state import TrainState  # noqa: E402
 from kdjax.training.step import NonFiniteLossError, check_finite, make_train_step  # noqa: E402
 
 __all__ = ["Experiment", "NonFiniteLossError", "RunResult", "TrainState", "check_finite",
-           "make_optimizer", "make_train_step", "run_training", "setup"]
+           "make_optimizer", "make_train_step", "run_training", "setup", "trained_teacher"]

@@ -35,7 +35,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kdjax.ops.cost import traced_flops
 from kdjax.runtime import background
 
 KINDS = ("steps", "seconds", "flops")
@@ -96,7 +95,7 @@ def parse_budget(spec: str) -> Budget:
 @dataclasses.dataclass(frozen=True)
 class StepCost:
     """The measured cost of one train step: wall-clock seconds (after compilation) and its
-    floating-point operations (:func:`step_flops`).
+    floating-point operations (:meth:`kdjax.training.Experiment.step_flops`).
 
     ``reference_seconds``: under ``'seconds:student_alone'``, the student alone's step timed in
     turns with this one, on the same batch (:func:`measure_step_costs`). The budget then uses the
@@ -112,13 +111,6 @@ class StepCost:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def step_flops(jitted, *args) -> float:
-    """The FLOPs of ``jitted(*args)`` (arrays or ``jax.ShapeDtypeStruct``): its matrix products
-    and convolutions, counted from the traced program (:func:`kdjax.ops.cost.traced_flops`).
-    ``trace`` reuses a trace the function already has."""
-    return traced_flops(jitted.trace(*args))
 
 
 class StepTimer:
@@ -202,9 +194,9 @@ def measure_step_cost(step, state, teacher_variables, batch, *, flops: float,
     donates its state: run once first (compiling a jitted one), then timed over ``timed_steps``
     steps (the median).
     ``state`` is consumed: pass one that is not needed afterwards (e.g. a fresh initial state).
-    ``flops``: the step's FLOPs (:func:`step_flops`). ``reference``: the student alone's
-    ``(step, state, teacher_variables, batch)``, timed in turns with this step into
-    ``reference_seconds``."""
+    ``flops``: the step's FLOPs (:meth:`kdjax.training.Experiment.step_flops`). ``reference``:
+    the student alone's ``(step, state, teacher_variables, batch)``, timed in turns with this
+    step into ``reference_seconds``."""
     runs = [(step, state, teacher_variables, batch)] + ([reference] if reference else [])
     seconds = measure_step_costs(runs, timed_steps=timed_steps)
     return agreed_cost(seconds[0], flops, seconds[1] if reference else None)

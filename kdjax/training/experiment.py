@@ -39,10 +39,10 @@ from kdjax.io.model_dir import WEIGHTS, save_model
 from kdjax.io.networks import (Network, build_model, load_backbone_weights, load_student_weights,
                                load_teacher, model_spec)
 from kdjax.models.layers import set_batch_norm_groups
+from kdjax.ops.cost import traced_flops
 from kdjax.ops.kernels import resolve_loss_scratch
 from kdjax.runtime import sharding
 from kdjax.runtime.compilation import UNOPTIMIZED
-from kdjax.training.budget import step_flops
 from kdjax.training.optimizer import make_discriminator_optimizer, make_optimizer
 from kdjax.training.state import Trainables, Trained, TrainState, check_only_weights
 from kdjax.training.step import (ModuleParts, StepParts, check_finite, classifier_kernel,
@@ -117,6 +117,7 @@ class Experiment:
     _jitted_step: Any
     _init: Any
     _compiled_step: Any
+    _step_flops: Any
     # The weights of a student module given to setup(), replicated: init_state's default.
     _student_weights: Any = None
 
@@ -216,13 +217,17 @@ class Experiment:
         serve every experiment of the same programs, in this process or a later one (an
         abstract teacher's included: the teacher's weights are an argument of the step). Safe
         to call from several threads."""
-        self._init.compile()
-        return self._compiled_step.compile()
+        self._init.get()
+        return self._compiled_step.get()
 
-    def with_trained_teacher(self) -> Experiment:
-        """This experiment with its teacher's weights read from ``teacher.checkpoint``, where
-        ``setup(materialize=False)`` left them abstract (the teacher was not trained yet); its
-        programs, compiled or not, serve both. Itself when the teacher is already concrete.
+    def with_trained_teacher(self, teacher: Network | None = None) -> Experiment:
+        """This experiment with its teacher's weights, where ``setup(materialize=False)`` left
+        them abstract (the teacher was not trained yet); its programs, compiled or not, serve
+        both. Itself when the teacher is already concrete.
+
+        Args:
+          teacher: the trained teacher, as :func:`trained_teacher` reads it (the runs of one
+            teacher can share one); default: read from ``teacher.checkpoint``.
 
         Raises:
           ValueError: the saved teacher's shapes differ from those the programs were built for.
@@ -231,8 +236,8 @@ class Experiment:
                                            for leaf in jax.tree.leaves(self.teacher.variables)):
             return self
         config = self.config
-        teacher = load_teacher(with_precision(config.teacher, config.train.precision),
-                               num_classes=self.num_classes, mesh=self.mesh, seed=config.seed)
+        if teacher is None:
+            teacher = trained_teacher(config, self.mesh)
         built, saved = (jax.tree.map(lambda x: (x.shape, str(x.dtype)), t.variables)
                         for t in (self.teacher, teacher))
         if built != saved or teacher.graphdef != self.teacher.graphdef:
@@ -242,9 +247,9 @@ class Experiment:
 
     def step_flops(self) -> float:
         """The floating-point operations of one train step's matrix products and convolutions
-        (:func:`kdjax.ops.cost.traced_flops`), from the step's abstract arguments: nothing runs."""
-        return step_flops(self._jitted_step, self.abstract_state, self.teacher_inputs(),
-                          self.abstract_batch)
+        (:func:`kdjax.ops.cost.traced_flops`), counted once from the trace that the step is
+        compiled from: nothing runs."""
+        return self._step_flops.get()
 
     def merge(self, state: TrainState) -> Trainables:
         """The student and its terms' modules of ``state`` as modules."""
@@ -309,6 +314,14 @@ def with_precision(model: ml_collections.ConfigDict, precision: str) -> ml_colle
     if precision == "float32":
         return model
     return ml_collections.ConfigDict({**model.to_dict(), "dtype": precision})
+
+
+def trained_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Network:
+    """The teacher of ``config`` read from ``teacher.checkpoint``, replicated over ``mesh``, in
+    the compute dtype of ``train.precision``."""
+    return load_teacher(with_precision(config.teacher, config.train.precision),
+                        num_classes=dataset_info(config.data.name).num_classes, mesh=mesh,
+                        seed=config.seed)
 
 
 def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = None,
@@ -378,6 +391,8 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
     spec = (model_spec(student_config, info.num_classes) if student is None
             else dict(getattr(student, "spec", None) or {}))
     teacher_variables = teacher.variables if teacher is not None else None
+    # One trace of the step serves its compile and its FLOPs count (a trace takes seconds).
+    traced = _Once(lambda: step.trace(abstract_state, teacher_variables, abstract_batch))
     return Experiment(
         config=config, mesh=mesh, dataset=info, terms=terms, teacher=teacher,
         student_spec={**spec, "dtype": parts.student_dtype},
@@ -385,9 +400,9 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
         abstract_state=abstract_state, metric_names=tuple(abstract_state.bad_metrics),
         step_parts=parts, abstract_batch=abstract_batch, _jitted_step=step,
         # Runs once per experiment: compiled without optimisation (kdjax.runtime.compilation).
-        _init=_CompiledOnce(lambda: init_jit.lower().compile(UNOPTIMIZED)),
-        _compiled_step=_CompiledOnce(lambda: step.lower(
-            abstract_state, teacher_variables, abstract_batch).compile()),
+        _init=_Once(lambda: init_jit.lower().compile(UNOPTIMIZED)),
+        _compiled_step=_Once(lambda: traced.get().lower().compile()),
+        _step_flops=_Once(lambda: traced_flops(traced.get())),
         _student_weights=given.weights if given is not None else None)
 
 
@@ -529,20 +544,20 @@ def _jitted_step(parts: StepParts, abstract_state: TrainState, teacher: Network 
     return step, abstract_batch
 
 
-class _CompiledOnce:
-    """A program compiled on the first call of :meth:`compile` only, whichever thread makes it;
-    calling it runs the program."""
+class _Once:
+    """A value (a trace, a compiled program, a count) made on the first call of :meth:`get`
+    only, whichever thread makes it; calling it calls the value (runs a compiled program)."""
 
-    def __init__(self, compile_program: Callable[[], jax.stages.Compiled]):
-        self._compile_program = compile_program
-        self._compiled = None
+    def __init__(self, make: Callable[[], Any]):
+        self._make = make
+        self._value = None
         self._lock = threading.Lock()
 
-    def compile(self) -> jax.stages.Compiled:
+    def get(self) -> Any:
         with self._lock:
-            if self._compiled is None:
-                self._compiled = self._compile_program()
-        return self._compiled
+            if self._value is None:
+                self._value = self._make()
+        return self._value
 
     def __call__(self, *args):
-        return self.compile()(*args)
+        return self.get()(*args)

@@ -156,15 +156,16 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     A run killed at any point and started again with the same arguments resumes from its last
     checkpoint, sees the same batches from there on and ends in the same state.
     """
-    from kdjax.data.pipeline import make_train_iterator  # tf.data: imported when a pipeline is built
-
     config = exp.config
     workdir = as_path(workdir)
-    # With one process the step compiles on another thread while this one restores or
-    # initialises the state and builds the input pipeline, which renders or decodes data in
-    # Python: XLA compiles on its own threads, without the GIL. Several processes compile after
-    # the pipeline, in which process 0 may prepare the dataset that the others wait for.
+    # With one process the step compiles on another thread while this one imports TensorFlow
+    # (seconds, the first time), restores or initialises the state and builds the input
+    # pipeline, which renders or decodes data in Python: XLA compiles on its own threads,
+    # without the GIL. Several processes compile after the pipeline, in which process 0 may
+    # prepare the dataset that the others wait for.
     compiling = _in_background(exp.compile) if jax.process_count() == 1 else None
+    from kdjax.data.pipeline import make_train_iterator  # tf.data: imported when a pipeline is built
+
     checkpointer = train_checkpointer(workdir, keep_last=config.train.keep_checkpoints,
                                       async_save=config.train.async_checkpoints)
     state = _initial_state(exp, checkpointer, workdir)

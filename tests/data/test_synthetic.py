@@ -1,9 +1,11 @@
 """The built-in synthetic street scenes."""
 
+import itertools
+
 import numpy as np
 
 from kdjax.config.data_defaults import default_data_config
-from kdjax.data import dataset_info, make_eval_iterator
+from kdjax.data import dataset_info, make_eval_iterator, make_train_iterator, sources
 from kdjax.data.synthetic import CLASS_NAMES, SYNTHETIC_INFO, render_scene, scene_seed
 
 
@@ -58,3 +60,30 @@ def test_the_pipeline_reads_the_rendered_scenes():
         image, label = render_scene(scene_seed(config.synthetic.seed, "val", i), 24, 48)
         np.testing.assert_array_equal(batch["image"][i], image)
         np.testing.assert_array_equal(batch["label"][i], label)
+
+
+def test_scenes_rendered_into_memory_are_those_tf_data_decodes_and_batch_the_same():
+    config = default_data_config()
+    config.synthetic.update(num_train=6, num_val=3, height=24, width=48)
+    source = sources.open_source(config)
+    for split, start, stop in (("train", 1, 5), ("val", 0, 3), ("train", 2, 2)):
+        fast = source.cached_shard(split, start, stop, num_parallel_calls=1)
+        generic = sources.cache_shard(source.shard(split, start, stop), num_parallel_calls=2)
+        assert fast.size == generic.size == stop - start
+        fast_records = list(fast.records.as_numpy_iterator())
+        generic_records = list(generic.records.as_numpy_iterator())
+        assert [(r["index"], r["file_name"]) for r in fast_records] == [
+            (r["index"], r["file_name"]) for r in generic_records]
+        fast_examples = list(fast.records.map(fast.load).as_numpy_iterator())
+        generic_examples = list(generic.records.map(generic.load).as_numpy_iterator())
+        for x, y in zip(fast_examples, generic_examples, strict=True):
+            for key in ("image", "label", "file_name"):
+                np.testing.assert_array_equal(x[key], y[key])
+    plain, cached = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+    plain.crop_size, cached.crop_size = (16, 32), (16, 32)
+    cached.cache = True
+    train = dict(global_batch_size=2, seed=3, process_index=0, process_count=1)
+    for a, b in zip(itertools.islice(make_train_iterator(plain, **train), 4),
+                    itertools.islice(make_train_iterator(cached, **train), 4)):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

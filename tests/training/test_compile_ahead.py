@@ -44,10 +44,15 @@ def test_a_run_takes_the_experiment_compiled_before_its_teacher_was_trained(tmp_
     with caplog.at_level(logging.DEBUG, logger="jax._src.dispatch"):
         exp = prepared.with_trained_teacher()
         state, metrics = exp.step(exp.init_state(), _batch())
+        flops = exp.step_flops()
     assert exp.compile() is prepared.compile()
     compiled = [r.getMessage() for r in caplog.records
                 if r.getMessage().startswith("Finished XLA compilation of jit(")]
     assert not [m for m in compiled if "train_step" in m or "jit(init)" in m], compiled
+    # The FLOPs are counted from the trace the step was compiled from: no second trace.
+    traced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Finished tracing")]
+    assert not [m for m in traced if "train_step" in m], traced
+    assert flops == prepared.step_flops() > 0
     # The same step as an experiment built with the trained teacher from the start.
     fresh = training.setup(config)
     fresh_state, fresh_metrics = fresh.step(fresh.init_state(), _batch())
@@ -69,6 +74,22 @@ def test_a_teacher_of_other_shapes_is_refused(tmp_path):
     _save_teacher(other, seed=0)
     with pytest.raises(ValueError, match="not the network this experiment was built for"):
         prepared.with_trained_teacher()
+    with pytest.raises(ValueError, match="not the network this experiment was built for"):
+        prepared.with_trained_teacher(training.trained_teacher(config, prepared.mesh))
+
+
+def test_runs_of_one_teacher_can_share_it_once_read(tmp_path):
+    config = load_config(CONFIG)
+    config.distill.terms = method_terms("kd")
+    config.teacher.checkpoint = str(tmp_path / "teacher")
+    prepared = training.setup(config, materialize=False)
+    _save_teacher(config, seed=3)
+    teacher = training.trained_teacher(config, prepared.mesh)
+    first, second = (prepared.with_trained_teacher(teacher) for _ in range(2))
+    assert first.teacher is teacher and second.teacher is teacher
+    read = prepared.with_trained_teacher()     # read from the checkpoint: the same weights
+    for a, b in zip(jax.tree.leaves(read.teacher.variables), jax.tree.leaves(teacher.variables)):
+        np.testing.assert_array_equal(a, b)
 
 
 class _Experiment:
