@@ -114,7 +114,6 @@ class Experiment:
     metric_names: tuple[str, ...]
     step_parts: StepParts
     abstract_batch: dict
-    _jitted_step: Any
     _init: Any
     _compiled_step: Any
     _step_flops: Any
@@ -398,7 +397,7 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
         student_spec={**spec, "dtype": parts.student_dtype},
         # The step's metric names, sorted, as the abstract state's bad_metrics holds them.
         abstract_state=abstract_state, metric_names=tuple(abstract_state.bad_metrics),
-        step_parts=parts, abstract_batch=abstract_batch, _jitted_step=step,
+        step_parts=parts, abstract_batch=abstract_batch,
         # Runs once per experiment: compiled without optimisation (kdjax.runtime.compilation).
         _init=_Once(lambda: init_jit.lower().compile(UNOPTIMIZED)),
         _compiled_step=_Once(lambda: traced.get().lower().compile()),
