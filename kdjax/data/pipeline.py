@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -94,8 +95,17 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
       B = global_batch_size // process_count and (h, w) = ``data_config.crop_size``.
     """
     process_index, process_count = _process(process_index, process_count)
+    pipeline = _pipeline(_train_pipeline, data_config, source, global_batch_size=global_batch_size,
+                         seed=seed, start_step=start_step, process_index=process_index,
+                         process_count=process_count)
+    return BatchIterator(pipeline.dataset, first_batch=start_step,
+                         per_example=pipeline.per_example, batch_records=pipeline.batch_records)
+
+
+def _train_pipeline(data_config: ml_collections.ConfigDict, source: sources.Source, *,
+                    global_batch_size: int, seed: int, start_step: int, process_index: int,
+                    process_count: int) -> _Pipeline:
     local_batch = _local_batch_size(global_batch_size, process_count)
-    source = source or sources.open_source(data_config)
     info = source.info
     settings = augment.TrainAugmentation.from_config(data_config, info.ignore_label)
     _check_settings(data_config)
@@ -125,8 +135,8 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_
                .batch(local_batch, drop_remainder=True)
                .prefetch(data_config.prefetch)
                .with_options(_options()))
-    return BatchIterator(dataset, first_batch=start_step, per_example=per_example,
-                         batch_records=lambda step: stream(step * local_batch).take(local_batch))
+    return _Pipeline(dataset, per_example,
+                     batch_records=lambda step: stream(step * local_batch).take(local_batch))
 
 
 def make_eval_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
@@ -145,8 +155,15 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, *, global_batch_s
       ``data_config.eval_pad_size`` or the largest image size of the split.
     """
     process_index, process_count = _process(process_index, process_count)
+    pipeline = _pipeline(_eval_pipeline, data_config, source, global_batch_size=global_batch_size,
+                         process_index=process_index, process_count=process_count)
+    return BatchIterator(pipeline.dataset, first_batch=0, per_example=pipeline.per_example,
+                         batch_records=pipeline.batch_records)
+
+
+def _eval_pipeline(data_config: ml_collections.ConfigDict, source: sources.Source, *,
+                   global_batch_size: int, process_index: int, process_count: int) -> _Pipeline:
     local_batch = _local_batch_size(global_batch_size, process_count)
-    source = source or sources.open_source(data_config)
     info = source.info
     _check_settings(data_config)
     split = data_config.eval_split
@@ -184,8 +201,48 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, *, global_batch_s
                .batch(local_batch, drop_remainder=True)
                .prefetch(data_config.prefetch)
                .with_options(_options()))
-    return BatchIterator(dataset, first_batch=0, per_example=per_example,
-                         batch_records=lambda b: shard.records.skip(b * local_batch).take(local_batch))
+    return _Pipeline(dataset, per_example,
+                     batch_records=lambda b: shard.records.skip(b * local_batch).take(local_batch))
+
+
+class _Pipeline(NamedTuple):
+    """A built tf.data pipeline: its batches, the per-example function it maps and the records
+    of a batch by number (to name a failing example)."""
+
+    dataset: tf.data.Dataset
+    per_example: Callable[[dict], object]
+    batch_records: Callable[[int], tf.data.Dataset]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ByValue:
+    """A config compared and hashed by its values."""
+
+    values: str
+    config: ml_collections.ConfigDict = dataclasses.field(compare=False)
+
+
+def _pipeline(build: Callable[..., _Pipeline], data_config: ml_collections.ConfigDict,
+              source: sources.Source | None, **settings) -> _Pipeline:
+    """``build(data_config, source, **settings)``, memoised when the data is cached in memory.
+
+    Building a pipeline traces its per-example function, about a second each time; a comparison
+    builds the same training and evaluation pipelines for every run (``benchmarks/NOTES.md`` item
+    57). Over a shard held in memory (``data.cache``) the pipeline is a pure function of the data
+    config and the settings, so one built pipeline serves them all, each caller with iterators
+    of its own.
+    """
+    source = source or sources.open_source(data_config)
+    if not data_config.cache:
+        return build(data_config, source, **settings)
+    return _memoised_pipeline(build, _ByValue(data_config.to_json(sort_keys=True), data_config),
+                              source, tuple(sorted(settings.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _memoised_pipeline(build: Callable[..., _Pipeline], data_config: _ByValue,
+                       source: sources.Source, settings: tuple) -> _Pipeline:
+    return build(data_config.config, source, **dict(settings))
 
 
 def _check_settings(data_config: ml_collections.ConfigDict) -> None:

@@ -72,14 +72,19 @@ def _frozen_network(module: nnx.Module, mesh: jax.sharding.Mesh) -> Network:
                    dtype=jnp.dtype(jnp.float32))
 
 
-def _replace_student(tree, new, part: str | None = None):
-    """``tree`` with ``new`` (same structure and shapes) in place of the student or its ``part``."""
-    parent, key = (tree, "student") if part is None else (tree["student"], part)
-    old_leaves, new_leaves = jax.tree.leaves(parent[key]), jax.tree.leaves(new)
+def _replaced(weights, new, part: str | None = None):
+    """A student's weights (``nnx.State``) with ``new`` (same structure and shapes) in place of
+    them all or of their ``part``."""
+    old = weights if part is None else weights[part]
+    old_leaves, new_leaves = jax.tree.leaves(old), jax.tree.leaves(new)
     if [x.shape for x in old_leaves] != [x.shape for x in new_leaves]:
         raise ValueError("the given student weights do not fit the configured student; build "
                          "them for the same model spec (name, widths, classes).")
-    parent[key] = jax.tree.unflatten(jax.tree.structure(parent[key]), new_leaves)
+    placed = jax.tree.unflatten(jax.tree.structure(old), new_leaves)
+    if part is None:
+        return placed
+    weights[part] = placed
+    return weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +119,13 @@ class Experiment:
     metric_names: tuple[str, ...]
     step_parts: StepParts
     abstract_batch: dict
-    _init: Any
+    _init: Any                 # (student weights) -> the initial state
     _compiled_step: Any
     _step_flops: Any
+    # () -> the student's weights drawn from the seed; None for a module given to setup().
+    _seeded_student: Any = None
+    # The student's weights as the init takes them, abstract.
+    _abstract_student_weights: Any = None
     # The weights of a student module given to setup(), replicated: init_state's default.
     _student_weights: Any = None
 
@@ -184,18 +193,27 @@ class Experiment:
         :func:`setup`, else from ``student.checkpoint`` (a model dir) or
         ``student.backbone_checkpoint`` when the config names one, else from the seed.
         """
-        state = self._init()
-        state = state.replace(bad_metrics=jax.device_put(
+        weights, part = self._given_student_weights(student)
+        if weights is None or part is not None:
+            # From the seed: the whole student, or what a backbone checkpoint leaves of it.
+            weights = (self._seeded_student() if weights is None
+                       else _replaced(self._seeded_student(), weights, part))
+        state = self._init(weights)
+        return state.replace(bad_metrics=jax.device_put(
             {name: np.float32(0.0) for name in self.metric_names}, sharding.replicated(self.mesh)))
+
+    def _given_student_weights(self, student: nnx.Module | None) -> tuple[Any, str | None]:
+        """The student's weights that :meth:`init_state` does not draw from the seed, replicated,
+        and the part of the student they are (None: all of it); (None, None) when there are
+        none."""
         student_config = self.config.student
         part, weights = None, None
-        # Copies: the state is donated to the step, and the module's arrays must outlive it.
+        # The init reads them into a state of its own: the step that is donated that state
+        # leaves these arrays as they are.
         if student is not None:
-            weights = jax.device_put(nnx.state(student, WEIGHTS), sharding.replicated(self.mesh),
-                                     may_alias=False)
+            weights = jax.device_put(nnx.state(student, WEIGHTS), sharding.replicated(self.mesh))
         elif self._student_weights is not None:
-            weights = jax.device_put(self._student_weights, sharding.replicated(self.mesh),
-                                     may_alias=False)
+            weights = self._student_weights
         elif student_config.checkpoint:
             weights = load_student_weights(student_config.checkpoint, self.student_spec, self.mesh)
         elif student_config.backbone_checkpoint:
@@ -203,11 +221,9 @@ class Experiment:
             weights = load_backbone_weights(student_config.backbone_checkpoint,
                                             student_config.backbone_source, self.student_spec,
                                             self.mesh)
-        if weights is not None:
-            params, stats = nnx.split_state(weights, nnx.Param, nnx.BatchStat)
-            _replace_student(state.student.params, params, part)
-            _replace_student(state.student.batch_stats, stats, part)
-        return state
+        if weights is not None and part is None:
+            weights = _replaced(self._abstract_student_weights, weights)
+        return weights, part
 
     def compile(self) -> jax.stages.Compiled:
         """Compiles the programs of :meth:`init_state` and :meth:`step` without running them, once
@@ -217,6 +233,8 @@ class Experiment:
         abstract teacher's included: the teacher's weights are an argument of the step). Safe
         to call from several threads."""
         self._init.get()
+        if self._seeded_student is not None:
+            self._seeded_student.get()
         return self._compiled_step.get()
 
     def with_trained_teacher(self, teacher: Network | None = None) -> Experiment:
@@ -383,7 +401,7 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
     modules = _module_builder(config, student_config, given, teacher, terms, student_modules,
                               info, mesh, seed, images)
     tx = optimizer if optimizer is not None else make_optimizer(config.train, terms)
-    parts, init_jit, abstract_state = _state_and_step_parts(
+    parts, init_jit, abstract_state, abstract_weights = _state_and_step_parts(
         modules, tx, terms, student_modules, teacher, config, info, mesh, seed,
         student_dtype=jnp.dtype(student_config.dtype if student is None else jnp.float32))
     step, abstract_batch = _jitted_step(parts, abstract_state, teacher, images, mesh)
@@ -399,9 +417,13 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
         abstract_state=abstract_state, metric_names=tuple(abstract_state.bad_metrics),
         step_parts=parts, abstract_batch=abstract_batch,
         # Runs once per experiment: compiled without optimisation (kdjax.runtime.compilation).
-        _init=_Once(lambda: init_jit.lower().compile(UNOPTIMIZED)),
+        _init=_Once(lambda: init_jit.lower(abstract_weights).compile(UNOPTIMIZED)),
         _compiled_step=_Once(lambda: traced.get().lower().compile()),
         _step_flops=_Once(lambda: traced_flops(traced.get())),
+        _seeded_student=(None if given is not None else _Once(
+            lambda: _seeded_student(student_config, info, mesh, seed).lower().compile(
+                UNOPTIMIZED))),
+        _abstract_student_weights=abstract_weights,
         _student_weights=given.weights if given is not None else None)
 
 
@@ -475,12 +497,27 @@ def _module_builder(config, student_config, given: _GivenStudent | None,
     return modules
 
 
+def _seeded_student(student_config: ml_collections.ConfigDict, info: DatasetInfo, mesh,
+                    seed: int):
+    """The jitted student weights drawn from ``seed`` (replicated): the first draws of the
+    experiment's key stream (:func:`_module_builder`), one program for every method that
+    trains this student."""
+
+    def weights():
+        net = build_model(student_config, num_classes=info.num_classes,
+                          rngs=nnx.Rngs(params=seed))
+        return nnx.state(net, WEIGHTS)
+
+    return jax.jit(weights, out_shardings=sharding.replicated(mesh))
+
+
 def _state_and_step_parts(modules: Callable[[], tuple], tx: optax.GradientTransformation,
                           terms, student_modules, teacher: Network | None, config,
                           info: DatasetInfo, mesh, seed: int, *,
-                          student_dtype) -> tuple[StepParts, Any, TrainState]:
-    """The static parts of the step, the jitted init (replicated) and the abstract state, with
-    its ``bad_metrics`` named by the step's metrics."""
+                          student_dtype) -> tuple[StepParts, Any, TrainState, Any]:
+    """The static parts of the step, the jitted init (replicated; it takes the student's
+    weights), the abstract state, with its ``bad_metrics`` named by the step's metrics, and the
+    abstract student weights the init takes."""
     abstract_trainables, abstract_discs, _, student_out = nnx.eval_shape(modules)
 
     def module_parts(abstract: nnx.Module, optimizer, what: str) -> ModuleParts:
@@ -495,8 +532,13 @@ def _state_and_step_parts(modules: Callable[[], tuple], tx: optax.GradientTransf
         _, params, batch_stats = nnx.split(modules, nnx.Param, nnx.BatchStat)
         return Trained(params=params, batch_stats=batch_stats, opt_state=optimizer.init(params))
 
-    def init() -> TrainState:
+    def init(student_weights) -> TrainState:
         trainables, discs, states, _ = modules()
+        # The student's weights are an argument, so that the seeded ones come from a program
+        # that every method shares (the init compiles once per method): the student drawn above
+        # still advances the key stream that the terms' modules draw from after it, and XLA
+        # drops the arrays it would make.
+        nnx.update(trainables.student, student_weights)
         return TrainState(
             step=jnp.int32(0), rng=jax.random.key_data(jax.random.key(seed + 3)),
             student=trained(trainables, student_parts.tx),
@@ -507,9 +549,10 @@ def _state_and_step_parts(modules: Callable[[], tuple], tx: optax.GradientTransf
     # One jitted init for the experiment's lifetime: compiling it reuses the trace that
     # eval_shape makes here.
     init_jit = jax.jit(init, out_shardings=repl)
+    abstract_weights = sharding.placed(nnx.state(abstract_trainables.student, WEIGHTS), repl)
     has_aux_ce = "aux_logits" in student_out and bool(config.train.aux_weight)
     names = distill.metric_names(terms, aux_ce=has_aux_ce)
-    abstract_state = init_jit.eval_shape().replace(
+    abstract_state = init_jit.eval_shape(abstract_weights).replace(
         bad_metrics=sharding.placed({n: jax.ShapeDtypeStruct((), jnp.float32) for n in names},
                                     repl))
     parts = StepParts(
@@ -520,7 +563,7 @@ def _state_and_step_parts(modules: Callable[[], tuple], tx: optax.GradientTransf
         ignore_label=info.ignore_label, aux_weight=config.train.aux_weight,
         total_steps=config.train.steps,
         loss_scratch_bytes=resolve_loss_scratch(config.distill.loss_scratch_mb))
-    return parts, init_jit, abstract_state
+    return parts, init_jit, abstract_state, abstract_weights
 
 
 def _jitted_step(parts: StepParts, abstract_state: TrainState, teacher: Network | None,

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from kdjax.config.data_defaults import default_data_config
-from kdjax.data import make_eval_iterator, make_train_iterator, sources
+from kdjax.data import augment, make_eval_iterator, make_train_iterator, sources
 from kdjax.data.order import shard_bounds
 from tests.data import example_numbers, numbered_examples, plain_config, source_of
 
@@ -122,6 +122,33 @@ def test_caching_decoded_examples_changes_nothing():
     assert_same_batches(take(train(plain, source=source), 4), take(train(cached, source=source), 4))
     evaluate = dict(global_batch_size=2, process_index=0, process_count=1, source=source)
     assert_same_batches(list(make_eval_iterator(plain, **evaluate)), list(make_eval_iterator(cached, **evaluate)))
+
+
+def test_over_a_cached_shard_equal_configs_share_one_built_pipeline(monkeypatch):
+    """Each run of a comparison asks for the same pipelines: with ``cache`` they are built (their
+    per-example functions traced) once, and every caller still gets a fresh iterator from the
+    first batch; a changed setting builds its own."""
+    traced = []
+    real = augment.normalize
+    monkeypatch.setattr(augment, "normalize", lambda *a, **k: traced.append(1) or real(*a, **k))
+    source = source_of(train=numbered_examples(5), val=numbered_examples(3, height=5, width=7))
+    config = plain_config(crop=(5, 7), flip=True, cache=True)
+    first = take(train(config, seed=11, source=source), 3)
+    assert len(traced) == 1
+    equal = plain_config(crop=(5, 7), flip=True, cache=True)  # another object, the same values
+    assert_same_batches(take(train(equal, seed=11, source=source), 3), first)
+    assert len(traced) == 1
+    assert_same_batches(take(train(config, seed=11, start_step=1, source=source), 2), first[1:])
+    take(train(config, seed=12, source=source), 1)
+    assert len(traced) == 3
+    evaluate = dict(global_batch_size=2, process_index=0, process_count=1, source=source)
+    once = list(make_eval_iterator(config, **evaluate))
+    assert_same_batches(list(make_eval_iterator(equal, **evaluate)), once)
+    assert len(traced) == 4
+    uncached = plain_config(crop=(5, 7), flip=True)
+    take(train(uncached, seed=11, source=source), 1)
+    take(train(uncached, seed=11, source=source), 1)
+    assert len(traced) == 6
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 3])

@@ -15,6 +15,8 @@ from flax import nnx
 from kdjax import training
 from kdjax.config.loading import load_config
 from kdjax.config.recipes import method_terms
+from kdjax.io.model_dir import WEIGHTS
+from kdjax.io.networks import build_model
 from kdjax.models import SegmentorOutput, build_segmentor
 from kdjax.runtime import sharding
 
@@ -97,6 +99,27 @@ def test_freezing_keeps_the_last_finite_state_and_raises_when_checked(exp):
 def _segmentor(width, seed, num_classes=8):
     return build_segmentor("deeplabv3_resnet18", num_classes=num_classes, width_multiplier=width,
                            head_width=8, rngs=nnx.Rngs(seed))
+
+
+def test_the_seeded_student_comes_from_one_program_for_every_method(exp):
+    """init_state draws the student's weights in a program of their own, which every method of
+    that student shares; the init of each method takes them as an argument, so its program
+    draws nothing for the student (the terms' modules draw after it in the key stream, as
+    before)."""
+    alone = training.setup(_config("student_alone"))
+    drawn = nnx.state(build_model(alone.config.student, num_classes=alone.num_classes,
+                                  rngs=nnx.Rngs(params=alone.config.seed)), WEIGHTS)
+    students = []
+    for experiment in (exp, alone):
+        state = experiment.init_state()
+        students.append(jax.device_get(nnx.merge_state(state.student.params["student"],
+                                                       state.student.batch_stats["student"])))
+    jax.tree.map(np.testing.assert_array_equal, *students)
+    # Drawn op by op, the normal transform may round differently in the last bit.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                 students[0], jax.device_get(drawn))
+    assert "threefry" in alone._seeded_student.get().as_text()
+    assert "threefry" not in alone._init.get().as_text()
 
 
 def test_setup_takes_a_student_a_teacher_and_an_optimizer():
