@@ -28,12 +28,14 @@ only if the rows they show, the data or the evaluation settings changed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils.epath import Path
@@ -41,11 +43,13 @@ from etils.epath import Path
 from kdjax import training
 from kdjax.data.metadata import dataset_info
 from kdjax.evaluation import report
-from kdjax.evaluation.predictions import network_predictor, write_prediction_overlays
+from kdjax.evaluation.predictions import (compile_predictor, network_predictor,
+                                          write_prediction_overlays)
 from kdjax.evaluation.validation import validate
 from kdjax.io.networks import Network, load_teacher
 from kdjax.io.paths import as_path
 from kdjax.runtime.compilation import release_compiled_programs
+from kdjax.runtime import sharding
 from kdjax.runtime.sharding import device_batches, make_mesh
 from kdjax.training.compile_ahead import CompileAhead
 from kdjax.training.metrics_log import read_records
@@ -219,6 +223,25 @@ def write_comparison_overlays(config: ml_collections.ConfigDict, rows: list[repo
     return paths
 
 
+def compile_overlay_programs(config: ml_collections.ConfigDict, mesh) -> None:
+    """Compiles the programs that :func:`write_comparison_overlays` predicts with, one per
+    architecture (the teacher's and the students'), from the config alone: the comparison does
+    it while its runs train, and the overlays find them in JAX's persistent cache."""
+    from kdjax.data.pipeline import eval_image_size  # tf.data, imported by the runs already
+
+    num_classes = dataset_info(config.data.name).num_classes
+    images = jax.ShapeDtypeStruct((config.eval.batch_size, *eval_image_size(config.data), 3),
+                                  jnp.float32)
+    for model in (config.teacher, config.student):
+        model = ml_collections.ConfigDict({**model.to_dict(), "checkpoint": "random"})
+        network = load_teacher(model, num_classes=num_classes, mesh=mesh, seed=config.seed,
+                               materialize=False)
+        network = dataclasses.replace(
+            network, state=sharding.placed(network.state, sharding.replicated(mesh)),
+            extras=sharding.placed(network.extras, sharding.replicated(mesh)))
+        compile_predictor(network, config, num_classes, images)
+
+
 def overlay_sources(config: ml_collections.ConfigDict,
                     panels: dict[str, report.ResultRow]) -> dict:
     """What the overlays are drawn from: the shown rows by panel label, and the data and
@@ -293,7 +316,8 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
         training.setup, _run_config(student_runs, seed=seed, student_config=config.student,
                                     terms=methods[method]), mesh=mesh, materialize=False)
         for (method, seed), run_dir in runs.items() if not (run_dir / RESULT_FILE).exists()}
-    with CompileAhead(builds) as ahead:
+    then = functools.partial(compile_overlay_programs, student_runs, mesh)
+    with CompileAhead(builds, then=then if config.eval.overlays else None) as ahead:
         if train_teacher:
             teacher_config = ml_collections.ConfigDict(config.to_dict())
             if config.teacher_steps:

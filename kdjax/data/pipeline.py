@@ -168,8 +168,7 @@ def _eval_pipeline(data_config: ml_collections.ConfigDict, source: sources.Sourc
     _check_settings(data_config)
     split = data_config.eval_split
     shard = _shard(source, data_config, split, process_index, process_count)
-    pad_h, pad_w = (tuple(data_config.eval_pad_size) if data_config.eval_pad_size
-                    else _max_image_size(source, split))
+    pad_h, pad_w = eval_image_size(data_config, source)
     largest_shard = -(-source.num_examples(split) // process_count)
     num_batches = -(-largest_shard // local_batch)
 
@@ -243,6 +242,15 @@ def _pipeline(build: Callable[..., _Pipeline], data_config: ml_collections.Confi
 def _memoised_pipeline(build: Callable[..., _Pipeline], data_config: _ByValue,
                        source: sources.Source, settings: tuple) -> _Pipeline:
     return build(data_config.config, source, **dict(settings))
+
+
+def eval_image_size(data_config: ml_collections.ConfigDict,
+                    source: sources.Source | None = None) -> tuple[int, int]:
+    """(Hp, Wp): the size evaluation batches are padded to, ``data_config.eval_pad_size`` or the
+    largest image size of the evaluation split."""
+    if data_config.eval_pad_size:
+        return tuple(data_config.eval_pad_size)
+    return _max_image_size(source or sources.open_source(data_config), data_config.eval_split)
 
 
 def _check_settings(data_config: ml_collections.ConfigDict) -> None:

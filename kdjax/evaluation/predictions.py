@@ -23,6 +23,19 @@ def network_predictor(network, config: ml_collections.ConfigDict,
                       num_classes: int) -> Predictor:
     """Jitted (N, H, W, 3) images → (N, H, W) classes of a frozen network
     (:class:`kdjax.io.networks.Network`), in the eval mode."""
+    return functools.partial(_predict(network, config, num_classes), network.variables)
+
+
+def compile_predictor(network, config: ml_collections.ConfigDict, num_classes: int,
+                      images: jax.ShapeDtypeStruct) -> None:
+    """Compiles the program of :func:`network_predictor` for ``images`` (N, H, W, 3) without
+    running it, for JAX's persistent cache to serve its first call; ``network`` may be abstract
+    (``load_teacher(..., materialize=False)``), its variables replicated over the mesh as a
+    loaded network's are."""
+    _predict(network, config, num_classes).lower(network.variables, images).compile()
+
+
+def _predict(network, config: ml_collections.ConfigDict, num_classes: int):
     mode = eval_mode(config)
 
     # The weights are an argument, not constants of the program: networks of one architecture
@@ -32,7 +45,7 @@ def network_predictor(network, config: ml_collections.ConfigDict,
         logits = functools.partial(network.logits, variables)
         return predict_classes(logits, images, eval_mode=mode, num_classes=num_classes)
 
-    return functools.partial(predict, network.variables)
+    return predict
 
 
 def write_prediction_overlays(config: ml_collections.ConfigDict,

@@ -55,13 +55,16 @@ class CompileAhead:
             exp = ahead.claim("b")                  # waits if "b" is being built
             run(exp.with_trained_teacher() if exp else setup(config_b))
 
+    ``then``: work for the same thread once every build has started (compiling the programs
+    that follow the runs, such as the comparison's overlays); it also gives way to quiet spans.
     Inactive (nothing is built, :meth:`claim` returns None) where :func:`useful` is False.
     """
 
     def __init__(self, builds: Mapping[str, Callable[[], Experiment]], *,
-                 lookahead: int = LOOKAHEAD):
+                 lookahead: int = LOOKAHEAD, then: Callable[[], None] | None = None):
         self.active = useful()
         self._pending = list(builds.items())
+        self._then = then
         self._lookahead = lookahead
         # One builder: XLA compiles a program on one thread, and a second builder beside the
         # foreground's own compile delays the teacher, which every later run waits for
@@ -86,6 +89,9 @@ class CompileAhead:
         while self.active and self._pending and len(self._jobs) < self._lookahead:
             key, build = self._pending.pop(0)
             self._jobs[key] = self._executor.submit(_compile, key, build)
+        if self.active and not self._pending and self._then is not None:
+            self._executor.submit(_compile, "what follows the runs", self._then)
+            self._then = None
 
     def __enter__(self) -> CompileAhead:
         return self
@@ -95,11 +101,12 @@ class CompileAhead:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _compile(key: str, build: Callable[[], Experiment]) -> Experiment | None:
+def _compile(key: str, build: Callable[[], Experiment | None]) -> Experiment | None:
     with background.GATE.busy():
         try:
             experiment = build()
-            experiment.compile()
+            if experiment is not None:
+                experiment.compile()
         except Exception as error:  # the run raises it again when it builds, with context
             log.info("compiling %s ahead failed; it compiles when it runs: %s", key, error)
             return None

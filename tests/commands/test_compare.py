@@ -113,6 +113,41 @@ def test_overlays_are_drawn_again_unless_their_sources_and_files_are_unchanged(t
     assert compare.drawn_overlays(tmp_path, sources) is None
 
 
+def test_the_overlays_programs_compiled_from_the_config_serve_the_trained_networks(tmp_path):
+    """A comparison compiles its overlays' programs while its runs train, before any network
+    exists: the programs that the trained networks then predict with are those."""
+    import jax
+    from flax import nnx
+
+    from kdjax.data.metadata import dataset_info
+    from kdjax.data.pipeline import eval_image_size
+    from kdjax.evaluation.predictions import network_predictor
+    from kdjax.io.model_dir import save_model
+    from kdjax.io.networks import build_model, load_teacher
+    from kdjax.runtime.sharding import make_mesh
+
+    config = _config()
+    config.eval.overlays = 2
+    mesh = make_mesh()
+    num_classes = dataset_info(config.data.name).num_classes
+    lowered = []
+    real_compile = jax.stages.Lowered.compile
+    record = lambda self, *a, **k: lowered.append(self.as_text()) or real_compile(self, *a, **k)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jax.stages.Lowered, "compile", record)
+        compare.compile_overlay_programs(config, mesh)
+    assert len(lowered) == 2   # the teacher's architecture and the students'
+    images = np.zeros((config.eval.batch_size, *eval_image_size(config.data), 3),
+                      np.float32)
+    for i, model in enumerate((config.teacher, config.student)):
+        save_model(tmp_path / str(i), build_model(model, num_classes=num_classes,
+                                                  rngs=nnx.Rngs(i)))
+        model = ml_collections.ConfigDict({**model.to_dict(), "checkpoint": str(tmp_path / str(i))})
+        network = load_teacher(model, num_classes=num_classes, mesh=mesh, seed=0)
+        predict = network_predictor(network, config, num_classes)
+        assert predict.func.lower(*predict.args, images).as_text() == lowered[i]
+
+
 def test_runs_go_seed_by_seed_with_the_student_alone_first_in_each(tmp_path, monkeypatch):
     """An interrupted comparison holds every method's first seed before any second one; the
     table still lists each method once, its seeds together."""
@@ -126,8 +161,8 @@ def test_runs_go_seed_by_seed_with_the_student_alone_first_in_each(tmp_path, mon
         return row, compare.StepCost(seconds=0.1, flops=1e9)
 
     class NothingAhead:  # nothing is trained, so nothing is compiled ahead
-        def __init__(self, builds):
-            del builds
+        def __init__(self, builds, then=None):
+            del builds, then
 
         def __enter__(self):
             return self

@@ -142,6 +142,22 @@ def test_builds_at_most_lookahead_runs_beyond_the_last_claimed():
     assert compiled == list("abcde")
 
 
+def test_what_follows_the_runs_is_built_once_every_run_has_started():
+    compiled, started = [], {name: threading.Event() for name in "abc"}
+
+    def build(name):
+        started[name].set()
+        return _Experiment(compiled, name)
+
+    builds = {name: functools.partial(build, name) for name in "abc"}
+    with CompileAhead(builds, lookahead=2, then=lambda: compiled.append("then")) as ahead:
+        for name in "abc":
+            assert started[name].wait(10)
+            assert ahead.claim(name).name == name
+        assert "then" not in compiled[:3]
+    assert compiled == ["a", "b", "c", "then"]
+
+
 def test_inactive_with_several_processes(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert not compile_ahead.useful()
