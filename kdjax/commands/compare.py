@@ -48,8 +48,8 @@ from kdjax.evaluation.predictions import (compile_predictor, network_predictor,
 from kdjax.evaluation.validation import validate
 from kdjax.io.networks import Network, load_teacher
 from kdjax.io.paths import as_path
-from kdjax.runtime.compilation import release_compiled_programs
 from kdjax.runtime import sharding
+from kdjax.runtime.compilation import release_compiled_programs
 from kdjax.runtime.sharding import device_batches, make_mesh
 from kdjax.training.compile_ahead import CompileAhead
 from kdjax.training.metrics_log import read_records
