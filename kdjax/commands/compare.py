@@ -28,7 +28,6 @@ only if the rows they show, the data or the evaluation settings changed.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import re
@@ -48,7 +47,6 @@ from kdjax.evaluation.predictions import (compile_predictor, network_predictor,
 from kdjax.evaluation.validation import validate
 from kdjax.io.networks import Network, load_teacher
 from kdjax.io.paths import as_path
-from kdjax.runtime import sharding
 from kdjax.runtime.compilation import release_compiled_programs
 from kdjax.runtime.sharding import device_batches, make_mesh
 from kdjax.training.compile_ahead import CompileAhead
@@ -236,9 +234,6 @@ def compile_overlay_programs(config: ml_collections.ConfigDict, mesh) -> None:
         model = ml_collections.ConfigDict({**model.to_dict(), "checkpoint": "random"})
         network = load_teacher(model, num_classes=num_classes, mesh=mesh, seed=config.seed,
                                materialize=False)
-        network = dataclasses.replace(
-            network, state=sharding.placed(network.state, sharding.replicated(mesh)),
-            extras=sharding.placed(network.extras, sharding.replicated(mesh)))
         compile_predictor(network, config, num_classes, images)
 
 

@@ -30,8 +30,7 @@ def compile_predictor(network, config: ml_collections.ConfigDict, num_classes: i
                       images: jax.ShapeDtypeStruct) -> None:
     """Compiles the program of :func:`network_predictor` for ``images`` (N, H, W, 3) without
     running it, for JAX's persistent cache to serve its first call; ``network`` may be abstract
-    (``load_teacher(..., materialize=False)``), its variables replicated over the mesh as a
-    loaded network's are."""
+    (``load_teacher(..., materialize=False)``)."""
     _predict(network, config, num_classes).lower(network.variables, images).compile()
 
 

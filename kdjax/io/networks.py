@@ -120,7 +120,8 @@ def load_teacher(model: ml_collections.ConfigDict, *, num_classes: int,
 
     ``model.checkpoint`` is a model dir (from ``kdjax convert`` or a finished run's ``model/``),
     or ``'random'`` for random weights in smoke tests. ``materialize=False`` returns shapes only
-    (``jax.ShapeDtypeStruct`` leaves), for checking a config without computing anything.
+    (``jax.ShapeDtypeStruct`` leaves, replicated over ``mesh`` as the weights would be), for
+    checking a config or compiling its programs without computing anything.
     """
     if model.checkpoint is None:
         raise NetworkError(
@@ -145,7 +146,7 @@ def load_teacher(model: ml_collections.ConfigDict, *, num_classes: int,
         return nnx.split(build_model(model, num_classes=num_classes, rngs=nnx.Rngs(seed)),
                          WEIGHTS, ...)[1:]
     if not materialize:
-        state, extras = jax.eval_shape(init)
+        state, extras = sharding.placed(jax.eval_shape(init), repl)
     elif saved is None:
         state, extras = compile_unoptimized(init, out_shardings=repl)()
     else:

@@ -124,14 +124,21 @@ def test_claiming_drops_a_run_not_started_and_waits_for_one_under_way(caplog):
     assert any("a bad config" in record.getMessage() for record in caplog.records)
 
 
-def test_builds_at_most_lookahead_runs_beyond_the_last_claimed():
-    compiled, started = [], {name: threading.Event() for name in "abcde"}
+def _signalling_builds(names: str, compiled: list) -> tuple[dict, dict]:
+    """Builds of fake experiments named ``names`` that log their compiles to ``compiled``, and
+    the events they set when they start."""
+    started = {name: threading.Event() for name in names}
 
     def build(name):
         started[name].set()
         return _Experiment(compiled, name)
 
-    builds = {name: functools.partial(build, name) for name in "abcde"}
+    return {name: functools.partial(build, name) for name in names}, started
+
+
+def test_builds_at_most_lookahead_runs_beyond_the_last_claimed():
+    compiled = []
+    builds, started = _signalling_builds("abcde", compiled)
     with CompileAhead(builds, lookahead=2) as ahead:
         assert set(ahead._jobs) == {"a", "b"}
         for name in "abcde":
@@ -143,13 +150,8 @@ def test_builds_at_most_lookahead_runs_beyond_the_last_claimed():
 
 
 def test_what_follows_the_runs_is_built_once_every_run_has_started():
-    compiled, started = [], {name: threading.Event() for name in "abc"}
-
-    def build(name):
-        started[name].set()
-        return _Experiment(compiled, name)
-
-    builds = {name: functools.partial(build, name) for name in "abc"}
+    compiled = []
+    builds, started = _signalling_builds("abc", compiled)
     with CompileAhead(builds, lookahead=2, then=lambda: compiled.append("then")) as ahead:
         for name in "abc":
             assert started[name].wait(10)
