@@ -27,7 +27,7 @@ STAMP := $(VENV)/.installed-$(BUILD)$(if $(filter 1,$(WITH_TORCH)),-torch,)
 TEST_STAMP := $(if $(filter cpu,$(BUILD)),$(STAMP),$(VENV)/.installed-test)
 PIP_INSTALL = $(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
-.PHONY: venv install demo test test-slow test-without-torch test-newest camvid docs dist \
+.PHONY: venv install demo test test-end-to-end test-slow test-without-torch test-newest camvid docs dist \
 	check-core clean
 
 # The oldest Python kdjax runs on, and what to do about an older one or a venv module without pip.
@@ -137,8 +137,13 @@ define pytest_twice
 	$(1) -m pytest -q -m "$(2) and multiprocess" $(3) || [ $$? -eq 5 ]
 endef
 
+# The whole runs (marked end_to_end: the trainer, a comparison or the kdjax command, tens of
+# seconds each) are left out of `make test` and run by `make test-end-to-end`; CI runs both.
 test: $(STAMP) $(TEST_STAMP)
-	$(call pytest_twice,$(BIN)/python,not slow,)
+	$(call pytest_twice,$(BIN)/python,not slow and not end_to_end,)
+
+test-end-to-end: $(STAMP) $(TEST_STAMP)
+	$(call pytest_twice,$(BIN)/python,end_to_end and not slow,)
 
 # The long tests (marked slow), the same way.
 test-slow: $(STAMP) $(TEST_STAMP)

@@ -49,6 +49,7 @@ main.main(["--version"])
 '''
 
 
+@pytest.mark.end_to_end
 def test_the_core_runs_a_loss_and_a_model_without_any_extra():
     proc = run_without(NOT_IN_CORE, CORE)
     assert proc.returncode == 0, proc.stderr[-3000:]

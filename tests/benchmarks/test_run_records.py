@@ -5,6 +5,7 @@ import json
 import shutil
 
 import ml_collections
+import pytest
 
 from kdjax import training
 from kdjax.commands import compare
@@ -64,6 +65,7 @@ def test_save_keeps_finished_runs_records_and_the_teacher_and_restore_fills_the_
     assert records_module.restore(elsewhere, records) == []
 
 
+@pytest.mark.end_to_end
 def test_a_comparison_restored_from_records_reports_its_runs_without_training(
         tmp_path, monkeypatch, capsys):
     # As `make camvid` runs it, from the repository's root; then in a fresh checkout at the same

@@ -86,6 +86,7 @@ def test_sigterm_to_one_task_stops_both_at_one_step_and_the_same_command_resumes
     assert _committed(workdir / "checkpoints")[-1] == 30, resumed.output()
 
 
+@pytest.mark.end_to_end
 def test_an_salloc_shell_runs_one_process(tmp_path):
     """The allocation's variables without a job step: no distributed start-up, one process with
     this machine's devices."""

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 RECORDER = Path(__file__).with_name("tpu_recorder")
 TINY = REPO / "tests" / "training" / "tiny_config.py"
 
 
+@pytest.mark.end_to_end
 def test_the_command_initializes_before_touching_a_device_on_tpu(tmp_path):
     record = tmp_path / "initialize.jsonl"
     env = {**os.environ,

@@ -33,6 +33,7 @@ def _memory_mappings() -> int | None:
     return len(maps.read_text().splitlines()) if maps.exists() else None
 
 
+@pytest.mark.end_to_end
 def test_compare_trains_reports_and_resumes(tmp_path, capsys, monkeypatch):
     mappings = []
     train = compare.train_and_report

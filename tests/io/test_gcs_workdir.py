@@ -44,6 +44,7 @@ def trained(gcs, tmp_path_factory):
     return proc, cwd
 
 
+@pytest.mark.end_to_end
 def test_train_writes_a_whole_workdir_and_eval_reads_it_back(gcs, trained, tmp_path):
     proc, cwd = trained
     names = set(gcs.objects("train/"))

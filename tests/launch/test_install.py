@@ -153,7 +153,9 @@ def test_the_driver_check_says_which_cuda_build_fits(driver, accel, ok, message,
 
 
 @needs_make
-@pytest.mark.parametrize("target,marker", [("test", "not slow"), ("test-slow", "slow")])
+@pytest.mark.parametrize("target,marker", [("test", "not slow and not end_to_end"),
+                                           ("test-end-to-end", "end_to_end and not slow"),
+                                           ("test-slow", "slow")])
 @pytest.mark.parametrize("parallel_exit,serial_exit,ok", [
     (0, 0, True), (0, 5, True), (5, 5, True), (1, 0, False), (0, 1, False)])
 def test_the_multiprocess_tests_run_alone_after_the_rest(target, marker, parallel_exit,

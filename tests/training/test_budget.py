@@ -114,6 +114,7 @@ def _demo(budget):
     return config
 
 
+@pytest.mark.end_to_end
 def test_compare_under_the_student_alones_budget(tmp_path):
     rows = compare.run_compare(_demo("seconds:student_alone"), tmp_path)
     by_method = {r.method: r for r in rows}

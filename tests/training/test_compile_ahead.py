@@ -33,6 +33,7 @@ def _batch():
             "label": rng.integers(0, 19, size=(8, 32, 32)).astype(np.int32)}
 
 
+@pytest.mark.end_to_end
 def test_a_run_takes_the_experiment_compiled_before_its_teacher_was_trained(tmp_path, caplog):
     config = load_config(CONFIG)
     config.distill.terms = method_terms("kd")

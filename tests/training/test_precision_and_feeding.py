@@ -79,6 +79,7 @@ def test_device_batches_keep_order_and_run_ahead():
     assert [float(b["x"][0, 0]) for b in batches] == [1, 2, 3]
 
 
+@pytest.mark.end_to_end
 def test_profile_steps_write_a_trace_and_the_log_reports_input_wait(tmp_path):
     config = load_config(CONFIG)
     config.train.profile_steps = (3, 4)  # one step, clear of the evaluation after step 2

@@ -91,6 +91,7 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.end_to_end
 def test_eight_devices_match_one_device(tiny):
     config = _config()
     batches = tie_free_batches(config, 3)
@@ -163,6 +164,7 @@ def _wait_for(path: Path, timeout: float = 300.0) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.end_to_end
 def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tiny, uninterrupted, tmp_path):
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -284,6 +286,7 @@ def _train_process(workdir: Path) -> subprocess.Popen:
 
 
 # SIGTERM is what schedulers send; Ctrl-C's SIGINT takes the same path, and runs with -m slow.
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("signum, after_step", [
     (signal.SIGTERM, 1), pytest.param(signal.SIGINT, 2, marks=pytest.mark.slow)])
 def test_a_stop_signal_saves_the_next_step_and_a_rerun_ends_like_an_uninterrupted_run(
@@ -332,6 +335,7 @@ def _signal_twice(stopped: Path) -> tuple[int, str]:
     return proc.returncode, "".join(lines)
 
 
+@pytest.mark.end_to_end
 def test_a_second_signal_exits_at_once_and_keeps_the_previous_checkpoint(tiny, tmp_path):
     # The tiny run's stop can finish before the second signal lands: then it exits as after one
     # signal, or, when the signal meets the process after its stop handler is gone, as after a

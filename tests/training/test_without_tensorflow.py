@@ -1,6 +1,8 @@
 """The core runs where TensorFlow cannot be imported: losses, models, the PyTorch import, the
 trainer's Python API (init, step, evaluate on given arrays, export) and a checkpoint round trip."""
 
+import pytest
+
 from tests.python_process import run_python
 
 CODE = r'''
@@ -35,5 +37,6 @@ print("ok", int(restored.step))
 '''
 
 
+@pytest.mark.end_to_end
 def test_the_core_trains_and_checkpoints_without_tensorflow():
     assert run_python(CODE).split()[-2:] == ["ok", "1"]
