@@ -27,8 +27,8 @@ STAMP := $(VENV)/.installed-$(BUILD)$(if $(filter 1,$(WITH_TORCH)),-torch,)
 TEST_STAMP := $(if $(filter cpu,$(BUILD)),$(STAMP),$(VENV)/.installed-test)
 PIP_INSTALL = $(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
-.PHONY: venv install demo test test-end-to-end test-slow test-without-torch test-newest camvid docs dist \
-	check-core clean
+.PHONY: venv install demo test test-end-to-end test-slow test-without-torch test-newest camvid \
+	docs dist check-core clean
 
 # The oldest Python kdjax runs on, and what to do about an older one or a venv module without pip.
 define check_python
