@@ -99,19 +99,21 @@ DRY = {"matmul_n": 256, "bandwidth_mib": 16, "reps": 1, "inner": 2,
        "tests": ["tests/ops/test_ordering.py"], "test_workers": 0,
        "size": (64, 64), "batches": (2,), "teacher": "deeplabv3_resnet18",
        "loss_size": "small", "losses": "channel_wise_divergence,cirkd_memory", "loss_reps": 2,
-       "budget": 90.0}
+       "budget": 180.0}
 STUDENT = "deeplabv3_resnet18"
 TRAINER_TEST = "tests/training/test_train.py::test_eight_devices_match_one_device"
 FIT = 0.85                 # share of the device memory a compiled step may take
 STEP_RESERVE_S = 30.0      # time kept for the kdjax repetitions when torch.compile starts
-# (name, library, dtype, mode). The ratio column is read against BASELINE.
-VARIANTS = (("kdjax float32", "kdjax", "float32", "jit"),
-            ("kdjax bfloat16", "kdjax", "bfloat16", "jit"),
-            ("torch eager float32", "torch", "float32", "eager"),
-            ("torch eager AMP bf16", "torch", "bfloat16", "eager"),
-            ("torch.compile AMP bf16", "torch", "bfloat16", "compile"))
+# (name, library, dtype, mode, kdjax's kernels). The ratio column is read against BASELINE.
+VARIANTS = (("kdjax float32", "kdjax", "float32", "jit", "auto"),
+            ("kdjax bfloat16", "kdjax", "bfloat16", "jit", "auto"),
+            ("kdjax bfloat16, XLA kernels", "kdjax", "bfloat16", "jit", "xla"),
+            ("torch eager float32", "torch", "float32", "eager", None),
+            ("torch eager AMP bf16", "torch", "bfloat16", "eager", None),
+            ("torch.compile AMP bf16", "torch", "bfloat16", "compile", None))
+VARIANT = {v[0]: v for v in VARIANTS}
 BASELINE = "torch eager AMP bf16"
-NOT_IN_DRY_RUN = {"kdjax bfloat16", "torch.compile AMP bf16"}
+NOT_IN_DRY_RUN = {"kdjax bfloat16", "kdjax bfloat16, XLA kernels", "torch.compile AMP bf16"}
 
 
 def log(line: str) -> None:
@@ -464,9 +466,9 @@ class DeviceTorchSide(step.TorchSide):
         self.device.sync()
 
 
-def step_args(settings: dict, batch: int) -> types.SimpleNamespace:
+def step_args(settings: dict, batch: int, kernels: str = "auto") -> types.SimpleNamespace:
     return types.SimpleNamespace(size=settings["size"], batch=batch, student=STUDENT,
-                                 teacher=settings["teacher"], demo=False, kernels="auto")
+                                 teacher=settings["teacher"], demo=False, kernels=kernels)
 
 
 def memory_limit() -> int:
@@ -479,20 +481,23 @@ def memory_limit() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def kdjax_step(settings: dict, batch_size: int, dtype: str):
-    """step.py's compiled kdjax distillation step at ``batch_size``: (Impl, batch arrays)."""
-    args = step_args(settings, batch_size)
+def kdjax_step(settings: dict, batch_size: int, dtype: str, kernels: str = "auto",
+               distill: bool = True):
+    """step.py's compiled kdjax distillation step (``distill=False``: the student's step alone) at
+    ``batch_size`` with ``kernels`` (``kdjax/ops/kernels.py``): (Impl, batch arrays)."""
+    args = step_args(settings, batch_size, kernels)
     batch = step.make_batch(args)
-    impl, _, _ = step.kdjax_train_step(args, dtype, True, batch)
+    impl, _, _ = step.kdjax_train_step(args, dtype, distill, batch)
     return impl, batch
 
 
-def choose_batch(settings: dict, clock: Clock, dtype: str) -> tuple[object, dict, dict]:
+def choose_batch(settings: dict, clock: Clock, dtype: str, kernels: str
+                 ) -> tuple[object, dict, dict]:
     """The largest batch of ``settings['batches']`` whose compiled ``dtype`` step is estimated to
     fit (the smallest batch's buffers, its temporaries scaled with the batch), checked by
     compiling it; (Impl, batch arrays, record of the search)."""
     candidates = sorted(settings["batches"])
-    impl, batch = kdjax_step(settings, candidates[0], dtype)
+    impl, batch = kdjax_step(settings, candidates[0], dtype, kernels)
     limit = memory_limit()
     temp = impl.extra["memory_analysis"]["temp"]
     estimates = {b: impl.peak_bytes + temp * (b / candidates[0] - 1) for b in candidates}
@@ -502,7 +507,7 @@ def choose_batch(settings: dict, clock: Clock, dtype: str) -> tuple[object, dict
               "first_compile_s": impl.extra["compile_s"]}
     if chosen != candidates[0] and clock.left() > 4 * impl.extra["compile_s"] + STEP_RESERVE_S:
         try:
-            bigger, bigger_batch = kdjax_step(settings, chosen, dtype)
+            bigger, bigger_batch = kdjax_step(settings, chosen, dtype, kernels)
         except Exception as error:  # noqa: BLE001 - the smallest batch's step still runs
             record["check_failed"] = first_line(error)
         else:
@@ -526,7 +531,7 @@ def torch_variants(settings: dict, batch: dict, device: TorchDevice, clock: Cloc
     torch.backends.cudnn.benchmark = True       # fixed input sizes, as CIRKD trains
     side = DeviceTorchSide(step_args(settings, len(batch["image"])), batch, device)
     out = {}
-    for name, _, dtype, mode in (v for v in VARIANTS if v[0] in wanted):
+    for name, _, dtype, mode, _ in (v for v in VARIANTS if v[0] in wanted):
         if mode == "compile" and clock.left() < 3 * STEP_RESERVE_S:
             out[name] = {"status": "skipped: time budget"}
             continue
@@ -560,24 +565,31 @@ def step_section(args, settings: dict, clock: Clock, device: TorchDevice | None,
     # The first kdjax variant left chooses the batch; every variant runs that batch.
     first = next((v for v in VARIANTS if v[1] == "kdjax" and v[0] not in skipped), VARIANTS[0])
     impls = {}
-    impls[first[0]], batch, search = choose_batch(settings, clock, first[2])
+    impls[first[0]], batch, search = choose_batch(settings, clock, first[2], first[4])
     n = len(batch["image"])
     log(f"step: batch {n} (search {search})")
-    flops = impls[first[0]].flops
-    if "kdjax bfloat16" not in skipped and "kdjax bfloat16" not in impls:
+    for name, _, dtype, _, kernels in VARIANTS:
+        if name in skipped or name in impls or kernels is None:
+            continue
         if clock.left() < 2 * search["first_compile_s"] + STEP_RESERVE_S:
-            skipped["kdjax bfloat16"] = "skipped: time budget"
-        else:
-            try:
-                impls["kdjax bfloat16"], _ = kdjax_step(settings, n, "bfloat16")
-            except Exception as error:  # noqa: BLE001 - the other variants still run
-                skipped["kdjax bfloat16"] = f"failed: {first_line(error)}"
+            skipped[name] = "skipped: time budget"
+            continue
+        try:
+            impls[name], _ = kdjax_step(settings, n, dtype, kernels)
+        except Exception as error:  # noqa: BLE001 - the other variants still run
+            skipped[name] = f"failed: {first_line(error)}"
+    # Each kdjax variant's count of its step's products and convolutions. The rates are read
+    # against the model's: XLA's forms, where the count skips the taps that read only padding
+    # (the 'gpu' kernel gradient multiplies them too).
+    flops = next((impl.flops for name, impl in impls.items() if VARIANT[name][4] == "xla"),
+                 impls[first[0]].flops)
     rows = {}
     if device is not None:
         rows.update(torch_variants(settings, batch, device, clock,
                                    {v[0] for v in VARIANTS if v[1] == "torch"} - set(skipped)))
     for name, impl in impls.items():
-        rows[name] = {"compile_s": impl.extra["compile_s"], "peak_mb": impl.peak_bytes / 2**20}
+        rows[name] = {"compile_s": impl.extra["compile_s"], "peak_mb": impl.peak_bytes / 2**20,
+                      "gflop_traced": impl.flops / 1e9}
         try:
             times = step.interleaved({name: impl.call}, settings["reps"])[name]
             rows[name].update(timing_row(times, n), status="ok")
@@ -594,10 +606,10 @@ def step_section(args, settings: dict, clock: Clock, device: TorchDevice | None,
         except Exception as error:  # noqa: BLE001 - the timings stand without it
             profile = {"status": f"failed: {first_line(error)}"}
     baseline = rows.get(BASELINE, {}).get("images_per_s")
-    for name, library, dtype, mode in VARIANTS:
+    for name, library, dtype, mode, kernels in VARIANTS:
         row = rows[name] if name in rows else {"status": skipped[name]}
         rows[name] = row
-        row.update(library=library, dtype=dtype, mode=mode)
+        row.update(library=library, dtype=dtype, mode=mode, kernels=kernels)
         if "images_per_s" in row:
             step_s = n / row["images_per_s"]
             row["mfu_percent"] = 100.0 * flops / step_s / (peaks[dtype] * 1e12)
@@ -611,6 +623,37 @@ def step_section(args, settings: dict, clock: Clock, device: TorchDevice | None,
             "baseline": BASELINE, "reps": settings["reps"],
             "jax_device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
             "variants": [{"name": name, **rows[name]} for name, *_ in VARIANTS], "profile": profile}
+
+
+def student_section(args, settings: dict, clock: Clock, batch_size: int, peaks: dict) -> dict:
+    """The student's train step alone (CE + 0.4·aux CE, SGD) in bfloat16 with each of
+    ``args.student_kernels``, timed side by side: images/s, compile s, peak MB and the share of
+    the measured bf16 matmul peak, read against the FLOPs of XLA's forms where they ran."""
+    impls, rows = {}, {}
+    for kernels in args.student_kernels:
+        if impls and clock.left() < 2 * max(r.get("compile_s", 0.0) for r in rows.values()):
+            rows[kernels] = {"status": "skipped: time budget"}
+            continue
+        try:
+            impls[kernels], batch = kdjax_step(settings, batch_size, "bfloat16", kernels, distill=False)
+        except Exception as error:  # noqa: BLE001 - the other kernels still run
+            rows[kernels] = {"status": f"failed: {first_line(error)}"}
+            continue
+        rows[kernels] = {"compile_s": impls[kernels].extra["compile_s"],
+                         "peak_mb": impls[kernels].peak_bytes / 2**20,
+                         "gflop_traced": impls[kernels].flops / 1e9}
+        log(f"student step ({kernels} kernels): compiled in {rows[kernels]['compile_s']:.0f} s")
+    if impls:
+        times = step.interleaved({k: impl.call for k, impl in impls.items()}, settings["reps"])
+        flops = impls["xla"].flops if "xla" in impls else next(iter(impls.values())).flops
+        for kernels, seconds in times.items():
+            rows[kernels].update(timing_row(seconds, batch_size), status="ok")
+            rows[kernels]["mfu_percent"] = (100.0 * flops * rows[kernels]["images_per_s"]
+                                            / batch_size / (peaks["bfloat16"] * 1e12))
+            log(f"student step ({kernels} kernels): {rows[kernels]['images_per_s']:.1f} img/s")
+    return {"student": STUDENT, "size": list(settings["size"]), "batch": batch_size,
+            "dtype": "bfloat16", "gflop_per_step": flops / 1e9 if impls else None,
+            "kernels": [{"kernels": k, **rows[k]} for k in args.student_kernels]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -787,8 +830,20 @@ def compare_lines(result: dict) -> list[str]:
     return [f"compare: {result['status']}" + (f", {result['seconds']:.0f} s" if "seconds" in result else "")]
 
 
-SECTION_LINES = {"environment": environment_lines, "step": step_lines, "losses": losses_lines,
-                 "tests": tests_lines, "compare": compare_lines}
+def student_lines(result: dict) -> list[str]:
+    size = "×".join(map(str, result["size"]))
+    lines = [(f"student step alone: {result['student']}, {result['dtype']}, {size}, batch "
+              f"{result['batch']}, {fmt(result['gflop_per_step'])} GFLOP/step"),
+             "| kernels | img/s | compile s | peak MB | MFU % | status |", "|---|---|---|---|---|---|"]
+    for row in result["kernels"]:
+        cells = [row["kernels"], *(fmt(row.get(key)) for key in ("images_per_s", "compile_s", "peak_mb",
+                                                                 "mfu_percent")), row["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+SECTION_LINES = {"environment": environment_lines, "step": step_lines, "student": student_lines,
+                 "losses": losses_lines, "tests": tests_lines, "compare": compare_lines}
 
 
 def table(result: dict) -> str:
@@ -800,6 +855,8 @@ def table(result: dict) -> str:
               f"CUDA {v.get('cuda') or '–'}; {result['seconds']:.0f} s"
               f"{' (dry run)' if result['dry_run'] else ''} ==")]
     for name, section_lines in SECTION_LINES.items():
+        if name not in result:
+            continue
         section = result[name]
         lines += [f"{name}: failed: {section['error']}"] if "error" in section else section_lines(section)
         lines.append("")
@@ -813,12 +870,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: a smoke run")
     parser.add_argument("--json", default=None,
                         help="JSON output (default: $OUT/accelerator_check.json, else ./accelerator_check.json)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (450; dry run 90)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (450; dry run 180)")
     parser.add_argument("--step-budget", type=float, default=240.0,
                         help="seconds for the train step; its optional parts fit in or are skipped")
     parser.add_argument("--variants", default="",
                         help="comma list of the step's variants to run (default: all; "
                              + ", ".join(v[0] for v in VARIANTS) + ")")
+    parser.add_argument("--student-kernels", default="xla,auto",
+                        help="comma list of kdjax kernels (kdjax/ops/kernels.py) for the student's "
+                             "step alone in bfloat16; empty: skip it")
+    parser.add_argument("--student-budget", type=float, default=120.0,
+                        help="seconds for the student's step alone")
     parser.add_argument("--batches", default=None,
                         help="comma list of batch sizes to choose from (default 8,16,32; dry run 2)")
     parser.add_argument("--tests", nargs="+", default=None,
@@ -840,6 +902,7 @@ def main(argv=None) -> dict:
     settings = DRY if args.dry_run else FULL
     args.tests_default = args.tests is None
     args.variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    args.student_kernels = [k.strip() for k in args.student_kernels.split(",") if k.strip()]
     if unknown := set(args.variants) - {v[0] for v in VARIANTS}:
         parser.error(f"unknown --variants {sorted(unknown)}; known: {[v[0] for v in VARIANTS]}")
     for name in ("tests", "test_workers", "losses", "budget"):
@@ -895,6 +958,10 @@ def main(argv=None) -> dict:
     # The step first, while every second of the budget is still there; the tests take what is left.
     save("step", lambda: step_section(args, settings, clock.part(args.step_budget), device,
                                       result["environment"]["peak_tflops"]))
+    if args.student_kernels:
+        batch = (result["step"].get("batch") or settings["batches"][0])
+        save("student", lambda: student_section(args, settings, clock.part(args.student_budget),
+                                                batch, result["environment"]["peak_tflops"]))
     save("losses", lambda: loss_section(args, clock.part(args.losses_budget), device))
     save("tests", lambda: tests_section(args, clock, logs["tests"]))
     save("compare", lambda: compare_section(args, clock, logs["compare"]))

@@ -55,7 +55,7 @@ Method:
 
 ``--quick``: 64×64, batch 2, 2 repetitions, DeepLabV3-ResNet18 as student and teacher (a smoke run).
 ``--demo``: the networks, crop and batch of ``configs/demo.py`` (kdjax only). ``--kernels``: the
-convolution and batch-norm forms, 'cpu' against 'xla' (``kdjax/ops/kernels.py``). ``--isa AVX2``:
+convolution and batch-norm forms, 'cpu' or 'gpu' against 'xla' (``kdjax/ops/kernels.py``). ``--isa AVX2``:
 XLA generates code for at most that instruction set (``--xla_cpu_max_isa``), so an AVX-512 host
 measures what an AVX2 one runs; PyTorch keeps its own kernels.
 ``--no-torch``: kdjax only. ``--write`` puts each dtype's table into benchmarks/RESULTS.md, between
@@ -682,7 +682,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--demo", action="store_true",
                         help="the networks, crop and batch of configs/demo.py (kdjax only: "
                              "PyTorch's reference networks are full width)")
-    parser.add_argument("--kernels", choices=("auto", "xla", "cpu"), default="auto",
+    parser.add_argument("--kernels", choices=("auto", "xla", "cpu", "gpu"), default="auto",
                         help="kdjax's convolution and batch-norm forms (kdjax/ops/kernels.py)")
     losses.add_isa_option(parser)
     parser.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")

@@ -25,8 +25,9 @@ def model_config(name: str, **overrides) -> ConfigDict:
     config.backbone_checkpoint = None
     config.backbone_source = "cirkd"
     config.dtype = "float32"          # compute dtype: 'float32' or 'bfloat16' (params stay float32)
-    # Convolution and batch-norm forms: 'auto' (the CPU forms on CPU, plain XLA elsewhere),
-    # 'xla' or 'cpu' (kdjax/ops/kernels.py). Not part of the model: a run may change it.
+    # Convolution and batch-norm forms: 'auto' (the CPU forms on CPU, the GPU forms on GPUs, plain
+    # XLA elsewhere), 'xla', 'cpu' or 'gpu' (kdjax/ops/kernels.py). Not part of the model: a run
+    # may change it.
     config.kernels = "auto"
     config.update(overrides)
     return config

@@ -206,7 +206,7 @@ class BatchNorm2d(nnx.Module):
 
 def set_kernels(module: nnx.Module, kernels: str) -> None:
     """Makes every ``Conv2d`` and ``BatchNorm2d`` of ``module`` compute with ``kernels``: 'xla',
-    'cpu' or 'auto' (:func:`kdjax.ops.kernels.resolve_kernels`; the layers' default)."""
+    'cpu', 'gpu' or 'auto' (:func:`kdjax.ops.kernels.resolve_kernels`; the layers' default)."""
     resolved = resolve_kernels(kernels)
     for _, sub in nnx.iter_modules(module):
         if isinstance(sub, (Conv2d, BatchNorm2d)):

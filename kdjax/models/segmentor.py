@@ -133,7 +133,7 @@ def build_segmentor(name: str, *, num_classes: int, variant: str = "cirkd", outp
         SegFormer (as CIRKD). SegFormer has no aux head.
       width_multiplier: scales the backbone's channel widths (1.0 = the published backbone; for
         SegFormer the width of every attention head, so widths stay multiples of the head counts).
-      kernels: 'auto', 'xla' or 'cpu': the convolution and batch-norm forms
+      kernels: 'auto', 'xla', 'cpu' or 'gpu': the convolution and batch-norm forms
         (:mod:`kdjax.ops.kernels`).
       dtype: the compute dtype.
       param_dtype: the parameters' dtype.

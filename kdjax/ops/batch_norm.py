@@ -21,7 +21,8 @@ def batch_normalize(x: Array, scale: Array, bias: Array, *, groups: int, dtype: 
       x: (N, H, W, C).
       scale, bias: (C,) in ``dtype``, the statistics' dtype.
       groups: G, dividing N.
-      kernels: 'xla', 'cpu' or 'auto' (:func:`kdjax.ops.kernels.resolve_kernels`).
+      kernels: 'xla', 'cpu', 'gpu' or 'auto' (:func:`kdjax.ops.kernels.resolve_kernels`; 'gpu'
+        normalises as 'xla').
     Returns:
       y (N, H, W, C) in ``dtype``; each group's mean and biased variance, (G, C).
     """

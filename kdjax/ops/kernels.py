@@ -1,9 +1,11 @@
 """The one place where kdjax chooses platform-specific kernels and sizes.
 
 ``'xla'`` traces plain XLA convolutions and batch normalisation, differentiable in forward and
-reverse mode: what GPUs and TPUs run. ``'cpu'`` uses the forms of :mod:`kdjax.ops.cpu`, written
-for XLA's CPU backend (reverse mode only: their gradients are written out). ``'auto'`` is
-``'cpu'`` when JAX's default backend is the CPU and ``'xla'`` otherwise.
+reverse mode: what TPUs run. ``'cpu'`` uses the forms of :mod:`kdjax.ops.cpu`, written for XLA's
+CPU backend (reverse mode only: their gradients are written out). ``'gpu'`` is ``'xla'`` with the
+dilated convolutions' kernel gradient as a matrix product (:mod:`kdjax.ops.gpu.convolution`,
+reverse mode only). ``'auto'`` is ``'cpu'`` or ``'gpu'`` when JAX's default backend is the CPU or
+a GPU, and ``'xla'`` otherwise.
 
 The losses' reductions (:mod:`kdjax.ops.reductions`) take their CPU forms under the same rule as
 ``'auto'``: :func:`cpu_forms`.
@@ -21,14 +23,14 @@ from __future__ import annotations
 
 import jax
 
-KERNELS = ("auto", "xla", "cpu")
+KERNELS = ("auto", "xla", "cpu", "gpu")
 # distill.loss_scratch_mb = 'auto' on the CPU and elsewhere.
 CPU_LOSS_SCRATCH_MB = 16
 ACCELERATOR_LOSS_SCRATCH_MB = 256
 
 
 def resolve_kernels(kernels: str) -> str:
-    """``'xla'`` or ``'cpu'`` for a ``model.kernels`` setting (see the module docstring).
+    """``'xla'``, ``'cpu'`` or ``'gpu'`` for a ``model.kernels`` setting (see the module docstring).
 
     Raises:
       ValueError: ``kernels`` is not one of ``KERNELS``.
@@ -36,7 +38,8 @@ def resolve_kernels(kernels: str) -> str:
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}; got {kernels!r}.")
     if kernels == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
+        backend = jax.default_backend()
+        return backend if backend in ("cpu", "gpu") else "xla"
     return kernels
 
 

@@ -66,6 +66,26 @@ def xla_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
         feature_group_count=geometry.groups)
 
 
+def tap_patches(x: Array, kernel_shape: tuple[int, ...], geometry: Geometry,
+                out_hw: tuple[int, int]) -> Array:
+    """The input each kernel tap reads for each output (im2col), zero padding included.
+
+    Args:
+      x: (N, H, W, C_in); kernel_shape: (kh, kw, ...); out_hw: the output's (H', W').
+    Returns:
+      (N·H'·W', T, C_in) with T = kh·kw taps in the kernel's row-major order.
+    """
+    n, _, _, c_in = x.shape
+    kh, kw = kernel_shape[:2]
+    (sh, sw), (dh, dw), (pad_h, pad_w) = geometry.stride, geometry.dilation, geometry.padding
+    (oh, ow) = out_hw
+    padded = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)])
+    windows = [jax.lax.slice(padded, (0, i * dh, j * dw, 0),
+                             (n, i * dh + sh * (oh - 1) + 1, j * dw + sw * (ow - 1) + 1, c_in),
+                             (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+    return jnp.stack(windows, axis=3).reshape(n * oh * ow, kh * kw, c_in)
+
+
 def grouped(x: Array, groups: int, dtype: Dtype) -> Array:
     """(N, H, W, C) → (G, N/G, H, W, C) in ``dtype``."""
     return x.astype(dtype).reshape(groups, -1, *x.shape[1:])

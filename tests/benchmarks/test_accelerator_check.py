@@ -12,7 +12,7 @@ import pytest
 from tests.python_process import plain_cpu_env
 
 ROOT = Path(__file__).parents[2]
-SECTIONS = ("environment", "tests", "losses", "step", "compare")
+SECTIONS = ("environment", "tests", "losses", "step", "student", "compare")
 
 
 # Slow: a minute. `make test-without-torch` (CI) runs it, with PyTorch hidden.
@@ -58,11 +58,19 @@ def test_dry_run_writes_every_section_and_prints_the_table_last(tmp_path):
     step = result["step"]
     assert step["batch"] == 2 and step["size"] == [64, 64] and step["gflop_per_step"] > 0
     variants = {v["name"]: v for v in step["variants"]}
-    assert len(variants) == 5
+    assert len(variants) == 6
     kdjax = variants["kdjax float32"]
     assert kdjax["status"] == "ok" and kdjax["images_per_s"] > 0 and kdjax["compile_s"] > 0
     assert kdjax["peak_mb"] > 0 and kdjax["mfu_percent"] > 0
     assert variants["kdjax bfloat16"]["status"] == "skipped: --dry-run"
+    assert variants["kdjax bfloat16, XLA kernels"]["status"] == "skipped: --dry-run"
+    assert kdjax["kernels"] == "auto" and kdjax["gflop_traced"] > 0
+
+    student = result["student"]
+    assert student["batch"] == 2 and student["gflop_per_step"] > 0
+    assert [row["kernels"] for row in student["kernels"]] == ["xla", "auto"]
+    for row in student["kernels"]:
+        assert row["status"] == "ok" and row["images_per_s"] > 0 and row["mfu_percent"] > 0, row
     torch_variants = ("torch eager float32", "torch eager AMP bf16", "torch.compile AMP bf16")
     if with_torch:
         for name in torch_variants[:2]:
@@ -91,5 +99,5 @@ def test_dry_run_writes_every_section_and_prints_the_table_last(tmp_path):
     table = "\n".join(lines[first:])
     for text in ("matmul TFLOP/s", "tests (tests/ops/test_ordering.py): ", "| kdjax float32 |",
                  "profile (kdjax float32, 3 steps, profile_step.xplane.pb.gz): ",
-                 "| channel_wise_divergence |"):
+                 "| channel_wise_divergence |", "student step alone: ", "| auto |"):
         assert text in table

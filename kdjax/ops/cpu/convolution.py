@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.ops.cpu.winograd import winograd_convolution, winograd_gradients
-from kdjax.ops.xla import Geometry, xla_convolution
+from kdjax.ops.xla import Geometry, tap_patches, xla_convolution
 
 Array = jax.Array
 
@@ -276,21 +276,15 @@ def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     computes the (BN, ReLU) backward that produces it once; per-tap products each fused and
     recomputed it.
     """
-    n, _, _, c_in = x.shape
     kh, kw, _, c_out = kernel.shape
-    (sh, sw), (dh, dw), (pad_h, pad_w) = geometry.stride, geometry.dilation, geometry.padding
-    padded = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)])
-    _, oh, ow, _ = cotangent.shape
     if geometry.stride == (1, 1) and geometry.groups == 1 and x.dtype == cotangent.dtype == jnp.float32:
+        pad_h, pad_w = geometry.padding
+        padded = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                             [(0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)])
         d_kernel = row_shifted_kernel_gradient(padded, cotangent, (kh, kw), geometry.dilation)
     else:
-        windows = [((0, i * dh, j * dw, 0),
-                    (n, i * dh + sh * (oh - 1) + 1, j * dw + sw * (ow - 1) + 1, c_in),
-                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-        points = n * oh * ow
-        patches = jnp.stack([jax.lax.slice(padded, *window) for window in windows], axis=3)
-        d_kernel = _kernel_gradient_product(cotangent.reshape(points, c_out),
-                                            patches.reshape(points, kh * kw, c_in), geometry.groups)
+        patches = tap_patches(x, kernel.shape, geometry, cotangent.shape[1:3])
+        d_kernel = _kernel_gradient_product(cotangent.reshape(-1, c_out), patches, geometry.groups)
     _, input_vjp = jax.vjp(lambda inputs: xla_convolution(inputs, kernel, geometry), x)
     (dx,) = input_vjp(cotangent)
     return dx, d_kernel.reshape(kernel.shape).astype(kernel.dtype)

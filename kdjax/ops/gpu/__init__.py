@@ -1,0 +1,1 @@
+"""GPU forms of the convolution: XLA's own, except where cuDNN's kernel for a gradient is slow."""
