@@ -8,6 +8,7 @@ import pytest
 from kdjax.losses.adversarial import skd_adversarial_losses
 from kdjax.losses.attention import attention_transfer
 from kdjax.losses.fitnet import fitnet
+from tests.devices import skip_unless_cpu
 from tests.losses.contract import LossCase, LossContract, assert_matches_reference, to_jax
 from tests.references import feature_ref
 
@@ -136,8 +137,7 @@ def test_fitnet_keeps_no_feature_sized_temporary(masked):
     # command's CPU flags (conftest), whose memory-saving scheduler once formed the gradient
     # beside the stored difference. The gradient is now the only map. Other platforms take the
     # plain form, whose buffers their compilers assign (benchmarks/NOTES.md item 50).
-    if jax.default_backend() != "cpu":
-        pytest.skip("a property of the CPU form under the CPU compiler's schedule")
+    skip_unless_cpu("the CPU form's buffers under the CPU compiler's schedule")
     rng = np.random.default_rng(4)
     s = jnp.asarray(rng.normal(0, 1, (2, 16, 16, 32)), jnp.float32)
     t = jnp.asarray(rng.normal(0, 1, (2, 16, 16, 32)), jnp.float32)

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kdjax.ops.convolution import conv2d
 from kdjax.ops.cpu import convolution, winograd
 from kdjax.ops.xla import Geometry, touching_taps, xla_convolution
+from tests.devices import skip_unless_cpu
 from tests.references.convolution_ref import (CASES, reference_forward, reference_gradients)
 from tests.references.convolution_ref import case_arrays as _case
 
@@ -87,6 +88,7 @@ def test_tap_form_equals_xla_convolution(name):
 def test_stride_1_kernel_gradient_writes_no_full_window_matrix(dilation):
     # The window matrix of all nine taps alone is 9× the input; the row-shifted form writes three
     # column windows of the input and three row shifts of the cotangent (7.5–8× here, 17× before).
+    skip_unless_cpu("the CPU forms' buffers")
     x, cotangent = jnp.ones((2, 32, 32, 64)), jnp.ones((2, 32, 32, 64))
     geometry = Geometry((1, 1), ((dilation, dilation),) * 2, (dilation, dilation), 1)
     compiled = jax.jit(convolution.tap_backward, static_argnums=3).lower(
@@ -124,7 +126,7 @@ def test_aspp_rate_past_the_map_runs_as_a_matrix_product():
     x = jax.ShapeDtypeStruct((8, 32, 32, 512), jnp.float32)
     kernel = jax.ShapeDtypeStruct((3, 3, 512, 512), jnp.float32)
     text = jax.jit(lambda x, k: conv2d(x, k, stride=(1, 1), padding=(36, 36), dilation=(36, 36),
-                                       groups=1)).lower(x, kernel).as_text()
+                                       groups=1, kernels="cpu")).lower(x, kernel).as_text()
     assert "convolution" not in text and "dot_general" in text
 
 
@@ -299,6 +301,7 @@ def test_winograd_backward_keeps_no_tiles_of_the_forward_pass(monkeypatch):
     output, one input's worth), not also its 4×-larger tiles: the backward pass forms them again.
     XLA would otherwise take the backward's tiles for the forward pass's identical ones (324 KB a
     layer here instead of 68 KB)."""
+    skip_unless_cpu("the CPU forms' buffers")
     monkeypatch.setattr(convolution, "TAP_FORM_MIN_FLOP", 0)
     monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 0)
     input_bytes = 2 * 32 * 32 * 8 * 4
