@@ -4,7 +4,7 @@
                                            [--batches B,...] [--losses NAME,...] [--tests PATH ...]
                                            [--no-torch] [--dry-run]
 
-Five sections, in this order, written to the JSON file after each one (so a run stopped early keeps
+Six sections, in this order, written to the JSON file after each one (so a run stopped early keeps
 what it had), then a short table printed last:
 
 1. ``environment``: the devices (kind, count, platform), the versions of Python, jax, jaxlib,
@@ -14,7 +14,8 @@ what it had), then a short table printed last:
    on a 1 GiB float32 array, bytes read + written).
 2. ``step``: the distillation train step of ``benchmarks/step.py`` (DeepLabV3-ResNet101 teacher,
    DeepLabV3-ResNet18 student, CE + 0.4·aux CE + CWD on the logits, SGD; 19 classes, 512×1024
-   crops, random weights and inputs): kdjax jitted in float32 and bfloat16, PyTorch (the CIRKD
+   crops, random weights and inputs): kdjax jitted in float32 and bfloat16 with the platform's
+   kernels (``kdjax/ops/kernels.py``), and in bfloat16 with XLA's convolutions, PyTorch (the CIRKD
    networks of tests/torch_reference) eager in float32, eager under bfloat16 autocast (AMP) and
    ``torch.compile`` of both networks under AMP. The batch is the largest of 8, 16, 32
    (``--batches``) whose compiled kdjax step (float32, or the first kdjax variant of
@@ -23,20 +24,24 @@ what it had), then a short table printed last:
    batch. Reported per variant: images/s (median of the repetitions after one warm-up step), the
    ratio to PyTorch eager AMP, compile time, peak memory (kdjax: the compiled step's buffer
    assignment; PyTorch: ``torch.cuda.max_memory_allocated``) and model FLOP utilisation: the
-   step's FLOPs (``kdjax.ops.cost.traced_flops`` of kdjax's step: its matrix products and
-   convolutions, the same work for every variant) / step time / the measured matmul peak of the
-   variant's dtype (the faster library's). kdjax compiles first, PyTorch runs and empties its
+   step's FLOPs (``kdjax.ops.cost.traced_flops`` of kdjax's step with XLA's convolutions where
+   that variant ran, else of the first: its matrix products and convolutions, the same work for
+   every variant) / step time / the measured matmul peak of the variant's dtype (the faster
+   library's). kdjax compiles first, PyTorch runs and empties its
    cache, then kdjax runs: the two allocators do not share memory. Last, ``--profile-steps`` (3)
    steps of kdjax's bfloat16 step (float32 where that did not run) are traced by
    ``jax.profiler``: the trace (``profile_step.xplane.pb.gz``) and the compiled HLO
    (``profile_step.hlo.txt.gz``) go beside the JSON file, and the JSON gets each device timeline
    line's busy time, its longest events and the HLO instructions they ran for.
-3. ``losses``: every ``kdjax.losses`` case of ``benchmarks/losses.py`` at its Cityscapes size,
+3. ``student``: the student's step alone (CE + 0.4·aux CE, SGD) in bfloat16 with each of
+   ``--student-kernels`` (``xla,auto``), timed side by side at the step's batch: images/s,
+   compile time, peak memory and its share of the bf16 peak.
+4. ``losses``: every ``kdjax.losses`` case of ``benchmarks/losses.py`` at its Cityscapes size,
    forward + backward, jitted, against ``benchmarks/torch_losses.py`` eager and ``torch.compile``
    on the same device: median ms, the ratios PyTorch / kdjax, both values' and gradients' relative
    differences, peak memory (kdjax: XLA's buffer assignment; PyTorch: the allocator's peak during
    the step, inputs included, on CUDA only).
-4. ``tests``: the platform-sensitive part of the test suite (``--tests``; default tests/losses,
+5. ``tests``: the platform-sensitive part of the test suite (``--tests``; default tests/losses,
    tests/models, tests/ops) run by pytest in a subprocess on the accelerator. tests/conftest.py
    puts the tests on eight simulated CPU devices unless the environment says otherwise, so the
    subprocess gets JAX_PLATFORMS set to this process's backend and XLA_FLAGS set (to the
@@ -44,7 +49,7 @@ what it had), then a short table printed last:
    device test is added where there are several devices and TensorFlow (its input pipeline) is
    installed. Reported: counts per outcome and the failing tests with their first error line; the
    whole log is saved beside the JSON file.
-5. ``compare``: ``kdjax compare --config=configs/demo.py:local`` in a subprocess, timed end to
+6. ``compare``: ``kdjax compare --config=configs/demo.py:local`` in a subprocess, timed end to
    end. Its synthetic data pass through tf.data, so without TensorFlow it is skipped.
 
 This script never imports TensorFlow (``tensorflow_imported`` in the JSON says so). JAX is told not
@@ -107,13 +112,13 @@ STEP_RESERVE_S = 30.0      # time kept for the kdjax repetitions when torch.comp
 # (name, library, dtype, mode, kdjax's kernels). The ratio column is read against BASELINE.
 VARIANTS = (("kdjax float32", "kdjax", "float32", "jit", "auto"),
             ("kdjax bfloat16", "kdjax", "bfloat16", "jit", "auto"),
-            ("kdjax bfloat16, XLA kernels", "kdjax", "bfloat16", "jit", "xla"),
+            ("kdjax bfloat16 (XLA kernels)", "kdjax", "bfloat16", "jit", "xla"),
             ("torch eager float32", "torch", "float32", "eager", None),
             ("torch eager AMP bf16", "torch", "bfloat16", "eager", None),
             ("torch.compile AMP bf16", "torch", "bfloat16", "compile", None))
 VARIANT = {v[0]: v for v in VARIANTS}
 BASELINE = "torch eager AMP bf16"
-NOT_IN_DRY_RUN = {"kdjax bfloat16", "kdjax bfloat16, XLA kernels", "torch.compile AMP bf16"}
+NOT_IN_DRY_RUN = {"kdjax bfloat16", "kdjax bfloat16 (XLA kernels)", "torch.compile AMP bf16"}
 
 
 def log(line: str) -> None:

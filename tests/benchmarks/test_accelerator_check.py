@@ -63,7 +63,7 @@ def test_dry_run_writes_every_section_and_prints_the_table_last(tmp_path):
     assert kdjax["status"] == "ok" and kdjax["images_per_s"] > 0 and kdjax["compile_s"] > 0
     assert kdjax["peak_mb"] > 0 and kdjax["mfu_percent"] > 0
     assert variants["kdjax bfloat16"]["status"] == "skipped: --dry-run"
-    assert variants["kdjax bfloat16, XLA kernels"]["status"] == "skipped: --dry-run"
+    assert variants["kdjax bfloat16 (XLA kernels)"]["status"] == "skipped: --dry-run"
     assert kdjax["kernels"] == "auto" and kdjax["gflop_traced"] > 0
 
     student = result["student"]
