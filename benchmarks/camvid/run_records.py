@@ -1,5 +1,8 @@
-"""The finished runs of a ``kdjax compare`` workdir, kept in the repository so that a comparison of
-many hours can go on from another machine and its tables can be reported again without training.
+"""The finished runs of a ``kdjax compare`` workdir, kept beside it in the checkout so that a
+comparison of many hours survives its workdir and its tables can be reported again without
+training. The default folder is ignored by git (``runs/`` in .gitignore): the teacher's weights
+are over the repository's file-size limit, so the records travel to another machine by copying
+the folder, not by a commit.
 
     python benchmarks/camvid/run_records.py save WORKDIR [--records DIR]
     python benchmarks/camvid/run_records.py restore WORKDIR [--records DIR]
