@@ -640,7 +640,7 @@ def student_section(args, settings: dict, clock: Clock, batch_size: int, peaks: 
             rows[kernels] = {"status": "skipped: time budget"}
             continue
         try:
-            impls[kernels], batch = kdjax_step(settings, batch_size, "bfloat16", kernels, distill=False)
+            impls[kernels], _ = kdjax_step(settings, batch_size, "bfloat16", kernels, distill=False)
         except Exception as error:  # noqa: BLE001 - the other kernels still run
             rows[kernels] = {"status": f"failed: {first_line(error)}"}
             continue

@@ -66,6 +66,14 @@ def xla_convolution(x: Array, kernel: Array, geometry: Geometry) -> Array:
         feature_group_count=geometry.groups)
 
 
+def xla_input_gradient(x: Array, kernel: Array, cotangent: Array, geometry: Geometry) -> Array:
+    """The input gradient of :func:`xla_convolution` (XLA's transposed convolution, as fast as
+    the forward): (N, H, W, C_in) for a cotangent (N, H', W', C_out)."""
+    _, input_vjp = jax.vjp(lambda inputs: xla_convolution(inputs, kernel, geometry), x)
+    (dx,) = input_vjp(cotangent)
+    return dx
+
+
 def tap_patches(x: Array, kernel_shape: tuple[int, ...], geometry: Geometry,
                 out_hw: tuple[int, int]) -> Array:
     """The input each kernel tap reads for each output (im2col), zero padding included.

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kdjax.ops.convolution import conv2d
 from kdjax.ops.cpu import convolution, winograd
 from kdjax.ops.xla import Geometry, touching_taps, xla_convolution
 from tests.devices import skip_unless_cpu
+from tests.ops.sharded_convolution import sharded_and_one_device
 from tests.references.convolution_ref import (CASES, reference_forward, reference_gradients)
 from tests.references.convolution_ref import case_arrays as _case
 
@@ -183,23 +183,9 @@ def test_vmap_equals_a_loop(name, cpu_form):
 
 
 def test_batch_sharded_over_devices_equals_one_device(cpu_form):
-    devices = np.array(jax.devices())
-    if devices.size < 2:
-        pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
-    mesh = Mesh(devices, ("data",))
-    rng = np.random.default_rng(7)
-    x = jnp.asarray(rng.standard_normal((devices.size, 6, 6, 4)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
     options = dict(stride=(1, 1), padding=(2, 2), dilation=(2, 2), groups=1)
-
-    def value_and_grads(x, k):
-        return jax.value_and_grad(lambda x, k: jnp.sum(conv2d(x, k, **options) ** 2),
-                                  argnums=(0, 1))(x, k)
-
-    sharded = jax.jit(value_and_grads, in_shardings=(
-        NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())))
-    value, (dx, dk) = sharded(x, kernel)
-    value1, (dx1, dk1) = jax.jit(value_and_grads)(x, kernel)
+    (value, (dx, dk)), (value1, (dx1, dk1)) = sharded_and_one_device(
+        lambda x, k: conv2d(x, k, **options), (6, 6, 4), (3, 3, 4, 5))
     np.testing.assert_allclose(value, value1, rtol=1e-5)
     np.testing.assert_allclose(dx, dx1, atol=1e-4)
     np.testing.assert_allclose(dk, dk1, atol=1e-3)

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kdjax.ops.convolution import conv2d
 from kdjax.ops.gpu import convolution
 from kdjax.ops.xla import Geometry
+from tests.ops.sharded_convolution import sharded_and_one_device
 from tests.references.convolution_ref import CASES, case_arrays, reference_forward, reference_gradients
 
 # Cases whose kernel gradient the GPU form computes (dilated, stride 1, ungrouped, several taps),
@@ -108,24 +108,10 @@ def test_vmap_equals_a_loop():
 
 
 def test_batch_sharded_over_devices_equals_one_device():
-    devices = np.array(jax.devices())
-    if devices.size < 2:
-        pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
-    mesh = Mesh(devices, ("data",))
-    rng = np.random.default_rng(7)
-    x = jnp.asarray(rng.standard_normal((devices.size, 9, 9, 4)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
     options = dict(stride=(1, 1), padding=(4, 4), dilation=(4, 4), groups=1)
-
-    def value_and_grads(x, k):
-        return jax.value_and_grad(lambda x, k: jnp.sum(_gpu_conv(options)(x, k) ** 2),
-                                  argnums=(0, 1))(x, k)
-
     with jax.default_matmul_precision("highest"):
-        sharded = jax.jit(value_and_grads, in_shardings=(
-            NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())))
-        value, (dx, dk) = sharded(x, kernel)
-        value1, (dx1, dk1) = jax.jit(value_and_grads)(x, kernel)
+        (value, (dx, dk)), (value1, (dx1, dk1)) = sharded_and_one_device(
+            _gpu_conv(options), (9, 9, 4), (3, 3, 4, 5))
     np.testing.assert_allclose(value, value1, rtol=1e-5)
     np.testing.assert_allclose(dx, dx1, atol=1e-4)
     np.testing.assert_allclose(dk, dk1, rtol=1e-5, atol=1e-5 * float(jnp.abs(dk1).max()))

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.ops.cpu.winograd import winograd_convolution, winograd_gradients
-from kdjax.ops.xla import Geometry, tap_patches, xla_convolution
+from kdjax.ops.xla import Geometry, tap_patches, xla_convolution, xla_input_gradient
 
 Array = jax.Array
 
@@ -285,8 +285,7 @@ def tap_backward(x: Array, kernel: Array, cotangent: Array, geometry: Geometry
     else:
         patches = tap_patches(x, kernel.shape, geometry, cotangent.shape[1:3])
         d_kernel = _kernel_gradient_product(cotangent.reshape(-1, c_out), patches, geometry.groups)
-    _, input_vjp = jax.vjp(lambda inputs: xla_convolution(inputs, kernel, geometry), x)
-    (dx,) = input_vjp(cotangent)
+    dx = xla_input_gradient(x, kernel, cotangent, geometry)
     return dx, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kdjax.ops.xla import Geometry, tap_patches, xla_convolution
+from kdjax.ops.xla import Geometry, tap_patches, xla_convolution, xla_input_gradient
 
 Array = jax.Array
 
@@ -71,9 +71,8 @@ def _convolve_forward(x, kernel, geometry):
 
 def _convolve_backward(geometry, residuals, cotangent):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda inputs: xla_convolution(inputs, kernel, geometry), x)
-    (dx,) = input_vjp(cotangent)
-    return dx, kernel_gradient(x, kernel.shape, cotangent, geometry).astype(kernel.dtype)
+    return (xla_input_gradient(x, kernel, cotangent, geometry),
+            kernel_gradient(x, kernel.shape, cotangent, geometry).astype(kernel.dtype))
 
 
 convolve.defvjp(_convolve_forward, _convolve_backward)
