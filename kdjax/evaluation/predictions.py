@@ -15,6 +15,7 @@ from kdjax.data.metadata import dataset_info
 from kdjax.evaluation.inference import predict_classes
 from kdjax.evaluation.overlays import write_overlays
 from kdjax.evaluation.validation import eval_mode
+from kdjax.runtime.compilation import UNOPTIMIZED
 
 Predictor = Callable[[jax.Array], jax.Array]
 
@@ -37,14 +38,14 @@ def compile_predictor(network, config: ml_collections.ConfigDict, num_classes: i
 def _predict(network, config: ml_collections.ConfigDict, num_classes: int):
     mode = eval_mode(config)
 
-    # The weights are an argument, not constants of the program: networks of one architecture
-    # then share one program (JAX's persistent cache), and none compiles its weights in.
-    @jax.jit
     def predict(variables, images):
         logits = functools.partial(network.logits, variables)
         return predict_classes(logits, images, eval_mode=mode, num_classes=num_classes)
 
-    return predict
+    # The weights are an argument, not constants of the program: networks of one architecture
+    # then share one program (JAX's persistent cache), and none compiles its weights in. It runs
+    # once, on a few images, so it is compiled without optimisation (kdjax.runtime.compilation).
+    return jax.jit(predict, compiler_options=UNOPTIMIZED)
 
 
 def write_prediction_overlays(config: ml_collections.ConfigDict,

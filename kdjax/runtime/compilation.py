@@ -1,5 +1,6 @@
 """Compilation: JAX's persistent cache in the user's cache directory, and programs that run once
-per experiment (building parameters and variables), compiled without XLA's backend optimisation.
+per experiment (building parameters and variables, the overlays' predictions), compiled without
+XLA's backend optimisation.
 
 Every run of a config compiles the same train and eval programs (the seeds of a comparison, a
 resumed run, the demo run twice), and most of a short run's time is compilation; the persistent

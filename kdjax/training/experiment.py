@@ -420,9 +420,8 @@ def setup(config: ml_collections.ConfigDict, *, student: nnx.Module | None = Non
         _init=_Once(lambda: init_jit.lower(abstract_weights).compile(UNOPTIMIZED)),
         _compiled_step=_Once(lambda: traced.get().lower().compile()),
         _step_flops=_Once(lambda: traced_flops(traced.get())),
-        _seeded_student=(None if given is not None else _Once(
-            lambda: _seeded_student(student_config, info, mesh, seed).lower().compile(
-                UNOPTIMIZED))),
+        _seeded_student=(None if given is not None
+                         else _seeded_student_program(student_config, info, mesh, seed)),
         _abstract_student_weights=abstract_weights,
         _student_weights=given.weights if given is not None else None)
 
@@ -495,6 +494,29 @@ def _module_builder(config, student_config, given: _GivenStudent | None,
         return Trainables(net, term_modules), discs, states, student_out
 
     return modules
+
+
+# The seeded students' programs of this process, the latest few: a comparison's methods train the
+# same student from the same seed, and the unoptimised program, long straight-line code, takes
+# seconds to read back from the persistent cache each time.
+_SEEDED_STUDENT_PROGRAMS: dict[tuple, _Once] = {}
+_SEEDED_STUDENT_PROGRAMS_KEPT = 4
+_SEEDED_STUDENT_PROGRAMS_LOCK = threading.Lock()
+
+
+def _seeded_student_program(student_config: ml_collections.ConfigDict, info: DatasetInfo, mesh,
+                            seed: int) -> _Once:
+    """The compiled :func:`_seeded_student` (``UNOPTIMIZED``), one per student config, class
+    count, mesh and seed in this process; compiled on its first call."""
+    key = (student_config.to_json_best_effort(sort_keys=True), info.num_classes, mesh, seed)
+    with _SEEDED_STUDENT_PROGRAMS_LOCK:
+        program = _SEEDED_STUDENT_PROGRAMS.pop(key, None) or _Once(
+            lambda: _seeded_student(student_config, info, mesh, seed).lower().compile(
+                UNOPTIMIZED))
+        _SEEDED_STUDENT_PROGRAMS[key] = program          # now the latest
+        while len(_SEEDED_STUDENT_PROGRAMS) > _SEEDED_STUDENT_PROGRAMS_KEPT:
+            del _SEEDED_STUDENT_PROGRAMS[next(iter(_SEEDED_STUDENT_PROGRAMS))]
+    return program
 
 
 def _seeded_student(student_config: ml_collections.ConfigDict, info: DatasetInfo, mesh,

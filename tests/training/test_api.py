@@ -120,6 +120,12 @@ def test_the_seeded_student_comes_from_one_program_for_every_method(exp):
                  students[0], jax.device_get(drawn))
     assert "threefry" in alone._seeded_student.get().as_text()
     assert "threefry" not in alone._init.get().as_text()
+    # One compiled program in the process for that student and seed, not one read back from the
+    # persistent cache per experiment; another seed draws in a program of its own.
+    assert alone._seeded_student is exp._seeded_student
+    reseeded = _config("student_alone")
+    reseeded.seed += 1
+    assert training.setup(reseeded)._seeded_student is not exp._seeded_student
 
 
 def test_setup_takes_a_student_a_teacher_and_an_optimizer():
