@@ -359,3 +359,18 @@ def test_convolutions_smallest(tmp_path):
     assert result["totals"]["gflop"] == pytest.approx(sum(r["gflop"] * r["count"] for r in rows))
     assert "<!-- convolutions.py: begin -->" in stdout and "**all × count**" in stdout
     assert result["host_memory"] == "kept" and "freed memory kept for reuse" in stdout
+
+
+@pytest.mark.slow
+def test_demo_time_runs_a_comparison_from_an_empty_cache(tmp_path):
+    """benchmarks/demo_time.py on the tests' tiny comparison: a fresh cache and workdir, timed,
+    with the host's probe and the table it computed (minutes: every program is compiled)."""
+    result, stdout = run_script("demo_time.py", tmp_path, "--config", "tests/io/compare_config.py",
+                                "--log", str(tmp_path / "log"))
+    (run,) = result["runs"]
+    assert result["same_tables"]
+    assert run["wall_s"] > 0 and run["user_s"] > 0 and run["probe_s"] > 0
+    assert [(r["method"], r["seed"]) for r in run["rows"]] == [
+        ("teacher", 0), ("student alone", 0), ("distilled", 0)]
+    assert all(0 <= r["miou"] <= 100 and r["step_ms"] > 0 for r in run["rows"])
+    assert "| student alone | 0 |" in stdout
