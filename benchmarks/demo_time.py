@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import losses  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-# 2.7 s on the 2-core AMD EPYC of benchmarks/NOTES.md item 60, in the slowest hour measured there;
+# 2.7 s on the 2-core AMD EPYC (AVX2) of benchmarks/NOTES.md item 60, in the slowest hour measured there;
 # it scales with the host's single-core speed.
 PROBE = "s = 0\nfor i in range(20_000_000):\n    s += i\n"
 
