@@ -100,9 +100,9 @@ demo: $(STAMP)
 # (needs ../shared/data/camvid; CAMVID_MATCHED="seconds flops" adds equal FLOPs), then their
 # published files in benchmarks/camvid/ (the overlays without dataset pixels: the data's licence).
 # Interrupted, the same command resumes where it stopped. The finished runs' records (result, step
-# cost, curve) and the teacher are kept in benchmarks/camvid/runs/ whenever the comparisons stop, and
-# are restored from there first, so the comparison goes on from another machine and a clean
-# checkout reports the published runs without training them; CAMVID_REUSE=0 trains every run.
+# cost, curve) are kept in benchmarks/camvid/records/ (committed) whenever the comparisons stop, and
+# are restored from there first, so a clean checkout trains the teacher again and reports the
+# recorded students without training them; CAMVID_REUSE=0 trains every run.
 CAMVID_RUN ?= runs/camvid
 CAMVID_MATCHED ?= seconds
 CAMVID_REUSE ?= 1

@@ -1,8 +1,6 @@
-"""The finished runs of a ``kdjax compare`` workdir, kept beside it in the checkout so that a
-comparison of many hours survives its workdir and its tables can be reported again without
-training. The default folder is ignored by git (``runs/`` in .gitignore): the teacher's weights
-are over the repository's file-size limit, so the records travel to another machine by copying
-the folder, not by a commit.
+"""The finished runs of a ``kdjax compare`` workdir, kept in the repository so that a comparison
+of many hours survives its workdir and its machine: a clean checkout reports the finished runs
+without training them and trains only the others.
 
     python benchmarks/camvid/run_records.py save WORKDIR [--records DIR]
     python benchmarks/camvid/run_records.py restore WORKDIR [--records DIR]
@@ -10,30 +8,34 @@ the folder, not by a commit.
 A finished run is a folder of WORKDIR (at any depth) with ``result.json``. Its record is that
 file, ``cost.json`` (the measured step cost a matched budget is computed from) and
 ``metrics.jsonl`` (the training log and the validation curve), at the same relative path under
-DIR (default: ``benchmarks/camvid/runs``). The teacher's exported model (``teacher/model``) is
-kept too, since every student run and every later table loads it; the students' checkpoints and
-models are not (each is a few megabytes and nothing downstream of the tables needs them).
+DIR (default: ``benchmarks/camvid/records``), a few kilobytes per run. No weights are kept: the
+students' models are not needed by the tables, and the teacher's are over the repository's
+file-size limit.
 
 ``save`` copies the records of every finished run of WORKDIR into DIR, replacing older copies.
-``restore`` copies every record of DIR into WORKDIR where that run is not finished there, so
-``kdjax compare`` (``make camvid``) reports those runs from their records and trains only the
-others. Unfinished runs stay where they are: they resume from their checkpoints on the same
-machine, and from the start elsewhere. kdjax names a run's files (its model, the students'
-teacher) by absolute paths, which its recipe check compares: restore into a checkout at the same
-place, e.g. /work/kdjax on every machine.
+``restore`` copies into WORKDIR every record of a run not finished there, except the teacher's
+when its model (``teacher/model``) is not in WORKDIR: every student loads that model, so
+``kdjax compare`` trains the teacher again (the same recipe and seed) and reports the restored
+students from their records. A teacher trained again on another CPU can differ from the recorded
+one in its last digits; ``save`` then says so before replacing its record, since the restored
+students were distilled from the recorded teacher. Unfinished runs stay where they are: they
+resume from their checkpoints on the same machine, and from the start elsewhere. kdjax names a
+run's files (its model, the students' teacher) by absolute paths, which its recipe check
+compares: restore into a checkout at the same place on every machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
 RESULT = "result.json"
 RECORD_FILES = (RESULT, "cost.json", "metrics.jsonl")
-KEPT_MODELS = ("teacher/model",)
-DEFAULT_RECORDS = Path(__file__).resolve().parent / "runs"
+TEACHER_RUN, TEACHER_MODEL = Path("teacher"), Path("teacher/model")
+DEFAULT_RECORDS = Path(__file__).resolve().parent / "records"
 
 
 def finished_runs(root: Path) -> list[Path]:
@@ -46,24 +48,38 @@ def _copy_run(source: Path, target: Path, run: Path) -> None:
     for name in RECORD_FILES:
         if (source / run / name).is_file():
             shutil.copy2(source / run / name, target / run / name)
-    for model in KEPT_MODELS:
-        model = Path(model)
-        if model.parent == run and (source / model).is_dir():
-            shutil.rmtree(target / model, ignore_errors=True)
-            shutil.copytree(source / model, target / model)
+
+
+def _scores(result: Path) -> dict:
+    """What a run's evaluation measured (its path to the model aside)."""
+    row = json.loads(result.read_text())["row"]
+    return {key: row[key] for key in ("miou", "per_class_iou")}
 
 
 def save(workdir: Path, records: Path) -> list[Path]:
     """Copies the record of every finished run of ``workdir`` into ``records``."""
     runs = finished_runs(workdir)
+    recorded = records / TEACHER_RUN / RESULT
+    if TEACHER_RUN in runs and recorded.is_file():
+        new, old = _scores(workdir / TEACHER_RUN / RESULT), _scores(recorded)
+        if new != old:
+            print(f"run_records: the teacher of {workdir} (mIoU {new['miou']:.4f}) is not the "
+                  f"recorded one (mIoU {old['miou']:.4f}), which the recorded students were "
+                  f"distilled from; its record is replaced. For one teacher throughout, train "
+                  f"every student again (make camvid CAMVID_REUSE=0).", file=sys.stderr)
     for run in runs:
         _copy_run(workdir, records, run)
     return runs
 
 
 def restore(workdir: Path, records: Path) -> list[Path]:
-    """Copies into ``workdir`` the record of every run of ``records`` not finished there."""
+    """Copies into ``workdir`` the record of every run of ``records`` not finished there; the
+    teacher's only with its model there (otherwise it is trained again)."""
     runs = [run for run in finished_runs(records) if not (workdir / run / RESULT).exists()]
+    if TEACHER_RUN in runs and not (workdir / TEACHER_MODEL).is_dir():
+        runs.remove(TEACHER_RUN)
+        print(f"run_records: the teacher's weights are not in {workdir / TEACHER_MODEL}: "
+              f"kdjax compare trains it again before the students that are not recorded")
     for run in runs:
         _copy_run(records, workdir, run)
     return runs

@@ -20,8 +20,13 @@ def _write(path, text="x"):
     path.write_text(text)
 
 
-def _finished(run, *, model=False):
-    for name in ("result.json", "cost.json", "metrics.jsonl"):
+def _result(miou):
+    return json.dumps({"row": {"miou": miou, "per_class_iou": [miou], "checkpoint_path": "m"}})
+
+
+def _finished(run, *, model=False, miou=0.5):
+    _write(run / "result.json", _result(miou))
+    for name in ("cost.json", "metrics.jsonl"):
         _write(run / name, name)
     _write(run / "checkpoints" / "250" / "state")
     _write(run / "tensorboard" / "events")
@@ -33,7 +38,7 @@ def _files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def test_save_keeps_finished_runs_records_and_the_teacher_and_restore_fills_the_rest(tmp_path):
+def test_save_keeps_finished_runs_records_without_weights_and_restore_fills_the_rest(tmp_path):
     workdir, records = tmp_path / "run", tmp_path / "records"
     _finished(workdir / "teacher", model=True)
     _finished(workdir / "student_alone" / "seed_0", model=True)
@@ -43,26 +48,49 @@ def test_save_keeps_finished_runs_records_and_the_teacher_and_restore_fills_the_
 
     saved = records_module.save(workdir, records)
     assert [str(run) for run in saved] == ["seconds/kd/seed_1", "student_alone/seed_0", "teacher"]
-    records_files = [f"{run}/{name}" for run in ("seconds/kd/seed_1", "student_alone/seed_0",
-                                                 "teacher")
-                     for name in ("cost.json", "metrics.jsonl", "result.json")]
-    assert _files(records) == sorted(records_files + ["teacher/model/weights"])
+    assert _files(records) == sorted(
+        f"{run}/{name}" for run in ("seconds/kd/seed_1", "student_alone/seed_0", "teacher")
+        for name in ("cost.json", "metrics.jsonl", "result.json"))
 
-    # Saved again after the teacher was exported anew: its old files do not linger.
-    (workdir / "teacher" / "model" / "weights").unlink()
-    _write(workdir / "teacher" / "model" / "weights_v2")
-    records_module.save(workdir, records)
-    assert sorted(p.name for p in (records / "teacher" / "model").iterdir()) == ["weights_v2"]
-
-    # Elsewhere: the runs not finished there are restored, and a finished one is left as it is.
+    # Elsewhere, the teacher trained there: the runs not finished there are restored, and a
+    # finished one is left as it is.
     elsewhere = tmp_path / "elsewhere"
-    _write(elsewhere / "teacher" / "result.json", "trained here")
+    _finished(elsewhere / "teacher", model=True, miou=0.25)
     restored = records_module.restore(elsewhere, records)
     assert [str(run) for run in restored] == ["seconds/kd/seed_1", "student_alone/seed_0"]
-    assert (elsewhere / "teacher" / "result.json").read_text() == "trained here"
-    assert not (elsewhere / "teacher" / "model").exists()
+    assert json.loads((elsewhere / "teacher" / "result.json").read_text())["row"]["miou"] == 0.25
     assert (elsewhere / "student_alone" / "seed_0" / "cost.json").read_text() == "cost.json"
     assert records_module.restore(elsewhere, records) == []
+
+
+def test_the_teacher_is_restored_only_with_its_weights_and_a_different_one_is_reported(
+        tmp_path, capsys):
+    workdir, records = tmp_path / "run", tmp_path / "records"
+    _finished(workdir / "teacher", model=True)
+    _finished(workdir / "kd" / "seed_0")
+    records_module.save(workdir, records)
+
+    # A fresh workdir (a clean checkout): the students' records come back, the teacher is
+    # trained again, since every student that is not recorded loads its weights.
+    fresh = tmp_path / "fresh"
+    assert [str(run) for run in records_module.restore(fresh, records)] == ["kd/seed_0"]
+    assert not (fresh / "teacher").exists()
+    assert "trains it again" in capsys.readouterr().out
+    # A workdir that kept the teacher's weights gets its record back.
+    kept = tmp_path / "kept"
+    _write(kept / "teacher" / "model" / "weights")
+    assert [str(run) for run in records_module.restore(kept, records)] == ["kd/seed_0",
+                                                                             "teacher"]
+
+    # The teacher trained again to the same scores is saved silently; to others, with a warning,
+    # since the recorded students were distilled from the recorded one.
+    _finished(fresh / "teacher", model=True)
+    records_module.save(fresh, records)
+    assert capsys.readouterr().err == ""
+    _finished(fresh / "teacher", model=True, miou=0.51)
+    records_module.save(fresh, records)
+    assert "is not the recorded one" in capsys.readouterr().err
+    assert json.loads((records / "teacher" / "result.json").read_text())["row"]["miou"] == 0.51
 
 
 @pytest.mark.end_to_end
@@ -81,16 +109,24 @@ def test_a_comparison_restored_from_records_reports_its_runs_without_training(
     shutil.rmtree(repo / "run")
     assert records_module.main(["restore", "run", "--records", str(records)]) == 0
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a restored run was trained again")
+    run_training = training.run_training
 
-    monkeypatch.setattr(training, "run_training", no_training)
+    def teacher_only(exp, workdir, *, label, **kwargs):
+        assert label.startswith("teacher"), f"a restored run was trained again: {label}"
+        return run_training(exp, workdir, label=label, **kwargs)
+
+    monkeypatch.setattr(training, "run_training", teacher_only)
     capsys.readouterr()
     again = compare.run_compare(config, "run")
-    assert [r.to_dict() for r in again] == [r.to_dict() for r in rows]
-    assert (repo / "run" / "results.json").read_text() == published
+    # The students as recorded; the teacher trained again to the same scores (its step time is
+    # measured anew).
+    assert [r.to_dict() for r in again[1:]] == [r.to_dict() for r in rows[1:]]
+    assert (again[0].miou, again[0].per_class_iou) == (rows[0].miou, rows[0].per_class_iou)
+    assert (json.loads((repo / "run" / "results.json").read_text())[1:]
+            == json.loads(published)[1:])
     assert (repo / "run" / "curves.png").stat().st_size > 0
-    # The overlays show the teacher, whose model was kept, and not the student alone.
+    # The overlays show the teacher, trained again, and not the student alone, whose model was
+    # not kept.
     assert "no 'student alone' panel" in capsys.readouterr().out
     sources = json.loads((repo / "run" / "overlays" / compare.OVERLAY_SOURCES).read_text())
     assert list(sources["sources"]["panels"]) == ["teacher"]
