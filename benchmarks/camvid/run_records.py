@@ -17,7 +17,7 @@ file-size limit.
 when its model (``teacher/model``) is not in WORKDIR: every student loads that model, so
 ``kdjax compare`` trains the teacher again (the same recipe and seed) and reports the restored
 students from their records. A teacher trained again on another CPU can differ from the recorded
-one in its last digits; ``save`` then says so before replacing its record, since the restored
+one (other instruction sets sum in other orders); ``save`` then says so before replacing its record, since the restored
 students were distilled from the recorded teacher. Unfinished runs stay where they are: they
 resume from their checkpoints on the same machine, and from the start elsewhere. kdjax names a
 run's files (its model, the students' teacher) by absolute paths, which its recipe check
@@ -34,7 +34,8 @@ from pathlib import Path
 
 RESULT = "result.json"
 RECORD_FILES = (RESULT, "cost.json", "metrics.jsonl")
-TEACHER_RUN, TEACHER_MODEL = Path("teacher"), Path("teacher/model")
+TEACHER_RUN = Path("teacher")
+TEACHER_MODEL = TEACHER_RUN / "model"
 DEFAULT_RECORDS = Path(__file__).resolve().parent / "records"
 
 
