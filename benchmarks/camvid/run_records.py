@@ -17,11 +17,11 @@ file-size limit.
 when its model (``teacher/model``) is not in WORKDIR: every student loads that model, so
 ``kdjax compare`` trains the teacher again (the same recipe and seed) and reports the restored
 students from their records. A teacher trained again on another CPU can differ from the recorded
-one (other instruction sets sum in other orders); ``save`` then says so before replacing its record, since the restored
-students were distilled from the recorded teacher. Unfinished runs stay where they are: they
-resume from their checkpoints on the same machine, and from the start elsewhere. kdjax names a
-run's files (its model, the students' teacher) by absolute paths, which its recipe check
-compares: restore into a checkout at the same place on every machine.
+one (other instruction sets sum in other orders); ``save`` then says so before replacing its
+record, since the restored students were distilled from the recorded teacher. Unfinished runs
+stay where they are: they resume from their checkpoints on the same machine, and from the start
+elsewhere. kdjax names a run's files (its model, the students' teacher) by absolute paths, which
+its recipe check compares: restore into a checkout at the same place on every machine.
 """
 
 from __future__ import annotations
