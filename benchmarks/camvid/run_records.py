@@ -4,6 +4,7 @@ without training them and trains only the others.
 
     python benchmarks/camvid/run_records.py save WORKDIR [--records DIR]
     python benchmarks/camvid/run_records.py restore WORKDIR [--records DIR]
+    python benchmarks/camvid/run_records.py progress [--records DIR]
 
 A finished run is a folder of WORKDIR (at any depth) with ``result.json``. Its record is that
 file, ``cost.json`` (the measured step cost a matched budget is computed from) and
@@ -20,7 +21,8 @@ students from their records. A teacher trained again on another CPU can differ f
 one (other instruction sets sum in other orders); ``save`` then says so before replacing its
 record, since the restored students were distilled from the recorded teacher. Unfinished runs
 stay where they are: they resume from their checkpoints on the same machine, and from the start
-elsewhere. kdjax names a run's files (its model, the students' teacher) by absolute paths, which
+elsewhere. ``progress`` prints the recorded runs as a Markdown table (final mIoU, validation curve,
+step time) and each method's seed mean, for a comparison that is still under way. kdjax names a run's files (its model, the students' teacher) by absolute paths, which
 its recipe check compares: restore into a checkout at the same place on every machine.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -86,12 +89,50 @@ def restore(workdir: Path, records: Path) -> list[Path]:
     return runs
 
 
+def _curve(metrics: Path) -> list[tuple[int, float]]:
+    """The (step, validation mIoU) pairs of a run's log, in step order."""
+    lines = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+    return sorted((entry["step"], entry["miou"]) for entry in lines
+                  if entry.get("split") == "val")
+
+
+def progress(records: Path) -> str:
+    """The recorded runs as a Markdown table: one row per run, then one per method with two or
+    more seeds (the mean and the sample standard deviation of their final mIoU). The last
+    column is the spread of the validation mIoU over the last fifth of the run, which says
+    whether it ended on a plateau."""
+    rows = ["| run | steps | mIoU | validation mIoU | last fifth | step (s) |",
+            "|---|---:|---:|---|---|---:|"]
+    by_method: dict[Path, list[float]] = {}
+    for run in finished_runs(records):
+        row = json.loads((records / run / RESULT).read_text())["row"]
+        metrics = records / run / "metrics.jsonl"
+        curve = _curve(metrics) if metrics.is_file() else []
+        tail = [miou for step, miou in curve if step >= 0.8 * curve[-1][0]]
+        spread = f"{min(tail):.1f}–{max(tail):.1f}" if tail else ""
+        rows.append(f"| {run} | {row.get('steps', '')} | {row['miou']:.2f} | "
+                    f"{', '.join(f'{miou:.1f}' for _, miou in curve)} | {spread} | "
+                    f"{row.get('step_seconds') or 0:.3f} |")
+        if run.name.startswith("seed_"):
+            by_method.setdefault(run.parent, []).append(row["miou"])
+    for method, mious in sorted(by_method.items()):
+        if len(mious) > 1:
+            rows.append(f"| {method}, {len(mious)} seeds | | {statistics.mean(mious):.2f} ± "
+                        f"{statistics.stdev(mious):.2f} | | | |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("save", "restore"))
-    parser.add_argument("workdir", type=Path)
+    parser.add_argument("action", choices=("save", "restore", "progress"))
+    parser.add_argument("workdir", type=Path, nargs="?")
     parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS)
     args = parser.parse_args(argv)
+    if args.action == "progress":
+        print(progress(args.records))
+        return 0
+    if args.workdir is None:
+        parser.error(f"{args.action} needs the workdir of a kdjax compare run")
     if args.action == "save":
         runs = save(args.workdir, args.records)
         print(f"run_records: {len(runs)} finished run(s) of {args.workdir} kept in {args.records}")

@@ -93,6 +93,35 @@ def test_the_teacher_is_restored_only_with_its_weights_and_a_different_one_is_re
     assert json.loads((records / "teacher" / "result.json").read_text())["row"]["miou"] == 0.51
 
 
+def _recorded(run, miou, curve):
+    _write(run / "result.json", json.dumps(
+        {"row": {"miou": miou, "steps": 100 * len(curve), "step_seconds": 0.25}}))
+    _write(run / "metrics.jsonl", "\n".join(
+        [json.dumps({"split": "train", "step": 50, "loss": 1.0})]
+        + [json.dumps({"split": "val", "step": 100 * (i + 1), "miou": v})
+           for i, v in reversed(list(enumerate(curve)))]))
+
+
+def test_progress_tables_each_run_its_curve_its_last_fifth_and_each_methods_seed_mean(
+        tmp_path, capsys):
+    records = tmp_path / "records"
+    curve = [10.0, 20.0, 30.0, 35.0, 34.0, 36.0, 33.0, 36.0, 37.0, 35.5]
+    _recorded(records / "kd" / "seed_0", 35.5, curve)
+    _recorded(records / "kd" / "seed_1", 37.5, curve)
+    _recorded(records / "student_alone" / "seed_0", 30.0, [30.0])
+    assert records_module.main(["progress", "--records", str(records)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # The curve in step order (the log's order aside); the last fifth is steps 800 to 1,000.
+    assert lines[2] == ("| kd/seed_0 | 1000 | 35.50 | 10.0, 20.0, 30.0, 35.0, 34.0, 36.0, 33.0, "
+                        "36.0, 37.0, 35.5 | 35.5–37.0 | 0.250 |")
+    assert lines[4] == "| student_alone/seed_0 | 100 | 30.00 | 30.0 | 30.0–30.0 | 0.250 |"
+    # One method with two seeds: their mean and sample standard deviation (√2).
+    assert lines[5:] == ["| kd, 2 seeds | | 36.50 ± 1.41 | | | |"]
+    with pytest.raises(SystemExit):
+        records_module.main(["save"])
+    assert "needs the workdir" in capsys.readouterr().err
+
+
 @pytest.mark.end_to_end
 def test_a_comparison_restored_from_records_reports_its_runs_without_training(
         tmp_path, monkeypatch, capsys):
