@@ -4,7 +4,7 @@ without training them and trains only the others.
 
     python benchmarks/camvid/run_records.py save WORKDIR [--records DIR]
     python benchmarks/camvid/run_records.py restore WORKDIR [--records DIR]
-    python benchmarks/camvid/run_records.py progress [--records DIR]
+    python benchmarks/camvid/run_records.py progress [WORKDIR] [--records DIR]
 
 A finished run is a folder of WORKDIR (at any depth) with ``result.json``. Its record is that
 file, ``cost.json`` (the measured step cost a matched budget is computed from) and
@@ -21,9 +21,11 @@ students from their records. A teacher trained again on another CPU can differ f
 one (other instruction sets sum in other orders); ``save`` then says so before replacing its
 record, since the restored students were distilled from the recorded teacher. Unfinished runs
 stay where they are: they resume from their checkpoints on the same machine, and from the start
-elsewhere. ``progress`` prints the recorded runs as a Markdown table (final mIoU, validation curve,
-step time) and each method's seed mean, for a comparison that is still under way. kdjax names a run's files (its model, the students' teacher) by absolute paths, which
-its recipe check compares: restore into a checkout at the same place on every machine.
+elsewhere. ``progress`` prints the finished runs of WORKDIR (default: the records) as a Markdown
+table, for a comparison that is still under way: each run's final mIoU, validation curve, spread
+over its last fifth and step time, and each method's seed mean. kdjax names a run's files (its
+model, the students' teacher) by absolute paths, which its recipe check compares: restore into a
+checkout at the same place on every machine.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def _curve(metrics: Path) -> list[tuple[int, float]]:
 
 
 def progress(records: Path) -> str:
-    """The recorded runs as a Markdown table: one row per run, then one per method with two or
+    """The finished runs under ``records`` as a Markdown table: one row per run, then one per method with two or
     more seeds (the mean and the sample standard deviation of their final mIoU). The last
     column is the spread of the validation mIoU over the last fifth of the run, which says
     whether it ended on a plateau."""
@@ -110,9 +112,9 @@ def progress(records: Path) -> str:
         curve = _curve(metrics) if metrics.is_file() else []
         tail = [miou for step, miou in curve if step >= 0.8 * curve[-1][0]]
         spread = f"{min(tail):.1f}–{max(tail):.1f}" if tail else ""
+        step = f"{row['step_seconds']:.3f}" if row.get("step_seconds") else ""
         rows.append(f"| {run} | {row.get('steps', '')} | {row['miou']:.2f} | "
-                    f"{', '.join(f'{miou:.1f}' for _, miou in curve)} | {spread} | "
-                    f"{row.get('step_seconds') or 0:.3f} |")
+                    f"{', '.join(f'{miou:.1f}' for _, miou in curve)} | {spread} | {step} |")
         if run.name.startswith("seed_"):
             by_method.setdefault(run.parent, []).append(row["miou"])
     for method, mious in sorted(by_method.items()):
@@ -129,7 +131,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS)
     args = parser.parse_args(argv)
     if args.action == "progress":
-        print(progress(args.records))
+        print(progress(args.workdir or args.records))
         return 0
     if args.workdir is None:
         parser.error(f"{args.action} needs the workdir of a kdjax compare run")

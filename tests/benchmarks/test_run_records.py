@@ -93,9 +93,9 @@ def test_the_teacher_is_restored_only_with_its_weights_and_a_different_one_is_re
     assert json.loads((records / "teacher" / "result.json").read_text())["row"]["miou"] == 0.51
 
 
-def _recorded(run, miou, curve):
+def _recorded(run, miou, curve, step_seconds=0.25):
     _write(run / "result.json", json.dumps(
-        {"row": {"miou": miou, "steps": 100 * len(curve), "step_seconds": 0.25}}))
+        {"row": {"miou": miou, "steps": 100 * len(curve), "step_seconds": step_seconds}}))
     _write(run / "metrics.jsonl", "\n".join(
         [json.dumps({"split": "train", "step": 50, "loss": 1.0})]
         + [json.dumps({"split": "val", "step": 100 * (i + 1), "miou": v})
@@ -117,6 +117,11 @@ def test_progress_tables_each_run_its_curve_its_last_fifth_and_each_methods_seed
     assert lines[4] == "| student_alone/seed_0 | 100 | 30.00 | 30.0 | 30.0–30.0 | 0.250 |"
     # One method with two seeds: their mean and sample standard deviation (√2).
     assert lines[5:] == ["| kd, 2 seeds | | 36.50 ± 1.41 | | | |"]
+    # A workdir's finished runs, in place of the records; a run without a step time.
+    _recorded(tmp_path / "run" / "teacher", 50.0, [40.0, 50.0], step_seconds=None)
+    assert records_module.main(["progress", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| teacher | 200 | 50.00 | 40.0, 50.0 | 50.0–50.0 |  |"]
     with pytest.raises(SystemExit):
         records_module.main(["save"])
     assert "needs the workdir" in capsys.readouterr().err
