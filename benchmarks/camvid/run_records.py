@@ -37,8 +37,10 @@ import statistics
 import sys
 from pathlib import Path
 
+from kdjax.training.metrics_log import METRICS_FILE, read_records
+
 RESULT = "result.json"
-RECORD_FILES = (RESULT, "cost.json", "metrics.jsonl")
+RECORD_FILES = (RESULT, "cost.json", METRICS_FILE)
 TEACHER_RUN = Path("teacher")
 TEACHER_MODEL = TEACHER_RUN / "model"
 DEFAULT_RECORDS = Path(__file__).resolve().parent / "records"
@@ -91,25 +93,17 @@ def restore(workdir: Path, records: Path) -> list[Path]:
     return runs
 
 
-def _curve(metrics: Path) -> list[tuple[int, float]]:
-    """The (step, validation mIoU) pairs of a run's log, in step order."""
-    lines = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
-    return sorted((entry["step"], entry["miou"]) for entry in lines
-                  if entry.get("split") == "val")
-
-
-def progress(records: Path) -> str:
-    """The finished runs under ``records`` as a Markdown table: one row per run, then one per method with two or
-    more seeds (the mean and the sample standard deviation of their final mIoU). The last
-    column is the spread of the validation mIoU over the last fifth of the run, which says
-    whether it ended on a plateau."""
+def progress(root: Path) -> str:
+    """The finished runs under ``root`` (a workdir or the records) as a Markdown table: one row
+    per run, then one per method with two or more seeds (the mean and the sample standard
+    deviation of their final mIoU). The "last fifth" column is the spread of the validation mIoU
+    over the last fifth of the run's steps, which says whether it ended on a plateau."""
     rows = ["| run | steps | mIoU | validation mIoU | last fifth | step (s) |",
             "|---|---:|---:|---|---|---:|"]
     by_method: dict[Path, list[float]] = {}
-    for run in finished_runs(records):
-        row = json.loads((records / run / RESULT).read_text())["row"]
-        metrics = records / run / "metrics.jsonl"
-        curve = _curve(metrics) if metrics.is_file() else []
+    for run in finished_runs(root):
+        row = json.loads((root / run / RESULT).read_text())["row"]
+        curve = [(entry["step"], entry["miou"]) for entry in read_records(root / run, "val")]
         tail = [miou for step, miou in curve if step >= 0.8 * curve[-1][0]]
         spread = f"{min(tail):.1f}–{max(tail):.1f}" if tail else ""
         step = f"{row['step_seconds']:.3f}" if row.get("step_seconds") else ""
