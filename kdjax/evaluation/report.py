@@ -302,9 +302,20 @@ Curve = Sequence[tuple[int, float]]
 
 
 def _mean_curve(seeds: Sequence[Curve]) -> tuple[list[int], np.ndarray]:
-    """The steps every seed evaluated and the (seeds, steps) mIoU there."""
-    steps = sorted(set.intersection(*(set(dict(curve)) for curve in seeds)))
-    return steps, np.array([[dict(curve)[step] for step in steps] for curve in seeds])
+    """The steps every seed evaluated and the (seeds, steps) mIoU there.
+
+    Under a matched budget a method's seeds train different numbers of steps, so their last
+    evaluations, the reported results, fall on different steps; they are kept as one final point at
+    the seeds' mean last step, so that the curve ends where the table does."""
+    curves = [dict(curve) for curve in seeds]
+    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+    values = [[curve[step] for step in steps] for curve in curves]
+    lasts = [max(curve) for curve in curves]
+    if len(set(lasts)) > 1:
+        steps.append(round(sum(lasts) / len(lasts)))
+        for row, curve, last in zip(values, curves, lasts):
+            row.append(curve[last])
+    return steps, np.array(values)
 
 
 def plot_curves(path, curves: Mapping[str, Sequence[Curve]]) -> epath.Path:
@@ -313,8 +324,9 @@ def plot_curves(path, curves: Mapping[str, Sequence[Curve]]) -> epath.Path:
     Args:
       path: the PNG to write.
       curves: method → one curve per seed, each a sequence of (step, mIoU). A method's line is the
-        mean over its seeds at the steps every seed evaluated, with a band from the lowest to the
-        highest seed; the teacher is dashed black, the student alone grey.
+        mean over its seeds at the steps every seed evaluated (and at their last evaluations, which
+        a matched budget puts on different steps: see ``_mean_curve``), with a band from the lowest
+        to the highest seed; the teacher is dashed black, the student alone grey.
     """
     figure = Figure(figsize=(8.0, 4.5), dpi=100)
     FigureCanvasAgg(figure)
