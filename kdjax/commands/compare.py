@@ -11,7 +11,7 @@ Layout of WORKDIR::
                              and result.json
     results.json, results.md, results.png
     curves.png               validation mIoU against the step (every train.eval_every steps),
-                             per method: the mean over seeds and their band
+                             a panel per method over the student alone: seed mean and band
     overlays/                image | label | teacher | student alone | best method on the first
                              validation images (overlay_*.png), and the prediction panels alone
                              (predictions_*.png, free of dataset pixels); sources.json names the
@@ -41,7 +41,7 @@ from etils.epath import Path
 
 from kdjax import training
 from kdjax.data.metadata import dataset_info
-from kdjax.evaluation import report
+from kdjax.evaluation import curves, report
 from kdjax.evaluation.predictions import (compile_predictor, network_predictor,
                                           write_prediction_overlays)
 from kdjax.evaluation.validation import validate
@@ -269,13 +269,13 @@ def validation_curves(workdir: Path, runs: dict[tuple[str, int], Path],
                       with_teacher: bool) -> dict[str, list[list[tuple[int, float]]]]:
     """Method → per seed, the (step, validation mIoU) of each evaluation during training, from the
     runs' ``metrics.jsonl`` (the teacher's too where this comparison trained it)."""
-    curves: dict[str, list[list[tuple[int, float]]]] = {}
+    by_method: dict[str, list[list[tuple[int, float]]]] = {}
     if with_teacher:
-        curves[report.TEACHER] = [_curve(workdir / "teacher")]
+        by_method[report.TEACHER] = [_curve(workdir / "teacher")]
     for (method, _), run_dir in runs.items():
         name = report.STUDENT_ALONE if method == "student_alone" else method
-        curves.setdefault(name, []).append(_curve(run_dir))
-    return curves
+        by_method.setdefault(name, []).append(_curve(run_dir))
+    return by_method
 
 
 def _curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -342,7 +342,7 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
         table = report.write_results(workdir, rows, info.class_names, budget=budget.describe(),
                                      matched=budget.matched)
         print(table)
-        report.plot_curves(workdir / CURVES_FILE, validation_curves(workdir, runs, train_teacher))
+        curves.plot_curves(workdir / CURVES_FILE, validation_curves(workdir, runs, train_teacher))
         overlays = []
         if config.eval.overlays:
             overlays = write_comparison_overlays(config, rows, workdir / OVERLAY_DIR, mesh)

@@ -5,6 +5,7 @@
 - ``loop``: ``evaluate``, a model over an eval set.
 - ``overlays``: colour-coded label maps and PNG rows image | label | predictions.
 - ``report``: result rows of runs and the comparison tables, JSON and plot.
+- ``curves``: the validation curves of a comparison, one panel per method.
 """
 
 from kdjax._extras import require

@@ -1,5 +1,5 @@
-"""Result reporting: per-run rows, the comparison table (Markdown + JSON), its bar plot and the
-validation curves.
+"""Result reporting: per-run rows, the comparison table (Markdown + JSON) and its bar plot (the
+validation curves are ``kdjax.evaluation.curves``).
 
 Units: mIoU and IoU are in percent everywhere in reports (results.json, results.md, plots), as
 papers report them; ``SegmentationMetrics`` holds fractions and ``ResultRow.from_metrics``
@@ -18,7 +18,6 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
 import numpy as np
 from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -257,6 +256,14 @@ def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str], *,
     return "\n".join(lines) + "\n"
 
 
+def save_png(figure: Figure, path) -> epath.Path:
+    """Writes ``figure`` to ``path`` (a local or ``gs://`` path) as a PNG; returns the path."""
+    path = as_path(path)
+    with path.open("wb") as file:
+        figure.savefig(file, format="png")
+    return path
+
+
 def plot_results(path, rows: Sequence[ResultRow]) -> epath.Path:
     """Bar plot of mean mIoU ± sample std per method (teacher as a dashed line, the student alone
     as a dotted line across the bars) saved as a PNG; returns the path."""
@@ -292,70 +299,7 @@ def plot_results(path, rows: Sequence[ResultRow]) -> epath.Path:
     if teacher is not None or any(s.method == STUDENT_ALONE for s in bars):
         axes.legend(fontsize=8)
     figure.tight_layout()
-    path = as_path(path)
-    with path.open("wb") as file:
-        figure.savefig(file, format="png")
-    return path
-
-
-Curve = Sequence[tuple[int, float]]
-
-
-def _mean_curve(seeds: Sequence[Curve]) -> tuple[list[int], np.ndarray]:
-    """The steps every seed evaluated and the (seeds, steps) mIoU there.
-
-    Under a matched budget a method's seeds train different numbers of steps, so their last
-    evaluations, the reported results, fall on different steps; they are kept as one final point at
-    the seeds' mean last step, so that the curve ends where the table does."""
-    curves = [dict(curve) for curve in seeds]
-    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
-    values = [[curve[step] for step in steps] for curve in curves]
-    lasts = [max(curve) for curve in curves]
-    if len(set(lasts)) > 1:
-        steps.append(round(sum(lasts) / len(lasts)))
-        for row, curve, last in zip(values, curves, lasts):
-            row.append(curve[last])
-    return steps, np.array(values)
-
-
-def plot_curves(path, curves: Mapping[str, Sequence[Curve]]) -> epath.Path:
-    """Validation mIoU (%) against the training step, saved as a PNG; returns the path.
-
-    Args:
-      path: the PNG to write.
-      curves: method → one curve per seed, each a sequence of (step, mIoU). A method's line is the
-        mean over its seeds at the steps every seed evaluated (and at their last evaluations, which
-        a matched budget puts on different steps: see ``_mean_curve``), with a band from the lowest
-        to the highest seed; the teacher is dashed black, the student alone grey.
-    """
-    figure = Figure(figsize=(8.0, 4.5), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    palette = iter(matplotlib.colormaps["tab10"].colors * 2)
-    for method, seeds in curves.items():
-        seeds = [curve for curve in seeds if curve]
-        if not seeds:
-            continue
-        steps, values = _mean_curve(seeds)
-        colour = {TEACHER: "black", STUDENT_ALONE: "tab:gray"}.get(method) or next(palette)
-        style = "--" if method == TEACHER else "-"
-        axes.plot(steps, values.mean(axis=0), style, color=colour, marker=".",
-                  label=f"{method} ({len(seeds)})")
-        if len(seeds) > 1:
-            axes.fill_between(steps, values.min(axis=0), values.max(axis=0), color=colour,
-                              alpha=0.15, linewidth=0)
-    axes.set_xlabel("step")
-    axes.set_ylabel("validation mIoU (%)")
-    axes.set_title("mean over seeds (in brackets), band from the lowest to the highest seed",
-                   fontsize=8)
-    axes.grid(alpha=0.3)
-    if axes.lines:
-        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
-    path = as_path(path)
-    with path.open("wb") as file:
-        figure.savefig(file, format="png")
-    return path
+    return save_png(figure, path)
 
 
 def write_results(workdir, rows: Sequence[ResultRow],

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from kdjax.evaluation import EvalMode, segmentation_metrics
-from kdjax.evaluation.report import (STUDENT_ALONE, TEACHER, ResultRow, _mean_curve, load_results,
-                                     metrics_table, plot_curves, results_markdown, write_results)
+from kdjax.evaluation.report import (STUDENT_ALONE, TEACHER, ResultRow, load_results,
+                                     metrics_table, results_markdown, write_results)
 
 CLASSES = ["road", "car"]
 WHOLE = "whole, scale 1.0"
@@ -133,21 +133,3 @@ def test_costs_are_means_over_seeds_and_a_matched_budget_ranks_the_students(tmp_
               line.startswith("| 2 ")]
     assert ranked == ["cwd", STUDENT_ALONE]
     assert "## Ranking" not in results_markdown(rows, CLASSES, budget="equal steps")
-
-
-def test_a_curve_is_the_seeds_mean_where_every_seed_evaluated_and_where_each_ended(tmp_path):
-    steps, values = _mean_curve([[(100, 10.0), (200, 20.0), (300, 25.0)],
-                                 [(200, 30.0), (300, 35.0)]])
-    assert steps == [200, 300]
-    np.testing.assert_array_equal(values, [[20.0, 25.0], [30.0, 35.0]])
-    # Seeds of a matched budget end at different steps: their last evaluations are one final point.
-    steps, values = _mean_curve([[(250, 20.0), (500, 30.0), (610, 33.0)],
-                                 [(250, 22.0), (500, 31.0), (640, 36.0)],
-                                 [(250, 24.0), (500, 32.0), (600, 34.0)]])
-    assert steps == [250, 500, 617]
-    np.testing.assert_array_equal(values[:, -1], [33.0, 36.0, 34.0])
-    path = plot_curves(tmp_path / "curves.png", {
-        TEACHER: [[(100, 40.0), (200, 50.0)]],
-        STUDENT_ALONE: [[(100, 10.0), (200, 20.0)], [(100, 12.0), (200, 22.0)]],
-        "kd": [[]]})  # a run without evaluations yet draws nothing
-    assert Image.open(path).size == (800, 450)
