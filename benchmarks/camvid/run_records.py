@@ -4,7 +4,7 @@ without training them and trains only the others.
 
     python benchmarks/camvid/run_records.py save WORKDIR [--records DIR]
     python benchmarks/camvid/run_records.py restore WORKDIR [--records DIR]
-    python benchmarks/camvid/run_records.py progress [WORKDIR] [--records DIR]
+    python benchmarks/camvid/run_records.py progress [WORKDIR] [--records DIR] [--curves PNG]
 
 A finished run is a folder of WORKDIR (at any depth) with ``result.json``. Its record is that
 file, ``cost.json`` (the measured step cost a matched budget is computed from) and
@@ -23,7 +23,9 @@ record, since the restored students were distilled from the recorded teacher. Un
 stay where they are: they resume from their checkpoints on the same machine, and from the start
 elsewhere. ``progress`` prints the finished runs of WORKDIR (default: the records) as a Markdown
 table, for a comparison that is still under way: each run's final mIoU, validation curve, spread
-over its last fifth and step time, and each method's seed mean. kdjax names a run's files (its
+over its last fifth and step time, and each method's seed mean; with ``--curves`` it also draws
+the validation curves of the runs directly under WORKDIR (the teacher and ``METHOD/seed_N``) as
+``kdjax compare`` draws them at the end, so the plateaus can be seen before. kdjax names a run's files (its
 model, the students' teacher) by absolute paths, which its recipe check compares: restore into a
 checkout at the same place on every machine.
 """
@@ -37,6 +39,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from kdjax.commands.compare import validation_curves
+from kdjax.evaluation.curves import plot_curves
 from kdjax.training.metrics_log import METRICS_FILE, read_records
 
 RESULT = "result.json"
@@ -118,14 +122,28 @@ def progress(root: Path) -> str:
     return "\n".join(rows)
 
 
+def progress_curves(root: Path, path: Path) -> Path:
+    """Draws the validation curves of the finished runs directly under ``root`` to the PNG
+    ``path`` (see :func:`kdjax.evaluation.curves.plot_curves`); a matched budget's runs, in a
+    folder of their own, are drawn from that folder."""
+    finished = finished_runs(root)
+    runs = {(run.parent.name, int(run.name.removeprefix("seed_"))): root / run
+            for run in finished if len(run.parts) == 2 and run.name.startswith("seed_")}
+    return plot_curves(path, validation_curves(root, runs, TEACHER_RUN in finished))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("save", "restore", "progress"))
     parser.add_argument("workdir", type=Path, nargs="?")
     parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS)
+    parser.add_argument("--curves", type=Path, help="progress: also draw the curves to this PNG")
     args = parser.parse_args(argv)
     if args.action == "progress":
         print(progress(args.workdir or args.records))
+        if args.curves:
+            path = progress_curves(args.workdir or args.records, args.curves)
+            print(f"run_records: curves in {path}")
         return 0
     if args.workdir is None:
         parser.error(f"{args.action} needs the workdir of a kdjax compare run")

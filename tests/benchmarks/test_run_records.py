@@ -127,6 +127,26 @@ def test_progress_tables_each_run_its_curve_its_last_fifth_and_each_methods_seed
     assert "needs the workdir" in capsys.readouterr().err
 
 
+def test_progress_draws_the_curves_of_the_runs_directly_under_the_workdir(tmp_path, monkeypatch):
+    records = tmp_path / "records"
+    _recorded(records / "teacher", 50.0, [40.0, 50.0])
+    _recorded(records / "student_alone" / "seed_0", 30.0, [20.0, 30.0])
+    _recorded(records / "student_alone" / "seed_1", 31.0, [21.0, 31.0])
+    _recorded(records / "kd" / "seed_0", 35.0, [25.0, 35.0])
+    _recorded(records / "seconds" / "kd" / "seed_0", 33.0, [33.0])  # another table's run
+    drawn = {}
+    monkeypatch.setattr(records_module, "plot_curves",
+                        lambda path, curves: drawn.update(curves) or path)
+    assert records_module.main(["progress", "--records", str(records),
+                                "--curves", str(tmp_path / "curves.png")]) == 0
+    assert drawn == {"teacher": [[(100, 40.0), (200, 50.0)]],
+                     "kd": [[(100, 25.0), (200, 35.0)]],
+                     "student alone": [[(100, 20.0), (200, 30.0)], [(100, 21.0), (200, 31.0)]]}
+    monkeypatch.undo()
+    records_module.progress_curves(records, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 @pytest.mark.end_to_end
 def test_a_comparison_restored_from_records_reports_its_runs_without_training(
         tmp_path, monkeypatch, capsys):
