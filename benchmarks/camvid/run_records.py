@@ -25,9 +25,9 @@ elsewhere. ``progress`` prints the finished runs of WORKDIR (default: the record
 table, for a comparison that is still under way: each run's final mIoU, validation curve, spread
 over its last fifth and step time, and each method's seed mean; with ``--curves`` it also draws
 the validation curves of the runs directly under WORKDIR (the teacher and ``METHOD/seed_N``) as
-``kdjax compare`` draws them at the end, so the plateaus can be seen before. kdjax names a run's files (its
-model, the students' teacher) by absolute paths, which its recipe check compares: restore into a
-checkout at the same place on every machine.
+``kdjax compare`` draws them at the end, so the plateaus can be seen before. kdjax names a run's
+files (its model, the students' teacher) by absolute paths, which its recipe check compares:
+restore into a checkout at the same place on every machine.
 """
 
 from __future__ import annotations
