@@ -40,6 +40,7 @@ import numpy as np
 from etils.epath import Path
 
 from kdjax import training
+from kdjax.data import import_dataset_readers
 from kdjax.data.metadata import dataset_info
 from kdjax.evaluation import curves, report
 from kdjax.evaluation.predictions import (compile_predictor, network_predictor,
@@ -312,6 +313,7 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
                                     terms=methods[method]), mesh=mesh, materialize=False)
         for (method, seed), run_dir in runs.items() if not (run_dir / RESULT_FILE).exists()}
     then = functools.partial(compile_overlay_programs, student_runs, mesh)
+    import_dataset_readers(config.data.name)  # before the builder's thread: see its docstring
     with CompileAhead(builds, then=then if config.eval.overlays else None) as ahead:
         if train_teacher:
             teacher_config = ml_collections.ConfigDict(config.to_dict())

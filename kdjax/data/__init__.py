@@ -7,6 +7,7 @@ without it, and the pipeline's names below are loaded when first used.
 
 import importlib
 
+from kdjax._extras import require
 from kdjax.data.metadata import DatasetInfo, dataset_info
 from kdjax.data.synthetic import SYNTHETIC_INFO, render_scene
 
@@ -18,8 +19,26 @@ _WITH_TENSORFLOW = {
     "LabelOutOfRangeError": "errors", "SizeMismatchError": "errors",
 }
 
-__all__ = ["DatasetInfo", "SYNTHETIC_INFO", "dataset_info", "render_scene",
-           *sorted(_WITH_TENSORFLOW)]
+__all__ = ["DatasetInfo", "SYNTHETIC_INFO", "dataset_info", "import_dataset_readers",
+           "render_scene", *sorted(_WITH_TENSORFLOW)]
+
+
+def import_dataset_readers(data_name: str) -> None:
+    """Imports TFDS now if the dataset ``data_name`` is read through it (all but ``synthetic``).
+
+    Call it before starting a thread that may import modules. TFDS's own import replaces
+    ``builtins.__import__`` for the whole process while it runs (etils' ``epy.lazy_imports``), so
+    a module that another thread imports meanwhile binds placeholders in place of its imports and
+    fails when it uses them (``TypeError: 'LazyModule' object is not callable``, seen in a
+    checkpoint restore beside the first evaluation's TFDS import). Imported first, on one thread,
+    TFDS is then only read.
+
+    Raises:
+      ModuleNotFoundError: TFDS is needed and kdjax's ``data`` extra is not installed.
+    """
+    if data_name != SYNTHETIC_INFO.name:
+        require("data", by=f"data.name={data_name!r}")
+        importlib.import_module("tensorflow_datasets")
 
 
 def __getattr__(name: str):

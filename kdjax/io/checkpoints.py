@@ -19,10 +19,11 @@ only after a newer one is committed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -37,6 +38,11 @@ from kdjax.runtime.platform import devices_in_host_memory
 Shape = tuple[int, ...]
 # Entries listed per section of a mismatch message; a changed backbone can differ in hundreds.
 MAX_LISTED = 12
+# What reading a step raises when its files are missing, truncated or corrupt: tensorstore's errors
+# and the JSON decoder's are ValueErrors, a missing file an OSError, a missing item a KeyError.
+# Anything else (a TypeError, an event loop's RuntimeError) comes from the process, not the
+# files, which may well be sound: it is raised as it is, never with advice to delete them.
+DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError)
 
 
 class CheckpointError(ValueError):
@@ -131,6 +137,29 @@ def describe_mismatch(saved: Mapping[str, Shape], expected: Mapping[str, Shape])
     return (_listing("key missing from the checkpoint", missing)
             + _listing("unexpected key in the checkpoint", unexpected)
             + _listing("mis-shaped key", mismatched))
+
+
+@contextlib.contextmanager
+def reading_files(path: os.PathLike, damaged: Callable[[Exception], Exception]) -> Iterator[None]:
+    """A read of the checkpoint files under ``path``: an error that says they are damaged
+    (:data:`DAMAGED_FILE_ERRORS`) is raised as ``damaged(error)``, whose message says what to
+    delete or write again; any other error is raised as it is, with a note that the files were not
+    found damaged."""
+    try:
+        yield
+    except DAMAGED_FILE_ERRORS as error:
+        raise damaged(error) from error
+    except Exception as error:
+        error.add_note(f"Raised while reading {path}, whose files were not found damaged: keep "
+                       "them.")
+        raise
+
+
+def check_tree_metadata(tree: Any, directory: os.PathLike) -> None:
+    """Raises FileNotFoundError if ``tree``, Orbax's metadata of the pytree in ``directory``, is
+    None: how Orbax reads a pytree whose metadata file is gone (not as an error)."""
+    if tree is None:
+        raise FileNotFoundError(f"{directory} has no tree metadata file (_METADATA)")
 
 
 def _step_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -287,8 +316,10 @@ class TrainCheckpointer:
           (state, meta). ``meta['step']`` says which step was restored.
 
         Raises:
-          CheckpointError: no checkpoint; the step is unreadable (naming its directory); or its
-            structure differs from ``abstract_state`` (naming the keys and shapes).
+          CheckpointError: no checkpoint; the step's files are damaged (naming its directory);
+            or its structure differs from ``abstract_state`` (naming the keys and shapes). An
+            error that does not come from the files (:data:`DAMAGED_FILE_ERRORS`) is raised as
+            it is, and never falls back.
         """
         steps = sorted(self._latest.all_steps(), reverse=True)
         if not steps:
@@ -329,19 +360,21 @@ class TrainCheckpointer:
             f"cannot read the checkpoint {path}: {error_summary(error)}. Its files may be "
             f"truncated or corrupt: delete the directory {path} {advice}.")
 
+    def _reading(self, manager: ocp.CheckpointManager,
+                 step: int) -> contextlib.AbstractContextManager[None]:
+        return reading_files(_step_directory(manager, step),
+                             lambda error: self._unreadable(manager, step, error))
+
     def _read_meta(self, manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-        try:
+        with self._reading(manager, step):
             return manager.restore(step, args=args)["meta"]
-        except Exception as error:  # Orbax and tensorstore raise many types for damaged files
-            raise self._unreadable(manager, step, error) from error
 
     def _restore(self, manager: ocp.CheckpointManager, step: int,
                  abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        try:
+        with self._reading(manager, step):
             saved_tree = manager.item_metadata(step)["state"]
-        except Exception as error:
-            raise self._unreadable(manager, step, error) from error
+            check_tree_metadata(saved_tree, _step_directory(manager, step) / "state")
         saved = flat_shapes(saved_tree)
         expected = flat_shapes(abstract_state)
         differences = describe_mismatch(saved, expected)
@@ -355,10 +388,8 @@ class TrainCheckpointer:
                 "The configuration changed since the checkpoint was written: use a fresh --workdir, "
                 "or revert the config (the checkpoint's meta holds the one it was written with)."]))
         args = ocp.args.Composite(state=pytree_restore(abstract_state), meta=ocp.args.JsonRestore())
-        try:
+        with self._reading(manager, step):
             restored = manager.restore(step, args=args)
-        except Exception as error:
-            raise self._unreadable(manager, step, error) from error
         return restored["state"], restored["meta"]
 
     def _restore_earlier(self, manager: ocp.CheckpointManager, step: int, abstract_state: Any,

@@ -13,6 +13,7 @@ atomically.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -25,8 +26,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import kdjax
-from kdjax.io.checkpoints import (CheckpointError, describe_mismatch, error_summary, flat_shapes,
-                              pytree_handler, pytree_restore)
+from kdjax.io.checkpoints import (CheckpointError, check_tree_metadata, describe_mismatch,
+                                  error_summary, flat_shapes, pytree_handler, pytree_restore,
+                                  reading_files)
 from kdjax.io.paths import as_path
 from kdjax.models.layers import Dtype
 from kdjax.models.segmentor import SPEC_KEYS, Segmentor, build_segmentor
@@ -146,19 +148,18 @@ def load_model_state(directory: str | os.PathLike, abstract_state: nnx.State) ->
     weights_dir = directory / WEIGHTS_DIR
     target = _flat_arrays(abstract_state)
     with ocp.AsyncCheckpointer(pytree_handler()) as checkpointer:
-        try:
-            saved = flat_shapes(checkpointer.metadata(weights_dir).item_metadata)
-        except Exception as error:  # Orbax raises many types for missing or damaged files
-            raise _damaged(weights_dir, error) from error
+        damaged = functools.partial(_damaged, weights_dir)
+        with reading_files(weights_dir, damaged):
+            saved_tree = checkpointer.metadata(weights_dir).item_metadata
+            check_tree_metadata(saved_tree, weights_dir)
+        saved = flat_shapes(saved_tree)
         differences = describe_mismatch(saved, flat_shapes(target))
         if differences:
             raise CheckpointError("\n".join([
                 f"the weights in {directory} do not fit the model; nothing was loaded.",
                 *differences, "Check that the config names the right model directory and model."]))
-        try:
+        with reading_files(weights_dir, damaged):
             arrays = checkpointer.restore(weights_dir, args=pytree_restore(target))
-        except Exception as error:
-            raise _damaged(weights_dir, error) from error
     return nnx.from_flat_state([(path, variable.replace(arrays[_dotted(path)]))
                                 for path, variable in nnx.to_flat_state(abstract_state)])
 

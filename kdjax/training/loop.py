@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from kdjax.config.loading import config_to_json
+from kdjax.data import import_dataset_readers
 from kdjax.io.checkpoints import TrainCheckpointer
 from kdjax.io.paths import as_path
 from kdjax.runtime import coordination, sharding
@@ -162,7 +163,9 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
     # (seconds, the first time), restores or initialises the state and builds the input
     # pipeline, which renders or decodes data in Python: XLA compiles on its own threads,
     # without the GIL. Several processes compile after the pipeline, in which process 0 may
-    # prepare the dataset that the others wait for.
+    # prepare the dataset that the others wait for. TFDS is imported before the thread starts: its
+    # import is not safe beside another thread's.
+    import_dataset_readers(config.data.name)
     compiling = _in_background(exp.compile) if jax.process_count() == 1 else None
     from kdjax.data.pipeline import make_train_iterator  # tf.data: imported when a pipeline is built
 

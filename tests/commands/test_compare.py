@@ -149,6 +149,24 @@ def test_the_overlays_programs_compiled_from_the_config_serve_the_trained_networ
         assert predict.func.lower(*predict.args, images).as_text() == lowered[i]
 
 
+def test_tfds_is_imported_before_the_compile_ahead_thread_starts(tmp_path, monkeypatch):
+    events = []
+
+    class Started(Exception):
+        pass
+
+    def compile_ahead(builds, then=None):
+        events.append("thread")
+        raise Started
+
+    monkeypatch.setattr(compare, "import_dataset_readers",
+                        lambda name: events.append(f"import {name}"))
+    monkeypatch.setattr(compare, "CompileAhead", compile_ahead)
+    with pytest.raises(Started):
+        compare.run_compare(_config(), tmp_path)
+    assert events == ["import synthetic", "thread"]
+
+
 def test_runs_go_seed_by_seed_with_the_student_alone_first_in_each(tmp_path, monkeypatch):
     """An interrupted comparison holds every method's first seed before any second one; the
     table still lists each method once, its seeds together."""

@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -144,3 +145,22 @@ def test_spec_that_disagrees_with_the_weights_names_the_keys(copy_dir):
     assert "nothing was loaded" in message
     assert "head.classifier.kernel: checkpoint (1, 1, 8, 3), expected (1, 1, 8, 5)" in message
     assert "head.classifier.bias: checkpoint (3,), expected (5,)" in message
+
+
+def test_missing_tree_metadata_is_damage_not_a_mismatch(copy_dir):
+    weights = copy_dir / WEIGHTS_DIR
+    os.remove(weights / "_METADATA")  # Orbax then reads the weights' tree as None
+    with pytest.raises(CheckpointError, match=f"cannot read the model weights in {weights}: "
+                                              "FileNotFoundError.*_METADATA.*corrupt"):
+        load_model(copy_dir)
+
+
+def test_an_error_not_from_the_files_is_raised_as_it_is(copy_dir, monkeypatch):
+    def fails(*args, **kwargs):
+        raise TypeError("'LazyModule' object is not callable")
+
+    monkeypatch.setattr(ocp.AsyncCheckpointer, "restore", fails)
+    with pytest.raises(TypeError, match="LazyModule") as caught:
+        load_model(copy_dir)
+    assert caught.value.__notes__ == [f"Raised while reading {copy_dir / WEIGHTS_DIR}, whose files "
+                                      "were not found damaged: keep them."]

@@ -6,11 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -226,3 +228,39 @@ def test_save_killed_midway_leaves_the_last_committed_step(tmp_path):
         state, meta = checkpointer.restore(abstract_train_state())
     assert meta["step"] == meta["data_step"] == step
     assert_trees_equal(state, train_state(step))
+
+
+def test_missing_tree_metadata_is_damage_and_falls_back(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    step_dir = tmp_path / "checkpoints" / "2"
+    os.remove(step_dir / "state" / "_METADATA")  # Orbax then reads the state's tree as None
+    abstract = abstract_of(small_state(0))
+    with TrainCheckpointer(tmp_path) as checkpointer:
+        with pytest.raises(CheckpointError, match=f"cannot read the checkpoint {step_dir}: "
+                                                  "FileNotFoundError.*_METADATA"):
+            checkpointer.restore(abstract)
+        with pytest.warns(UserWarning, match="Falling back to step 1"):
+            _, meta = checkpointer.restore(abstract, fallback=True)
+    assert meta["step"] == 1
+
+
+def test_an_error_not_from_the_files_is_raised_as_it_is_and_never_falls_back(tmp_path,
+                                                                             monkeypatch):
+    """A fault of the process (here the error a thread race once raised mid-restore) says nothing
+    about the files: the step is not called damaged, and no older step is read in its place."""
+    save_steps(tmp_path, [1, 2])
+    restore = ocp.CheckpointManager.restore
+
+    def fails_on_state(manager, step, args=None, **kwargs):
+        if "state" in args.keys():
+            raise TypeError("'LazyModule' object is not callable")
+        return restore(manager, step, args=args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", fails_on_state)
+    with TrainCheckpointer(tmp_path) as checkpointer, warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        with pytest.raises(TypeError, match="LazyModule") as caught:
+            checkpointer.restore(abstract_of(small_state(0)), fallback=True)
+    assert caught.value.__notes__ == [
+        f"Raised while reading {tmp_path / 'checkpoints' / '2'}, whose files were not found "
+        "damaged: keep them."]

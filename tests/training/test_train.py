@@ -24,6 +24,7 @@ from kdjax.data.pipeline import make_train_iterator
 from kdjax.io.checkpoints import TrainCheckpointer
 from kdjax.models import ResNet
 from kdjax.runtime import sharding
+from kdjax.training import loop
 
 CONFIG = str(Path(__file__).with_name("tiny_config.py"))
 REPO = Path(__file__).resolve().parents[2]
@@ -352,3 +353,21 @@ def test_a_second_signal_exits_at_once_and_keeps_the_previous_checkpoint(tiny, t
     with TrainCheckpointer(stopped, async_save=False) as checkpointer:
         state, meta = checkpointer.restore(tiny.abstract_state)
     assert int(state.step) == meta["step"] >= 2
+
+
+class _ThreadStarted(Exception):
+    """Stops a run where it would start its first thread."""
+
+
+def test_tfds_is_imported_before_the_compile_thread_starts(tiny, tmp_path, monkeypatch):
+    events = []
+
+    def in_background(fn):
+        events.append("thread")
+        raise _ThreadStarted
+
+    monkeypatch.setattr(loop, "import_dataset_readers", lambda name: events.append(f"import {name}"))
+    monkeypatch.setattr(loop, "_in_background", in_background)
+    with pytest.raises(_ThreadStarted):
+        train.run_training(tiny, tmp_path)
+    assert events == ["import synthetic", "thread"]
