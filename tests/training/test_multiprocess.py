@@ -37,9 +37,13 @@ def _free_port() -> int:
 def _spawn(argv, logs: Path, **variables: str) -> list[tuple[subprocess.Popen, Path]]:
     """``argv(i)`` for each process ``i``, started with its share of the simulated devices and
     ``variables`` added to the environment."""
+    # The reference's XLA flags but the device count: other flags (the optimisation level, the
+    # CPU flags) compile other fusions, whose float32 rounding differs.
+    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+             if not flag.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={GLOBAL_DEVICES // NUM_PROCESSES}")
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count="
-                        f"{GLOBAL_DEVICES // NUM_PROCESSES}", **variables}
+           "XLA_FLAGS": " ".join(flags), **variables}
     procs = []
     for i in range(NUM_PROCESSES):
         log = logs / f"worker{i}.stderr"
