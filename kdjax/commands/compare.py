@@ -163,6 +163,8 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
     if jax.process_index() == 0:
         result_path.write_text(json.dumps(
             {"row": row.to_dict(), "recipe": recipe_fingerprint(run_config)}, indent=1))
+    if result.stop is not None:  # heard by the last step: this run is whole, the next not begun
+        raise result.stop
     return row, cost
 
 

@@ -30,11 +30,13 @@ SIGNAL_KEY = "kdjax/stop/signal"
 
 
 class StopRequested(Exception):
-    """The loop stopped at ``step`` after a stop signal, with that step's checkpoint committed."""
+    """The loop stopped at ``step`` after a stop signal, with that step's checkpoint committed.
+    ``last``: ``step`` was the run's last, so the run finished and what would follow it stops."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: str):
-        super().__init__(f"stopped by {signal_name} after step {step}; its checkpoint is in "
-                         f"{checkpoint}")
+    def __init__(self, signal_name: str, step: int, checkpoint: str, last: bool = False):
+        finished = ", the run's last" if last else ""
+        super().__init__(f"stopped by {signal_name} after step {step}{finished}; its checkpoint "
+                         f"is in {checkpoint}")
         self.signal_name = signal_name
         self.step = step
         self.checkpoint = checkpoint
@@ -90,9 +92,10 @@ class StopRequests:
             coordination.client().key_value_set(SIGNAL_KEY, name, allow_overwrite=True)
             os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service
 
-    def reached(self, step: int) -> bool:
+    def reached(self, step: int, every_step: bool = False) -> bool:
         """Whether the loop should save ``step`` and stop. Call it at every step, on every
-        process, with the same steps: the multi-process agreement needs each one."""
+        process, with the same steps and ``every_step``: the multi-process agreement needs each
+        one. ``every_step``: agree at this step even if it is not an ``agree_every``-th one."""
         if self._mode == "service":
             from jax.experimental import multihost_utils
             if multihost_utils.reached_preemption_sync_point(step):
@@ -100,7 +103,7 @@ class StopRequests:
                 return True
             return False
         if self._mode == "collective":
-            if step % self.agree_every:
+            if step % self.agree_every and not every_step:
                 return False
             return self._agree()
         return self.signal_name is not None

@@ -47,6 +47,8 @@ class RunResult:
     workdir: Any                     # an etils.epath.Path
     step_seconds: float | None = None   # median time of the steps after compilation (None when
                                         # this process trained fewer than two steps)
+    stop: StopRequested | None = None   # a stop signal heard by the last step: the run finished,
+                                        # and its caller stops before any further run
 
 
 def _json_spec(spec: dict) -> dict:
@@ -88,6 +90,7 @@ class _PeriodicActions:
         self.last_metrics: dict[str, float] = {}
         self.evaluated: dict[int, dict] = {}   # step → its evaluation, for the reported checkpoint
         self.input_seconds = 0.0
+        self.stop: StopRequested | None = None   # a stop heard by the last step (RunResult.stop)
 
     def after_step(self, step: int, state: TrainState, metrics, stops: StopRequests) -> None:
         self.window.add(metrics)
@@ -98,10 +101,17 @@ class _PeriodicActions:
             self.evaluate(step, state)
         if _due(step, self.train.checkpoint_every, total):
             self.save(step, state)
-        if step != total and stops.reached(step):
+        # The last step is asked too (agreeing on every process whatever agree_every says): a
+        # signal heard by then would otherwise be lost once the handlers are restored.
+        if stops.reached(step, every_step=step == total):
+            stop = StopRequested(stops.signal_name, step, str(self.checkpoints / str(step)),
+                                 last=step == total)
+            if step == total:  # saved above: the run ends as it would have
+                self.stop = stop
+                return
             self.save(step, state)
             self.checkpointer.wait_until_finished()
-            raise StopRequested(stops.signal_name, step, str(self.checkpoints / str(step)))
+            raise stop
 
     def log(self, step: int, state: TrainState) -> None:
         check_finite(state, self.checkpoints)
@@ -217,4 +227,5 @@ def run_training(exp: Experiment, workdir, *, label: str = "") -> RunResult:
         actions.logger.close()
     return RunResult(step=int(jax.device_get(state.step)), metrics=actions.last_metrics,
                      eval={**evaluation, "checkpoint": rule, "checkpoint_step": reported_step},
-                     state=reported, workdir=workdir, step_seconds=timer.seconds)
+                     state=reported, workdir=workdir, step_seconds=timer.seconds,
+                     stop=actions.stop)

@@ -3,6 +3,7 @@ reports written, finished runs reused, and a changed recipe refused."""
 
 import json
 import pathlib
+import signal
 
 import ml_collections
 import numpy as np
@@ -14,7 +15,8 @@ from kdjax.evaluation import report
 from kdjax.config.loading import ConfigError, load_config
 from kdjax.evaluation.overlays import PANEL_GAP
 from kdjax.config.recipes import method_terms
-from tests.training.test_train import CONFIG
+from kdjax.runtime.preemption import StopRequested
+from tests.training.test_train import CONFIG, signal_at_last_save
 
 
 def _config():
@@ -88,6 +90,17 @@ def test_compare_trains_reports_and_resumes(tmp_path, capsys, monkeypatch):
     changed.train.learning_rate = 0.5
     with pytest.raises(ConfigError, match=r"another recipe \(changed: .*train\.learning_rate"):
         compare.run_compare(changed, tmp_path)
+
+
+@pytest.mark.end_to_end
+def test_a_signal_at_a_runs_last_step_stops_the_comparison_before_the_next_run(
+        tmp_path, monkeypatch):
+    signal_at_last_save(monkeypatch, signal.SIGINT, where="student_alone")
+    with pytest.raises(StopRequested, match="after step 2, the run's last"):
+        compare.run_compare(_config(), tmp_path)
+    finished = tmp_path / "student_alone" / "seed_0"
+    assert (finished / compare.RESULT_FILE).exists() and (finished / compare.MODEL_DIR).is_dir()
+    assert not (tmp_path / "kd").exists()
 
 
 def test_overlays_are_drawn_again_unless_their_sources_and_files_are_unchanged(tmp_path):

@@ -355,6 +355,37 @@ def test_a_second_signal_exits_at_once_and_keeps_the_previous_checkpoint(tiny, t
     assert int(state.step) == meta["step"] >= 2
 
 
+def signal_at_last_save(monkeypatch, signum, where: str = "") -> None:
+    """Sends this process ``signum`` as a run whose checkpoints lie under a path containing
+    ``where`` saves its last step, after which the loop asks whether to stop."""
+    save = loop._PeriodicActions.save
+
+    def save_then_signal(actions, step, state):
+        save(actions, step, state)
+        if step == actions.train.steps and where in str(actions.checkpoints):
+            signal.raise_signal(signum)
+
+    monkeypatch.setattr(loop._PeriodicActions, "save", save_then_signal)
+
+
+def test_a_signal_at_the_last_step_finishes_the_run_and_is_reported(
+        tiny, uninterrupted, tmp_path, monkeypatch):
+    """Heard by the last step, a stop is not lost when the run's handlers go: the run ends as
+    uninterrupted ones do, and its result carries the stop for what would follow it."""
+    signal_at_last_save(monkeypatch, signal.SIGINT)
+    result = train.run_training(tiny, tmp_path)
+    assert result.step == 4 and result.eval["checkpoint_step"] == 4
+    assert result.stop is not None and result.stop.signal_name == "SIGINT"
+    assert "after step 4, the run's last" in str(result.stop)
+    # The handlers are the previous ones again.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    _, reference = uninterrupted
+    assert reference.stop is None
+    for a, b in zip(_leaves(jax.device_get(result.state)),
+                    _leaves(jax.device_get(reference.state))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 class _ThreadStarted(Exception):
     """Stops a run where it would start its first thread."""
 
