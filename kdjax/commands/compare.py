@@ -28,6 +28,7 @@ only if the rows they show, the data or the evaluation settings changed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -62,6 +63,10 @@ OVERLAY_DIR = "overlays"
 CURVES_FILE = "curves.png"
 OVERLAY_SOURCES = "sources.json"
 MODEL_DIR = "model"
+IN_TURNS_NOTE = ("Under the student alone's time a method's step is timed in turns with the "
+                 "student alone's; its step time here is their ratio times the student alone's "
+                 "own step, the clock of the budget, so that its cost is the student alone's up "
+                 "to the step that did not fit.")
 
 
 def _run_name(method: str) -> str:
@@ -113,7 +118,9 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
     training, and kept in WORKDIR/cost.json, so that a resumed run trains to the same step. Under
     equal steps the run's own first steps after compilation give it. Under
     ``'seconds:student_alone'`` the student alone (``alone_terms``: its terms) is timed in turns
-    with the run, and the ratio of the two times sets the steps.
+    with the run, and the ratio of the two times sets the steps; the row gives the run's step
+    on the student alone's clock (:meth:`StepCost.seconds_on_clock_of`), so that its cost is the
+    student alone's.
     """
     result_path = workdir / RESULT_FILE
     run_config = _run_config(config, seed=seed, student_config=student_config, terms=terms)
@@ -132,14 +139,18 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
             run_config.train.steps = affordable(cost)
         saved = json.loads(result_path.read_text())
         check_same_recipe(saved["recipe"], run_config, workdir)
-        return report.ResultRow(**saved["row"]), cost
+        row = report.ResultRow(**saved["row"])
+        if cost is not None and cost.reference_seconds is not None:
+            # Rows written before their step was put on the student alone's clock.
+            row = dataclasses.replace(row, step_seconds=cost.seconds_on_clock_of(reference))
+        return row, cost
     if prepared is not None and prepared.config.to_dict() == run_config.to_dict():
         exp = prepared.with_trained_teacher(teacher() if teacher and prepared.teacher else None)
     else:
         exp = training.setup(run_config, mesh=mesh)
     if cost is None and budget.matched:  # the steps depend on it: measured before training
         beside = None
-        if budget.relative and budget.kind == "seconds" and method != report.STUDENT_ALONE:
+        if budget.in_turns and method != report.STUDENT_ALONE:
             beside = training.setup(_run_config(config, seed=seed, student_config=student_config,
                                                 terms=alone_terms), mesh=mesh)
         cost = _measured_cost(exp, beside)
@@ -159,7 +170,7 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: Path, *, method
         method=method, seed=seed, miou=evaluation["miou"],
         per_class_iou=evaluation["per_class_iou"], eval_mode=evaluation["eval_mode"],
         checkpoint=evaluation["checkpoint"], checkpoint_path=str(model_dir), steps=steps,
-        step_seconds=cost.seconds, step_flops=cost.flops)
+        step_seconds=cost.seconds_on_clock_of(reference), step_flops=cost.flops)
     if jax.process_index() == 0:
         result_path.write_text(json.dumps(
             {"row": row.to_dict(), "recipe": recipe_fingerprint(run_config)}, indent=1))
@@ -344,6 +355,7 @@ def run_compare(config: ml_collections.ConfigDict, workdir) -> list[report.Resul
                 alone_costs[seed] = cost
     if jax.process_index() == 0:
         table = report.write_results(workdir, rows, info.class_names, budget=budget.describe(),
+                                     step_note=IN_TURNS_NOTE if budget.in_turns else None,
                                      matched=budget.matched)
         print(table)
         curves.plot_curves(workdir / CURVES_FILE, validation_curves(workdir, runs, train_teacher))

@@ -209,13 +209,15 @@ def _ranking(summaries: list[_MethodSummary], baseline: _MethodSummary | None,
 
 
 def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str], *,
-                     budget: str | None = None, matched: bool = False) -> str:
+                     budget: str | None = None, matched: bool = False,
+                     step_note: str | None = None) -> str:
     """The comparison table: method | seeds | mIoU mean ± std | Δ vs student alone | better than
     the student alone (see ``_verdict``) | step time | steps | cost | TFLOP | per-class IoU.
 
     Above it: the eval mode and checkpoint rule of the rows, the budget, and the meaning of the
     numbers. ``budget`` describes the budget (``Budget.describe()``); under a ``matched`` one a
-    second table ranks the students by mIoU.
+    second table ranks the students by mIoU. ``step_note``: how the budget measured the step
+    times, added to the explanation.
     """
     if not rows:
         raise ValueError("rows is empty: there is nothing to report.")
@@ -235,7 +237,8 @@ def results_markdown(rows: Sequence[ResultRow], class_names: Sequence[str], *,
         "the method and the student alone), else 'unclear'. Step time is one train step's, "
         "measured after compilation (the teacher's forward pass and every term included, the "
         "input pipeline not); cost is steps × step time, and TFLOP steps × the FLOPs of a "
-        "step's matrix products and convolutions; all are means over seeds.",
+        "step's matrix products and convolutions; all are means over seeds."
+        + (f" {step_note}" if step_note else ""),
         "",
         "| method | seeds | mIoU | Δ vs student alone | better "
         + COST_COLUMNS + " " + " | ".join(class_names) + " |",
@@ -304,7 +307,7 @@ def plot_results(path, rows: Sequence[ResultRow]) -> epath.Path:
 
 def write_results(workdir, rows: Sequence[ResultRow],
                   class_names: Sequence[str], *, budget: str | None = None,
-                  matched: bool = False) -> str:
+                  matched: bool = False, step_note: str | None = None) -> str:
     """Writes WORKDIR/results.json (the rows), results.md (the table) and results.png (the plot).
 
     Returns:
@@ -312,7 +315,8 @@ def write_results(workdir, rows: Sequence[ResultRow],
     """
     workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    markdown = results_markdown(rows, class_names, budget=budget, matched=matched)
+    markdown = results_markdown(rows, class_names, budget=budget, matched=matched,
+                                step_note=step_note)
     (workdir / "results.json").write_text(
         json.dumps([row.to_dict() for row in rows], indent=2, allow_nan=False) + "\n")
     (workdir / "results.md").write_text(markdown)

@@ -63,6 +63,11 @@ class Budget:
     def relative(self) -> bool:
         return self.matched and self.amount is None
 
+    @property
+    def in_turns(self) -> bool:
+        """Whether each method's step is timed in turns with the student alone's."""
+        return self.relative and self.kind == "seconds"
+
     def describe(self) -> str:
         if not self.matched:
             return "equal steps"
@@ -108,6 +113,17 @@ class StepCost:
 
     def of(self, kind: str) -> float:
         return self.seconds if kind == "seconds" else self.flops
+
+    def seconds_on_clock_of(self, alone: StepCost | None) -> float:
+        """This step's seconds on the clock of the student alone's own run (``alone``: its cost,
+        measured alone), where this step was timed in turns with the student alone's: the ratio
+        of the two times the student alone's step. The machine's speed moves between timings,
+        so ``seconds`` and ``alone.seconds`` were not taken at the same speed; the ratio was.
+        Under ``'seconds:student_alone'`` the steps × this is the student alone's cost, up to the
+        step that did not fit. ``seconds`` where there was no timing in turns."""
+        if alone is None or self.reference_seconds is None:
+            return self.seconds
+        return self.seconds * alone.seconds / self.reference_seconds
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,7 +227,7 @@ def affordable_steps(budget: Budget, cost: StepCost, steps: int,
     if not budget.matched:
         return steps
     per_step = cost.of(budget.kind)
-    if budget.relative and budget.kind == "seconds" and cost.reference_seconds is not None:
+    if budget.in_turns and cost.reference_seconds is not None:
         amount = cost.reference_seconds * steps
     elif budget.relative:
         if reference is None:

@@ -53,6 +53,13 @@ def test_affordable_steps():
     assert affordable_steps(Budget("seconds"), beside, 120, StepCost(1.0, 1e9)) == 30
     assert affordable_steps(Budget("flops"), beside, 120, alone) == 60
     assert affordable_steps(Budget("seconds", 10.0), beside, 120) == 20
+    # Its step on the student alone's clock is the ratio times the student alone's own step:
+    # the 30 steps then cost the student alone's 120.
+    assert beside.seconds_on_clock_of(StepCost(1.0, 1e9)) == 4.0
+    assert 30 * beside.seconds_on_clock_of(StepCost(1.0, 1e9)) == 120 * 1.0
+    assert beside.seconds_on_clock_of(None) == cost.seconds_on_clock_of(alone) == 0.5
+    assert Budget("seconds").in_turns and not Budget("flops").in_turns
+    assert not Budget("seconds", 10.0).in_turns
 
 
 def test_a_step_is_measured_after_its_compilation_with_its_flop_count():
@@ -126,9 +133,17 @@ def test_compare_under_the_student_alones_budget(tmp_path):
     assert costs["alone"]["reference_seconds"] is None
     expected = max(1, int(costs["method"]["reference_seconds"] * 4 // costs["method"]["seconds"]))
     assert method.steps == expected
-    assert method.step_seconds == costs["method"]["seconds"] and method.step_flops > 0
+    assert method.step_flops > 0
+    # The method's step on the student alone's clock: its cost is the student alone's, up to
+    # the step that did not fit, whatever the machine's speed when each was timed.
+    assert alone.step_seconds == costs["alone"]["seconds"]
+    assert method.step_seconds == pytest.approx(
+        costs["method"]["seconds"] * costs["alone"]["seconds"] / costs["method"]["reference_seconds"])
+    budget = alone.steps * alone.step_seconds
+    assert budget - method.step_seconds < method.steps * method.step_seconds <= budget * (1 + 1e-9)
     table = (tmp_path / "results.md").read_text()
     assert "Budget: seconds budget: the student alone's cost per run." in table
+    assert compare.IN_TURNS_NOTE in table
     assert "## Ranking under the matched budget" in table
     # The costs are kept: the comparison resumes without measuring or training again.
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed_0/cost.json")}
